@@ -1,0 +1,360 @@
+"""Argument checks and the canonical ``(outer, C, inner)`` view.
+
+Every public function checks all of its arguments here *before* anything is written, so
+a call that raises leaves ``out``, running statistics and layer state as they were.
+The checks look only at ``shape``, ``dtype`` and ``ndim``, so they serve NumPy and CUDA
+arrays alike.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+ACTIVATIONS = (None, "relu")
+
+
+def check_input(name, x, min_ndim=2):
+    """Check that ``x`` is a float16/32/64 array with at least ``min_ndim`` dimensions.
+
+    Parameters
+    ----------
+    name : str
+        Argument name for messages.
+    x : array
+        Anything with ``shape`` and ``dtype``.
+    min_ndim : int, optional
+
+    Returns
+    -------
+    numpy.dtype
+
+    Raises
+    ------
+    TypeError
+        Not float16, float32 or float64.
+    ValueError
+        Fewer than ``min_ndim`` dimensions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_input("x", np.zeros((2, 3), np.float32))
+    dtype('float32')
+    """
+    dtype = np.dtype(x.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+    if len(x.shape) < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions (batch and "
+                         f"channel), got shape {tuple(x.shape)}")
+    return dtype
+
+
+def normalize_axis(axis, ndim):
+    """Return ``axis`` as a non-negative index into ``ndim`` dimensions.
+
+    Parameters
+    ----------
+    axis : int
+    ndim : int
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> normalize_axis(-1, 4)
+    3
+    """
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [-{ndim}, {ndim - 1}] for an array of {ndim} "
+                         f"dimensions, got {axis}")
+    return int(axis) % ndim
+
+
+def check_eps(eps):
+    """Check that ``eps`` is a finite number > 0 and return it as a float.
+
+    Examples
+    --------
+    >>> check_eps(1e-5)
+    1e-05
+    """
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return value
+
+
+def check_momentum(momentum, allow_none=True):
+    """Check that ``momentum`` is in [0, 1] (or None for a cumulative average).
+
+    Examples
+    --------
+    >>> check_momentum(0.1)
+    0.1
+    """
+    if momentum is None and allow_none:
+        return None
+    try:
+        value = float(momentum)
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a number in [0, 1], got {type(momentum).__name__}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return value
+
+
+def check_activation(activation):
+    """Check that ``activation`` is None or ``"relu"``; return whether it is ReLU.
+
+    Examples
+    --------
+    >>> check_activation("relu")
+    True
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def check_channel_param(name, p, C, axis):
+    """Check a per-channel parameter: a float array of shape ``(C,)``.
+
+    Parameters
+    ----------
+    name : str
+    p : array or None
+    C : int
+        Number of channels.
+    axis : int
+        The channel axis (for the message).
+
+    Raises
+    ------
+    TypeError
+        Not a float array.
+    ValueError
+        Shape is not ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_channel_param("gamma", np.ones(3), 3, 1)
+    """
+    if p is None:
+        return
+    if not hasattr(p, "dtype") or not hasattr(p, "shape"):
+        raise TypeError(f"{name} must be an array of shape ({C},), got {type(p).__name__}")
+    if np.dtype(p.dtype).kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {np.dtype(p.dtype)}")
+    if tuple(p.shape) != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match x.shape[{axis}], "
+                         f"got {tuple(p.shape)}")
+
+
+def check_running(name, p, C, axis):
+    """Check a running statistic updated in place: writable float array of shape ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_running("running_mean", np.zeros(4), 4, 1)
+    """
+    check_channel_param(name, p, C, axis)
+    flags = getattr(p, "flags", None)
+    if flags is not None and not flags.writeable:
+        raise ValueError(f"{name} must be writable: it is updated in place")
+
+
+def check_out(name, out, shape, dtype):
+    """Check a preallocated output: same shape and dtype as the result.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_out("out", np.empty((2, 3)), (2, 3), np.dtype(np.float64))
+    """
+    if out is None:
+        return
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {np.dtype(out.dtype)}")
+    flags = getattr(out, "flags", None)
+    if flags is not None and not flags.writeable:
+        raise ValueError(f"{name} must be writable")
+
+
+def check_batch(shape, axis, training):
+    """Check that a batch has enough values per channel; return ``(C, m)``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    axis : int
+        Non-negative channel axis.
+    training : bool
+        Training needs at least 2 values per channel.
+
+    Returns
+    -------
+    tuple of int
+        Channels and values per channel.
+
+    Examples
+    --------
+    >>> check_batch((8, 3, 5), 1, True)
+    (3, 40)
+    """
+    C = shape[axis]
+    m = math.prod(shape) // C if C else 0
+    if training and C:
+        if m == 0:
+            raise ValueError(f"cannot compute batch statistics of an empty batch: x has "
+                             f"shape {tuple(shape)}")
+        if m == 1:
+            raise ValueError(f"training needs more than 1 value per channel, got x of shape "
+                             f"{tuple(shape)} (1 value per channel along axis {axis})")
+    return C, m
+
+
+class View(NamedTuple):
+    """An array seen as ``(outer, C, inner)`` with the channel in the middle.
+
+    Attributes
+    ----------
+    x3 : ndarray
+        C-contiguous ``(outer, C, inner)`` view (or copy, for non-contiguous input).
+    order : tuple of int
+        Axes of the original array in memory order: ``x.transpose(order)`` is what ``x3``
+        reshapes.
+    shape_t : tuple of int
+        ``x.transpose(order).shape``.
+    """
+
+    x3: np.ndarray
+    order: tuple
+    shape_t: tuple
+
+
+def memory_order(a):
+    """Axes of ``a`` from the slowest to the fastest in memory, or None.
+
+    Returns an ``order`` such that ``a.transpose(order)`` is C-contiguous, or None when no
+    permutation of ``a`` is contiguous (a sliced view with gaps, negative strides).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> memory_order(np.zeros((2, 3, 4)).transpose(0, 2, 1))
+    (0, 2, 1)
+    >>> memory_order(np.zeros((4, 6))[:, ::2]) is None
+    True
+    """
+    if a.flags.c_contiguous:
+        return tuple(range(a.ndim))
+    if a.flags.f_contiguous:
+        return tuple(range(a.ndim - 1, -1, -1))
+    order = tuple(sorted(range(a.ndim), key=lambda d: -a.strides[d]))
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+def canonical_view(x, axis, order=None):
+    """View ``x`` as a C-contiguous ``(outer, C, inner)`` array, copying only when needed.
+
+    Any array that is a permutation of a contiguous block (C order, Fortran order, NHWC,
+    transposes) is viewed without a copy; other strided arrays are copied once.
+
+    Parameters
+    ----------
+    x : ndarray
+    axis : int
+        Non-negative channel axis of ``x``.
+    order : tuple of int, optional
+        Use this memory order (from another array's view) instead of ``x``'s own; ``x`` is
+        copied into it when it does not match.
+
+    Returns
+    -------
+    View
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> canonical_view(np.zeros((2, 3, 4, 5)), 1).x3.shape
+    (2, 3, 20)
+    >>> canonical_view(np.zeros((2, 4, 5, 3)), 3).x3.shape
+    (40, 3, 1)
+    """
+    if order is None:
+        order = memory_order(x)
+        if order is None:
+            x = np.ascontiguousarray(x)
+            order = tuple(range(x.ndim))
+    xt = x.transpose(order)
+    if not xt.flags.c_contiguous:
+        xt = np.ascontiguousarray(xt)
+    p = order.index(axis)
+    shape_t = xt.shape
+    outer = math.prod(shape_t[:p])
+    inner = math.prod(shape_t[p + 1:])
+    return View(xt.reshape(outer, shape_t[p], inner), order, shape_t)
+
+
+def restore_layout(a3, view):
+    """Give a ``(outer, C, inner)`` result the shape and memory layout of the input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((2, 4, 3)).transpose(0, 2, 1)
+    >>> v = canonical_view(x, 1)
+    >>> restore_layout(v.x3, v).shape
+    (2, 3, 4)
+    """
+    inverse = tuple(np.argsort(view.order))
+    return a3.reshape(view.shape_t).transpose(inverse)
+
+
+def direct_output(out, view, inputs=()):
+    """``out`` as a C-contiguous ``(outer, C, inner)`` view in ``view``'s order, or None.
+
+    None when ``out`` has another layout or overlaps an input without coinciding with
+    it element for element; the caller then computes into a temporary and copies into
+    ``out`` at the end.
+
+    Parameters
+    ----------
+    out : ndarray
+    view : View
+        The input's canonical view.
+    inputs : tuple of ndarray, optional
+        Other ``(outer, C, inner)`` inputs of the kernel (``dy`` for backward).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((2, 3, 4))
+    >>> direct_output(np.empty_like(x), canonical_view(x, 1)).shape
+    (2, 3, 4)
+    """
+    out_t = out.transpose(view.order)
+    if not out_t.flags.c_contiguous:
+        return None
+    out3 = out_t.reshape(view.x3.shape)
+    for a in (view.x3,) + tuple(inputs):
+        if np.may_share_memory(out3, a) and not (
+                out3.ctypes.data == a.ctypes.data and out3.strides == a.strides):
+            return None
+    return out3

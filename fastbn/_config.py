@@ -1,0 +1,64 @@
+"""JIT options and tuning constants, in one place.
+
+Every kernel in fastbn takes its compiler options from here; no module hard-codes
+``fastmath=`` or ``cache=``.
+
+- ``FASTMATH`` is LLVM's fast-math set *without* ``nnan`` and ``ninf``: reductions may be
+  reassociated (so they vectorize) and contracted into FMAs, but NaN and inf keep their
+  meaning, so a non-finite batch is still detected.
+- ``JIT_OPTIONS`` are the options of every CPU kernel (``cache=True`` keeps compiled
+  machine code on disk, so a second process starts fast; ``nogil=True`` lets several
+  Python threads call the kernels at once).
+- The threading layer is ``threadsafe`` (TBB if installed, else OpenMP): Numba's
+  ``workqueue`` fallback aborts the process when two Python threads enter a parallel
+  region at once. A ``NUMBA_THREADING_LAYER`` set by the user wins.
+- The reduction partition (``CHUNK_BYTES``) is a fixed function of the shape and dtype,
+  never of the thread count: this is what makes CPU results bitwise identical for every
+  ``numba.set_num_threads`` value.
+
+Environment variables
+---------------------
+FASTBN_CACHE
+    ``0`` turns the on-disk JIT cache off (default on).
+FASTBN_CUDA_THREADS
+    Threads per block of the CUDA kernels (default 256; tests under the simulator use a
+    small value so that multi-block and tail paths run).
+"""
+
+import os
+
+import numba
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+CACHE = os.environ.get("FASTBN_CACHE", "1") != "0"
+
+JIT_OPTIONS = {
+    "fastmath": FASTMATH,
+    "cache": CACHE,
+    "nogil": True,
+    "error_model": "numpy",
+    "boundscheck": False,
+}
+
+# Reductions are split into chunks of this many bytes of x per channel (a quarter of this
+# machine's 1 MiB L2), so that the second pass over a chunk (sum of squared deviations)
+# reads from cache. Changing it changes the last bits of results, nothing else.
+CHUNK_BYTES = 256 * 1024
+
+# A channel whose data is at most this large (x, plus y or dy/dx, stay in L2) is
+# normalized by the same thread right after its statistics are computed: x is read from
+# memory once instead of twice.
+FUSE_BYTES = 512 * 1024
+
+# Below this many bytes of x a call runs the serial build of a kernel: entering a parallel
+# region costs ~15-20 us, more than the whole computation of a small call.
+SERIAL_BYTES = 256 * 1024
+
+# Values per work item of the elementwise passes (normalize, dx). Does not affect results.
+ELEMENTWISE_CHUNK = 16384
+
+CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "threadsafe"

@@ -1,0 +1,502 @@
+"""The public functions: check every argument, pick the device, call the kernels.
+
+All checks run before anything is written: a call that raises leaves ``out`` and the
+running statistics exactly as they were.
+"""
+
+import warnings
+
+import numpy as np
+
+from . import _checks, cpu
+
+_ON_NONFINITE = ("raise", "warn")
+
+
+# --------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------
+
+def is_cuda_array(a):
+    """True when ``a`` lives on a CUDA device (it has ``__cuda_array_interface__``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_cuda_array(np.zeros(3))
+    False
+    """
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def _cuda_backend(arrays):
+    """Return :mod:`fastbn.cuda` when the array arguments live on a GPU, else None.
+
+    Raises
+    ------
+    TypeError
+        Host and device arrays are mixed in one call.
+    """
+    named = [(name, a) for name, a in arrays if a is not None]
+    on_device = [name for name, a in named if is_cuda_array(a)]
+    if not on_device:
+        return None
+    if len(on_device) != len(named):
+        on_host = [name for name, a in named if not is_cuda_array(a)]
+        raise TypeError(f"arguments must all be CUDA arrays or all host arrays: "
+                        f"{', '.join(on_device)} on the GPU, {', '.join(on_host)} on the host")
+    from . import cuda
+    return cuda
+
+
+def _as_host(name, a):
+    """Return ``a`` as a NumPy array (lists and scalars are converted)."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    return np.asarray(a)
+
+
+# --------------------------------------------------------------------------------------
+# Shared preparation
+# --------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype):
+    """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU)."""
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def _stats_dtype(dtype):
+    """Saved statistics: float64 for float64 input, float32 otherwise."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _param64(p, C, fill):
+    """A per-channel parameter as float64 ``(C,)`` (``fill`` when None)."""
+    if p is None:
+        return np.full(C, fill)
+    return np.asarray(p, dtype=np.float64)
+
+
+def _compute_view(view, dtype):
+    """The kernel input: the view itself, or its float32 copy for float16 data."""
+    compute = _compute_dtype(dtype)
+    return view.x3 if view.x3.dtype == compute else view.x3.astype(compute)
+
+
+class _Output:
+    """Where a kernel writes an x-shaped result, and how the caller receives it.
+
+    The kernel always writes into ``work``, a C-contiguous ``(outer, C, inner)`` array of
+    the compute dtype. When that can be ``out`` itself, nothing more happens; otherwise
+    (float16, another layout, partial overlap with an input) :meth:`finish` copies the
+    result into ``out`` or returns a fresh array in the input's layout.
+    """
+
+    def __init__(self, out, view, dtype, inputs=()):
+        self.out = out
+        self.view = view
+        self.dtype = dtype
+        compute = _compute_dtype(dtype)
+        direct = None
+        if out is not None and compute == dtype:
+            direct = _checks.direct_output(out, view, inputs)
+        self.direct = direct is not None
+        self.work = direct if self.direct else np.empty(view.x3.shape, compute)
+
+    def finish(self):
+        """Return the result as the caller sees it (``out`` when one was given)."""
+        if self.direct:
+            return self.out
+        result = _checks.restore_layout(self.work, self.view)
+        if self.out is not None:
+            np.copyto(self.out, result, casting="unsafe")
+            return self.out
+        return result.astype(self.dtype) if result.dtype != self.dtype else result
+
+
+def _check_finite(mean, var, on_nonfinite):
+    """Raise (or warn) when batch statistics are not finite; return whether they are."""
+    if np.isfinite(mean).all() and np.isfinite(var).all():
+        return True
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    message = (f"batch statistics are not finite in {bad.size} channel(s) (first: "
+               f"{bad[:5].tolist()}); the running statistics were left unchanged")
+    if on_nonfinite == "raise":
+        raise FloatingPointError(message + " (pass on_nonfinite='warn' to get the output anyway)")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# Internal operations on checked arguments (shared by the functions and the layer)
+# --------------------------------------------------------------------------------------
+
+def _forward_training(x, axis, gamma, beta, eps, relu, out, guard):
+    """Training forward on checked host arguments.
+
+    Parameters
+    ----------
+    guard : bool
+        The caller will reject non-finite statistics: ``out`` must then not be written
+        before they are known, so a caller-provided ``out`` takes the two-pass path.
+
+    Returns
+    -------
+    tuple
+        ``(y, mean64, var64)``.
+    """
+    view = _checks.canonical_view(x, axis)
+    C = view.x3.shape[1]
+    dest = _Output(out, view, x.dtype)
+    x3 = _compute_view(view, x.dtype)
+    g = _param64(gamma, C, 1.0)
+    b = _param64(beta, C, 0.0)
+    if guard and out is not None:
+        mean, m2 = cpu.moments(x3)
+        var = m2 / (x3.size // C)
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            return None, mean, var
+        coef = cpu.coefficients(mean, 1.0 / np.sqrt(var + eps), g, b, x3.dtype)
+        cpu.normalize(x3, coef, relu, dest.work)
+    else:
+        mean, var, _ = cpu.forward_training(x3, g, b, eps, relu, dest.work)
+    return dest, mean, var
+
+
+def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out):
+    """Backward on checked host arguments; returns ``(dx, dgamma64, dbeta64)``."""
+    view = _checks.canonical_view(x, axis)
+    dy_view = _checks.canonical_view(dy, axis, order=view.order)
+    C = view.x3.shape[1]
+    dest = _Output(out, view, x.dtype, inputs=(dy_view.x3,))
+    x3 = _compute_view(view, x.dtype)
+    dy3 = _compute_view(dy_view, x.dtype)
+    mean64 = np.asarray(mean, dtype=np.float64)
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    g = _param64(gamma, C, 1.0)
+    coef = cpu.coefficients(mean64, invstd64, g, _param64(beta, C, 0.0), x3.dtype)
+    s_dy, s_dyx = cpu.backward(dy3, x3, coef, invstd64, g, relu, dest.work)
+    return dest.finish(), s_dyx * invstd64, s_dy
+
+
+def _check_forward_args(x, gamma, beta, axis, eps, out, activation):
+    """Checks shared by every forward; returns ``(axis, relu)``."""
+    _checks.check_input("x", x)
+    axis = _checks.normalize_axis(axis, x.ndim)
+    C = x.shape[axis]
+    _checks.check_channel_param("gamma", gamma, C, axis)
+    _checks.check_channel_param("beta", beta, C, axis)
+    _checks.check_eps(eps)
+    _checks.check_out("out", out, x.shape, np.dtype(x.dtype))
+    return axis, _checks.check_activation(activation)
+
+
+def _saved(a, dtype):
+    return a.astype(_stats_dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------
+
+def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
+                       activation=None):
+    """Normalize ``x`` with its batch statistics (training forward).
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
+    the biased ``var`` are taken over every axis but ``axis``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        float16, float32 or float64. NumPy arrays run on the CPU kernels, CUDA arrays
+        (Numba device arrays, CuPy, PyTorch CUDA tensors) on the GPU kernels.
+    gamma, beta : array of shape (C,), optional
+        Scale and shift; None means 1 and 0.
+    axis : int, default 1
+        The channel axis (kept); every other axis is reduced. ``-1`` for NHWC.
+    eps : float, default 1e-5
+        Added to the variance; must be > 0.
+    out : array, optional
+        Preallocated output of x's shape and dtype (may be ``x`` itself).
+    activation : {None, "relu"}, optional
+        ``"relu"`` applies ``max(y, 0)`` in the same pass.
+
+    Returns
+    -------
+    y : array
+        Same shape, dtype and kind as ``x``.
+    mean : array, shape (C,)
+        Batch mean (float64 for float64 input, float32 otherwise).
+    invstd : array, shape (C,)
+        ``1 / sqrt(var + eps)``; with ``mean``, what :func:`batch_norm_backward` needs.
+
+    Raises
+    ------
+    TypeError
+        ``x`` or a parameter is not a float array; host and GPU arrays are mixed.
+    ValueError
+        ndim < 2, bad axis, parameter shape not ``(C,)``, fewer than 2 values per
+        channel, eps <= 0, ``out`` of the wrong shape or dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]], dtype=np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> np.round(y, 3)
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> mean
+    array([ 2., 20.], dtype=float32)
+    """
+    backend = _cuda_backend([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
+    if backend is not None:
+        return backend.batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, out=out,
+                                          activation=activation)
+    x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
+    axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_batch(x.shape, axis, training=True)
+    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=False)
+    invstd = 1.0 / np.sqrt(var + eps)
+    return dest.finish(), _saved(mean, x.dtype), _saved(invstd, x.dtype)
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
+                        activation=None):
+    """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
+
+    ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
+    ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and ``xhat = (x - mean) * invstd``.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to ``y``; same shape as ``x``.
+    x : array
+        The forward's input.
+    mean, invstd : array of shape (C,)
+        The statistics returned by :func:`batch_norm_forward`.
+    gamma : array of shape (C,), optional
+        The forward's scale (None: 1).
+    beta : array of shape (C,), optional
+        The forward's shift; only read with ``activation="relu"``, to recompute the mask.
+    axis : int, default 1
+    out : array, optional
+        Preallocated ``dx`` (may be ``dy`` itself).
+    activation : {None, "relu"}, optional
+        The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+
+    Returns
+    -------
+    dx : array
+        Same shape, dtype and kind as ``x``.
+    dgamma, dbeta : array of shape (C,) or None
+        None when ``gamma`` (resp. ``beta``) is None; statistics dtype otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(np.array([[1.0], [1.0]]), x, mean, invstd,
+    ...                                                gamma=np.ones(1), beta=np.zeros(1))
+    >>> dx.ravel(), dbeta
+    (array([0., 0.]), array([2.]))
+    """
+    backend = _cuda_backend([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
+                             ("gamma", gamma), ("beta", beta), ("out", out)])
+    if backend is not None:
+        return backend.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
+                                           out=out, activation=activation)
+    dy, x = _as_host("dy", dy), _as_host("x", x)
+    mean, invstd = _as_host("mean", mean), _as_host("invstd", invstd)
+    gamma, beta = _as_host("gamma", gamma), _as_host("beta", beta)
+    dtype = _checks.check_input("x", x)
+    _checks.check_input("dy", dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise ValueError(f"dy must have the dtype of x ({dtype}), got {dy.dtype}")
+    axis = _checks.normalize_axis(axis, x.ndim)
+    C = x.shape[axis]
+    for name, p in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
+        _checks.check_channel_param(name, p, C, axis)
+    if mean is None or invstd is None:
+        raise TypeError("mean and invstd are required: pass the statistics returned by "
+                        "batch_norm_forward")
+    _checks.check_out("out", out, x.shape, dtype)
+    relu = _checks.check_activation(activation)
+    if x.size == 0:
+        dx = out if out is not None else np.empty_like(x)
+        zeros = np.zeros(C, _stats_dtype(dtype))
+        return dx, (zeros if gamma is not None else None), (zeros.copy() if beta is not None else None)
+    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out)
+    return (dx, _saved(dgamma, dtype) if gamma is not None else None,
+            _saved(dbeta, dtype) if beta is not None else None)
+
+
+def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
+                         eps=1e-5, out=None, activation=None):
+    """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
+
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+    running_mean, running_var : array of shape (C,)
+    gamma, beta : array of shape (C,), optional
+    axis : int, default 1
+    eps : float, default 1e-5
+    out : array, optional
+    activation : {None, "relu"}, optional
+
+    Returns
+    -------
+    array
+        Same shape, dtype and kind as ``x``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> fastbn.batch_norm_inference(x, np.array([2.0, 3.0]), np.array([1.0, 1.0]), eps=1e-12)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    """
+    backend = _cuda_backend([("x", x), ("running_mean", running_mean),
+                             ("running_var", running_var), ("gamma", gamma), ("beta", beta),
+                             ("out", out)])
+    if backend is not None:
+        return backend.batch_norm_inference(x, running_mean, running_var, gamma, beta,
+                                            axis=axis, eps=eps, out=out, activation=activation)
+    x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
+    running_mean = _as_host("running_mean", running_mean)
+    running_var = _as_host("running_var", running_var)
+    axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    C = x.shape[axis]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required for inference")
+    _checks.check_channel_param("running_mean", running_mean, C, axis)
+    _checks.check_channel_param("running_var", running_var, C, axis)
+    return _inference(x, axis, running_mean, running_var, gamma, beta, float(eps), relu, out)
+
+
+def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
+    """Inference on checked host arguments."""
+    view = _checks.canonical_view(x, axis)
+    C = view.x3.shape[1]
+    dest = _Output(out, view, x.dtype)
+    x3 = _compute_view(view, x.dtype)
+    invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    coef = cpu.coefficients(np.asarray(running_mean, dtype=np.float64), invstd,
+                            _param64(gamma, C, 1.0), _param64(beta, C, 0.0), x3.dtype)
+    cpu.normalize(x3, coef, relu, dest.work)
+    return dest.finish()
+
+
+def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
+               training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
+               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise"):
+    """BatchNorm in the manner of ``torch.nn.functional.batch_norm``.
+
+    In training, normalize with the batch statistics and, when running statistics are
+    given, update them in place::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+
+    (unbiased variance, PyTorch's convention; ``running_var_unbiased=False`` uses the
+    biased one, Keras's). Otherwise normalize with the running statistics.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+    running_mean, running_var : array of shape (C,), optional
+        Required when not training; updated in place when training.
+    gamma, beta : array of shape (C,), optional
+    training : bool, default False
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch. None gives the cumulative average of all batches seen,
+        which needs ``num_batches_tracked``.
+    eps : float, default 1e-5
+    axis : int, default 1
+    out : array, optional
+    activation : {None, "relu"}, optional
+    num_batches_tracked : int, optional
+        With ``momentum=None``: how many batches the running statistics already average.
+    running_var_unbiased : bool, default True
+    on_nonfinite : {"raise", "warn"}, default "raise"
+        What to do when the batch statistics are not finite: raise ``FloatingPointError``
+        before anything is written, or warn and return the output while leaving the
+        running statistics untouched. Either way they never take in NaN or inf.
+
+    Returns
+    -------
+    array
+        Same shape, dtype and kind as ``x``.
+
+    Raises
+    ------
+    FloatingPointError
+        Non-finite batch statistics in training with running statistics (by default).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> y = fastbn.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    >>> rm, rv
+    (array([1., 2.]), array([1.5, 4.5]))
+    """
+    backend = _cuda_backend([("x", x), ("running_mean", running_mean),
+                             ("running_var", running_var), ("gamma", gamma), ("beta", beta),
+                             ("out", out)])
+    if backend is not None:
+        return backend.batch_norm(x, running_mean, running_var, gamma, beta,
+                                  training=training, momentum=momentum, eps=eps, axis=axis,
+                                  out=out, activation=activation,
+                                  num_batches_tracked=num_batches_tracked,
+                                  running_var_unbiased=running_var_unbiased,
+                                  on_nonfinite=on_nonfinite)
+    x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
+    axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    C = x.shape[axis]
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        _checks.check_channel_param("running_mean", running_mean, C, axis)
+        _checks.check_channel_param("running_var", running_var, C, axis)
+        return _inference(x, axis, running_mean, running_var, gamma, beta, float(eps), relu, out)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    factor = _momentum_factor(momentum, num_batches_tracked)
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {on_nonfinite!r}")
+    if running_mean is not None:
+        _checks.check_running("running_mean", running_mean, C, axis)
+        _checks.check_running("running_var", running_var, C, axis)
+    _, m = _checks.check_batch(x.shape, axis, training=True)
+    track = running_mean is not None
+    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=track)
+    if track and _check_finite(mean, var, on_nonfinite):
+        cpu.update_running(running_mean, running_var, mean, var, m, factor, running_var_unbiased)
+    if dest is None:  # non-finite with on_nonfinite="warn" and a caller-provided out
+        dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=False)
+    return dest.finish()
+
+
+def _momentum_factor(momentum, num_batches_tracked):
+    """The weight of the new batch: ``momentum``, or ``1 / (n + 1)`` for a cumulative average."""
+    momentum = _checks.check_momentum(momentum)
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, the "
+                         "number of batches the running statistics already average")
+    n = int(num_batches_tracked)
+    if n < 0:
+        raise ValueError(f"num_batches_tracked must be >= 0, got {num_batches_tracked}")
+    return 1.0 / (n + 1)

@@ -1,0 +1,926 @@
+"""CPU kernels: Numba ``prange`` loops over the canonical ``(outer, C, inner)`` view.
+
+Every kernel here receives C-contiguous arrays already checked and shaped by
+:mod:`fastbn.api`; kernels only compute. There are two kernel families:
+
+- **strided** (``inner > 1``, e.g. NCHW): a channel is ``outer`` contiguous runs of
+  ``inner`` elements. Its ``m = outer * inner`` values are split into chunks of ``L``
+  consecutive values (in ``(o, i)`` order), and work items are ``(channel, chunk)`` pairs.
+- **rows** (``inner == 1``, e.g. ``(N, C)`` and NHWC): channels are contiguous in memory.
+  The ``outer`` rows are split into chunks of whole rows; each item reduces all channels
+  of its rows at once, vectorized across channels.
+
+Determinism: chunk sizes depend only on the shape and dtype (``_config.CHUNK_BYTES``),
+each chunk is reduced by one thread in a fixed order, and chunk partials are merged per
+channel in chunk order. The thread count changes who computes a chunk, never what is
+computed, so results are bitwise identical for every ``numba.set_num_threads`` value.
+
+Accuracy: statistics accumulate in float64. Each chunk (which fits in L2) is reduced in
+two passes, mean then sum of squared deviations; chunks are merged with Chan's parallel
+formula. There is no ``E[x^2] - E[x]^2`` cancellation, so data with a large offset
+(``1e4 + randn``) keeps full float32 accuracy. The normalization subtracts the float64
+mean as a hi + lo pair of the data's dtype, so ``x - mean`` is exact to the last bit of
+the data's precision even when the mean does not fit in float32.
+
+Each driver is compiled twice from one source: a ``parallel=True`` build and a serial
+build for calls too small to pay for a parallel region (``_config.SERIAL_BYTES``).
+"""
+
+import types
+
+import numpy as np
+from numba import njit, prange
+
+from . import _config
+
+_REDUCE = dict(_config.JIT_OPTIONS)
+# Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold
+# into ``x - (mean_hi + mean_lo)`` and lose the low part.
+_ELEMENTWISE = dict(_config.JIT_OPTIONS, fastmath=set(_config.FASTMATH) - {"reassoc"})
+
+# Values per work item of the elementwise passes (normalize, dx): enough to amortize the
+# loop overhead, small enough to balance threads. Partition does not affect results.
+_ELEMENTWISE_CHUNK = _config.ELEMENTWISE_CHUNK
+
+# Rows of the coefficient table ``coef`` (shape (4, C), the data's dtype) that every
+# normalizing kernel reads: y = ((x - MEAN_HI) - MEAN_LO) * SCALE + SHIFT.
+MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
+
+
+def _serial_and_parallel(fn):
+    """Compile ``fn`` twice: a ``parallel=True`` build and a serial build.
+
+    The serial build is a copy of the function under another qualified name, so that the
+    two builds have distinct entries in Numba's on-disk cache.
+
+    Parameters
+    ----------
+    fn : function
+        A Python function whose loops use ``prange``.
+
+    Returns
+    -------
+    tuple of Dispatcher
+        ``(parallel, serial)``.
+    """
+    serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                   fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+    serial_fn.__doc__ = fn.__doc__
+    return (njit(parallel=True, **_config.JIT_OPTIONS)(fn),
+            njit(parallel=False, **_config.JIT_OPTIONS)(serial_fn))
+
+
+# --------------------------------------------------------------------------------------
+# Per-item helpers (one thread, one chunk). Shared by every driver below.
+# --------------------------------------------------------------------------------------
+
+@njit(**_REDUCE)
+def _chunk_moments_strided(x, c, j0, j1):
+    """Mean and sum of squared deviations of channel ``c`` over flat values ``[j0, j1)``.
+
+    Two passes over the chunk; the second reads from cache. float64 accumulation.
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, inner)
+    c : int
+        Channel.
+    j0, j1 : int
+        Flat range of the channel's values, in ``(o, i)`` order.
+
+    Returns
+    -------
+    tuple of float
+        ``(mean, m2)`` of the chunk.
+    """
+    inner = x.shape[2]
+    o0 = j0 // inner
+    o1 = (j1 - 1) // inner
+    s = 0.0
+    for o in range(o0, o1 + 1):
+        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
+            s += np.float64(x[o, c, i])
+    mean = s / (j1 - j0)
+    q = 0.0
+    for o in range(o0, o1 + 1):
+        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
+            d = np.float64(x[o, c, i]) - mean
+            q += d * d
+    return mean, q
+
+
+@njit(**_REDUCE)
+def _chunk_moments_rows(x, r0, r1, mean, m2):
+    """Per-channel mean and sum of squared deviations of rows ``[r0, r1)`` of ``x``.
+
+    Two passes over the rows (the second from cache), vectorized across channels.
+
+    Parameters
+    ----------
+    x : ndarray, shape (rows, C)
+    r0, r1 : int
+        Row range.
+    mean, m2 : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    C = x.shape[1]
+    mean[:] = 0.0
+    m2[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(C):
+            mean[c] += x[r, c]
+    inv_n = 1.0 / (r1 - r0)
+    for c in range(C):
+        mean[c] *= inv_n
+    for r in range(r0, r1):
+        for c in range(C):
+            d = np.float64(x[r, c]) - mean[c]
+            m2[c] += d * d
+
+
+@njit(**_REDUCE)
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque).
+
+    Parameters
+    ----------
+    n_a, mean_a, m2_a : float
+        First summary (``n_a`` may be 0).
+    n_b, mean_b, m2_b : float
+        Second summary (``n_b > 0``).
+
+    Returns
+    -------
+    tuple of float
+        ``(n, mean, m2)`` of the union.
+    """
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    return n, mean, m2
+
+
+@njit(**_REDUCE)
+def _merge_chunks(part_mean, part_m2, c, chunk, m):
+    """Merge the chunk partials of channel ``c`` in chunk order.
+
+    Parameters
+    ----------
+    part_mean, part_m2 : ndarray of float64, shape (C, n_chunks)
+    c : int
+    chunk : int
+        Values per chunk (the last chunk may hold fewer).
+    m : int
+        Values per channel.
+
+    Returns
+    -------
+    tuple of float
+        ``(mean, m2)`` of the channel.
+    """
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for k in range(part_mean.shape[1]):
+        n_k = min(chunk, m - k * chunk)
+        n, mean, m2 = _chan_merge(n, mean, m2, np.float64(n_k), part_mean[c, k], part_m2[c, k])
+    return mean, m2
+
+
+@njit(**_ELEMENTWISE)
+def _fill_coefficients(mean, invstd, gamma, beta, c, coef):
+    """Write the normalizing coefficients of channel ``c`` into ``coef[:, c]``.
+
+    ``y = ((x - hi) - lo) * (gamma * invstd) + beta``, where ``hi + lo`` represents the
+    float64 mean in the data's dtype.
+
+    Parameters
+    ----------
+    mean, invstd, gamma, beta : float
+        Channel statistics and affine parameters (float64).
+    c : int
+    coef : ndarray, shape (4, C), the data's dtype
+    """
+    hi = coef.dtype.type(mean)
+    coef[MEAN_HI, c] = hi
+    coef[MEAN_LO, c] = mean - np.float64(hi)
+    coef[SCALE, c] = gamma * invstd
+    coef[SHIFT, c] = beta
+
+
+@njit(**_ELEMENTWISE)
+def _affine(x, hi, lo, scale, shift):
+    """``((x - hi) - lo) * scale + shift`` in the data's dtype, never reassociated.
+
+    The one formula of the normalized value: the forward writes it and the ReLU backward
+    recomputes its sign with it, so both agree on the mask bit for bit.
+    """
+    return ((x - hi) - lo) * scale + shift
+
+
+@njit(**_ELEMENTWISE)
+def _normalize_strided(x, y, c, j0, j1, coef, relu):
+    """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over flat values ``[j0, j1)`` of channel ``c``.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, inner)
+    c, j0, j1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    """
+    inner = x.shape[2]
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    zero = coef.dtype.type(0)
+    for o in range(j0 // inner, (j1 - 1) // inner + 1):
+        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
+            v = _affine(x[o, c, i], hi, lo, scale, shift)
+            if relu and v < zero:
+                v = zero
+            y[o, c, i] = v
+
+
+@njit(**_ELEMENTWISE)
+def _normalize_rows(x, y, r0, r1, coef, relu):
+    """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over rows ``[r0, r1)``.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    """
+    C = x.shape[1]
+    zero = coef.dtype.type(0)
+    for r in range(r0, r1):
+        for c in range(C):
+            v = _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c], coef[SCALE, c], coef[SHIFT, c])
+            if relu and v < zero:
+                v = zero
+            y[r, c] = v
+
+
+@njit(**_REDUCE)
+def _chunk_grad_sums_strided(dy, x, c, j0, j1, coef, relu):
+    """``(sum dy, sum dy * (x - mean))`` of channel ``c`` over flat values ``[j0, j1)``.
+
+    With ``relu``, ``dy`` counts only where the recomputed output is positive.
+
+    Parameters
+    ----------
+    dy, x : ndarray, shape (outer, C, inner)
+    c, j0, j1 : int
+    coef : ndarray, shape (4, C)
+        The saved mean (``MEAN_HI`` + ``MEAN_LO``); ``SCALE``/``SHIFT`` recompute the
+        ReLU mask with :func:`_affine`, exactly as the forward computed the output.
+    relu : bool
+
+    Returns
+    -------
+    tuple of float
+    """
+    inner = x.shape[2]
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    mean = np.float64(hi) + np.float64(lo)
+    s_dy = 0.0
+    s_dyx = 0.0
+    for o in range(j0 // inner, (j1 - 1) // inner + 1):
+        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
+            g = np.float64(dy[o, c, i])
+            if relu and _affine(x[o, c, i], hi, lo, scale, shift) <= 0:
+                g = 0.0
+            s_dy += g
+            s_dyx += g * (np.float64(x[o, c, i]) - mean)
+    return s_dy, s_dyx
+
+
+@njit(**_REDUCE)
+def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
+
+    Parameters
+    ----------
+    dy, x : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    C = x.shape[1]
+    s_dy[:] = 0.0
+    s_dyx[:] = 0.0
+    mean = np.empty(C)
+    for c in range(C):
+        mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
+    for r in range(r0, r1):
+        for c in range(C):
+            g = np.float64(dy[r, c])
+            if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c],
+                                coef[SCALE, c], coef[SHIFT, c]) <= 0:
+                g = 0.0
+            s_dy[c] += g
+            s_dyx[c] += g * (np.float64(x[r, c]) - mean[c])
+
+
+@njit(**_ELEMENTWISE)
+def _fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, c, coef, dcoef):
+    """Coefficients of ``dx = a * dy + b * (x - mean) + d`` for channel ``c``.
+
+    From ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
+    ``dbeta = sum dy`` and ``dgamma = invstd * sum dy * (x - mean)``.
+
+    Parameters
+    ----------
+    s_dy, s_dyx : float
+        Channel sums (float64).
+    m : int
+        Values per channel.
+    invstd, gamma : float
+    c : int
+    coef : ndarray, shape (4, C)
+        Normalizing coefficients (mean in ``MEAN_HI``).
+    dcoef : ndarray, shape (3, C)
+        Output: ``a``, ``b``, ``d``.
+    """
+    k = gamma * invstd
+    dgamma = invstd * s_dyx
+    dcoef[0, c] = k
+    dcoef[1, c] = -k * invstd * dgamma / m
+    dcoef[2, c] = -k * s_dy / m
+
+
+@njit(**_ELEMENTWISE)
+def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
+    """``dx = a * dy + b * (x - mean) + d`` over flat values ``[j0, j1)`` of channel ``c``.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, inner)
+    c, j0, j1 : int
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+    relu : bool
+    """
+    inner = x.shape[2]
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    a = dcoef[0, c]
+    b = dcoef[1, c]
+    d = dcoef[2, c]
+    zero = coef.dtype.type(0)
+    for o in range(j0 // inner, (j1 - 1) // inner + 1):
+        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
+            xm = (x[o, c, i] - hi) - lo
+            g = dy[o, c, i]
+            if relu and _affine(x[o, c, i], hi, lo, scale, shift) <= zero:
+                g = zero
+            dx[o, c, i] = a * g + b * xm + d
+
+
+@njit(**_ELEMENTWISE)
+def _input_grad_rows(dy, x, dx, r0, r1, coef, dcoef, relu):
+    """``dx = a * dy + b * (x - mean) + d`` over rows ``[r0, r1)``.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+    relu : bool
+    """
+    C = x.shape[1]
+    zero = coef.dtype.type(0)
+    for r in range(r0, r1):
+        for c in range(C):
+            xm = (x[r, c] - coef[MEAN_HI, c]) - coef[MEAN_LO, c]
+            g = dy[r, c]
+            if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c],
+                                coef[SCALE, c], coef[SHIFT, c]) <= zero:
+                g = zero
+            dx[r, c] = dcoef[0, c] * g + dcoef[1, c] * xm + dcoef[2, c]
+
+
+# --------------------------------------------------------------------------------------
+# Drivers: one call from Python per operation. Each holds the prange loops.
+# --------------------------------------------------------------------------------------
+
+def _moments(x, chunk, mean, m2):
+    """Per-channel mean and M2 (sum of squared deviations) of ``x``.
+
+    One pass over memory (each chunk's second pass reads from cache).
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, inner)
+    chunk : int
+        Values per chunk (strided) or rows per chunk (rows).
+    mean, m2 : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    outer, C, inner = x.shape
+    if inner == 1:
+        x2 = x.reshape(outer, C)
+        n_chunks = (outer + chunk - 1) // chunk
+        part_mean = np.empty((C, n_chunks))
+        part_m2 = np.empty((C, n_chunks))
+        for k in prange(n_chunks):
+            mean_k = np.empty(C)
+            m2_k = np.empty(C)
+            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), mean_k, m2_k)
+            part_mean[:, k] = mean_k
+            part_m2[:, k] = m2_k
+        m = outer
+    else:
+        m = outer * inner
+        n_chunks = (m + chunk - 1) // chunk
+        part_mean = np.empty((C, n_chunks))
+        part_m2 = np.empty((C, n_chunks))
+        for t in prange(C * n_chunks):
+            c = t // n_chunks
+            k = t - c * n_chunks
+            part_mean[c, k], part_m2[c, k] = _chunk_moments_strided(
+                x, c, k * chunk, min((k + 1) * chunk, m))
+    for c in prange(C):
+        mean[c], m2[c] = _merge_chunks(part_mean, part_m2, c, chunk, m)
+
+
+def _normalize(x, coef, relu, y):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, then ReLU if asked.
+
+    One read of x, one write of y. Used by inference and by the unfused forward.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, inner)
+    coef : ndarray, shape (4, C)
+    relu : bool
+    """
+    outer, C, inner = x.shape
+    if inner == 1:
+        x2 = x.reshape(outer, C)
+        y2 = y.reshape(outer, C)
+        rows = max(1, _ELEMENTWISE_CHUNK // C)
+        for k in prange((outer + rows - 1) // rows):
+            _normalize_rows(x2, y2, k * rows, min((k + 1) * rows, outer), coef, relu)
+    else:
+        m = outer * inner
+        chunk = _ELEMENTWISE_CHUNK
+        n_chunks = (m + chunk - 1) // chunk
+        for t in prange(C * n_chunks):
+            c = t // n_chunks
+            k = t - c * n_chunks
+            _normalize_strided(x, y, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
+
+
+def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, coef):
+    """Training forward with per-channel fusion (strided family only).
+
+    Each thread takes whole channels: chunk statistics, merge, then normalize while the
+    channel is still in L2. One read of x from memory, one write of y.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, inner)
+    chunk : int
+    eps : float
+    gamma, beta : ndarray of float64, shape (C,)
+    relu : bool
+    mean, var : ndarray of float64, shape (C,)
+        Outputs: batch mean and biased variance.
+    coef : ndarray, shape (4, C)
+        Output: the coefficients used.
+    """
+    outer, C, inner = x.shape
+    m = outer * inner
+    n_chunks = (m + chunk - 1) // chunk
+    for c in prange(C):
+        n_c = 0.0
+        mean_c = 0.0
+        m2_c = 0.0
+        for k in range(n_chunks):
+            j0 = k * chunk
+            j1 = min(j0 + chunk, m)
+            mean_k, m2_k = _chunk_moments_strided(x, c, j0, j1)
+            n_c, mean_c, m2_c = _chan_merge(n_c, mean_c, m2_c, np.float64(j1 - j0), mean_k, m2_k)
+        var_c = m2_c / m
+        mean[c] = mean_c
+        var[c] = var_c
+        _fill_coefficients(mean_c, 1.0 / np.sqrt(var_c + eps), gamma[c], beta[c], c, coef)
+        _normalize_strided(x, y, c, 0, m, coef, relu)
+
+
+def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)``: one read of dy and x.
+
+    Parameters
+    ----------
+    dy, x : ndarray, shape (outer, C, inner)
+    chunk : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    outer, C, inner = x.shape
+    if inner == 1:
+        x2 = x.reshape(outer, C)
+        dy2 = dy.reshape(outer, C)
+        n_chunks = (outer + chunk - 1) // chunk
+        part_dy = np.empty((C, n_chunks))
+        part_dyx = np.empty((C, n_chunks))
+        for k in prange(n_chunks):
+            a = np.empty(C)
+            b = np.empty(C)
+            _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu, a, b)
+            part_dy[:, k] = a
+            part_dyx[:, k] = b
+    else:
+        m = outer * inner
+        n_chunks = (m + chunk - 1) // chunk
+        part_dy = np.empty((C, n_chunks))
+        part_dyx = np.empty((C, n_chunks))
+        for t in prange(C * n_chunks):
+            c = t // n_chunks
+            k = t - c * n_chunks
+            part_dy[c, k], part_dyx[c, k] = _chunk_grad_sums_strided(
+                dy, x, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
+    for c in prange(C):
+        a = 0.0
+        b = 0.0
+        for k in range(n_chunks):
+            a += part_dy[c, k]
+            b += part_dyx[c, k]
+        s_dy[c] = a
+        s_dyx[c] = b
+
+
+def _input_grad(dy, x, coef, dcoef, relu, dx):
+    """``dx = a * dy + b * (x - mean) + d``: one read of dy and x, one write of dx.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, inner)
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+    relu : bool
+    """
+    outer, C, inner = x.shape
+    if inner == 1:
+        x2 = x.reshape(outer, C)
+        dy2 = dy.reshape(outer, C)
+        dx2 = dx.reshape(outer, C)
+        rows = max(1, _ELEMENTWISE_CHUNK // C)
+        for k in prange((outer + rows - 1) // rows):
+            _input_grad_rows(dy2, x2, dx2, k * rows, min((k + 1) * rows, outer), coef, dcoef, relu)
+    else:
+        m = outer * inner
+        chunk = _ELEMENTWISE_CHUNK
+        n_chunks = (m + chunk - 1) // chunk
+        for t in prange(C * n_chunks):
+            c = t // n_chunks
+            k = t - c * n_chunks
+            _input_grad_strided(dy, x, dx, c, k * chunk, min((k + 1) * chunk, m), coef, dcoef, relu)
+
+
+def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
+    """Backward with per-channel fusion (strided family only).
+
+    Each thread takes whole channels: the two sums, then dx while dy and x are still in
+    L2. One read of dy and x from memory, one write of dx.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, inner)
+    chunk : int
+    coef : ndarray, shape (4, C)
+    invstd, gamma : ndarray of float64, shape (C,)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    dcoef : ndarray, shape (3, C)
+        Output: the coefficients of dx.
+    """
+    outer, C, inner = x.shape
+    m = outer * inner
+    n_chunks = (m + chunk - 1) // chunk
+    for c in prange(C):
+        a = 0.0
+        b = 0.0
+        for k in range(n_chunks):
+            a_k, b_k = _chunk_grad_sums_strided(dy, x, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
+            a += a_k
+            b += b_k
+        s_dy[c] = a
+        s_dyx[c] = b
+        _fill_grad_coefficients(a, b, m, invstd[c], gamma[c], c, coef, dcoef)
+        _input_grad_strided(dy, x, dx, c, 0, m, coef, dcoef, relu)
+
+
+moments_parallel, moments_serial = _serial_and_parallel(_moments)
+normalize_parallel, normalize_serial = _serial_and_parallel(_normalize)
+forward_fused_parallel, forward_fused_serial = _serial_and_parallel(_forward_fused)
+grad_sums_parallel, grad_sums_serial = _serial_and_parallel(_grad_sums)
+input_grad_parallel, input_grad_serial = _serial_and_parallel(_input_grad)
+backward_fused_parallel, backward_fused_serial = _serial_and_parallel(_backward_fused)
+
+
+@njit(**_ELEMENTWISE)
+def fill_coefficients(mean, invstd, gamma, beta, coef):
+    """Coefficient table of every channel (see :func:`_fill_coefficients`).
+
+    Parameters
+    ----------
+    mean, invstd, gamma, beta : ndarray of float64, shape (C,)
+    coef : ndarray, shape (4, C)
+        Output.
+    """
+    for c in range(mean.shape[0]):
+        _fill_coefficients(mean[c], invstd[c], gamma[c], beta[c], c, coef)
+
+
+@njit(**_ELEMENTWISE)
+def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
+    """dx coefficient table of every channel (see :func:`_fill_grad_coefficients`).
+
+    Parameters
+    ----------
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+    m : int
+    invstd, gamma : ndarray of float64, shape (C,)
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+        Output.
+    """
+    for c in range(s_dy.shape[0]):
+        _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd[c], gamma[c], c, coef, dcoef)
+
+
+@njit(**_ELEMENTWISE)
+def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
+    """``running = (1 - momentum) * running + momentum * batch``, in place.
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray, shape (C,)
+        Updated in place (any float dtype).
+    mean, var : ndarray of float64, shape (C,)
+        Batch mean and biased batch variance.
+    m : int
+        Values per channel in the (global) batch.
+    momentum : float
+        Weight of the new batch.
+    unbiased : bool
+        Use ``var * m / (m - 1)`` (PyTorch) rather than ``var`` (Keras).
+    """
+    correction = m / (m - 1.0) if unbiased else 1.0
+    for c in range(mean.shape[0]):
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
+
+
+# --------------------------------------------------------------------------------------
+# Host side: pick the build (serial or parallel) and the fused or two-pass path, allocate
+# the small per-channel buffers. Arguments are checked by fastbn.api.
+# --------------------------------------------------------------------------------------
+
+def _chunk(x3):
+    """Reduction chunk of ``x3``: values per chunk (strided) or rows per chunk (rows).
+
+    A function of the shape and dtype only, never of the thread count.
+    """
+    outer, C, inner = x3.shape
+    per_value = x3.dtype.itemsize * (C if inner == 1 else 1)
+    return max(1, _config.CHUNK_BYTES // per_value)
+
+
+def _serial(x3):
+    """True when ``x3`` is too small to pay for a parallel region."""
+    return x3.nbytes < _config.SERIAL_BYTES
+
+
+def _fusable(x3):
+    """True when each channel of ``x3`` is a strided set of runs that fits in L2."""
+    outer, C, inner = x3.shape
+    return inner > 1 and outer * inner * x3.dtype.itemsize <= _config.FUSE_BYTES
+
+
+def moments(x3):
+    """Per-channel mean and M2 (sum of squared deviations) of ``x3``, in float64.
+
+    Parameters
+    ----------
+    x3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(mean, m2)``, float64, shape (C,).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean, m2 = moments(np.arange(6.0).reshape(3, 2, 1))
+    >>> mean, m2
+    (array([2., 3.]), array([8., 8.]))
+    """
+    C = x3.shape[1]
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    kernel = moments_serial if _serial(x3) else moments_parallel
+    kernel(x3, _chunk(x3), mean, m2)
+    return mean, m2
+
+
+def coefficients(mean, invstd, gamma, beta, dtype):
+    """Normalizing coefficient table ``(4, C)`` in ``dtype`` (see :data:`MEAN_HI`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> coefficients(np.array([1.0]), np.array([2.0]), np.ones(1), np.zeros(1), np.float32)[:, 0]
+    array([1., 0., 2., 0.], dtype=float32)
+    """
+    coef = np.empty((4, mean.shape[0]), dtype)
+    fill_coefficients(mean, invstd, gamma, beta, coef)
+    return coef
+
+
+def normalize(x3, coef, relu, y3):
+    """Write ``((x - hi) - lo) * scale + shift`` (then ReLU) into ``y3``: 1 read, 1 write.
+
+    Parameters
+    ----------
+    x3, y3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    coef : ndarray, shape (4, C), same dtype (from :func:`coefficients`)
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(4.0).reshape(2, 2, 1)
+    >>> y = np.empty_like(x)
+    >>> normalize(x, coefficients(np.array([1.0, 2.0]), np.ones(2), np.ones(2), np.zeros(2), x.dtype), False, y)
+    >>> y.ravel()
+    array([-1., -1.,  1.,  1.])
+    """
+    kernel = normalize_serial if _serial(x3) else normalize_parallel
+    kernel(x3, coef, relu, y3)
+
+
+def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
+    """Batch statistics of ``x3`` and ``y3 = normalized x3``: the training forward.
+
+    Strided layouts whose channels fit in L2 run fused (x read from memory once);
+    others take the statistics pass then the normalize pass (x read twice).
+
+    Parameters
+    ----------
+    x3, y3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    gamma, beta : ndarray of float64, shape (C,)
+    eps : float
+    relu : bool
+    fuse : bool, optional
+        Allow the fused path (its results are bitwise those of the two-pass path).
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(mean, var, coef)``: float64 batch mean and biased variance, and the
+        coefficient table used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[1.0], [2.0]], [[3.0], [6.0]]])
+    >>> y = np.empty_like(x)
+    >>> mean, var, _ = forward_training(x, np.ones(2), np.zeros(2), 1e-5, False, y)
+    >>> mean, var
+    (array([2., 4.]), array([1., 4.]))
+    """
+    C = x3.shape[1]
+    if fuse and _fusable(x3):
+        mean = np.empty(C)
+        var = np.empty(C)
+        coef = np.empty((4, C), x3.dtype)
+        kernel = forward_fused_serial if _serial(x3) else forward_fused_parallel
+        kernel(x3, _chunk(x3), eps, gamma, beta, relu, y3, mean, var, coef)
+        return mean, var, coef
+    mean, m2 = moments(x3)
+    var = m2 / (x3.size // C)
+    coef = coefficients(mean, 1.0 / np.sqrt(var + eps), gamma, beta, x3.dtype)
+    normalize(x3, coef, relu, y3)
+    return mean, var, coef
+
+
+def grad_sums(dy3, x3, coef, relu):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` (float64): 1 read of dy and x.
+
+    Parameters
+    ----------
+    dy3, x3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    coef : ndarray, shape (4, C)
+        Coefficients of the saved statistics (mean in ``MEAN_HI``).
+    relu : bool
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(sum_dy, sum_dy_xmu)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[0.0]], [[2.0]]])
+    >>> grad_sums(np.ones_like(x), x, coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype), False)
+    (array([2.]), array([0.]))
+    """
+    C = x3.shape[1]
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
+    kernel = grad_sums_serial if _serial(x3) else grad_sums_parallel
+    kernel(dy3, x3, _chunk(x3), coef, relu, s_dy, s_dyx)
+    return s_dy, s_dyx
+
+
+def input_grad(dy3, x3, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
+    """Write ``dx`` from the channel sums: 1 read of dy and x, 1 write of dx.
+
+    Parameters
+    ----------
+    dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    coef : ndarray, shape (4, C)
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Sums over the whole (possibly global) batch.
+    m : int
+        Values per channel in the whole batch.
+    invstd, gamma : ndarray of float64, shape (C,)
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[0.0]], [[2.0]]])
+    >>> dx = np.empty_like(x)
+    >>> coef = coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
+    >>> input_grad(np.ones_like(x), x, coef, np.array([2.0]), np.array([0.0]), 2, np.ones(1), np.ones(1), False, dx)
+    >>> dx.ravel()
+    array([0., 0.])
+    """
+    dcoef = np.empty((3, x3.shape[1]), x3.dtype)
+    fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef)
+    kernel = input_grad_serial if _serial(x3) else input_grad_parallel
+    kernel(dy3, x3, coef, dcoef, relu, dx3)
+
+
+def backward(dy3, x3, coef, invstd, gamma, relu, dx3, fuse=True):
+    """The backward pass: channel sums, then dx.
+
+    Strided layouts whose channels fit in L2 run fused (dy and x read from memory once);
+    others read dy and x twice.
+
+    Parameters
+    ----------
+    dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    coef : ndarray, shape (4, C)
+    invstd, gamma : ndarray of float64, shape (C,)
+    relu : bool
+    fuse : bool, optional
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(sum_dy, sum_dy_xmu)`` (float64): ``dbeta`` and ``dgamma / invstd``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[0.0]], [[2.0]]])
+    >>> dx = np.empty_like(x)
+    >>> coef = coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
+    >>> backward(np.array([[[1.0]], [[3.0]]]), x, coef, np.ones(1), np.ones(1), False, dx)
+    (array([4.]), array([2.]))
+    """
+    if fuse and _fusable(x3):
+        C = x3.shape[1]
+        s_dy = np.empty(C)
+        s_dyx = np.empty(C)
+        dcoef = np.empty((3, C), x3.dtype)
+        kernel = backward_fused_serial if _serial(x3) else backward_fused_parallel
+        kernel(dy3, x3, _chunk(x3), coef, invstd, gamma, relu, dx3, s_dy, s_dyx, dcoef)
+        return s_dy, s_dyx
+    s_dy, s_dyx = grad_sums(dy3, x3, coef, relu)
+    input_grad(dy3, x3, coef, s_dy, s_dyx, x3.size // x3.shape[1], invstd, gamma, relu, dx3)
+    return s_dy, s_dyx
