@@ -49,6 +49,12 @@ def _cuda_backend(arrays):
     return cuda
 
 
+def _check_no_stream(stream):
+    """``stream=`` only means something for GPU arrays."""
+    if stream is not None:
+        raise ValueError("stream= applies to CUDA arrays only; the arguments are host arrays")
+
+
 def _as_host(name, a):
     """Return ``a`` as a NumPy array (lists and scalars are converted)."""
     if a is None or isinstance(a, np.ndarray):
@@ -200,7 +206,7 @@ def _saved(a, dtype):
 # --------------------------------------------------------------------------------------
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
-                       activation=None):
+                       activation=None, stream=None):
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
@@ -221,6 +227,9 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
         Preallocated output of x's shape and dtype (may be ``x`` itself).
     activation : {None, "relu"}, optional
         ``"relu"`` applies ``max(y, 0)`` in the same pass.
+    stream : CUDA stream, optional
+        GPU arrays only: the stream to launch on (a Numba stream, ``cupy.cuda.Stream`` or
+        ``torch.cuda.Stream``); default the current stream of the array's library.
 
     Returns
     -------
@@ -253,7 +262,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     backend = _cuda_backend([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
         return backend.batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, out=out,
-                                          activation=activation)
+                                          activation=activation, stream=stream)
+    _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
     _checks.check_batch(x.shape, axis, training=True)
@@ -263,7 +273,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
-                        activation=None):
+                        activation=None, stream=None):
     """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
@@ -286,6 +296,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
         Preallocated ``dx`` (may be ``dy`` itself).
     activation : {None, "relu"}, optional
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+    stream : CUDA stream, optional
+        GPU arrays only (see :func:`batch_norm_forward`).
 
     Returns
     -------
@@ -308,7 +320,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
                              ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
         return backend.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
-                                           out=out, activation=activation)
+                                           out=out, activation=activation, stream=stream)
+    _check_no_stream(stream)
     dy, x = _as_host("dy", dy), _as_host("x", x)
     mean, invstd = _as_host("mean", mean), _as_host("invstd", invstd)
     gamma, beta = _as_host("gamma", gamma), _as_host("beta", beta)
@@ -337,7 +350,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
 
 
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
-                         eps=1e-5, out=None, activation=None):
+                         eps=1e-5, out=None, activation=None, stream=None):
     """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
 
     ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
@@ -351,6 +364,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
     eps : float, default 1e-5
     out : array, optional
     activation : {None, "relu"}, optional
+    stream : CUDA stream, optional
+        GPU arrays only (see :func:`batch_norm_forward`).
 
     Returns
     -------
@@ -370,7 +385,9 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
                              ("out", out)])
     if backend is not None:
         return backend.batch_norm_inference(x, running_mean, running_var, gamma, beta,
-                                            axis=axis, eps=eps, out=out, activation=activation)
+                                            axis=axis, eps=eps, out=out, activation=activation,
+                                            stream=stream)
+    _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     running_mean = _as_host("running_mean", running_mean)
     running_var = _as_host("running_var", running_var)
@@ -398,7 +415,8 @@ def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
 
 def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
-               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise"):
+               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
+               stream=None):
     """BatchNorm in the manner of ``torch.nn.functional.batch_norm``.
 
     In training, normalize with the batch statistics and, when running statistics are
@@ -431,6 +449,8 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         What to do when the batch statistics are not finite: raise ``FloatingPointError``
         before anything is written, or warn and return the output while leaving the
         running statistics untouched. Either way they never take in NaN or inf.
+    stream : CUDA stream, optional
+        GPU arrays only (see :func:`batch_norm_forward`).
 
     Returns
     -------
@@ -460,7 +480,8 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                                   out=out, activation=activation,
                                   num_batches_tracked=num_batches_tracked,
                                   running_var_unbiased=running_var_unbiased,
-                                  on_nonfinite=on_nonfinite)
+                                  on_nonfinite=on_nonfinite, stream=stream)
+    _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
     C = x.shape[axis]
