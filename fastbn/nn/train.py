@@ -1,0 +1,529 @@
+"""The training loop: :func:`fit` (what ``fastbn train`` runs) and its building blocks.
+
+The hot loop per batch: gather the batch's rows into a preallocated buffer
+(``xp.take(..., out=)``), forward, fused softmax-cross-entropy + gradient, backward
+(the first layer skips its input gradient), one fused optimizer kernel over the model's
+flat parameter array. Loss and accuracy accumulate on the device; nothing is allocated
+per batch except the BatchNorm layers' outputs.
+
+Determinism: weights come from ``SeedSequence(seed)``'s first child, the per-epoch
+shuffles from its second child (a :class:`numpy.random.Generator`), and fastbn's kernels
+are bitwise reproducible; with the same BLAS and thread count a run is reproducible,
+and a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .. import data as _data
+from . import _device, checkpoint as _checkpoint
+from .layers import BatchNorm, Dense, Sequential
+from .loss import SoftmaxCrossEntropy
+from .optim import SGD, Adam
+
+__all__ = ["fit", "build_mlp", "train_epoch", "evaluate", "History", "set_threads",
+           "DEFAULTS"]
+
+# The defaults of fit() (and of `fastbn train`): the design's Keras example.
+DEFAULTS = {
+    "dataset": "fashion-mnist",
+    "hidden": [64, 32],
+    "batch_norm": True,
+    "bn_position": "after_relu",
+    "bn_convention": "keras",
+    "init": "glorot_uniform",
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "batch_size": 128,
+    "seed": 0,
+    "dtype": "float32",
+}
+# Options that fix the shapes and meaning of a checkpoint's arrays: a resumed run must
+# keep them.
+_ARCHITECTURE = ("hidden", "batch_norm", "bn_position", "bn_convention", "optimizer", "dtype")
+
+
+def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=True,
+              bn_position="after_relu", bn_convention="keras", init="glorot_uniform",
+              dtype=np.float32, rng=None, device="cpu"):
+    """The MLP of the design's Keras example (or a variant of it).
+
+    Default: ``Dense(64, relu) -> BatchNorm -> Dense(32, relu) -> BatchNorm -> Dense(10)``;
+    the softmax of Keras's last ``Dense(10, activation="softmax")`` is fused into
+    :class:`~fastbn.nn.SoftmaxCrossEntropy`.
+
+    Parameters
+    ----------
+    num_features, num_classes : int
+    hidden : sequence of int, default (64, 32)
+        Widths of the hidden layers.
+    batch_norm : bool, default True
+        Insert a BatchNorm layer per hidden layer.
+    bn_position : {"after_relu", "before_relu"}, default "after_relu"
+        ``"after_relu"``: Keras's ``Dense(relu) -> BatchNorm``. ``"before_relu"``:
+        ``Dense -> BatchNorm+ReLU`` (the original paper's order, fused in one fastbn kernel).
+    bn_convention : {"keras", "torch"}, default "keras"
+        Momentum/epsilon conventions of the BatchNorm layers.
+    init : str, default "glorot_uniform"
+        Weight initialization of the Dense layers (see :class:`~fastbn.nn.Dense`).
+    dtype : numpy dtype, default float32
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights.
+    device : {"cpu", "cuda"}, default "cpu"
+
+    Returns
+    -------
+    Sequential
+
+    Examples
+    --------
+    >>> model = build_mlp(rng=0)
+    >>> [type(layer).__name__ for layer in model.layers]
+    ['Dense', 'BatchNorm', 'Dense', 'BatchNorm', 'Dense']
+    >>> model.store.size   # 784*64+64 + 2*64 + 64*32+32 + 2*32 + 32*10+10
+    52650
+    """
+    if bn_position not in ("after_relu", "before_relu"):
+        raise ValueError(f"bn_position must be 'after_relu' or 'before_relu', got {bn_position!r}")
+    hidden = [int(h) for h in hidden]
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"hidden widths must be positive, got {hidden}")
+    rng = np.random.default_rng(rng)
+    layers, width = [], int(num_features)
+    for h in hidden:
+        if batch_norm and bn_position == "before_relu":
+            layers.append(Dense(width, h, None, init=init, rng=rng, dtype=dtype))
+            layers.append(BatchNorm(h, convention=bn_convention, activation="relu", dtype=dtype))
+        else:
+            layers.append(Dense(width, h, "relu", init=init, rng=rng, dtype=dtype))
+            if batch_norm:
+                layers.append(BatchNorm(h, convention=bn_convention, dtype=dtype))
+        width = h
+    layers.append(Dense(width, int(num_classes), None, init=init, rng=rng, dtype=dtype))
+    return Sequential(layers, device=device)
+
+
+class History:
+    """Per-epoch metrics of a run, its configuration, and the trained model.
+
+    Attributes
+    ----------
+    epochs : list of dict
+        One record per epoch: ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``,
+        ``test_acc``, ``seconds`` (training time of the epoch), ``samples_per_s``,
+        ``eval_seconds``.
+    config : dict
+        The resolved options of the run.
+    model : Sequential
+    optimizer : Adam or SGD
+
+    Examples
+    --------
+    >>> h = History([{"epoch": 1, "test_acc": 0.5}], {"seed": 0})
+    >>> h["epochs"][0]["test_acc"], h.to_dict()["config"]
+    (0.5, {'seed': 0})
+    """
+
+    def __init__(self, epochs, config, model=None, optimizer=None):
+        self.epochs = list(epochs)
+        self.config = dict(config)
+        self.model = model
+        self.optimizer = optimizer
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def __repr__(self):
+        last = self.epochs[-1] if self.epochs else {}
+        return (f"History({len(self.epochs)} epochs, last test_acc="
+                f"{last.get('test_acc', float('nan')):.4f})")
+
+    def to_dict(self):
+        """``{"config": ..., "epochs": [...]}`` (JSON-serializable)."""
+        return {"config": self.config, "epochs": self.epochs}
+
+
+def set_threads(threads):
+    """Use ``threads`` threads for fastbn's Numba kernels and for the BLAS.
+
+    Numba: :func:`numba.set_num_threads` (at most ``NUMBA_NUM_THREADS``, the core count by
+    default). BLAS: through ``threadpoolctl`` when it is installed, else through OpenBLAS's
+    own ``openblas_set_num_threads`` found in the process (NumPy's wheels bundle
+    OpenBLAS); when neither works a warning says to set ``OPENBLAS_NUM_THREADS`` /
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` before starting Python.
+
+    Parameters
+    ----------
+    threads : int
+        Positive thread count.
+
+    Returns
+    -------
+    dict
+        ``{"numba": n, "blas": how the BLAS was set, or None}``.
+
+    Raises
+    ------
+    ValueError
+        ``threads`` < 1 or above Numba's maximum.
+
+    Examples
+    --------
+    >>> import numba
+    >>> set_threads(1)["numba"]
+    1
+    >>> set_threads(numba.config.NUMBA_NUM_THREADS)["numba"] >= 1
+    True
+    """
+    import numba
+
+    threads = int(threads)
+    limit = numba.config.NUMBA_NUM_THREADS
+    if threads < 1 or threads > limit:
+        raise ValueError(f"threads must lie in [1, {limit}] (NUMBA_NUM_THREADS), got {threads}")
+    numba.set_num_threads(threads)
+    return {"numba": threads, "blas": _set_blas_threads(threads)}
+
+
+def _set_blas_threads(threads):
+    """Set the BLAS thread count; returns how, or None (with a warning) when it could not.
+
+    Parameters
+    ----------
+    threads : int
+
+    Returns
+    -------
+    str or None
+    """
+    try:
+        import threadpoolctl
+        threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+        return "threadpoolctl"
+    except ImportError:
+        pass
+    import ctypes
+    names = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
+    libraries = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "openblas" in os.path.basename(path).lower():
+                    libraries.add(path)
+    except OSError:
+        pass
+    for library in sorted(libraries):
+        try:
+            lib = ctypes.CDLL(library)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(threads))
+                return f"{os.path.basename(library)}:{name}"
+    warnings.warn("could not set the BLAS thread count (install threadpoolctl, or set "
+                  "OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS before "
+                  "starting Python)", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None):
+    """One pass over ``(x, y)`` in shuffled mini-batches (the last one may be smaller).
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : SoftmaxCrossEntropy
+    optimizer : Adam or SGD
+    x : array, shape (n, features)
+        On the model's device.
+    y : array of int64, shape (n,)
+    batch_size : int
+    rng : numpy.random.Generator
+        Draws the epoch's permutation (on the host, so both devices shuffle alike).
+    progress : object with ``update(n)``, optional
+        A progress bar, advanced once per batch.
+
+    Returns
+    -------
+    loss : float
+        Mean training loss over the epoch (training-mode forward, as Keras reports it).
+    accuracy : float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.data import make_synthetic
+    >>> ds = make_synthetic(n_train=512, n_test=10)
+    >>> model = build_mlp(hidden=(16,), rng=0)
+    >>> loss, acc = train_epoch(model, SoftmaxCrossEntropy(), Adam(model.store, lr=1e-2),
+    ...                         ds.x_train, ds.y_train, 64, np.random.default_rng(0))
+    >>> acc > 0.5
+    True
+    """
+    xp = model.xp
+    n = x.shape[0]
+    perm = rng.permutation(n)
+    if xp is not np:
+        perm = xp.asarray(perm)
+    x_batch = xp.empty((min(batch_size, n), x.shape[1]), x.dtype)
+    y_batch = xp.empty(min(batch_size, n), y.dtype)
+    acc = xp.zeros(2, np.float64)
+    forward, backward, step = model.forward, model.backward, optimizer.step
+    loss_grad, take = loss.forward_backward, xp.take
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        k = idx.shape[0]
+        xb, yb = x_batch[:k], y_batch[:k]
+        take(x, idx, axis=0, out=xb)
+        take(y, idx, out=yb)
+        backward(loss_grad(forward(xb, True), yb, acc))
+        step()
+        if progress is not None:
+            progress.update(1)
+    acc = _device.to_host(acc)
+    return float(acc[0]) / n, float(acc[1]) / n
+
+
+def evaluate(model, loss, x, y, batch_size=2048):
+    """Mean loss and accuracy in evaluation mode (BatchNorm uses running statistics).
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : SoftmaxCrossEntropy
+    x : array, shape (n, features)
+    y : array of int64, shape (n,)
+    batch_size : int, default 2048
+        Rows per forward (results do not depend on it).
+
+    Returns
+    -------
+    loss : float
+    accuracy : float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> model = build_mlp(hidden=(8,), rng=0)
+    >>> x = np.zeros((4, 784), np.float32)
+    >>> loss, acc = evaluate(model, SoftmaxCrossEntropy(), x, np.zeros(4, np.int64))
+    >>> round(loss, 4)       # zero input, zero biases: uniform softmax, loss log(10)
+    2.3026
+    """
+    xp = model.xp
+    acc = xp.zeros(2, np.float64)
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        loss.forward_backward(model.forward(xb, False), yb, acc)
+    acc = _device.to_host(acc)
+    return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
+
+
+def _progress_bar(total, desc, enabled):
+    """A tqdm bar on stderr, or None when disabled, not a tty, or tqdm is missing."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+
+def _resolve_config(options, resumed):
+    """Merge defaults, a checkpoint's configuration and explicit options.
+
+    Parameters
+    ----------
+    options : dict
+        fit()'s configuration arguments; None means "not given".
+    resumed : dict or None
+        The checkpoint's configuration.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        An explicit option contradicts the checkpoint's architecture.
+    """
+    config = dict(DEFAULTS)
+    if resumed is not None:
+        config.update({k: v for k, v in resumed.items() if k in DEFAULTS})
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "hidden":
+            value = [int(h) for h in value]
+        if key == "dtype":
+            value = np.dtype(value).name
+        if resumed is not None and key in _ARCHITECTURE and value != resumed.get(key):
+            raise ValueError(f"{key}={value!r} contradicts the checkpoint being resumed "
+                             f"({key}={resumed.get(key)!r}); leave it out or start a new run")
+        config[key] = value
+    if config["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config['optimizer']!r}")
+    if int(config["batch_size"]) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config['batch_size']}")
+    if np.dtype(config["dtype"]) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {config['dtype']}")
+    return config
+
+
+def _write_metrics(path, history, extra=None):
+    """Write the metrics JSON atomically."""
+    record = history.to_dict()
+    if extra:
+        record.update(extra)
+    _checkpoint.atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hidden=None,
+        batch_norm=None, bn_position=None, bn_convention=None, init=None, optimizer=None,
+        device="cpu", seed=None, dtype=None, threads=None, save=None, resume=None,
+        metrics_out=None, progress=None, log=print, download=True):
+    """Train the MLP on a dataset and return its history (what ``fastbn train`` runs).
+
+    Options left as None take the checkpoint's value when resuming, else :data:`DEFAULTS`
+    (the design's Keras example: ``Dense(64, relu) -> BatchNorm -> Dense(32, relu) ->
+    BatchNorm -> Dense(10, softmax)``, Adam at lr 1e-3, batch 128, Fashion-MNIST).
+
+    Parameters
+    ----------
+    dataset : {"fashion-mnist", "mnist", "synthetic"} or Dataset, optional
+        A name (loaded with :func:`fastbn.data.load_dataset`) or a loaded dataset.
+    data_dir : str, optional
+        Directory searched first for the IDX files.
+    epochs : int, default 10
+        Total number of epochs; a resumed run continues until this many are done.
+    batch_size : int, optional (128)
+    lr : float, optional (1e-3)
+    hidden : sequence of int, optional ((64, 32))
+    batch_norm : bool, optional (True)
+    bn_position : {"after_relu", "before_relu"}, optional ("after_relu")
+    bn_convention : {"keras", "torch"}, optional ("keras")
+    init : str, optional ("glorot_uniform")
+    optimizer : {"adam", "sgd"}, optional ("adam"; SGD uses momentum 0.9)
+    device : {"cpu", "cuda"}, default "cpu"
+    seed : int, optional (0)
+        Seeds the initial weights, the shuffles and the synthetic dataset.
+    dtype : {"float32", "float64"}, optional ("float32")
+    threads : int, optional
+        Threads for the Numba kernels and the BLAS (:func:`set_threads`).
+    save : str, optional
+        Checkpoint written (atomically) after every epoch.
+    resume : str, optional
+        Checkpoint to continue from: weights, optimizer state, BatchNorm statistics,
+        epoch counter, RNG state and the history so far.
+    metrics_out : str, optional
+        JSON file rewritten after every epoch: ``{"config": ..., "epochs": [...]}``.
+    progress : bool, optional
+        tqdm bar per epoch; None shows it when stderr is a terminal.
+    log : callable or None, default print
+        Receives the one-line summary of each epoch.
+    download : bool, default True
+        Allow fetching missing dataset files.
+
+    Returns
+    -------
+    History
+
+    Examples
+    --------
+    >>> h = fit("synthetic", epochs=2, hidden=(32,), log=None)
+    >>> len(h.epochs), h.epochs[-1]["test_acc"] > 0.9
+    (2, True)
+    """
+    state = _checkpoint.load_checkpoint(resume) if resume is not None else None
+    config = _resolve_config(
+        {"dataset": dataset if dataset is None or isinstance(dataset, str) else dataset.name,
+         "hidden": hidden, "batch_norm": batch_norm, "bn_position": bn_position,
+         "bn_convention": bn_convention, "init": init, "optimizer": optimizer, "lr": lr,
+         "batch_size": batch_size, "seed": seed, "dtype": dtype},
+        state["config"] if state else None)
+    epochs = int(epochs)
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    thread_info = set_threads(threads) if threads is not None else None
+
+    if isinstance(dataset, _data.Dataset):
+        ds = dataset
+    else:
+        ds = _data.load_dataset(config["dataset"], data_dir, seed=config["seed"],
+                                download=download)
+    xp = _device.array_module(device)
+    np_dtype = np.dtype(config["dtype"])
+    x_train = xp.asarray(ds.x_train.astype(np_dtype, copy=False))
+    x_test = xp.asarray(ds.x_test.astype(np_dtype, copy=False))
+    y_train = xp.asarray(ds.y_train.astype(np.int64, copy=False))
+    y_test = xp.asarray(ds.y_test.astype(np.int64, copy=False))
+
+    init_seed, shuffle_seed = np.random.SeedSequence(config["seed"]).spawn(2)
+    model = build_mlp(ds.num_features, ds.num_classes, config["hidden"],
+                      batch_norm=config["batch_norm"], bn_position=config["bn_position"],
+                      bn_convention=config["bn_convention"], init=config["init"],
+                      dtype=np_dtype, rng=np.random.default_rng(init_seed), device=device)
+    if config["optimizer"] == "adam":
+        opt = Adam(model.store, lr=config["lr"])
+    else:
+        opt = SGD(model.store, lr=config["lr"], momentum=0.9)
+    rng = np.random.default_rng(shuffle_seed)
+    loss = SoftmaxCrossEntropy()
+    records, start_epoch = [], 0
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer_state"])
+        rng.bit_generator.state = state["rng_state"]
+        records, start_epoch = list(state["history"]), state["epoch"]
+    run_info = {"device": device, "threads": thread_info, "machine": platform.node(),
+                "data_source": ds.source, "n_train": int(ds.x_train.shape[0]),
+                "n_test": int(ds.x_test.shape[0])}
+    history = History(records, dict(config, **run_info), model, opt)
+
+    n_batches = -(-ds.x_train.shape[0] // int(config["batch_size"]))
+    for epoch in range(start_epoch + 1, epochs + 1):
+        bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
+        try:
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
+                                                int(config["batch_size"]), rng, bar)
+            t1 = time.perf_counter()
+        finally:
+            if bar is not None:
+                bar.close()
+        test_loss, test_acc = evaluate(model, loss, x_test, y_test)
+        t2 = time.perf_counter()
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,
+                  "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
+                  "eval_seconds": t2 - t1}
+        history.epochs.append(record)
+        if log is not None:
+            log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
+                f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
+        if save is not None:
+            _checkpoint.save_checkpoint(
+                save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                epoch=epoch, rng_state=rng.bit_generator.state, history=history.epochs,
+                config=config)
+        if metrics_out is not None:
+            _write_metrics(metrics_out, history)
+    if metrics_out is not None and start_epoch >= epochs:
+        _write_metrics(metrics_out, history)
+    return history
