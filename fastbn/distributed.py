@@ -1,0 +1,513 @@
+"""Synchronized BatchNorm across processes over MPI, and data-parallel training helpers.
+
+With ``comm=`` (an mpi4py communicator) the training forward and the backward of
+:func:`fastbn.batch_norm_forward`, :func:`fastbn.batch_norm_backward`,
+:func:`fastbn.batch_norm` and :class:`fastbn.BatchNorm` normalize with the statistics of
+the *global* batch, the concatenation of every rank's shard: each rank's results equal the
+single-process results on that concatenation, to rounding.
+
+What travels, per call, per BatchNorm layer (P ranks, C channels)::
+
+    1. header   Allgather of 3 int64 per rank: (status, C, values per channel)
+    2. payload  Allgather of 2*C float64 per rank:
+                  forward:  (mean, M2) of the local shard, per channel
+                  backward: (sum dy, sum dy*(x - mean)) of the local shard, per channel
+
+The header is the error agreement: a rank whose local checks fail enters it with a
+failure status instead of raising at once, so no rank is left waiting in the payload
+collective; every rank then raises (the failing one its own error, the others a
+:class:`DistributedError` naming it). The header also carries the shard sizes, so the
+"more than one value per channel" rule applies to the global batch: a rank may hold one
+row, or none.
+
+Determinism: the payload is gathered, not reduced. Every rank merges the gathered
+summaries itself, in rank order, with the same NumPy expressions (Chan's formula for
+moments, a left-to-right sum for gradient sums). Each of those expressions is a sequence
+of correctly rounded IEEE operations with no fused multiply-add, so all ranks obtain
+bitwise-identical statistics even on different CPU models, and running statistics stay
+identical on every rank. An ``Allreduce`` would leave the summation order to the MPI
+library.
+
+mpi4py is only imported by the helpers that need MPI constants
+(:func:`allreduce_mean`); the synchronized kernels use the communicator's own methods,
+so this module imports without mpi4py.
+"""
+
+import functools
+
+import numpy as np
+
+_OK = 0
+_FAILED = 1
+_HEADER = 3  # status, channels, values per channel
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed in a synchronized call; this rank raised so as not to hang.
+
+    Attributes
+    ----------
+    ranks : tuple of int
+        The ranks that failed.
+    errors : tuple of str
+        Their errors, ``"ExceptionType: message"``, in the order of ``ranks``.
+    """
+
+    def __init__(self, message, ranks=(), errors=()):
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+        self.errors = tuple(errors)
+
+
+def check_comm(comm):
+    """Check that ``comm`` looks like an mpi4py intra-communicator.
+
+    Parameters
+    ----------
+    comm : object
+        Expected: ``mpi4py.MPI.Comm`` (e.g. ``MPI.COMM_WORLD``).
+
+    Raises
+    ------
+    TypeError
+        ``comm`` lacks the methods fastbn calls (``Get_rank``, ``Get_size``,
+        ``Allgather``, ``allgather``).
+
+    Examples
+    --------
+    >>> check_comm(object())
+    Traceback (most recent call last):
+    ...
+    TypeError: comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), got object
+    """
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allgather", "allgather")):
+        raise TypeError(f"comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), "
+                        f"got {type(comm).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# Fixed-order combination of gathered per-rank summaries (pure NumPy, no MPI)
+# --------------------------------------------------------------------------------------
+
+def merge_moments(counts, means, m2s):
+    """Merge per-rank ``(count, mean, M2)`` summaries in rank order (Chan et al.).
+
+    The same formula as :func:`fastbn.cpu._chan_merge`, vectorized over channels::
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = mean_a + delta * (n_b / n)
+        M2    = M2_a + M2_b + delta**2 * (n_a * n_b / n)
+
+    Ranks with a count of 0 are skipped. Plain NumPy operations (each correctly rounded,
+    never contracted into an FMA) make the result a deterministic function of the inputs
+    on every machine.
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (P,)
+        Values per channel on each rank.
+    means, m2s : array_like of float64, shape (P, C)
+        Per-rank mean and sum of squared deviations of each channel.
+
+    Returns
+    -------
+    n : int
+        Total count.
+    mean, m2 : ndarray of float64, shape (C,)
+        Mean and M2 of the union (zeros when every count is 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a, b = np.array([1.0, 2.0]), np.array([3.0, 6.0, 9.0])
+    >>> n, mean, m2 = merge_moments([2, 3], [[a.mean()], [b.mean()]],
+    ...                             [[((a - a.mean())**2).sum()], [((b - b.mean())**2).sum()]])
+    >>> n, mean, m2 / n
+    (5, array([4.2]), array([8.56]))
+    >>> x = np.concatenate([a, b]); float(x.mean()), float(x.var())
+    (4.2, 8.56)
+    """
+    counts = np.asarray(counts)
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    C = means.shape[1]
+    n = 0
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    for k in range(counts.shape[0]):
+        n_k = int(counts[k])
+        if n_k == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = n_k, means[k].copy(), m2s[k].copy()
+            continue
+        total = n + n_k
+        delta = means[k] - mean
+        mean = mean + delta * (n_k / total)
+        m2 = m2 + m2s[k] + delta * delta * (n * n_k / total)
+        n = total
+    return n, mean, m2
+
+
+def sum_in_order(parts):
+    """Sum the rows of ``parts`` left to right (row 0 + row 1 + ...), elementwise.
+
+    Unlike an MPI ``Allreduce`` (whose order the library chooses) or ``numpy.sum``
+    (pairwise), the order is fixed, so every rank that sums the same gathered rows gets
+    the same bits.
+
+    Parameters
+    ----------
+    parts : ndarray, shape (P, ...)
+
+    Returns
+    -------
+    ndarray, shape parts.shape[1:]
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sum_in_order(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    array([ 9., 12.])
+    """
+    total = np.array(parts[0], copy=True)
+    for k in range(1, parts.shape[0]):
+        total += parts[k]
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# One synchronized call
+# --------------------------------------------------------------------------------------
+
+class Sync:
+    """A communicator seen by one synchronized call: its collectives and error agreement.
+
+    fastbn's API creates one per call (see :func:`synchronized`); users pass the mpi4py
+    communicator itself as ``comm=``. Every collective of the call starts with
+    :meth:`agree` (the header); :meth:`abort` is the header of a rank that failed before
+    reaching it.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+    where : str
+        Name of the call, for messages.
+
+    Attributes
+    ----------
+    rank, size : int
+    count : int or None
+        Values per channel in the global batch, after :meth:`moments` or
+        :meth:`grad_sums`.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI                                  # doctest: +SKIP
+    >>> import numpy as np                                      # doctest: +SKIP
+    >>> sync = Sync(MPI.COMM_WORLD, "example")                  # doctest: +SKIP
+    >>> mean, var = sync.moments(np.ones((4, 3, 1)))            # doctest: +SKIP
+    >>> sync.count == 4 * sync.size                             # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, comm, where):
+        check_comm(comm)
+        self.comm = comm
+        self.where = where
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.started = False
+        self.count = None
+
+    # -- error agreement ---------------------------------------------------------------
+
+    def agree(self, channels, count):
+        """Header collective: exchange status, channels and shard sizes; raise on failure.
+
+        Parameters
+        ----------
+        channels : int
+            C on this rank.
+        count : int
+            Values per channel on this rank (may be 0).
+
+        Returns
+        -------
+        ndarray of int64, shape (P,)
+            Values per channel on every rank.
+
+        Raises
+        ------
+        DistributedError
+            Another rank failed its local checks (it raises its own error).
+        ValueError
+            The ranks disagree on the number of channels.
+        """
+        table = self._exchange_header(np.array([_OK, channels, count], dtype=np.int64))
+        failed = np.flatnonzero(table[:, 0] != _OK)
+        if failed.size:
+            errors = self.comm.allgather(None)
+            ranks = failed.tolist()
+            details = "; ".join(f"rank {r}: {errors[r]}" for r in ranks)
+            raise DistributedError(
+                f"{self.where} failed on rank{'s' if len(ranks) > 1 else ''} "
+                f"{', '.join(map(str, ranks))} of {self.size} ({details}); rank {self.rank} "
+                f"raises too, so that no rank waits forever in a collective",
+                ranks, [errors[r] for r in ranks])
+        if (table[:, 1] != channels).any():
+            raise ValueError(f"{self.where}: every rank must have the same number of "
+                             f"channels, got {table[:, 1].tolist()} on ranks 0..{self.size - 1}")
+        return table[:, 2].copy()
+
+    def abort(self, exc):
+        """Enter the header collective as a failed rank (once), so that no rank hangs.
+
+        Called with the exception this rank is about to raise. Does nothing when this
+        call already passed its header: errors raised after it (global checks,
+        non-finite statistics) are raised by every rank alike.
+
+        Parameters
+        ----------
+        exc : BaseException
+        """
+        if self.started:
+            return
+        self._exchange_header(np.array([_FAILED, -1, 0], dtype=np.int64))
+        self.comm.allgather(f"{type(exc).__name__}: {exc}")
+
+    def _exchange_header(self, header):
+        self.started = True
+        table = np.empty((self.size, _HEADER), dtype=np.int64)
+        self.comm.Allgather(header, table)
+        return table
+
+    # -- the synchronized reductions ---------------------------------------------------
+
+    def moments(self, x3):
+        """Global per-channel mean and biased variance of every rank's ``x3``.
+
+        Two collectives: the header, then an Allgather of the local ``(mean, M2)``
+        (``2 * C`` float64), merged in rank order by :func:`merge_moments`.
+
+        Parameters
+        ----------
+        x3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
+            This rank's shard in the canonical view; ``outer * inner`` may be 0.
+
+        Returns
+        -------
+        mean, var : ndarray of float64, shape (C,)
+            Bitwise identical on every rank. Sets :attr:`count`.
+
+        Raises
+        ------
+        ValueError
+            The global batch has fewer than 2 values per channel (on every rank).
+        """
+        from . import cpu
+
+        outer, C, inner = x3.shape
+        n_local = outer * inner
+        counts = self.agree(C, n_local)
+        m = self._check_global_count(counts)
+        local = np.zeros((2, C))
+        if n_local:
+            local[0], local[1] = cpu.moments(x3)
+        table = np.empty((self.size, 2, C))
+        self.comm.Allgather(local, table)
+        n, mean, m2 = merge_moments(counts, table[:, 0], table[:, 1])
+        self.count = m
+        return mean, m2 / n
+
+    def grad_sums(self, dy3, x3, coef, relu):
+        """Global per-channel ``sum dy`` and ``sum dy * (x - mean)`` over every rank.
+
+        Two collectives: the header, then an Allgather of the local sums (``2 * C``
+        float64), added in rank order by :func:`sum_in_order`.
+
+        Parameters
+        ----------
+        dy3, x3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+        coef : ndarray, shape (4, C)
+            Coefficients of the (global) saved statistics.
+        relu : bool
+
+        Returns
+        -------
+        sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
+            Bitwise identical on every rank. Sets :attr:`count`.
+        """
+        from . import cpu
+
+        outer, C, inner = x3.shape
+        n_local = outer * inner
+        counts = self.agree(C, n_local)
+        local = np.zeros((2, C))
+        if n_local:
+            local[0], local[1] = cpu.grad_sums(dy3, x3, coef, relu)
+        table = np.empty((self.size, 2, C))
+        self.comm.Allgather(local, table)
+        total = sum_in_order(table)
+        self.count = int(counts.sum())
+        return total[0], total[1]
+
+    def _check_global_count(self, counts):
+        m = int(counts.sum())
+        if m == 0:
+            raise ValueError(f"{self.where}: cannot compute batch statistics of an empty "
+                             f"batch: every one of the {self.size} ranks holds 0 values "
+                             f"per channel")
+        if m == 1:
+            raise ValueError(f"{self.where}: training needs more than 1 value per channel "
+                             f"in the global batch, got 1 (values per channel on ranks "
+                             f"0..{self.size - 1}: {counts.tolist()})")
+        return m
+
+
+def synchronized(where, when=None):
+    """Decorator: give a function a ``comm=`` keyword with error agreement.
+
+    With ``comm=None`` the function runs as before (it receives ``comm=None``). With a
+    communicator it receives a fresh :class:`Sync` as ``comm``; if it raises before its
+    first collective, the wrapper enters the header collective as a failed rank
+    (:meth:`Sync.abort`) and re-raises, so the other ranks raise a
+    :class:`DistributedError` instead of waiting forever.
+
+    Parameters
+    ----------
+    where : str
+        Name used in error messages.
+    when : callable, optional
+        ``when(kwargs) -> bool``: whether this call is collective (e.g. only in
+        training). It must depend only on arguments that are the same on every rank.
+        When False the function receives ``comm=None``.
+
+    Returns
+    -------
+    callable
+
+    Examples
+    --------
+    >>> @synchronized("double")
+    ... def double(x, *, comm=None):
+    ...     return 2 * x
+    >>> double(3)
+    6
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, comm=None, **kwargs):
+            if comm is None or (when is not None and not when(kwargs)):
+                return fn(*args, comm=None, **kwargs)
+            sync = Sync(comm, where)
+            try:
+                return fn(*args, comm=sync, **kwargs)
+            except Exception as exc:
+                sync.abort(exc)
+                raise
+        return wrapper
+    return decorate
+
+
+# --------------------------------------------------------------------------------------
+# Data-parallel training helpers
+# --------------------------------------------------------------------------------------
+
+def shard_bounds(n, rank, size):
+    """Rows ``[start, stop)`` of a batch of ``n`` rows that rank ``rank`` of ``size`` holds.
+
+    Contiguous shards in rank order; the first ``n % size`` ranks hold one row more, so
+    concatenating the shards in rank order gives the batch back. A rank may get 0 rows
+    when ``n < size``.
+
+    Parameters
+    ----------
+    n, rank, size : int
+
+    Returns
+    -------
+    tuple of int
+
+    Examples
+    --------
+    >>> [shard_bounds(10, r, 4) for r in range(4)]
+    [(0, 3), (3, 6), (6, 8), (8, 10)]
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"need 0 <= rank < size, got rank={rank}, size={size}")
+    base, extra = divmod(int(n), size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def allreduce_mean(comm, arrays):
+    """Average arrays over all ranks, in place, in one ``Allreduce`` of one packed buffer.
+
+    The arrays are packed into one contiguous float64 buffer (one collective, however
+    many arrays; float64 so that the sum over ranks does not add rounding of its own),
+    summed, divided by the number of ranks and written back in each array's dtype.
+    Host (NumPy) arrays only.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+    arrays : sequence of ndarray
+        Updated in place.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI                                  # doctest: +SKIP
+    >>> import numpy as np                                      # doctest: +SKIP
+    >>> g = np.full(3, float(MPI.COMM_WORLD.rank))              # doctest: +SKIP
+    >>> allreduce_mean(MPI.COMM_WORLD, [g])                     # doctest: +SKIP
+    """
+    from mpi4py import MPI
+
+    check_comm(comm)
+    arrays = [a for a in arrays if a is not None]
+    if not arrays:
+        return
+    sizes = [a.size for a in arrays]
+    buffer = np.empty(sum(sizes))
+    offset = 0
+    for a, k in zip(arrays, sizes):
+        buffer[offset:offset + k] = a.ravel()
+        offset += k
+    comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+    buffer /= comm.Get_size()
+    offset = 0
+    for a, k in zip(arrays, sizes):
+        a[...] = buffer[offset:offset + k].reshape(a.shape)
+        offset += k
+
+
+def broadcast_arrays(comm, arrays, root=0):
+    """Overwrite ``arrays`` on every rank with their values on ``root`` (in place).
+
+    Used once before data-parallel training so every rank starts from the same
+    parameters, whatever its random seed.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+    arrays : sequence of ndarray
+        C-contiguous host arrays, the same shapes and dtypes on every rank.
+    root : int, default 0
+
+    Examples
+    --------
+    >>> from mpi4py import MPI                                  # doctest: +SKIP
+    >>> import numpy as np                                      # doctest: +SKIP
+    >>> w = np.full(2, float(MPI.COMM_WORLD.rank))              # doctest: +SKIP
+    >>> broadcast_arrays(MPI.COMM_WORLD, [w]); w                # doctest: +SKIP
+    array([0., 0.])
+    """
+    check_comm(comm)
+    for a in arrays:
+        if a is None:
+            continue
+        if not a.flags.c_contiguous:
+            raise ValueError("broadcast_arrays needs C-contiguous arrays")
+        comm.Bcast(a, root=root)
