@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from . import _checks, cpu
+from . import _checks, cpu, distributed
 
 _ON_NONFINITE = ("raise", "warn")
 
@@ -47,6 +47,14 @@ def _cuda_backend(arrays):
                         f"{', '.join(on_device)} on the GPU, {', '.join(on_host)} on the host")
     from . import cuda
     return cuda
+
+
+def _check_no_comm_on_gpu(comm):
+    """``comm=`` is implemented for host arrays only (see docs/distributed.md)."""
+    if comm is not None:
+        raise NotImplementedError("comm= (synchronized BatchNorm) supports host (NumPy) arrays "
+                                  "only; for CUDA arrays copy the batch to the host or "
+                                  "synchronize without comm")
 
 
 def _check_no_stream(stream):
@@ -137,7 +145,7 @@ def _check_finite(mean, var, on_nonfinite):
 # Internal operations on checked arguments (shared by the functions and the layer)
 # --------------------------------------------------------------------------------------
 
-def _forward_training(x, axis, gamma, beta, eps, relu, out, guard):
+def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     """Training forward on checked host arguments.
 
     Parameters
@@ -145,6 +153,9 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard):
     guard : bool
         The caller will reject non-finite statistics: ``out`` must then not be written
         before they are known, so a caller-provided ``out`` takes the two-pass path.
+    comm : fastbn.distributed.Sync, optional
+        Synchronized BatchNorm: the statistics are those of every rank's ``x`` together
+        (two collectives); the global count is then ``comm.count``.
 
     Returns
     -------
@@ -157,10 +168,13 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard):
     x3 = _compute_view(view, x.dtype)
     g = _param64(gamma, C, 1.0)
     b = _param64(beta, C, 0.0)
-    if guard and out is not None:
-        mean, m2 = cpu.moments(x3)
-        var = m2 / (x3.size // C)
-        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+    if comm is not None or (guard and out is not None):
+        if comm is not None:
+            mean, var = comm.moments(x3)
+        else:
+            mean, m2 = cpu.moments(x3)
+            var = m2 / (x3.size // C)
+        if guard and not (np.isfinite(mean).all() and np.isfinite(var).all()):
             return None, mean, var
         coef = cpu.coefficients(mean, 1.0 / np.sqrt(var + eps), g, b, x3.dtype)
         cpu.normalize(x3, coef, relu, dest.work)
@@ -169,8 +183,12 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard):
     return dest, mean, var
 
 
-def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out):
-    """Backward on checked host arguments; returns ``(dx, dgamma64, dbeta64)``."""
+def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
+    """Backward on checked host arguments; returns ``(dx, dgamma64, dbeta64)``.
+
+    With ``comm`` (a :class:`fastbn.distributed.Sync`), ``dgamma`` and ``dbeta`` are sums
+    over every rank's batch and ``dx`` uses the global count (two collectives).
+    """
     view = _checks.canonical_view(x, axis)
     dy_view = _checks.canonical_view(dy, axis, order=view.order)
     C = view.x3.shape[1]
@@ -181,7 +199,13 @@ def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out):
     invstd64 = np.asarray(invstd, dtype=np.float64)
     g = _param64(gamma, C, 1.0)
     coef = cpu.coefficients(mean64, invstd64, g, _param64(beta, C, 0.0), x3.dtype)
-    s_dy, s_dyx = cpu.backward(dy3, x3, coef, invstd64, g, relu, dest.work)
+    if comm is not None:
+        s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu)
+        if x3.size:
+            cpu.input_grad(dy3, x3, coef, s_dy, s_dyx, comm.count, invstd64, g, relu,
+                           dest.work)
+    else:
+        s_dy, s_dyx = cpu.backward(dy3, x3, coef, invstd64, g, relu, dest.work)
     return dest.finish(), s_dyx * invstd64, s_dy
 
 
@@ -205,8 +229,9 @@ def _saved(a, dtype):
 # Public functions
 # --------------------------------------------------------------------------------------
 
+@distributed.synchronized("batch_norm_forward")
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
-                       activation=None, stream=None):
+                       activation=None, stream=None, comm=None):
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
@@ -230,6 +255,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     stream : CUDA stream, optional
         GPU arrays only: the stream to launch on (a Numba stream, ``cupy.cuda.Stream`` or
         ``torch.cuda.Stream``); default the current stream of the array's library.
+    comm : mpi4py.MPI.Comm, optional
+        Synchronized BatchNorm over MPI: every rank passes its shard of the batch and gets
+        the results of the whole batch (the concatenation of the shards in rank order),
+        to rounding; collective, so every rank of ``comm`` must make the same call.
+        Host arrays only. See :mod:`fastbn.distributed`.
 
     Returns
     -------
@@ -246,7 +276,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
         ``x`` or a parameter is not a float array; host and GPU arrays are mixed.
     ValueError
         ndim < 2, bad axis, parameter shape not ``(C,)``, fewer than 2 values per
-        channel, eps <= 0, ``out`` of the wrong shape or dtype.
+        channel (in the global batch with ``comm``), eps <= 0, ``out`` of the wrong shape
+        or dtype.
+    fastbn.distributed.DistributedError
+        With ``comm``: another rank failed (it raises its own error).
 
     Examples
     --------
@@ -261,19 +294,23 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     """
     backend = _cuda_backend([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
+        _check_no_comm_on_gpu(comm)
         return backend.batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, out=out,
                                           activation=activation, stream=stream)
     _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
-    _checks.check_batch(x.shape, axis, training=True)
-    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=False)
+    if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
+        _checks.check_batch(x.shape, axis, training=True)
+    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                        guard=False, comm=comm)
     invstd = 1.0 / np.sqrt(var + eps)
     return dest.finish(), _saved(mean, x.dtype), _saved(invstd, x.dtype)
 
 
+@distributed.synchronized("batch_norm_backward")
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
-                        activation=None, stream=None):
+                        activation=None, stream=None, comm=None):
     """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
@@ -298,6 +335,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
+    comm : mpi4py.MPI.Comm, optional
+        Synchronized BatchNorm (see :func:`batch_norm_forward`): ``mean`` and ``invstd``
+        are then the global statistics of the synchronized forward, ``dgamma`` and
+        ``dbeta`` are sums over every rank's batch (the same on every rank) and ``dx`` is
+        this rank's shard of the gradient of the whole batch.
 
     Returns
     -------
@@ -319,6 +361,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     backend = _cuda_backend([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
                              ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
+        _check_no_comm_on_gpu(comm)
         return backend.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
                                            out=out, activation=activation, stream=stream)
     _check_no_stream(stream)
@@ -340,11 +383,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
                         "batch_norm_forward")
     _checks.check_out("out", out, x.shape, dtype)
     relu = _checks.check_activation(activation)
-    if x.size == 0:
+    if x.size == 0 and comm is None:
         dx = out if out is not None else np.empty_like(x)
         zeros = np.zeros(C, _stats_dtype(dtype))
         return dx, (zeros if gamma is not None else None), (zeros.copy() if beta is not None else None)
-    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out)
+    dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm)
     return (dx, _saved(dgamma, dtype) if gamma is not None else None,
             _saved(dbeta, dtype) if beta is not None else None)
 
@@ -413,10 +456,11 @@ def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
     return dest.finish()
 
 
+@distributed.synchronized("batch_norm", when=lambda kwargs: bool(kwargs.get("training")))
 def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
                num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
-               stream=None):
+               stream=None, comm=None):
     """BatchNorm in the manner of ``torch.nn.functional.batch_norm``.
 
     In training, normalize with the batch statistics and, when running statistics are
@@ -451,6 +495,10 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         running statistics untouched. Either way they never take in NaN or inf.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
+    comm : mpi4py.MPI.Comm, optional
+        In training, synchronized BatchNorm (see :func:`batch_norm_forward`): the batch
+        statistics, hence the running statistics, are those of the global batch and the
+        same on every rank. Ignored when not training (no communication).
 
     Returns
     -------
@@ -475,6 +523,7 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                              ("running_var", running_var), ("gamma", gamma), ("beta", beta),
                              ("out", out)])
     if backend is not None:
+        _check_no_comm_on_gpu(comm)
         return backend.batch_norm(x, running_mean, running_var, gamma, beta,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
                                   out=out, activation=activation,
@@ -499,13 +548,18 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     if running_mean is not None:
         _checks.check_running("running_mean", running_mean, C, axis)
         _checks.check_running("running_var", running_var, C, axis)
-    _, m = _checks.check_batch(x.shape, axis, training=True)
+    if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
+        _, m = _checks.check_batch(x.shape, axis, training=True)
     track = running_mean is not None
-    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=track)
+    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                        guard=track, comm=comm)
+    if comm is not None:
+        m = comm.count
     if track and _check_finite(mean, var, on_nonfinite):
         cpu.update_running(running_mean, running_var, mean, var, m, factor, running_var_unbiased)
     if dest is None:  # non-finite with on_nonfinite="warn" and a caller-provided out
-        dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out, guard=False)
+        dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                            guard=False, comm=comm)
     return dest.finish()
 
 
