@@ -137,6 +137,10 @@ def describe(threads=None):
 
     if threads is None:
         threads = numba.get_num_threads()
+    try:  # the layer actually in use, known once a parallel kernel has run
+        threading_layer = numba.threading_layer()
+    except ValueError:
+        threading_layer = f"{numba.config.THREADING_LAYER} (requested)"
     try:
         cpu_count = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -148,7 +152,7 @@ def describe(threads=None):
         "l2_cache": _lscpu_field("L2 cache"),
         "l3_cache": _lscpu_field("L3 cache"),
         "threads": int(threads),
-        "threading_layer": str(numba.config.THREADING_LAYER),
+        "threading_layer": threading_layer,
         "python": platform.python_version(),
         "numba": _version("numba"),
         "numpy": _version("numpy"),

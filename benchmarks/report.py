@@ -1,0 +1,807 @@
+"""Run the benchmark suite and turn its results into a table, a plot and docs/benchmarks.md.
+
+Usage::
+
+    python -m benchmarks.report                  # run the suite, compile times, write docs
+    python -m benchmarks.report --json FILE      # report on an existing pytest-benchmark JSON
+    python -m benchmarks.report -k "NCHW and forward" --no-compile-time
+
+Running the suite means ``pytest benchmarks --benchmark-only`` in a subprocess (its output
+is the progress indication). The raw JSON, with the compile times and the machine
+description added, is saved as ``benchmarks/results/<kind>_<cpu>_<host>_<date>.json``.
+The report prints, per benchmark: op, shape, dtype, layout, provider, median time, GB/s,
+fraction of the copy bandwidth measured in the same run, and fastbn's speed-up over
+PyTorch and NumPy; it writes the same into ``docs/benchmarks.md`` with one bar plot per
+device (``docs/img/benchmarks_<device>.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import machine
+from benchmarks.cases import OPS, TRAFFIC
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DOC_PATH = ROOT / "docs" / "benchmarks.md"
+IMG_DIR = ROOT / "docs" / "img"
+
+PROVIDER_ORDER = ("fastbn", "torch", "numpy")
+DEVICE_ORDER = ("cpu", "cuda")
+
+# A machine busier than this with other processes (fraction of all CPU time) gets a
+# warning in the report: a stolen core halves a parallel kernel's speed.
+BUSY_WARNING = 0.10
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def load(path):
+    """Read a pytest-benchmark JSON file.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The file.
+
+    Returns
+    -------
+    dict
+        The document.
+    """
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rows_from_json(data):
+    """Extract one flat row per benchmark of the suite from a pytest-benchmark document.
+
+    Parameters
+    ----------
+    data : dict
+        pytest-benchmark JSON (``{"benchmarks": [{"stats": ..., "extra_info": ...}]}``).
+        Benchmarks without ``extra_info["op"]`` (not from this suite) are ignored.
+
+    Returns
+    -------
+    list of dict
+        Keys: ``device, op, case, shape, dtype, layout, provider, median_s, gbps,
+        frac_copy, frac_copy_large, copy_gbps_same_size, copy_gbps_large, bytes_moved,
+        threads, host_overhead_us, name``; sorted by device, case (order of first
+        appearance), op, provider.
+    """
+    rows = []
+    case_order = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "op" not in info:
+            continue
+        median = (bench.get("stats") or {}).get("median", info.get("median_s"))
+        if median is None:
+            continue
+        moved = info["bytes_moved"]
+        gbps = moved / median / 1e9
+        same, large = info.get("copy_gbps_same_size"), info.get("copy_gbps_large")
+        case_order.setdefault((info["device"], info["case"]), len(case_order))
+        rows.append({
+            "name": bench.get("name", ""),
+            "device": info["device"],
+            "op": info["op"],
+            "case": info["case"],
+            "shape": tuple(info["shape"]),
+            "dtype": info["dtype"],
+            "layout": info["layout"],
+            "provider": info["provider"],
+            "median_s": median,
+            "gbps": gbps,
+            "frac_copy": gbps / same if same else None,
+            "frac_copy_large": gbps / large if large else None,
+            "copy_gbps_same_size": same,
+            "copy_gbps_large": large,
+            "bytes_moved": moved,
+            "threads": info.get("threads"),
+            "host_overhead_us": info.get("host_overhead_us"),
+        })
+
+    def key(row):
+        return (DEVICE_ORDER.index(row["device"]) if row["device"] in DEVICE_ORDER else 9,
+                case_order[(row["device"], row["case"])],
+                OPS.index(row["op"]) if row["op"] in OPS else 9,
+                PROVIDER_ORDER.index(row["provider"]) if row["provider"] in PROVIDER_ORDER else 9)
+
+    return sorted(rows, key=key)
+
+
+def summarize(rows):
+    """Put the providers of each (device, case, op) side by side.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Output of :func:`rows_from_json`.
+
+    Returns
+    -------
+    list of dict
+        One dict per (device, case, op), in the order of ``rows``: the case fields,
+        ``times`` (provider -> median seconds), fastbn's ``gbps``, ``frac_copy``,
+        ``frac_copy_large`` (``None`` without a fastbn row), and ``speedup_vs_torch`` /
+        ``speedup_vs_numpy`` (the other provider's time over fastbn's; ``None`` when one is
+        missing).
+    """
+    groups = {}
+    for row in rows:
+        group = groups.setdefault((row["device"], row["case"], row["op"]), {
+            "device": row["device"], "case": row["case"], "op": row["op"],
+            "shape": row["shape"], "dtype": row["dtype"], "layout": row["layout"],
+            "times": {}, "gbps": None, "frac_copy": None, "frac_copy_large": None,
+        })
+        group["times"][row["provider"]] = row["median_s"]
+        if row["provider"] == "fastbn":
+            group.update(gbps=row["gbps"], frac_copy=row["frac_copy"],
+                         frac_copy_large=row["frac_copy_large"])
+    for group in groups.values():
+        fastbn_time = group["times"].get("fastbn")
+        for other in ("torch", "numpy"):
+            other_time = group["times"].get(other)
+            group[f"speedup_vs_{other}"] = (other_time / fastbn_time
+                                            if fastbn_time and other_time else None)
+    return list(groups.values())
+
+
+def geometric_mean(values):
+    """Return the geometric mean of the values that are not ``None``.
+
+    Parameters
+    ----------
+    values : iterable of float or None
+        Positive numbers.
+
+    Returns
+    -------
+    float or None
+        ``None`` when there is no value.
+    """
+    values = [v for v in values if v]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+# ------------------------------------------------------------------------ formatting
+
+
+def format_time(seconds):
+    """Format a duration with a unit that keeps 3-4 significant digits.
+
+    Parameters
+    ----------
+    seconds : float or None
+        The duration.
+
+    Returns
+    -------
+    str
+        E.g. ``"12.3 ms"``, ``"45.6 us"``; ``"-"`` for ``None``.
+    """
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}" if seconds / scale < 100 else \
+                f"{seconds / scale:.0f} {unit}"
+    return f"{seconds * 1e9:.0f} ns"
+
+
+def _pct(fraction):
+    """Format a fraction as a percentage, ``"-"`` for ``None``."""
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _ratio(ratio):
+    """Format a speed-up as ``"1.23x"``, ``"-"`` for ``None``."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _shape(shape):
+    """Format a shape as ``"32x64x56x56"``."""
+    return "x".join(map(str, shape))
+
+
+def table(headers, body, markdown=True):
+    """Lay out a table as Markdown or as aligned plain text.
+
+    Parameters
+    ----------
+    headers : list of str
+        Column titles; a title starting with ``>`` is right-aligned (the ``>`` is dropped).
+    body : list of list of str
+        The cells.
+    markdown : bool, optional
+        Markdown pipe table (default) or space-aligned text for a terminal.
+
+    Returns
+    -------
+    str
+        The table, without a trailing newline.
+    """
+    right = [h.startswith(">") for h in headers]
+    headers = [h.lstrip(">") for h in headers]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *body)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w)
+                         for c, w, r in zip(cells, widths, right))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in body])
+
+
+def summary_table(summary, markdown=True):
+    """Format :func:`summarize`'s output: one line per (device, case, op).
+
+    Parameters
+    ----------
+    summary : list of dict
+        Output of :func:`summarize`.
+    markdown : bool, optional
+        Markdown or plain text.
+
+    Returns
+    -------
+    str
+        Columns: device, op, shape, dtype, layout, the median time of each provider,
+        fastbn's GB/s and fractions of copy bandwidth, fastbn's speed-ups.
+    """
+    headers = ["device", "op", "shape", "dtype", "layout", ">fastbn", ">torch", ">numpy",
+               ">fastbn GB/s", ">% copy (same size)", ">% copy (large)",
+               ">vs torch", ">vs numpy"]
+    body = [[g["device"], g["op"], _shape(g["shape"]), g["dtype"], g["layout"],
+             format_time(g["times"].get("fastbn")), format_time(g["times"].get("torch")),
+             format_time(g["times"].get("numpy")),
+             "-" if g["gbps"] is None else f"{g['gbps']:.1f}",
+             _pct(g["frac_copy"]), _pct(g["frac_copy_large"]),
+             _ratio(g["speedup_vs_torch"]), _ratio(g["speedup_vs_numpy"])]
+            for g in summary]
+    return table(headers, body, markdown)
+
+
+def full_table(rows, markdown=True):
+    """Format every benchmark: one line per (device, case, op, provider).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Output of :func:`rows_from_json`.
+    markdown : bool, optional
+        Markdown or plain text.
+
+    Returns
+    -------
+    str
+        Columns: device, op, shape, dtype, layout, provider, median, GB/s, % of the
+        same-size and of the large-array copy bandwidth, and both copy bandwidths.
+    """
+    headers = ["device", "op", "shape", "dtype", "layout", "provider", ">median", ">GB/s",
+               ">% copy (same size)", ">% copy (large)", ">copy GB/s (same size)",
+               ">copy GB/s (large)"]
+    body = [[r["device"], r["op"], _shape(r["shape"]), r["dtype"], r["layout"], r["provider"],
+             format_time(r["median_s"]), f"{r['gbps']:.2f}", _pct(r["frac_copy"]),
+             _pct(r["frac_copy_large"]),
+             "-" if r["copy_gbps_same_size"] is None else f"{r['copy_gbps_same_size']:.1f}",
+             "-" if r["copy_gbps_large"] is None else f"{r['copy_gbps_large']:.1f}"]
+            for r in rows]
+    return table(headers, body, markdown)
+
+
+# ------------------------------------------------------------------------------ plot
+
+
+def plot(rows, device, path):
+    """Draw GB/s per provider, one panel per op, against the copy bandwidth.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Output of :func:`rows_from_json`; only ``device``'s rows are drawn.
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    path : pathlib.Path
+        PNG file to write.
+
+    Returns
+    -------
+    pathlib.Path or None
+        ``path``, or ``None`` when there is nothing to draw.
+
+    Notes
+    -----
+    Within a panel, each group of bars is one case; the black segment across a group is
+    the copy bandwidth measured at that case's size, the dashed line the large-array copy
+    bandwidth.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["device"] == device]
+    if not rows:
+        return None
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
+    colors = {"fastbn": "#1f77b4", "torch": "#ff7f0e", "numpy": "#2ca02c"}
+    columns = 2 if len(ops) > 1 else 1
+    fig, axes = plt.subplots(math.ceil(len(ops) / columns), columns, squeeze=False,
+                             figsize=(7 * columns, 3.6 * math.ceil(len(ops) / columns)))
+    width = 0.8 / max(len(providers), 1)
+    for ax, op in zip(axes.flat, ops):
+        by_key = {(r["case"], r["provider"]): r for r in rows if r["op"] == op}
+        large = None
+        for i, case in enumerate(cases):
+            for j, provider in enumerate(providers):
+                row = by_key.get((case, provider))
+                if row is None:
+                    continue
+                ax.bar(i - 0.4 + width * (j + 0.5), row["gbps"], width,
+                       color=colors.get(provider), label=provider)
+                large = row["copy_gbps_large"] or large
+            same = next((by_key[(case, p)]["copy_gbps_same_size"] for p in providers
+                         if (case, p) in by_key), None)
+            if same:
+                ax.hlines(same, i - 0.45, i + 0.45, colors="black", linewidth=2,
+                          label="copy, same size" if i == 0 else None)
+        if large:
+            ax.axhline(large, color="gray", linestyle="--", linewidth=1,
+                       label="copy, large array")
+        ax.set_title(f"{device}: {op} ({'+'.join(map(str, TRAFFIC[op]))} R+W of x)")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([c.replace("-float", "\nfloat") for c in cases], fontsize=7)
+        ax.set_ylabel("GB/s")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _machine_section(data):
+    """Describe the machine of a results document in Markdown.
+
+    Parameters
+    ----------
+    data : dict
+        pytest-benchmark JSON with ``machine_info["fastbn"]`` (see ``conftest.py``).
+
+    Returns
+    -------
+    str
+        A bullet list.
+    """
+    info = data.get("machine_info", {}).get("fastbn") or {}
+    if not info:
+        return "- machine: not recorded in the JSON"
+
+    def busy(value):
+        return "not measured" if value is None else f"{100 * value:.0f}%"
+
+    lines = [
+        f"- CPU: **{info.get('cpu_model')}**, {info.get('cpu_count')} logical CPUs usable, "
+        f"L2 {info.get('l2_cache')}, L3 {info.get('l3_cache')} (host `{info.get('hostname')}`)",
+        f"- threads: {info.get('threads')} for Numba and PyTorch alike (Numba threading "
+        f"layer `{info.get('threading_layer')}`); NumPy runs on one thread",
+        f"- Python {info.get('python')}, numba {info.get('numba')}, numpy {info.get('numpy')}, "
+        f"torch {info.get('torch')}",
+        f"- date: {info.get('date')}",
+        f"- CPU time taken by other processes, sampled for 1 s: {busy(info.get('cpu_busy_before'))} "
+        f"before the run, {busy(info.get('cpu_busy_after'))} after",
+    ]
+    gpu = data.get("machine_info", {}).get("gpu")
+    if gpu:
+        lines.append(f"- GPU: {gpu}")
+    return "\n".join(lines)
+
+
+def _copy_section(data):
+    """Tabulate every copy-bandwidth measurement of the run.
+
+    Parameters
+    ----------
+    data : dict
+        pytest-benchmark JSON with ``copy_bandwidth`` (see ``conftest.py``).
+
+    Returns
+    -------
+    str
+        A Markdown table, or a sentence when nothing was recorded.
+    """
+    measured = data.get("copy_bandwidth") or {}
+    body = []
+    for device, entries in measured.items():
+        for entry in entries:
+            others = ", ".join(f"{k} {v:.1f}" for k, v in entry["by_method"].items())
+            body.append([device, f"{entry['nbytes'] / 1e6:.2f} MB", f"{entry['gbps']:.1f}",
+                         entry["method"], others])
+    if not body:
+        return "No copy bandwidth was recorded in this run."
+    return table(["device", ">array size", ">best GB/s", "best method", "all methods (GB/s)"],
+                 body)
+
+
+def _observations(summary):
+    """Compute the headline numbers of a run as Markdown bullets.
+
+    Parameters
+    ----------
+    summary : list of dict
+        Output of :func:`summarize`.
+
+    Returns
+    -------
+    str
+        Geometric-mean speed-ups per device and op, and the range of fastbn's fraction of
+        the copy bandwidth, for the cases that are not the small one.
+    """
+    lines = []
+    for device in DEVICE_ORDER:
+        groups = [g for g in summary if g["device"] == device]
+        if not groups:
+            continue
+        for op in OPS:
+            chosen = [g for g in groups if g["op"] == op and not g["case"].startswith(("small", "tiny"))]
+            if not chosen:
+                continue
+            torch_gm = geometric_mean(g["speedup_vs_torch"] for g in chosen)
+            numpy_gm = geometric_mean(g["speedup_vs_numpy"] for g in chosen)
+            fracs = [g["frac_copy"] for g in chosen if g["frac_copy"] is not None]
+            parts = []
+            if torch_gm:
+                parts.append(f"{_ratio(torch_gm)} the speed of PyTorch")
+            if numpy_gm:
+                parts.append(f"{_ratio(numpy_gm)} the speed of NumPy")
+            if fracs:
+                parts.append(f"{_pct(min(fracs))} to {_pct(max(fracs))} of the same-size "
+                             f"copy bandwidth")
+            if parts:
+                lines.append(f"- {device} **{op}**: fastbn runs at " + ", ".join(parts) +
+                             " (speed-ups: geometric mean over the large cases)")
+    return "\n".join(lines) if lines else "- no fastbn results on the large cases in this run"
+
+
+def render_markdown(data, rows, summary, images, json_name=None):
+    """Write the whole ``docs/benchmarks.md`` text.
+
+    Parameters
+    ----------
+    data : dict
+        The results document (pytest-benchmark JSON plus ``compile_time``).
+    rows : list of dict
+        Output of :func:`rows_from_json`.
+    summary : list of dict
+        Output of :func:`summarize`.
+    images : list of str
+        Paths of the plots, relative to ``docs/``.
+    json_name : str, optional
+        Path of the raw JSON relative to the repository root, cited in the text.
+
+    Returns
+    -------
+    str
+        Markdown.
+    """
+    from benchmarks import compile_time
+
+    traffic = table(["op", ">reads", ">writes", "passes"], [
+        ["forward", "2", "1", "pass 1 reads x (mean, variance); pass 2 reads x, writes y"],
+        ["inference", "1", "1", "reads x, writes y (running statistics)"],
+        ["backward", "4", "1", "pass 1 reads dy, x (dbeta, dgamma); pass 2 reads dy, x, writes dx"],
+        ["forward_backward", "6", "2", "the sum"],
+    ])
+    parts = [
+        "# Benchmarks",
+        "",
+        "_Generated by `python -m benchmarks.report`; do not edit by hand (rerun it)._",
+        "",
+        "BatchNorm is memory-bound: its yardstick is the memory bandwidth of the machine. Every "
+        "benchmark below is reported as its median time, its throughput in GB/s for the bytes "
+        "it must move, and that throughput as a fraction of the **copy bandwidth measured in "
+        "the same run**, next to PyTorch and a plain NumPy implementation with equal thread "
+        "counts.",
+        "",
+        "## Machine",
+        "",
+        _machine_section(data),
+        "",
+        "## Summary",
+        "",
+        _observations(summary),
+        "",
+        "Times are medians; *vs torch* and *vs numpy* are the other provider's median time "
+        "over fastbn's (above 1: fastbn is faster). *% copy (same size)* divides fastbn's "
+        "GB/s by the copy bandwidth measured at the size of x, the roofline of the same "
+        "cache regime; *% copy (large)* divides it by the copy bandwidth of a 256 MiB array "
+        "(DRAM).",
+        "",
+        summary_table(summary),
+        "",
+    ]
+    for image in images:
+        parts += [f"![GB/s per provider against the copy bandwidth]({image})", ""]
+    parts += [
+        "## How the numbers are made",
+        "",
+        "**Suite.** `pytest benchmarks --benchmark-only` (pytest-benchmark, "
+        "`benchmark.pedantic`): one untimed call first (JIT compilation, page faults of the "
+        "outputs), 2 untimed warm-up rounds, then 6-8 timed rounds per large case (30 rounds "
+        "of 50 calls for the small one). fastbn writes into preallocated outputs (`out=`). "
+        "PyTorch runs `torch.nn.functional.batch_norm` for forward and inference and "
+        "`torch.ops.aten.native_batch_norm(_backward)` for backward (the kernels autograd "
+        "calls); NHWC input is a `channels_last` tensor. NumPy is the obvious "
+        "`x.mean`/`x.var`/broadcasting implementation in `benchmarks/cases.py`, on one thread. "
+        "On a GPU, fastbn runs on Numba device arrays and PyTorch on CUDA tensors (cuDNN), "
+        "and every timed call synchronizes the device.",
+        "",
+        "**Bytes moved** are counted in x-sized arrays, the least a two-pass kernel moves "
+        "when x does not stay in cache between passes (per-channel vectors are negligible):",
+        "",
+        traffic,
+        "",
+        "A kernel that keeps a channel in cache between its passes moves less, and can pass "
+        "100 % on this count; all providers are counted alike, so their ratios are ratios of "
+        "times.",
+        "",
+        "**Copy bandwidth** is STREAM's *Copy*: `dst[:] = src`, counting bytes read plus "
+        "bytes written (the write-allocate read is not counted). The best of three ways is "
+        "kept: `np.copyto` on one thread, `np.copyto` on one slice per thread, and a Numba "
+        "`prange` copy with Numba's thread count. It is measured on a 256 MiB array and again "
+        "at the size of each benchmark's x: the (32, 64, 56, 56) float32 tensor is 25.7 MB "
+        "and fits in a 32 MB L3, so its roofline is the copy bandwidth at 25.7 MB, not the "
+        "DRAM one. Measured in this run:",
+        "",
+        _copy_section(data),
+        "",
+    ]
+    compile_times = data.get("compile_time")
+    parts += ["## Compile time (first call) and import time", ""]
+    if compile_times:
+        verdict = ("met" if all(e["warm_first_call_under_target"] for e in compile_times["cases"])
+                   else "**not met**")
+        parts += [
+            "Measured by `python -m benchmarks.compile_time`, each number the median of "
+            f"{compile_times['repeats']} fresh processes. *Cold*: empty Numba cache "
+            "(`NUMBA_CACHE_DIR` a new temporary directory), everything is compiled. *Warm*: "
+            "a new process on the same, now filled, cache directory. *Whole process* "
+            "includes the interpreter's start-up.",
+            "",
+            compile_time.format_table(compile_times),
+            "",
+            f"Target: warm-cache first call (forward + backward) under "
+            f"{compile_times['warm_target_s']:g} s in a fresh process: {verdict}.",
+            "",
+        ]
+    else:
+        parts += ["Not measured in this run (`python -m benchmarks.compile_time`).", ""]
+    parts += [
+        "## All benchmarks",
+        "",
+        full_table(rows),
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        "python -m benchmarks.report                  # suite + compile time + this page",
+        "pytest benchmarks --benchmark-only           # the suite alone",
+        "python -m benchmarks.report --json FILE      # this page from a saved JSON",
+        "python -m benchmarks.compile_time            # first-call and import times",
+        "```",
+        "",
+    ]
+    if json_name:
+        parts += [f"Raw results of this page: [`{json_name}`](../{json_name}).", ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def wait_until_idle(max_wait_s, threshold=BUSY_WARNING):
+    """Wait until other processes use less than ``threshold`` of the CPUs.
+
+    Parameters
+    ----------
+    max_wait_s : float
+        Give up (and go on) after this long.
+    threshold : float, optional
+        Fraction of all CPU time.
+
+    Returns
+    -------
+    float or None
+        The last busy fraction sampled.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = machine.cpu_busy_fraction(1.0)
+        if busy is None or busy < threshold or time.monotonic() >= deadline:
+            return busy
+        print(f"waiting for an idle machine: other processes use {100 * busy:.0f}% of the CPUs",
+              flush=True)
+        time.sleep(4.0)
+
+
+def run_suite(json_path, keyword=None, extra_args=()):
+    """Run ``pytest benchmarks --benchmark-only`` in a subprocess, writing ``json_path``.
+
+    Parameters
+    ----------
+    json_path : pathlib.Path
+        Where pytest-benchmark writes its JSON.
+    keyword : str, optional
+        A ``-k`` expression selecting benchmarks.
+    extra_args : sequence of str, optional
+        More pytest arguments.
+
+    Returns
+    -------
+    int
+        pytest's exit code. Its output (one line per benchmark, then pytest-benchmark's
+        tables) goes to this process's stdout as the run's progress.
+    """
+    command = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only",
+               f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-v",
+               "--benchmark-columns=min,median,max,rounds,iterations", "--benchmark-sort=name"]
+    if keyword:
+        command += ["-k", keyword]
+    command += list(extra_args)
+    print("running:", " ".join(command), flush=True)
+    return subprocess.call(command, cwd=ROOT)
+
+
+def report(data, *, doc_path=DOC_PATH, img_dir=IMG_DIR, json_name=None, write=True):
+    """Print the tables of a results document and write the Markdown page and plots.
+
+    Parameters
+    ----------
+    data : dict
+        pytest-benchmark JSON (plus ``compile_time`` when measured).
+    doc_path : pathlib.Path, optional
+        The Markdown file.
+    img_dir : pathlib.Path, optional
+        Where the PNG plots go.
+    json_name : str, optional
+        The raw JSON, cited in the page.
+    write : bool, optional
+        ``False`` only prints.
+
+    Returns
+    -------
+    tuple of (list of dict, list of dict)
+        The rows and the summary.
+    """
+    rows = rows_from_json(data)
+    summary = summarize(rows)
+    print()
+    print(summary_table(summary, markdown=False))
+    print()
+    busy = [data.get("machine_info", {}).get("fastbn", {}).get(k)
+            for k in ("cpu_busy_before", "cpu_busy_after")]
+    if any(b is not None and b > BUSY_WARNING for b in busy):
+        print(f"WARNING: other processes used more than {100 * BUSY_WARNING:.0f}% of the CPUs "
+              "around this run; its numbers may be low.")
+    if not write:
+        return rows, summary
+    images = []
+    for device in DEVICE_ORDER:
+        path = plot(rows, device, Path(img_dir) / f"benchmarks_{device}.png")
+        if path is not None:
+            images.append(os.path.relpath(path, Path(doc_path).parent))
+    Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(doc_path).write_text(render_markdown(data, rows, summary, images, json_name),
+                              encoding="utf-8")
+    print(f"wrote {doc_path}" + "".join(f", {Path(doc_path).parent / i}" for i in images))
+    return rows, summary
+
+
+def main(argv=None):
+    """Command line of the report (see the module docstring).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, pytest's exit code when the suite failed.
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Run fastbn's benchmarks and write docs/benchmarks.md.")
+    parser.add_argument("--json", type=Path,
+                        help="report on this pytest-benchmark JSON instead of running the suite")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--no-compile-time", action="store_true",
+                        help="do not measure the first-call (JIT) and import times")
+    parser.add_argument("--compile-time", action="store_true",
+                        help="with --json: measure compile times now (else taken from the JSON)")
+    parser.add_argument("--compile-repeats", type=int, default=3,
+                        help="fresh processes per compile-time measurement")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to this long for other processes to leave the CPUs")
+    parser.add_argument("--doc", type=Path, default=DOC_PATH, help="Markdown page to write")
+    parser.add_argument("--img-dir", type=Path, default=IMG_DIR, help="directory of the plots")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="directory of the raw JSON of a new run")
+    parser.add_argument("--print-only", action="store_true",
+                        help="print the tables, write no page or plot")
+    args = parser.parse_args(argv)
+
+    json_name = None
+    if args.json:
+        data = load(args.json)
+        try:
+            json_name = str(args.json.resolve().relative_to(ROOT))
+        except ValueError:
+            json_name = None
+    else:
+        if args.wait_idle > 0:
+            wait_until_idle(args.wait_idle)
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "raw.json"
+            start = time.perf_counter()
+            code = run_suite(raw, args.keyword)
+            if code != 0 or not raw.exists():
+                print(f"the benchmark suite failed (pytest exit code {code})", file=sys.stderr)
+                return code or 1
+            data = load(raw)
+            data["suite_wall_s"] = time.perf_counter() - start
+    if (not args.json and not args.no_compile_time) or args.compile_time:
+        from benchmarks import compile_time
+
+        data["compile_time"] = compile_time.measure(
+            repeats=args.compile_repeats, progress=lambda line: print(line, flush=True))
+        print(compile_time.format_table(data["compile_time"]))
+    if not args.json:
+        info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
+        has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"
+                      for b in data.get("benchmarks", []))
+        out = Path(args.results_dir) / machine.results_name("cuda" if has_gpu else "cpu", info)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        print(f"saved {out}")
+        try:
+            json_name = str(out.resolve().relative_to(ROOT))
+        except ValueError:
+            json_name = str(out)
+    elif args.compile_time:
+        args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    report(data, doc_path=args.doc, img_dir=args.img_dir, json_name=json_name,
+           write=not args.print_only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

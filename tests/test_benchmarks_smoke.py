@@ -1,0 +1,168 @@
+"""Smoke tests of the benchmark suite, so that CI catches a broken ``benchmarks/``.
+
+Nothing here is timed: the report is built from a tiny synthetic pytest-benchmark JSON,
+and the suite's small case runs once per provider with ``--benchmark-disable``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def report_module(monkeypatch):
+    """Import ``benchmarks.report`` from the repository root.
+
+    Returns
+    -------
+    module
+        ``benchmarks.report``.
+    """
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import report
+
+    return report
+
+
+def _bench(provider, op, median, case="NCHW-2x3x4x4-float32", device="cpu"):
+    """One pytest-benchmark entry as the suite writes it.
+
+    Parameters
+    ----------
+    provider, op : str
+        What ran.
+    median : float
+        Median seconds.
+    case : str, optional
+        Case id.
+    device : str, optional
+        ``"cpu"`` or ``"cuda"``.
+
+    Returns
+    -------
+    dict
+        ``name``, ``stats``, ``extra_info``.
+    """
+    x_bytes = 2 * 3 * 4 * 4 * 4
+    moved = {"forward": 3, "inference": 2, "backward": 5, "forward_backward": 8}[op] * x_bytes
+    return {
+        "name": f"test_cpu[{case}-{op}-{provider}]",
+        "stats": {"median": median, "min": median, "max": median, "rounds": 3},
+        "extra_info": {
+            "provider": provider, "op": op, "case": case, "shape": [2, 3, 4, 4],
+            "dtype": "float32", "layout": "NCHW", "axis": 1, "device": device, "threads": 2,
+            "x_bytes": x_bytes, "bytes_moved": moved, "median_s": median,
+            "gbps": moved / median / 1e9, "copy_gbps_same_size": 40.0,
+            "copy_method_same_size": "np.copyto", "copy_gbps_large": 20.0,
+            "copy_method_large": "numba prange x2", "copy_large_bytes": 2**28,
+        },
+    }
+
+
+def _synthetic():
+    """A tiny results document: two ops, three providers, plus a foreign benchmark.
+
+    Returns
+    -------
+    dict
+        pytest-benchmark JSON with ``machine_info``, ``copy_bandwidth`` and
+        ``compile_time`` as ``benchmarks/conftest.py`` and the report add them.
+    """
+    benchmarks = [
+        _bench("numpy", "forward", 4e-6), _bench("fastbn", "forward", 1e-6),
+        _bench("torch", "forward", 2e-6), _bench("fastbn", "backward", 2e-6),
+        _bench("numpy", "backward", 8e-6),
+        {"name": "test_other", "stats": {"median": 1.0}, "extra_info": {}},
+    ]
+    warm = {"import_s": 0.4, "first_forward_s": 0.3, "first_backward_s": 0.1,
+            "first_call_s": 0.4, "second_forward_s": 0.001, "second_backward_s": 0.001,
+            "process_s": 1.2}
+    cold = dict(warm, first_forward_s=5.0, first_backward_s=4.0, first_call_s=9.0)
+    return {
+        "machine_info": {"fastbn": {"cpu_model": "Test CPU", "cpu_count": 2, "threads": 2,
+                                    "hostname": "h", "date": "2024-01-01T00:00:00+00:00",
+                                    "cpu_busy_before": 0.0, "cpu_busy_after": 0.0}},
+        "benchmarks": benchmarks,
+        "copy_bandwidth": {"cpu": [{"nbytes": 384, "gbps": 40.0, "method": "np.copyto",
+                                    "threads": 2, "by_method": {"np.copyto": 40.0}}]},
+        "compile_time": {"warm_target_s": 1.0, "repeats": 1, "cases": [
+            {"case": "NCHW-2x3x4x4-float32", "shape": [2, 3, 4, 4], "axis": 1,
+             "dtype": "float32", "cold": cold, "warm": warm,
+             "warm_first_call_under_target": True}]},
+    }
+
+
+def test_report_tables_from_synthetic_json(report_module, tmp_path):
+    """Rows, speed-ups, tables, plot and Markdown come out of a synthetic JSON."""
+    data = _synthetic()
+    rows = report_module.rows_from_json(data)
+    assert [(r["op"], r["provider"]) for r in rows] == [
+        ("forward", "fastbn"), ("forward", "torch"), ("forward", "numpy"),
+        ("backward", "fastbn"), ("backward", "numpy")]
+    forward = rows[0]
+    assert forward["gbps"] == pytest.approx(3 * 384 / 1e-6 / 1e9)
+    assert forward["frac_copy"] == pytest.approx(forward["gbps"] / 40.0)
+    assert forward["frac_copy_large"] == pytest.approx(forward["gbps"] / 20.0)
+
+    summary = report_module.summarize(rows)
+    assert summary[0]["speedup_vs_torch"] == pytest.approx(2.0)
+    assert summary[0]["speedup_vs_numpy"] == pytest.approx(4.0)
+    assert summary[1]["speedup_vs_torch"] is None
+    assert summary[1]["speedup_vs_numpy"] == pytest.approx(4.0)
+
+    text = report_module.summary_table(summary, markdown=False)
+    assert "2.00x" in text and "4.00x" in text
+
+    doc, img_dir = tmp_path / "benchmarks.md", tmp_path / "img"
+    report_module.report(data, doc_path=doc, img_dir=img_dir, json_name="results/x.json")
+    page = doc.read_text()
+    assert "Test CPU" in page
+    assert "| cpu | forward | 2x3x4x4 | float32 | NCHW |" in page
+    assert "img/benchmarks_cpu.png" in page
+    assert "Target: warm-cache first call" in page
+    assert (img_dir / "benchmarks_cpu.png").stat().st_size > 0
+
+
+def test_report_cli_reads_json(tmp_path):
+    """``python -m benchmarks.report --json FILE`` runs end to end without the suite."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(_synthetic()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--json", str(source),
+         "--doc", str(tmp_path / "page.md"), "--img-dir", str(tmp_path / "img")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "forward" in proc.stdout
+    assert (tmp_path / "page.md").exists()
+
+
+def test_copy_bandwidth_is_measured(report_module):
+    """The copy-bandwidth yardstick returns a positive number and names its method."""
+    from benchmarks.bandwidth import copy_bandwidth
+
+    result = copy_bandwidth(1 << 16, threads=1, target_seconds=0.01)
+    assert result.gbps > 0
+    assert result.method in result.by_method
+
+
+def test_small_benchmarks_run_untimed(tmp_path):
+    """Every provider and op of the small case runs once under pytest-benchmark.
+
+    ``--benchmark-disable`` calls each benchmarked function once, untimed: a broken
+    provider or fixture fails here. The GPU module is collected too (and skips without
+    a GPU).
+    """
+    env = dict(os.environ, FASTBN_BENCH_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-k", "small or tiny",
+         "--benchmark-disable", "-q", "-p", "no:cacheprovider", "-rs"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout
+    assert "failed" not in proc.stdout
