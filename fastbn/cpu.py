@@ -95,17 +95,17 @@ def _chunk_moments_strided(x, c, j0, j1):
         ``(mean, m2)`` of the chunk.
     """
     inner = x.shape[2]
-    o0 = j0 // inner
-    o1 = (j1 - 1) // inner
     s = 0.0
-    for o in range(o0, o1 + 1):
-        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
-            s += np.float64(x[o, c, i])
+    for o in range(j0 // inner, (j1 - 1) // inner + 1):
+        xr = x[o, c, max(j0 - o * inner, 0):min(j1 - o * inner, inner)]
+        for i in range(xr.size):
+            s += np.float64(xr[i])
     mean = s / (j1 - j0)
     q = 0.0
-    for o in range(o0, o1 + 1):
-        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
-            d = np.float64(x[o, c, i]) - mean
+    for o in range(j0 // inner, (j1 - 1) // inner + 1):
+        xr = x[o, c, max(j0 - o * inner, 0):min(j1 - o * inner, inner)]
+        for i in range(xr.size):
+            d = np.float64(xr[i]) - mean
             q += d * d
     return mean, q
 
@@ -128,14 +128,16 @@ def _chunk_moments_rows(x, r0, r1, mean, m2):
     mean[:] = 0.0
     m2[:] = 0.0
     for r in range(r0, r1):
+        xr = x[r]
         for c in range(C):
-            mean[c] += x[r, c]
+            mean[c] += xr[c]
     inv_n = 1.0 / (r1 - r0)
     for c in range(C):
         mean[c] *= inv_n
     for r in range(r0, r1):
+        xr = x[r]
         for c in range(C):
-            d = np.float64(x[r, c]) - mean[c]
+            d = np.float64(xr[c]) - mean[c]
             m2[c] += d * d
 
 
@@ -238,11 +240,15 @@ def _normalize_strided(x, y, c, j0, j1, coef, relu):
     shift = coef[SHIFT, c]
     zero = coef.dtype.type(0)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
-        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
-            v = _affine(x[o, c, i], hi, lo, scale, shift)
+        i0 = max(j0 - o * inner, 0)
+        i1 = min(j1 - o * inner, inner)
+        xr = x[o, c, i0:i1]
+        yr = y[o, c, i0:i1]
+        for i in range(xr.size):
+            v = _affine(xr[i], hi, lo, scale, shift)
             if relu and v < zero:
                 v = zero
-            y[o, c, i] = v
+            yr[i] = v
 
 
 @njit(**_ELEMENTWISE)
@@ -258,12 +264,18 @@ def _normalize_rows(x, y, r0, r1, coef, relu):
     """
     C = x.shape[1]
     zero = coef.dtype.type(0)
+    hi = coef[MEAN_HI]
+    lo = coef[MEAN_LO]
+    scale = coef[SCALE]
+    shift = coef[SHIFT]
     for r in range(r0, r1):
+        xr = x[r]
+        yr = y[r]
         for c in range(C):
-            v = _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c], coef[SCALE, c], coef[SHIFT, c])
+            v = _affine(xr[c], hi[c], lo[c], scale[c], shift[c])
             if relu and v < zero:
                 v = zero
-            y[r, c] = v
+            yr[c] = v
 
 
 @njit(**_REDUCE)
@@ -294,12 +306,16 @@ def _chunk_grad_sums_strided(dy, x, c, j0, j1, coef, relu):
     s_dy = 0.0
     s_dyx = 0.0
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
-        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
-            g = np.float64(dy[o, c, i])
-            if relu and _affine(x[o, c, i], hi, lo, scale, shift) <= 0:
+        i0 = max(j0 - o * inner, 0)
+        i1 = min(j1 - o * inner, inner)
+        xr = x[o, c, i0:i1]
+        gr = dy[o, c, i0:i1]
+        for i in range(xr.size):
+            g = np.float64(gr[i])
+            if relu and _affine(xr[i], hi, lo, scale, shift) <= 0:
                 g = 0.0
             s_dy += g
-            s_dyx += g * (np.float64(x[o, c, i]) - mean)
+            s_dyx += g * (np.float64(xr[i]) - mean)
     return s_dy, s_dyx
 
 
@@ -322,14 +338,19 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     mean = np.empty(C)
     for c in range(C):
         mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
+    hi = coef[MEAN_HI]
+    lo = coef[MEAN_LO]
+    scale = coef[SCALE]
+    shift = coef[SHIFT]
     for r in range(r0, r1):
+        xr = x[r]
+        gr = dy[r]
         for c in range(C):
-            g = np.float64(dy[r, c])
-            if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c],
-                                coef[SCALE, c], coef[SHIFT, c]) <= 0:
+            g = np.float64(gr[c])
+            if relu and _affine(xr[c], hi[c], lo[c], scale[c], shift[c]) <= 0:
                 g = 0.0
             s_dy[c] += g
-            s_dyx[c] += g * (np.float64(x[r, c]) - mean[c])
+            s_dyx[c] += g * (np.float64(xr[c]) - mean[c])
 
 
 @njit(**_ELEMENTWISE)
@@ -381,12 +402,17 @@ def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     d = dcoef[2, c]
     zero = coef.dtype.type(0)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
-        for i in range(max(j0 - o * inner, 0), min(j1 - o * inner, inner)):
-            xm = (x[o, c, i] - hi) - lo
-            g = dy[o, c, i]
-            if relu and _affine(x[o, c, i], hi, lo, scale, shift) <= zero:
+        i0 = max(j0 - o * inner, 0)
+        i1 = min(j1 - o * inner, inner)
+        xr = x[o, c, i0:i1]
+        gr = dy[o, c, i0:i1]
+        dxr = dx[o, c, i0:i1]
+        for i in range(xr.size):
+            xm = (xr[i] - hi) - lo
+            g = gr[i]
+            if relu and _affine(xr[i], hi, lo, scale, shift) <= zero:
                 g = zero
-            dx[o, c, i] = a * g + b * xm + d
+            dxr[i] = a * g + b * xm + d
 
 
 @njit(**_ELEMENTWISE)
@@ -403,14 +429,23 @@ def _input_grad_rows(dy, x, dx, r0, r1, coef, dcoef, relu):
     """
     C = x.shape[1]
     zero = coef.dtype.type(0)
+    hi = coef[MEAN_HI]
+    lo = coef[MEAN_LO]
+    scale = coef[SCALE]
+    shift = coef[SHIFT]
+    a = dcoef[0]
+    b = dcoef[1]
+    d = dcoef[2]
     for r in range(r0, r1):
+        xr = x[r]
+        gr = dy[r]
+        dxr = dx[r]
         for c in range(C):
-            xm = (x[r, c] - coef[MEAN_HI, c]) - coef[MEAN_LO, c]
-            g = dy[r, c]
-            if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c],
-                                coef[SCALE, c], coef[SHIFT, c]) <= zero:
+            xm = (xr[c] - hi[c]) - lo[c]
+            g = gr[c]
+            if relu and _affine(xr[c], hi[c], lo[c], scale[c], shift[c]) <= zero:
                 g = zero
-            dx[r, c] = dcoef[0, c] * g + dcoef[1, c] * xm + dcoef[2, c]
+            dxr[c] = a[c] * g + b[c] * xm + d[c]
 
 
 # --------------------------------------------------------------------------------------
