@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import _checks, api, cpu
+from . import _checks, api, cpu, distributed
 
 
 class BatchNorm:
@@ -38,6 +38,13 @@ class BatchNorm:
     running_var_unbiased : bool, default True
         Running variance from the unbiased batch variance (PyTorch) or the biased one
         (Keras).
+    comm : mpi4py.MPI.Comm, optional
+        Synchronized BatchNorm (like ``torch.nn.SyncBatchNorm``): each rank's
+        ``forward`` in training takes its shard of the batch and normalizes with the
+        statistics of the whole batch; the running statistics and, after ``backward``,
+        ``dgamma`` and ``dbeta`` are those of the whole batch and identical on every
+        rank. Every rank of ``comm`` must then call ``forward`` and ``backward`` together
+        (they are collective). Host arrays only. See :mod:`fastbn.distributed`.
 
     Examples
     --------
@@ -56,7 +63,7 @@ class BatchNorm:
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, activation=None,
-                 running_var_unbiased=True):
+                 running_var_unbiased=True, comm=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -75,6 +82,9 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.running_var_unbiased = bool(running_var_unbiased)
+        if comm is not None:
+            distributed.check_comm(comm)
+        self.comm = comm
         self.dtype = dtype
         C = self.num_features
         self.gamma = np.ones(C, dtype) if affine else None
@@ -169,6 +179,8 @@ class BatchNorm:
         ------
         FloatingPointError
             Non-finite batch statistics in training; nothing of the layer changes.
+        fastbn.distributed.DistributedError
+            With ``comm``, when another rank failed in the same call.
 
         Examples
         --------
@@ -178,7 +190,14 @@ class BatchNorm:
         dtype('float64')
         """
         training = self.training if training is None else bool(training)
+        batch_statistics = training or not self.track_running_stats
+        return self._forward(x, training, comm=self.comm if batch_statistics else None)
+
+    @distributed.synchronized("BatchNorm.forward")
+    def _forward(self, x, training, comm=None):
+        """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         if api.is_cuda_array(x):
+            api._check_no_comm_on_gpu(comm)
             return self._forward_cuda(x, training)
         x = np.asarray(x)
         if not training and self.track_running_stats:
@@ -189,12 +208,15 @@ class BatchNorm:
         axis, relu = api._check_forward_args(x, self.gamma, self.beta, self.axis, self.eps,
                                              None, self.activation)
         self._check_channels(x, axis)
-        _, m = _checks.check_batch(x.shape, axis, training=True)
+        if comm is None:  # with comm the rule applies to the global batch
+            _, m = _checks.check_batch(x.shape, axis, training=True)
         update = training and self.track_running_stats
         factor = (api._momentum_factor(self.momentum, self.num_batches_tracked)
                   if update else None)
         dest, mean, var = api._forward_training(x, axis, self.gamma, self.beta, self.eps, relu,
-                                                None, guard=False)
+                                                None, guard=False, comm=comm)
+        if comm is not None:
+            m = comm.count
         if update:
             api._check_finite(mean, var, "raise")
             cpu.update_running(self.running_mean, self.running_var, mean, var, m, factor,
@@ -231,6 +253,11 @@ class BatchNorm:
         array([[0., 0.],
                [0., 0.]])
         """
+        return self._backward(dy, comm=self.comm)
+
+    @distributed.synchronized("BatchNorm.backward")
+    def _backward(self, dy, comm=None):
+        """:meth:`backward`; ``comm`` a Sync or None."""
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward(x, training=True) "
                                "(or a layer without running statistics)")
@@ -238,6 +265,7 @@ class BatchNorm:
         if api.is_cuda_array(dy) != api.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
         if api.is_cuda_array(dy):
+            api._check_no_comm_on_gpu(comm)
             return self._backward_cuda(dy)
         dy = np.asarray(dy)
         _checks.check_input("dy", dy)
@@ -246,7 +274,7 @@ class BatchNorm:
                              f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
         relu = self.activation == "relu"
         dx, dgamma, dbeta = api._backward(dy, x, mean, invstd, self.gamma, self.beta, axis,
-                                          relu, None)
+                                          relu, None, comm)
         if self.affine:
             self.dgamma = dgamma.astype(self.dtype)
             self.dbeta = dbeta.astype(self.dtype)
