@@ -1,0 +1,247 @@
+"""Synchronized BatchNorm checks, run by every rank of ``mpiexec -n P python sync_checks.py``.
+
+Every rank generates the same global arrays from fixed seeds, computes the single-process
+results on the whole batch (no ``comm``) and the synchronized results on its own shard,
+and compares them. Rank 0 gathers everything and prints one line ``RESULT <json>``:
+
+- ``equality``: one entry per case (function, layout, dtype, shard sizes) with the largest
+  absolute and relative difference of each quantity over all ranks, and whether the
+  per-channel results (statistics, dgamma, dbeta, running statistics) are bitwise
+  identical on every rank;
+- ``errors``: one entry per failure scenario with the outcome on each rank (the exception
+  type name, or ``"ok"``) and the failing ranks a ``DistributedError`` named.
+
+tests/test_distributed.py runs this script and asserts on that JSON; nothing here asserts,
+so one failing comparison never leaves other ranks waiting.
+"""
+
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import fastbn
+from fastbn.distributed import DistributedError, shard_bounds
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+SIZE = COMM.Get_size()
+
+LAYOUTS = {
+    # name: (global shape for N rows, channel axis)
+    "NC": (lambda n: (n, 6), 1),
+    "NCHW": (lambda n: (n, 3, 4, 5), 1),
+    "NHWC": (lambda n: (n, 4, 5, 3), -1),
+    # large enough for the parallel kernels and several reduction chunks per channel
+    "NCHW_large": (lambda n: (4 * n, 8, 48, 48), 1),
+}
+DTYPES = ("float32", "float64")
+
+
+def shard_patterns():
+    """Rows per rank of each tested global batch: uneven, a rank with one row, a rank with none."""
+    patterns = [[1] + [7 + 2 * r for r in range(1, SIZE)]]          # rank 0 holds one row
+    patterns.append([5 + 3 * r for r in range(SIZE)])                # uneven, all > 1
+    if SIZE >= 3:
+        patterns.append([4, 1] + [0] * (SIZE - 2))                  # empty ranks
+    return patterns
+
+
+def rel_diff(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0, 0.0
+    d = np.abs(a - b)
+    return float(d.max()), float((d / np.maximum(np.abs(b), 1.0)).max())
+
+
+class Case:
+    """Differences and cross-rank identity of one case, filled in by every rank."""
+
+    def __init__(self, **key):
+        self.key = key
+        self.diffs = {}
+        self.shared = {}
+
+    def compare(self, name, got, want):
+        self.diffs[name] = rel_diff(got, want)
+
+    def same_everywhere(self, name, a):
+        self.shared[name] = np.ascontiguousarray(a).tobytes()
+
+    def result(self):
+        """Gather to every rank; return the summary (the same on every rank)."""
+        everyone = COMM.allgather((self.diffs, self.shared))
+        diffs = {name: [max(d[name][0] for d, _ in everyone),
+                        max(d[name][1] for d, _ in everyone)] for name in self.diffs}
+        identical = {name: all(s[name] == everyone[0][1][name] for _, s in everyone)
+                     for name in self.shared}
+        return dict(self.key, diffs=diffs, identical=identical)
+
+
+def make(shape_of, axis, rows, dtype, seed):
+    rng = np.random.default_rng(seed)
+    n = sum(rows)
+    x = (3.0 + 2.0 * rng.standard_normal(shape_of(n))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    C = x.shape[axis]
+    gamma = (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    scale = x.shape[0] // n
+    start = scale * sum(rows[:RANK])
+    part = slice(start, start + scale * rows[RANK])
+    return x, dy, gamma, beta, part
+
+
+def equality_cases():
+    results = []
+    seed = 0
+    for layout, (shape_of, axis) in LAYOUTS.items():
+        for dtype in DTYPES:
+            for rows in shard_patterns()[:1 if layout.endswith("_large") else None]:
+                seed += 1
+                x, dy, gamma, beta, part = make(shape_of, axis, rows, dtype, seed)
+                xs, dys = x[part], dy[part]
+                key = dict(layout=layout, dtype=dtype, rows=rows)
+
+                # batch_norm_forward and batch_norm_backward
+                case = Case(op="forward_backward", **key)
+                y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
+                ys, means, invstds = fastbn.batch_norm_forward(xs, gamma, beta, axis=axis,
+                                                               comm=COMM)
+                case.compare("y", ys, y[part])
+                case.compare("mean", means, mean)
+                case.compare("invstd", invstds, invstd)
+                dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma,
+                                                               beta, axis=axis)
+                dxs, dgammas, dbetas = fastbn.batch_norm_backward(
+                    dys, xs, means, invstds, gamma, beta, axis=axis, comm=COMM)
+                case.compare("dx", dxs, dx[part])
+                case.compare("dgamma", dgammas, dgamma)
+                case.compare("dbeta", dbetas, dbeta)
+                for name, a in (("mean", means), ("invstd", invstds), ("dgamma", dgammas),
+                                ("dbeta", dbetas)):
+                    case.same_everywhere(name, a)
+                results.append(case.result())
+
+                # batch_norm in training: running statistics (three steps)
+                case = Case(op="batch_norm", **key)
+                C = x.shape[axis]
+                rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+                rms, rvs = np.zeros(C, dtype), np.ones(C, dtype)
+                for step in range(3):
+                    xb = x + np.asarray(step, dtype)
+                    y = fastbn.batch_norm(xb, rm, rv, gamma, beta, training=True, axis=axis)
+                    ys = fastbn.batch_norm(xb[part], rms, rvs, gamma, beta, training=True,
+                                           axis=axis, comm=COMM)
+                case.compare("y", ys, y[part])
+                case.compare("running_mean", rms, rm)
+                case.compare("running_var", rvs, rv)
+                case.same_everywhere("running_mean", rms)
+                case.same_everywhere("running_var", rvs)
+                results.append(case.result())
+
+                # the BatchNorm layer, with a fused ReLU: forward, backward, running stats
+                case = Case(op="layer_relu", **key)
+                single = fastbn.BatchNorm(C, axis=axis, dtype=dtype, activation="relu")
+                synced = fastbn.BatchNorm(C, axis=axis, dtype=dtype, activation="relu",
+                                          comm=COMM)
+                for layer in (single, synced):
+                    layer.gamma[:] = gamma
+                    layer.beta[:] = beta
+                y = single.forward(x, training=True)
+                ys = synced.forward(xs, training=True)
+                dx = single.backward(dy)
+                dxs = synced.backward(dys)
+                case.compare("y", ys, y[part])
+                case.compare("dx", dxs, dx[part])
+                for name in ("dgamma", "dbeta", "running_mean", "running_var"):
+                    case.compare(name, getattr(synced, name), getattr(single, name))
+                    case.same_everywhere(name, getattr(synced, name))
+                results.append(case.result())
+    return results
+
+
+def outcome(fn):
+    """Run ``fn``; return ``("ok" or the exception type name, failing ranks named)``."""
+    try:
+        fn()
+        return "ok", None
+    except DistributedError as exc:
+        return "DistributedError", list(exc.ranks)
+    except Exception as exc:  # the failing rank's own error
+        return type(exc).__name__, None
+
+
+def error_cases():
+    rng = np.random.default_rng(1234)
+    x = rng.standard_normal((6, 4))
+    dy = rng.standard_normal((6, 4))
+    last = SIZE - 1
+    scenarios = {}
+
+    def forward_bad_dtype():
+        xb = x.astype(np.int64) if RANK == 1 else x
+        fastbn.batch_norm_forward(xb, comm=COMM)
+    scenarios["forward_bad_dtype_on_rank_1"] = forward_bad_dtype
+
+    def backward_bad_gamma():
+        y, mean, invstd = fastbn.batch_norm_forward(x, comm=COMM)
+        gamma = np.ones(5 if RANK == 0 else 4)
+        fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, comm=COMM)
+    scenarios["backward_bad_gamma_on_rank_0"] = backward_bad_gamma
+
+    def channel_mismatch():
+        fastbn.batch_norm_forward(x[:, :3] if RANK == last else x, comm=COMM)
+    scenarios["channel_mismatch_on_last_rank"] = channel_mismatch
+
+    def global_single_value():
+        fastbn.batch_norm_forward(x[:1] if RANK == 0 else x[:0], comm=COMM)
+    scenarios["one_value_in_global_batch"] = global_single_value
+
+    layer = fastbn.BatchNorm(4, dtype=np.float64, comm=COMM)
+
+    def layer_bad_channels():
+        layer.forward(rng.standard_normal((5, 3 if RANK == last else 4)), training=True)
+    scenarios["layer_bad_channels_on_last_rank"] = layer_bad_channels
+
+    rm, rv = np.zeros(4), np.ones(4)
+
+    def nonfinite_on_rank_0():
+        xb = x.copy()
+        if RANK == 0:
+            xb[2, 1] = np.nan
+        fastbn.batch_norm(xb, rm, rv, training=True, comm=COMM)
+    scenarios["nan_on_rank_0"] = nonfinite_on_rank_0
+
+    def inference_bad_running_on_rank_1():
+        # not collective: the failing rank raises alone and nobody waits
+        fastbn.batch_norm(x, rm if RANK != 1 else np.zeros(3), rv, training=False, comm=COMM)
+    scenarios["inference_bad_running_on_rank_1"] = inference_bad_running_on_rank_1
+
+    def afterwards():
+        fastbn.batch_norm_forward(x, comm=COMM)
+    scenarios["normal_call_afterwards"] = afterwards
+
+    results = {}
+    for name, fn in scenarios.items():
+        mine = outcome(fn)
+        results[name] = COMM.allgather(mine)
+    untouched = (layer.num_batches_tracked == 0 and np.array_equal(layer.running_mean, np.zeros(4))
+                 and np.array_equal(rm, np.zeros(4)) and np.array_equal(rv, np.ones(4)))
+    results["state_untouched"] = COMM.allgather(bool(untouched))
+    return results
+
+
+def main():
+    equality = equality_cases()
+    errors = error_cases()
+    if RANK == 0:
+        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors}))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

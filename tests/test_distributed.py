@@ -1,0 +1,275 @@
+"""Synchronized BatchNorm over MPI (fastbn.distributed and the ``comm=`` keyword).
+
+Two kinds of tests:
+
+- in-process: the pure merge/sum/shard helpers, and ``comm=MPI.COMM_SELF`` (one rank),
+  which must give exactly the results without ``comm``;
+- multi-process: ``tests/mpi/sync_checks.py`` under ``mpiexec -n 2`` and ``-n 3``, once
+  per rank count (each launch pays Numba's cache loading in every rank, so every check
+  runs inside that one launch and rank 0 reports JSON). A timeout on the launch turns a
+  hang (a rank left waiting in a collective) into a failure.
+
+Skipped when mpi4py or ``mpiexec`` is missing (``pip install 'fastbn[mpi]'``).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import distributed
+
+MPI = pytest.importorskip("mpi4py.MPI", reason="synchronized BatchNorm needs mpi4py "
+                                                 "(pip install 'fastbn[mpi]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mpi"
+LAUNCH_TIMEOUT = 300  # seconds; the 3-rank run takes ~15 s on 2 cores
+
+# Tolerances of synchronized vs single-process results (relative, floored at 1 in
+# magnitude). Both compute float64 statistics; they differ only in how partial results are
+# grouped (per rank, then merged, vs per chunk of the whole batch): a few ulps of float64,
+# times the condition number of sums like dgamma that cancel. float32 outputs are rounded
+# from float64 statistics, so they almost always agree exactly; one float32 ulp is allowed.
+REL_TOL = {"float64": 1e-11, "float32": 2.5e-7}
+
+
+def find_mpiexec():
+    """``mpiexec`` on PATH, or the one the ``mpich`` wheel installs next to Python."""
+    found = shutil.which("mpiexec")
+    if found:
+        return found
+    candidate = Path(sysconfig.get_path("scripts")) / "mpiexec"
+    return str(candidate) if candidate.exists() else None
+
+
+MPIEXEC = find_mpiexec()
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found "
+                                   "(pip install 'fastbn[mpi]' brings MPICH's)")
+
+
+def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT):
+    """Run ``script`` under ``mpiexec -n ranks``; return rank 0's ``RESULT`` JSON.
+
+    One Numba thread per rank (the ranks already share the cores). On timeout the whole
+    process group (mpiexec and every rank) is killed and the test fails with the output.
+    """
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([MPIEXEC, "-n", str(ranks), sys.executable, str(script), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s (a rank "
+                    f"waiting in a collective?)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
+                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
+def sync_results(request):
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found")
+    return run_mpi(SCRIPTS / "sync_checks.py", request.param)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-process
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_synchronized_equals_single_process(sync_results):
+    cases = sync_results["equality"]
+    layouts = {c["layout"] for c in cases}
+    assert {"NC", "NCHW", "NHWC"} <= layouts
+    assert {c["dtype"] for c in cases} == {"float32", "float64"}
+    assert any(1 in c["rows"] for c in cases), "no case with a one-row rank"
+    if sync_results["size"] >= 3:
+        assert any(0 in c["rows"] for c in cases), "no case with an empty rank"
+    failures = []
+    for c in cases:
+        for name, (abs_diff, rel) in c["diffs"].items():
+            if not rel <= REL_TOL[c["dtype"]]:
+                failures.append(f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: "
+                                f"{name} differs by {rel:.3g} (abs {abs_diff:.3g})")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_statistics_and_gradients_bitwise_identical_on_every_rank(sync_results):
+    not_identical = [f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name}"
+                     for c in sync_results["equality"]
+                     for name, same in c["identical"].items() if not same]
+    assert not not_identical, "\n".join(not_identical)
+    names = {name for c in sync_results["equality"] for name in c["identical"]}
+    assert {"mean", "invstd", "dgamma", "dbeta", "running_mean", "running_var"} <= names
+
+
+def _outcomes(results, scenario):
+    return [tuple(o) for o in results["errors"][scenario]]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario, failing_rank, own_error", [
+    ("forward_bad_dtype_on_rank_1", 1, "TypeError"),
+    ("backward_bad_gamma_on_rank_0", 0, "ValueError"),
+    ("layer_bad_channels_on_last_rank", -1, "ValueError"),
+])
+def test_a_failing_rank_makes_every_rank_raise(sync_results, scenario, failing_rank, own_error):
+    size = sync_results["size"]
+    failing_rank %= size
+    expected = [(own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
+                for r in range(size)]
+    assert _outcomes(sync_results, scenario) == expected
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario, error", [
+    ("channel_mismatch_on_last_rank", "ValueError"),
+    ("one_value_in_global_batch", "ValueError"),
+    ("nan_on_rank_0", "FloatingPointError"),
+])
+def test_global_errors_raise_alike_on_every_rank(sync_results, scenario, error):
+    assert _outcomes(sync_results, scenario) == [(error, None)] * sync_results["size"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_inference_is_not_collective(sync_results):
+    outcomes = _outcomes(sync_results, "inference_bad_running_on_rank_1")
+    assert outcomes[1] == ("ValueError", None)
+    assert all(o == ("ok", None) for r, o in enumerate(outcomes) if r != 1)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_communicator_usable_and_state_untouched_after_errors(sync_results):
+    size = sync_results["size"]
+    assert _outcomes(sync_results, "normal_call_afterwards") == [("ok", None)] * size
+    assert sync_results["errors"]["state_untouched"] == [True] * size
+
+
+# --------------------------------------------------------------------------------------
+# In-process: one rank (MPI.COMM_SELF) and the pure helpers
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((33, 5), 1), ((6, 3, 7, 5), 1), ((6, 7, 5, 3), -1)])
+def test_one_rank_is_bitwise_the_single_process_result(shape, axis, dtype):
+    rng = np.random.default_rng(7)
+    x = (10.0 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    gamma, beta = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    plain = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
+    synced = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, comm=MPI.COMM_SELF)
+    for a, b in zip(plain, synced):
+        np.testing.assert_array_equal(a, b)
+    plain = fastbn.batch_norm_backward(dy, x, *plain[1:], gamma, beta, axis=axis)
+    synced = fastbn.batch_norm_backward(dy, x, *synced[1:], gamma, beta, axis=axis,
+                                        comm=MPI.COMM_SELF)
+    for a, b in zip(plain, synced):
+        np.testing.assert_array_equal(a, b)
+    rm, rv, rms, rvs = np.zeros(C), np.ones(C), np.zeros(C), np.ones(C)
+    fastbn.batch_norm(x, rm, rv, gamma, beta, training=True, axis=axis)
+    fastbn.batch_norm(x, rms, rvs, gamma, beta, training=True, axis=axis, comm=MPI.COMM_SELF)
+    np.testing.assert_array_equal(rm, rms)
+    np.testing.assert_array_equal(rv, rvs)
+
+
+def test_one_rank_errors_are_its_own():
+    with pytest.raises(TypeError, match="float16, float32 or float64"):
+        fastbn.batch_norm_forward(np.zeros((4, 3), np.int32), comm=MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="more than 1 value per channel in the global batch"):
+        fastbn.batch_norm_forward(np.zeros((1, 3)), comm=MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="empty batch"):
+        fastbn.batch_norm_forward(np.zeros((0, 3)), comm=MPI.COMM_SELF)
+    bn = fastbn.BatchNorm(3, comm=MPI.COMM_SELF)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(2,\)"):
+        bn.forward(np.zeros((4, 2), np.float32), training=True)
+    assert bn.num_batches_tracked == 0
+    with pytest.raises(RuntimeError, match="preceding forward"):
+        bn.backward(np.zeros((4, 3), np.float32))
+
+
+def test_layer_with_comm_matches_layer_without():
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, (50, 4)).astype(np.float32)
+    a, b = fastbn.BatchNorm(4), fastbn.BatchNorm(4, comm=MPI.COMM_SELF)
+    np.testing.assert_array_equal(a.forward(x, training=True), b.forward(x, training=True))
+    np.testing.assert_array_equal(a.backward(x), b.backward(x))
+    for name in ("dgamma", "dbeta", "running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.forward(x, training=False), b.forward(x, training=False))
+
+
+def test_comm_must_be_a_communicator():
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        fastbn.batch_norm_forward(np.zeros((4, 3)), comm="world")
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        fastbn.BatchNorm(3, comm=object())
+
+
+@pytest.mark.parametrize("counts", [[5, 1, 7], [0, 4, 0, 3], [1, 1], [9]])
+def test_merge_moments_matches_the_whole_batch(counts):
+    rng = np.random.default_rng(sum(counts))
+    shards = [1e4 + rng.standard_normal((n, 3)) for n in counts]
+    whole = np.concatenate(shards)
+    means = [s.mean(axis=0) if len(s) else np.zeros(3) for s in shards]
+    m2s = [((s - s.mean(axis=0)) ** 2).sum(axis=0) if len(s) else np.zeros(3) for s in shards]
+    n, mean, m2 = distributed.merge_moments(counts, means, m2s)
+    assert n == len(whole)
+    np.testing.assert_allclose(mean, whole.mean(axis=0), rtol=1e-15)
+    # the shards' own NumPy means carry ~1e-12 of absolute error at a 1e4 offset
+    np.testing.assert_allclose(m2 / n, whole.var(axis=0), rtol=1e-10)
+
+
+def test_merge_moments_is_the_chan_formula_of_the_cpu_kernels():
+    from fastbn import cpu
+    n, mean, m2 = distributed.merge_moments([3, 5], [[1.5], [-2.0]], [[0.7], [4.0]])
+    expected = cpu._chan_merge(3.0, 1.5, 0.7, 5.0, -2.0, 4.0)
+    assert n == expected[0]
+    np.testing.assert_allclose([mean[0], m2[0]], expected[1:], rtol=1e-15)
+
+
+def test_sum_in_order_is_left_to_right():
+    parts = np.array([[1e16], [1.0], [-1e16]])
+    # (1e16 + 1) - 1e16 == 0 in float64: the fixed order shows in the result
+    assert distributed.sum_in_order(parts)[0] == 0.0
+
+
+@pytest.mark.parametrize("n, size", [(10, 4), (3, 5), (0, 2), (17, 1)])
+def test_shard_bounds_cover_the_batch_in_order(n, size):
+    bounds = [distributed.shard_bounds(n, r, size) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_allreduce_mean_and_broadcast_on_one_rank():
+    g = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(2)]
+    distributed.allreduce_mean(MPI.COMM_SELF, g)
+    np.testing.assert_array_equal(g[0], np.arange(6, dtype=np.float32).reshape(2, 3))
+    w = np.arange(3.0)
+    distributed.broadcast_arrays(MPI.COMM_SELF, [w])
+    np.testing.assert_array_equal(w, np.arange(3.0))
