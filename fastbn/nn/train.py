@@ -87,7 +87,7 @@ def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=T
     >>> [type(layer).__name__ for layer in model.layers]
     ['Dense', 'BatchNorm', 'Dense', 'BatchNorm', 'Dense']
     >>> model.store.size   # 784*64+64 + 2*64 + 64*32+32 + 2*32 + 32*10+10
-    52650
+    52842
     """
     if bn_position not in ("after_relu", "before_relu"):
         raise ValueError(f"bn_position must be 'after_relu' or 'before_relu', got {bn_position!r}")
