@@ -511,3 +511,182 @@ def broadcast_arrays(comm, arrays, root=0):
         if not a.flags.c_contiguous:
             raise ValueError("broadcast_arrays needs C-contiguous arrays")
         comm.Bcast(a, root=root)
+
+
+class DataParallel:
+    """Data-parallel training of a :class:`fastbn.nn.Sequential` (host arrays) over MPI.
+
+    Every rank holds the whole model and the whole dataset, draws the same shuffle, and
+    takes its shard (:func:`shard_bounds`) of every global batch. Per step:
+
+    - forward with synchronized BatchNorm (statistics of the global batch),
+    - loss gradient scaled by ``1 / global batch size`` (the gradient of the global mean
+      loss, whatever the shard sizes),
+    - backward (BatchNorm's ``dgamma``/``dbeta`` come out global already),
+    - one ``Allreduce`` (sum, float64) of the flat gradient array; BatchNorm entries are
+      zeroed on every rank but 0 first, so they pass through exactly,
+    - the optimizer step, identical on every rank.
+
+    The parameters therefore follow the single-process run with the same global batch,
+    to rounding.
+
+    Parameters
+    ----------
+    model : fastbn.nn.Sequential
+        On the CPU (``device="cpu"``).
+    comm : mpi4py.MPI.Comm
+
+    Attributes
+    ----------
+    rank, size : int
+    global_grads : ndarray of bool, shape (model.store.size,)
+        Gradient entries that are already global (synchronized BatchNorm parameters).
+
+    Examples
+    --------
+    >>> from mpi4py import MPI                                        # doctest: +SKIP
+    >>> import numpy as np                                            # doctest: +SKIP
+    >>> from fastbn import nn                                         # doctest: +SKIP
+    >>> from fastbn.data import make_synthetic                        # doctest: +SKIP
+    >>> ds = make_synthetic(n_train=512, n_test=64)                   # doctest: +SKIP
+    >>> model = nn.build_mlp(ds.num_features, ds.num_classes, (16,), rng=0)  # doctest: +SKIP
+    >>> parallel = DataParallel(model, MPI.COMM_WORLD)                # doctest: +SKIP
+    >>> opt, loss = nn.Adam(model.store, lr=1e-2), nn.SoftmaxCrossEntropy()  # doctest: +SKIP
+    >>> parallel.train_epoch(loss, opt, ds.x_train, ds.y_train, 64,
+    ...                      np.random.default_rng(0))                # doctest: +SKIP
+    """
+
+    def __init__(self, model, comm):
+        from .nn import BatchNorm as NNBatchNorm
+
+        check_comm(comm)
+        if model.xp is not np:
+            raise NotImplementedError("DataParallel trains host (device='cpu') models only; "
+                                      "comm= has no GPU path yet (see docs/distributed.md)")
+        self.model = model
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        synced = set()
+        for i, layer in enumerate(model.layers):
+            if isinstance(layer, NNBatchNorm):
+                layer.bn.comm = comm
+                synced.add(i)
+        self.global_grads = np.zeros(model.store.size, dtype=bool)
+        offset = 0
+        for p in model.store:
+            if int(p.name.split(".")[1]) in synced:
+                self.global_grads[offset:offset + p.value.size] = True
+            offset += p.value.size
+        self._buffer = np.empty(model.store.size)
+        # Same starting point on every rank, whatever each rank's seed was.
+        running = [a for layer in model.layers if isinstance(layer, NNBatchNorm)
+                   for a in (layer.bn.running_mean, layer.bn.running_var)]
+        broadcast_arrays(comm, [model.store.values] + running)
+        counts = comm.bcast([layer.bn.num_batches_tracked for layer in model.layers
+                             if isinstance(layer, NNBatchNorm)], root=0)
+        for layer, n in zip((l for l in model.layers if isinstance(l, NNBatchNorm)), counts):
+            layer.bn.num_batches_tracked = n
+
+    def reduce_gradients(self):
+        """Sum ``model.store.grads`` over all ranks, in place (one ``Allreduce``).
+
+        Dense gradients are per-shard partial sums of the global-mean-loss gradient, so
+        their sum is the global gradient; synchronized BatchNorm gradients are global
+        already and are contributed by rank 0 alone (the others send zeros), which adds
+        no rounding.
+        """
+        from mpi4py import MPI
+
+        grads = self.model.store.grads
+        buffer = self._buffer
+        buffer[...] = grads
+        if self.rank != 0:
+            buffer[self.global_grads] = 0.0
+        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        grads[...] = buffer
+
+    def train_epoch(self, loss, optimizer, x, y, batch_size, rng, progress=None):
+        """One epoch over ``(x, y)`` in global batches of ``batch_size`` rows, sharded.
+
+        Parameters
+        ----------
+        loss : fastbn.nn.SoftmaxCrossEntropy
+            Unused apart from its type: the fused loss kernel is called with the global
+            scale (see the class docstring).
+        optimizer : fastbn.nn.Adam or fastbn.nn.SGD
+            Over ``model.store``.
+        x : ndarray, shape (n, features)
+            The whole training set, the same on every rank.
+        y : ndarray of int64, shape (n,)
+        batch_size : int
+            Global batch size (all ranks together).
+        rng : numpy.random.Generator
+            In the same state on every rank: draws the epoch's permutation.
+        progress : object with ``update(n)``, optional
+
+        Returns
+        -------
+        loss, accuracy : float
+            Over the whole epoch and all ranks (the same on every rank).
+        """
+        from mpi4py import MPI
+
+        from .nn import _ops
+
+        model, ops = self.model, _ops.ops_for(np)
+        n = x.shape[0]
+        perm = rng.permutation(n)
+        rows = shard_bounds(min(batch_size, n), 0, self.size)[1] if n else 0
+        x_batch = np.empty((rows, x.shape[1]), x.dtype)
+        y_batch = np.empty(rows, y.dtype)
+        acc = np.zeros(2)
+        grad_cache = {}
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            first, stop = shard_bounds(idx.shape[0], self.rank, self.size)
+            mine = idx[first:stop]
+            k = mine.shape[0]
+            xb, yb = x_batch[:k], y_batch[:k]
+            np.take(x, mine, axis=0, out=xb)
+            np.take(y, mine, out=yb)
+            logits = model.forward(xb, True)
+            grad = grad_cache.get(logits.shape)
+            if grad is None:
+                grad = grad_cache[logits.shape] = np.empty(logits.shape, logits.dtype)
+            if k:
+                ops.softmax_cross_entropy(logits, yb, grad, 1.0 / idx.shape[0], acc)
+            model.backward(grad)
+            self.reduce_gradients()
+            optimizer.step()
+            if progress is not None:
+                progress.update(1)
+        self.comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
+        return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
+
+    def evaluate(self, loss, x, y, batch_size=2048):
+        """Mean loss and accuracy in evaluation mode, the rows shared among the ranks.
+
+        Parameters
+        ----------
+        loss : fastbn.nn.SoftmaxCrossEntropy
+        x : ndarray, shape (n, features)
+            The whole evaluation set, the same on every rank.
+        y : ndarray of int64, shape (n,)
+        batch_size : int, default 2048
+
+        Returns
+        -------
+        loss, accuracy : float
+            The same on every rank.
+        """
+        from mpi4py import MPI
+
+        first, stop = shard_bounds(x.shape[0], self.rank, self.size)
+        acc = np.zeros(2)
+        for start in range(first, stop, batch_size):
+            end = min(start + batch_size, stop)
+            loss.forward_backward(self.model.forward(x[start:end], False), y[start:end], acc)
+        self.comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
+        n = max(x.shape[0], 1)
+        return float(acc[0]) / n, float(acc[1]) / n

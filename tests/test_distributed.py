@@ -273,3 +273,22 @@ def test_allreduce_mean_and_broadcast_on_one_rank():
     w = np.arange(3.0)
     distributed.broadcast_arrays(MPI.COMM_SELF, [w])
     np.testing.assert_array_equal(w, np.arange(3.0))
+
+
+# --------------------------------------------------------------------------------------
+# Data-parallel training
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_data_parallel_training_follows_the_single_process_run(ranks):
+    result = run_mpi(SCRIPTS / "train_checks.py", ranks)
+    assert result["identical_on_ranks"], "parameters or running statistics differ across ranks"
+    # float32 parameters after 32 Adam steps: the two runs group sums differently (per
+    # shard, then across ranks), which moves parameters by a few float32 ulps.
+    assert result["max_param_diff"] < 1e-4
+    for synced, single in zip(result["synced"], result["single"]):
+        train_loss, train_acc, test_loss, test_acc = synced
+        np.testing.assert_allclose([train_loss, test_loss], [single[0], single[2]], rtol=1e-5)
+        assert abs(train_acc - single[1]) <= 2 / 2000 and abs(test_acc - single[3]) <= 2 / 500
