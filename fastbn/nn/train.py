@@ -396,7 +396,7 @@ def _write_metrics(path, history, extra=None):
 def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hidden=None,
         batch_norm=None, bn_position=None, bn_convention=None, init=None, optimizer=None,
         device="cpu", seed=None, dtype=None, threads=None, save=None, resume=None,
-        metrics_out=None, progress=None, log=print, download=True):
+        metrics_out=None, progress=None, log=print, download=True, comm=None):
     """Train the MLP on a dataset and return its history (what ``fastbn train`` runs).
 
     Options left as None take the checkpoint's value when resuming, else :data:`DEFAULTS`
@@ -438,6 +438,14 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
         Receives the one-line summary of each epoch.
     download : bool, default True
         Allow fetching missing dataset files.
+    comm : mpi4py.MPI.Comm, optional
+        Data-parallel training over MPI (``mpiexec -n P fastbn train --distributed``):
+        every rank of ``comm`` calls ``fit`` with the same arguments; each global batch
+        of ``batch_size`` rows is split among the ranks, BatchNorm is synchronized and
+        gradients are summed with one Allreduce per step
+        (:class:`fastbn.distributed.DataParallel`), so the run follows the
+        single-process one to rounding. Only rank 0 logs, shows progress and writes
+        ``save`` and ``metrics_out``; every rank returns the same history. CPU only.
 
     Returns
     -------
@@ -490,29 +498,44 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
         opt.load_state_dict(state["optimizer_state"])
         rng.bit_generator.state = state["rng_state"]
         records, start_epoch = list(state["history"]), state["epoch"]
+    parallel = None
+    if comm is not None:
+        from ..distributed import DataParallel
+        parallel = DataParallel(model, comm)  # broadcasts rank 0's parameters
+    root = parallel is None or parallel.rank == 0
     run_info = {"device": device, "threads": thread_info, "machine": platform.node(),
+                "ranks": 1 if parallel is None else parallel.size,
                 "data_source": ds.source, "n_train": int(ds.x_train.shape[0]),
                 "n_test": int(ds.x_test.shape[0])}
     history = History(records, dict(config, **run_info), model, opt)
 
     n_batches = -(-ds.x_train.shape[0] // int(config["batch_size"]))
     for epoch in range(start_epoch + 1, epochs + 1):
-        bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress)
+        bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress if root else False)
         try:
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
-                                                int(config["batch_size"]), rng, bar)
+            if parallel is None:
+                train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
+                                                    int(config["batch_size"]), rng, bar)
+            else:
+                train_loss, train_acc = parallel.train_epoch(
+                    loss, opt, x_train, y_train, int(config["batch_size"]), rng, bar)
             t1 = time.perf_counter()
         finally:
             if bar is not None:
                 bar.close()
-        test_loss, test_acc = evaluate(model, loss, x_test, y_test)
+        if parallel is None:
+            test_loss, test_acc = evaluate(model, loss, x_test, y_test)
+        else:
+            test_loss, test_acc = parallel.evaluate(loss, x_test, y_test)
         t2 = time.perf_counter()
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,
                   "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
                   "eval_seconds": t2 - t1}
         history.epochs.append(record)
+        if not root:
+            continue
         if log is not None:
             log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
                 f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
@@ -524,6 +547,6 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
                 config=config)
         if metrics_out is not None:
             _write_metrics(metrics_out, history)
-    if metrics_out is not None and start_epoch >= epochs:
+    if root and metrics_out is not None and start_epoch >= epochs:
         _write_metrics(metrics_out, history)
     return history
