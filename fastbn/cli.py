@@ -83,6 +83,12 @@ def _add_train_parser(subparsers):
                      "CUDA kernels")
     run.add_argument("--threads", type=_positive_int, default=None,
                      help="threads for Numba and the BLAS (default: all cores)")
+    run.add_argument("--distributed", action="store_true",
+                     help="data-parallel over MPI: run under `mpiexec -n P fastbn train "
+                     "--distributed`; each global batch is split among the P ranks, "
+                     "BatchNorm is synchronized, gradients are summed with Allreduce; "
+                     "rank 0 alone prints and writes files (needs pip install "
+                     "'fastbn[mpi]'; CPU only)")
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", metavar="FILE.json", default=None,
                      help="per-epoch metrics as JSON (rewritten after every epoch)")
@@ -132,14 +138,24 @@ def _run_train(args):
         print("fastbn train: --compare-no-bn cannot be combined with --save, --resume or "
               "--no-bn", file=sys.stderr)
         return 2
-    log = None if args.quiet else print
+    comm = None
+    if args.distributed:
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            print(f"fastbn train: --distributed needs mpi4py and an MPI library: "
+                  f"pip install 'fastbn[mpi]' ({exc})", file=sys.stderr)
+            return 1
+        comm = MPI.COMM_WORLD
+    root = comm is None or comm.Get_rank() == 0
+    log = None if args.quiet or not root else print
     common = dict(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, hidden=args.hidden, bn_convention=args.bn_convention,
                   bn_position="before_relu" if args.bn_before_relu else None,
                   init=args.init, optimizer=args.optimizer, device=args.device,
                   seed=args.seed, dtype=args.dtype, threads=args.threads,
                   progress=False if args.quiet else None, log=log,
-                  download=not args.no_download)
+                  download=not args.no_download, comm=comm)
     try:
         dataset = args.dataset
         if args.compare_no_bn:
@@ -160,9 +176,10 @@ def _run_train(args):
             if args.metrics_out:
                 record = dict(history.to_dict(),
                               compare_no_bn=runs["without BatchNorm"].to_dict())
-                _checkpoint.atomic_write_bytes(
-                    args.metrics_out, (json.dumps(record, indent=2) + "\n").encode())
-        if args.plot:
+                if root:
+                    _checkpoint.atomic_write_bytes(
+                        args.metrics_out, (json.dumps(record, indent=2) + "\n").encode())
+        if args.plot and root:
             from .nn.plot import plot_histories
             config = history.config
             plot_histories(runs, args.plot,
@@ -172,12 +189,27 @@ def _run_train(args):
                 log(f"curves written to {args.plot}")
     except (_data.DatasetError, _checkpoint.CheckpointError, ValueError, RuntimeError) as exc:
         print(f"fastbn train: error: {exc}", file=sys.stderr)
+        if comm is not None and comm.Get_size() > 1:
+            _abort(comm, exc)
         return 1
+    except Exception as exc:  # anything else: a lone failing rank would hang the others
+        if comm is None or comm.Get_size() == 1:
+            raise
+        print(f"fastbn train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _abort(comm, exc)
     except KeyboardInterrupt:
         print("fastbn train: interrupted" + (f"; the last completed epoch is in {args.save}"
                                              if args.save else ""), file=sys.stderr)
         return 130
     return 0
+
+
+def _abort(comm, exc):
+    """End every rank of a distributed run: the others may be waiting in a collective."""
+    print(f"fastbn train: rank {comm.Get_rank()} of {comm.Get_size()} failed "
+          f"({type(exc).__name__}); aborting all ranks", file=sys.stderr)
+    sys.stderr.flush()
+    comm.Abort(1)
 
 
 def main(argv=None):
