@@ -292,3 +292,27 @@ def test_data_parallel_training_follows_the_single_process_run(ranks):
         train_loss, train_acc, test_loss, test_acc = synced
         np.testing.assert_allclose([train_loss, test_loss], [single[0], single[2]], rtol=1e-5)
         assert abs(train_acc - single[1]) <= 2 / 2000 and abs(test_acc - single[3]) <= 2 / 500
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_fastbn_train_distributed_command(tmp_path):
+    """``mpiexec -n 2 fastbn train --distributed`` reaches the single-process metrics."""
+    from fastbn.nn import fit
+
+    args = ["--dataset", "synthetic", "--epochs", "2", "--hidden", "16", "--batch-size", "100",
+            "--seed", "3", "--quiet"]
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "fastbn", "train", "--distributed", *args,
+         "--metrics-out", "metrics.json", "--save", "checkpoint.npz"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["config"]["ranks"] == 2
+    assert (tmp_path / "checkpoint.npz").exists()
+    single = fit("synthetic", epochs=2, hidden=(16,), batch_size=100, seed=3, log=None)
+    for got, want in zip(record["epochs"], single.epochs):
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5)
+        assert abs(got["test_acc"] - want["test_acc"]) <= 0.002
