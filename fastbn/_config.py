@@ -62,3 +62,26 @@ CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
+
+# --- CUDA kernels (fastbn/cuda.py, fastbn/_cuda_kernels.py) ---------------------------
+# Options of every numba.cuda kernel. No fastmath: it would flush denormals, approximate
+# sqrt/division and let ``(x - hi) - lo`` be reassociated. BatchNorm is memory-bound.
+CUDA_JIT_OPTIONS = {"fastmath": False}
+
+# Launch configuration of the CUDA kernels: about CUDA_TARGET_BLOCKS blocks per launch
+# (enough to fill an H100's 132 SMs several times over), but at least
+# CUDA_MIN_VALUES_PER_THREAD values per thread, and at most CUDA_MAX_PARTIALS partials
+# per channel. These fix the reduction partition as a function of the shape alone (not of
+# the GPU model, nor of timing), so results are bitwise reproducible; changing them
+# changes the last bits of the statistics, nothing else. (The environment variables are
+# tuning knobs; the simulator tests set small values so that tiny arrays take several
+# blocks per channel.)
+CUDA_TARGET_BLOCKS = int(os.environ.get("FASTBN_CUDA_TARGET_BLOCKS", "1024"))
+CUDA_MIN_VALUES_PER_THREAD = int(os.environ.get("FASTBN_CUDA_MIN_VALUES_PER_THREAD", "16"))
+CUDA_MAX_PARTIALS = 1024
+
+# Non-finite batch statistics on the GPU never enter the running statistics (the device
+# skips the update and counts the batch). With this set ("1"), every GPU training call
+# that updates running statistics synchronizes its stream and reports at once
+# (FloatingPointError / RuntimeWarning); otherwise fastbn.cuda.check_nonfinite() reports.
+CUDA_SYNC_NONFINITE = os.environ.get("FASTBN_CUDA_SYNC_NONFINITE", "0") == "1"

@@ -1,0 +1,1161 @@
+"""The GPU path: ``numba.cuda`` kernels behind the functions of :mod:`fastbn.api`.
+
+:mod:`fastbn.api` sends a call here when its arrays carry ``__cuda_array_interface__``
+(Numba device arrays, CuPy arrays, PyTorch CUDA tensors). This module is imported
+lazily: ``import fastbn`` never needs a GPU or numba-cuda.
+
+What happens in a call
+----------------------
+1. Every argument is checked (shape, dtype, axis, eps, momentum, ``out``) with the helpers
+   of :mod:`fastbn._checks` *before* any kernel is launched or anything is written.
+2. The input is seen as the canonical ``(outer, C, inner)`` view, as on the CPU: a
+   permutation of a contiguous block (C order, Fortran order, NHWC, transposes) is viewed
+   without a copy; any other strided array is gathered once into a contiguous copy.
+3. Kernels of :mod:`fastbn._cuda_kernels` run on the caller's stream: two launches per
+   training forward (statistics partials; merge + normalize + running-statistics update),
+   one for inference, two for the backward. The launch configuration is a cached function
+   of the shape.
+4. Results come back as the same kind of array as the input (Numba, CuPy or PyTorch), in
+   the input's memory layout; statistics (``mean``, ``invstd``, ``dgamma``, ``dbeta``)
+   too, on the device.
+
+Nothing here synchronizes the host with the GPU, except where documented:
+:func:`check_nonfinite`, :func:`nonfinite_count`, :func:`to_host`, :func:`copy_into` from
+host memory, and every training call when ``FASTBN_CUDA_SYNC_NONFINITE=1``.
+
+Non-finite batch statistics
+---------------------------
+The running statistics never take in NaN or inf: the device checks every channel's
+batch mean and variance before the update and, if any is not finite, updates no channel
+and counts the batch in a per-device counter. Raising at once would need a host
+synchronization in every training call, so by default the report is deferred:
+:func:`check_nonfinite` raises ``FloatingPointError`` (for calls made with
+``on_nonfinite="raise"``, the default) or warns (``"warn"``). With
+``FASTBN_CUDA_SYNC_NONFINITE=1`` (``fastbn._config.CUDA_SYNC_NONFINITE``) every such call
+synchronizes its stream and reports at once, as the CPU path does.
+"""
+
+import contextlib
+import functools
+import math
+import threading
+import types
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+try:
+    from numba import cuda as _nbcuda
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError("fastbn's GPU path needs numba-cuda: pip install 'fastbn[cuda]' "
+                      "(or pip install numba-cuda)") from exc
+
+from . import _checks, _config, api
+from . import _cuda_kernels as _kernels
+
+SIMULATOR = _kernels.SIMULATOR
+
+__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
+           "check_nonfinite", "nonfinite_count", "to_device", "to_host", "copy_into",
+           "move_layer", "layer_forward", "layer_backward"]
+
+
+# --------------------------------------------------------------------------------------
+# The simulator's device arrays
+# --------------------------------------------------------------------------------------
+
+if SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
+
+    def _simulated_interface(self):
+        """``__cuda_array_interface__`` of a simulator array (its memory is host memory)."""
+        a = self._ary
+        return {"shape": tuple(a.shape),
+                "strides": None if a.flags.c_contiguous else tuple(a.strides),
+                "typestr": a.dtype.str,
+                "data": (a.ctypes.data if a.size else 0, not a.flags.writeable),
+                "version": 3, "stream": None}
+
+    # Numba's simulator arrays lack the interface that real device arrays have, so that
+    # fastbn.api would take them for host arrays. Give them one: in the simulator, device
+    # memory is host memory, and the pointer is a host pointer.
+    if not hasattr(_FakeCUDAArray, "__cuda_array_interface__"):
+        _FakeCUDAArray.__cuda_array_interface__ = property(_simulated_interface)
+
+
+class _HostInterface:
+    """An ``__array_interface__`` holder (simulator: a device pointer is a host pointer)."""
+
+    def __init__(self, desc, owner):
+        self.__array_interface__ = {"shape": tuple(desc["shape"]),
+                                    "strides": desc.get("strides"),
+                                    "typestr": desc["typestr"],
+                                    "data": (desc["data"][0], False), "version": 3}
+        self.owner = owner
+
+
+def _from_interface(desc, owner):
+    """A Numba device array over the memory that ``desc`` describes; keeps ``owner`` alive.
+
+    Never synchronizes (``sync=False``): fastbn launches on the caller's stream, which
+    orders its work after whatever produced the array.
+    """
+    if SIMULATOR:
+        shape = tuple(desc["shape"])
+        if math.prod(shape) == 0:
+            return _nbcuda.device_array(shape, np.dtype(desc["typestr"]))
+        return _FakeCUDAArray(np.asarray(_HostInterface(desc, owner)))
+    return _nbcuda.from_cuda_array_interface(desc, owner=owner, sync=False)
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+class _Arg:
+    """A CUDA array argument: its interface, shape, dtype, kind and Numba view.
+
+    Exposes ``shape``, ``dtype``, ``ndim`` and ``flags.writeable`` so that the checks of
+    :mod:`fastbn._checks` apply unchanged.
+
+    Parameters
+    ----------
+    obj : object with ``__cuda_array_interface__``
+    name : str
+        Argument name for messages.
+    """
+
+    def __init__(self, obj, name):
+        desc = getattr(obj, "__cuda_array_interface__", None)
+        if desc is None:
+            raise TypeError(f"{name} must be a CUDA array (Numba, CuPy or PyTorch), got "
+                            f"{type(obj).__name__}")
+        self.obj = obj
+        self.name = name
+        self.desc = desc
+        self.shape = tuple(int(n) for n in desc["shape"])
+        self.dtype = np.dtype(desc["typestr"])
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.flags = types.SimpleNamespace(writeable=not desc["data"][1])
+        self.kind = _kind(obj)
+        self._dev = None
+
+    @property
+    def ptr(self):
+        return int(self.desc["data"][0] or 0)
+
+    @property
+    def strides(self):
+        """Strides in bytes (C-contiguous ones when the interface gives None)."""
+        strides = self.desc.get("strides")
+        if strides is not None:
+            return tuple(int(s) for s in strides)
+        return _c_strides(self.shape, self.dtype.itemsize)
+
+    @property
+    def dev(self):
+        """The argument as a Numba device array (a view, no copy)."""
+        if self._dev is None:
+            if SIMULATOR and isinstance(self.obj, _FakeCUDAArray):
+                self._dev = self.obj
+            else:
+                self._dev = _from_interface(self.desc, self.obj)
+        return self._dev
+
+    def view(self, shape, strides=None, offset=0):
+        """A Numba view of this argument's memory with another shape/strides (bytes)."""
+        desc = {"shape": tuple(shape), "strides": strides, "typestr": self.desc["typestr"],
+                "data": (self.ptr + offset, False), "version": 3}
+        return _from_interface(desc, self.obj)
+
+
+def _kind(obj):
+    """``"torch"``, ``"cupy"`` or ``"numba"`` (anything else with the interface)."""
+    module = type(obj).__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else "numba"
+
+
+def _c_strides(shape, itemsize):
+    strides = []
+    step = itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _wrap(named):
+    """Wrap the non-None arguments of ``named`` (a list of ``(name, value)``).
+
+    Raises
+    ------
+    TypeError
+        An argument is not a CUDA array (host and device arrays mixed).
+    """
+    on_host = [name for name, a in named if a is not None and not api.is_cuda_array(a)]
+    if on_host:
+        raise TypeError(f"arguments must all be CUDA arrays: {', '.join(on_host)} "
+                        f"{'is' if len(on_host) == 1 else 'are'} on the host")
+    return {name: (_Arg(a, name) if a is not None else None) for name, a in named}
+
+
+def _require_gpu():
+    """Raise a clear error when no CUDA GPU (nor the simulator) is available."""
+    try:
+        available = _nbcuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken driver is "no GPU" too
+        available = False
+    if not available:
+        raise RuntimeError("no CUDA GPU is available (numba.cuda.is_available() is False); "
+                           "use NumPy arrays for the CPU kernels, or set "
+                           "NUMBA_ENABLE_CUDASIM=1 for Numba's (slow) CUDA simulator")
+
+
+# --------------------------------------------------------------------------------------
+# Devices, streams, memory
+# --------------------------------------------------------------------------------------
+
+def _device_index(arg):
+    """The GPU of a CuPy/PyTorch array, or None (Numba arrays: the current device)."""
+    if arg.kind == "torch":
+        return arg.obj.device.index
+    if arg.kind == "cupy":
+        return arg.obj.device.id
+    return None
+
+
+def _device_context(arg):
+    """Make the array's GPU Numba's current device for the duration of a call."""
+    if SIMULATOR:
+        return contextlib.nullcontext()
+    index = _device_index(arg)
+    if index is None or index == _nbcuda.get_current_device().id:
+        return contextlib.nullcontext()
+    return _nbcuda.gpus[index]
+
+
+def _device_key():
+    return 0 if SIMULATOR else _nbcuda.get_current_device().id
+
+
+def _external(handle):
+    handle = int(handle)
+    if SIMULATOR:
+        return _nbcuda.default_stream(), 0
+    if handle == 0:
+        return _nbcuda.default_stream(), 0
+    return _nbcuda.external_stream(handle), handle
+
+
+def _resolve_stream(stream, arg):
+    """The Numba stream to launch on, and a hashable key for it.
+
+    ``stream`` may be a Numba stream, a ``torch.cuda.Stream``, a ``cupy.cuda.Stream`` or
+    a raw ``cudaStream_t`` handle (int). None means the current stream of the array's
+    library (PyTorch's or CuPy's current stream; Numba's default stream).
+    """
+    if stream is None:
+        if SIMULATOR or arg is None or arg.kind == "numba":
+            return _nbcuda.default_stream(), 0
+        if arg.kind == "torch":
+            import torch
+            return _external(torch.cuda.current_stream(arg.obj.device).cuda_stream)
+        import cupy
+        return _external(cupy.cuda.get_current_stream().ptr)
+    if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
+        return _external(stream.cuda_stream)
+    if hasattr(stream, "ptr"):  # cupy.cuda.Stream
+        return _external(stream.ptr)
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+        return _external(stream)
+    if hasattr(stream, "synchronize"):  # a Numba stream
+        handle = getattr(stream, "handle", None)
+        for convert in (int, lambda h: h.value):
+            try:
+                return stream, int(convert(handle))
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return stream, id(stream)
+    raise TypeError(f"stream must be a Numba, CuPy or PyTorch CUDA stream or an int "
+                    f"handle, got {type(stream).__name__}")
+
+
+_TORCH_DTYPES = {}
+
+
+def _empty(kind, like, shape, dtype, stream):
+    """A new C-contiguous device array of the given kind, on ``like``'s device.
+
+    CuPy and PyTorch arrays come from their own (stream-ordered, pooled) allocators;
+    Numba arrays from Numba's memory manager.
+    """
+    dtype = np.dtype(dtype)
+    if kind == "torch":
+        import torch
+        if not _TORCH_DTYPES:
+            _TORCH_DTYPES.update({np.dtype(np.float16): torch.float16,
+                                  np.dtype(np.float32): torch.float32,
+                                  np.dtype(np.float64): torch.float64,
+                                  np.dtype(np.int32): torch.int32})
+        return torch.empty(tuple(shape), dtype=_TORCH_DTYPES[dtype], device=like.device)
+    if kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty(tuple(shape), dtype)
+    return _nbcuda.device_array(tuple(shape), dtype, stream=stream)
+
+
+_local = threading.local()
+_counter_lock = threading.Lock()
+_nonfinite_counters = {}
+_dummies = {}
+
+
+def _workspace(key, n_values, stream):
+    """Per-(device, stream, Python thread) float64 scratch and the update ticket.
+
+    Reused across calls: work on one stream is ordered, and each Python thread has its
+    own, so concurrent calls never share one. Grows (one allocation) when too small.
+    """
+    cache = getattr(_local, "workspaces", None)
+    if cache is None:
+        cache = _local.workspaces = {}
+    entry = cache.get(key)
+    if entry is None or entry[0].shape[0] < n_values:
+        size = max(n_values, 2 * entry[0].shape[0] if entry else 0, 256)
+        ticket = entry[1] if entry else _nbcuda.device_array(1, np.int32, stream=stream)
+        entry = cache[key] = (_nbcuda.device_array(size, np.float64, stream=stream), ticket)
+    return entry[0][:n_values], entry[1]
+
+
+def _nonfinite_counter(device_key):
+    """The device's counters of skipped updates: ``[raise-mode calls, warn-mode calls]``."""
+    counter = _nonfinite_counters.get(device_key)
+    if counter is None:
+        with _counter_lock:
+            counter = _nonfinite_counters.get(device_key)
+            if counter is None:
+                counter = _nonfinite_counters[device_key] = _nbcuda.to_device(np.zeros(2, np.int32))
+    return counter
+
+
+def _dummy(device_key):
+    """A 1-element float64 device array standing in for absent optional arrays."""
+    dummy = _dummies.get(device_key)
+    if dummy is None:
+        dummy = _dummies[device_key] = _nbcuda.device_array(1, np.float64)
+    return dummy
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration and launches
+# --------------------------------------------------------------------------------------
+
+class LaunchConfig(NamedTuple):
+    """One partition of ``(outer, C, inner)`` shared by every kernel of an operation.
+
+    Attributes
+    ----------
+    width : int
+        1 (strided family) or the rows family's tile width (channels per block).
+    nblk : int
+        Blocks (chunks) per channel or tile.
+    chunk : int
+        Values (strided) or rows (rows) per chunk.
+    grid : int
+        Blocks per launch.
+    threads : int
+        Threads per block.
+    """
+
+    width: int
+    nblk: int
+    chunk: int
+    grid: int
+    threads: int
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_config(shape3, dtype, device_key=0):
+    """The launch configuration of ``(outer, C, inner)`` data, computed once per shape.
+
+    About ``_config.CUDA_TARGET_BLOCKS`` blocks, at least
+    ``_config.CUDA_MIN_VALUES_PER_THREAD`` values per thread, at most
+    ``_config.CUDA_MAX_PARTIALS`` chunks per channel. A function of the shape only, so
+    results are reproducible bit for bit.
+
+    Parameters
+    ----------
+    shape3 : tuple of int
+        ``(outer, C, inner)``.
+    dtype : str
+        The data's dtype (part of the cache key).
+    device_key : int, optional
+        The device (part of the cache key).
+
+    Returns
+    -------
+    LaunchConfig
+
+    Examples
+    --------
+    >>> cfg = launch_config((64, 3, 100), "<f4")
+    >>> cfg.width, cfg.grid == 3 * cfg.nblk
+    (1, True)
+    """
+    outer, C, inner = shape3
+    T = _kernels.THREADS
+    per_thread = _config.CUDA_MIN_VALUES_PER_THREAD
+    if inner > 1:
+        m = outer * inner
+        nblk = max(1, min(-(-_config.CUDA_TARGET_BLOCKS // C), -(-m // (T * per_thread)),
+                          _config.CUDA_MAX_PARTIALS))
+        chunk = max(1, -(-m // nblk))
+        nblk = max(1, -(-m // chunk))
+        return LaunchConfig(1, nblk, chunk, C * nblk, T)
+    width = 1
+    while width < min(C, 32):
+        width *= 2
+    tiles = -(-C // width)
+    rows_per_pass = T // width
+    nblk = max(1, min(-(-_config.CUDA_TARGET_BLOCKS // tiles),
+                      -(-outer // (rows_per_pass * per_thread)), _config.CUDA_MAX_PARTIALS))
+    chunk = max(1, -(-outer // nblk))
+    nblk = max(1, -(-outer // chunk))
+    return LaunchConfig(width, nblk, chunk, tiles * nblk, T)
+
+
+def _launch(kernel, grid, threads, stream, *args):
+    """Launch ``kernel`` (the one place where fastbn launches GPU work)."""
+    kernel[grid, threads, stream](*args)
+
+
+def _copy_grid(n):
+    return max(1, min(-(-n // _kernels.THREADS), _config.CUDA_TARGET_BLOCKS))
+
+
+def _compute_dtype(dtype):
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _stats_dtype(dtype):
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# The canonical view and outputs
+# --------------------------------------------------------------------------------------
+
+class _View(NamedTuple):
+    """``x3`` (Numba, C-contiguous ``(outer, C, inner)``), the memory order, its shape."""
+
+    x3: object
+    order: tuple
+    shape_t: tuple
+    span: tuple  # (pointer, bytes) of the memory x3 reads
+
+
+def _contiguous_in_order(shape, strides, itemsize, order):
+    """True when the array transposed by ``order`` is C-contiguous (size-1 axes ignored)."""
+    step = itemsize
+    for d in reversed(order):
+        if shape[d] > 1:
+            if strides[d] != step:
+                return False
+            step *= shape[d]
+    return True
+
+
+def _memory_order(arg):
+    """Axes from the slowest to the fastest, or None when no permutation is contiguous."""
+    shape, strides, itemsize = arg.shape, arg.strides, arg.dtype.itemsize
+    identity = tuple(range(arg.ndim))
+    if _contiguous_in_order(shape, strides, itemsize, identity):
+        return identity
+    if _contiguous_in_order(shape, strides, itemsize, identity[::-1]):
+        return identity[::-1]
+    order = tuple(sorted(identity, key=lambda d: -strides[d]))
+    return order if _contiguous_in_order(shape, strides, itemsize, order) else None
+
+
+def _span(arg):
+    """A 1-D Numba view of all the memory a strided array touches.
+
+    Returns
+    -------
+    tuple
+        ``(view, offset, strides)``: element ``index`` of the array is
+        ``view[offset + sum(index * strides)]`` (strides in elements).
+    """
+    itemsize = arg.dtype.itemsize
+    if any(s % itemsize for s in arg.strides):
+        raise ValueError(f"{arg.name} has strides {arg.strides} that are not multiples of "
+                         f"its item size {itemsize}")
+    lo = sum(min(0, s * (n - 1)) for s, n in zip(arg.strides, arg.shape))
+    hi = sum(max(0, s * (n - 1)) for s, n in zip(arg.strides, arg.shape))
+    view = arg.view(((hi - lo) // itemsize + 1,), None, offset=lo)
+    return view, -lo // itemsize, tuple(s // itemsize for s in arg.strides)
+
+
+def _gather(arg, order, stream):
+    """Copy ``arg`` into a new C-contiguous array laid out as ``arg.transpose(order)``."""
+    shape_t = tuple(arg.shape[d] for d in order)
+    buf = _nbcuda.device_array(shape_t, arg.dtype, stream=stream)
+    src, offset, strides = _span(arg)
+    n = arg.size
+    _launch(_kernels.gather, _copy_grid(n), _kernels.THREADS, stream, src, buf.reshape(n),
+            shape_t, tuple(strides[d] for d in order), offset)
+    return buf
+
+
+def _canonical(arg, axis, stream, order=None):
+    """The canonical view of ``arg`` (copied once when no permutation is contiguous).
+
+    With ``order`` (another array's memory order), ``arg`` is viewed in that order,
+    copied into it when it does not match.
+    """
+    if order is None:
+        order = _memory_order(arg)
+        if order is None:
+            order = tuple(range(arg.ndim))
+    shape_t = tuple(arg.shape[d] for d in order)
+    p = order.index(axis)
+    shape3 = (math.prod(shape_t[:p]), shape_t[p], math.prod(shape_t[p + 1:]))
+    nbytes = arg.size * arg.dtype.itemsize
+    if _contiguous_in_order(arg.shape, arg.strides, arg.dtype.itemsize, order):
+        return _View(arg.view(shape3), order, shape_t, (arg.ptr, nbytes))
+    buf = _gather(arg, order, stream)
+    return _View(buf.reshape(*shape3), order, shape_t, (0, 0))
+
+
+class _Output:
+    """Where a kernel writes an x-shaped result, and how the caller receives it.
+
+    The kernels write into ``y3``, a C-contiguous ``(outer, C, inner)`` Numba array of
+    the data's dtype. That is ``out`` itself when its layout matches the input's and it
+    does not partially overlap an input; otherwise a temporary that :meth:`finish` scatters
+    into ``out`` (one more launch). Without ``out``, a new array of the input's kind and
+    memory layout.
+    """
+
+    def __init__(self, out, view, like, dtype, stream, inputs=()):
+        self.out = out
+        self.view = view
+        self.stream = stream
+        self.result = None
+        shape3 = view.x3.shape
+        if out is not None:
+            y3 = self._direct(out, view, inputs)
+            self.direct = y3 is not None
+            self.y3 = y3 if self.direct else _nbcuda.device_array(shape3, dtype, stream=stream)
+            return
+        self.direct = True
+        buf = _empty(like.kind, like.obj, view.shape_t, dtype, stream)
+        buf_arg = _Arg(buf, "y")
+        self.y3 = buf_arg.view(shape3)
+        inverse = tuple(int(a) for a in np.argsort(view.order))
+        if view.order == tuple(range(len(view.order))):
+            self.result = buf
+        elif like.kind == "torch":
+            self.result = buf.permute(*inverse)
+        elif like.kind == "cupy":
+            self.result = buf.transpose(inverse)
+        else:
+            strides = buf_arg.strides
+            self.result = buf_arg.view(tuple(view.shape_t[a] for a in inverse),
+                                       tuple(strides[a] for a in inverse))
+
+    @staticmethod
+    def _direct(out, view, inputs):
+        """``out`` as the kernel's ``(outer, C, inner)`` view, or None."""
+        itemsize = out.dtype.itemsize
+        if not _contiguous_in_order(out.shape, out.strides, itemsize, view.order):
+            return None
+        start, nbytes = out.ptr, out.size * itemsize
+        for ptr, size in (view.span,) + tuple(inputs):
+            if size and ptr < start + nbytes and start < ptr + size and ptr != start:
+                return None
+        return out.view(view.x3.shape)
+
+    def finish(self):
+        """The result as the caller sees it (``out`` when one was given)."""
+        if self.out is None:
+            return self.result
+        if not self.direct:
+            dst, offset, strides = _span(self.out)
+            n = self.out.size
+            _launch(_kernels.scatter, _copy_grid(n), _kernels.THREADS, self.stream,
+                    self.y3.reshape(n), dst, self.view.shape_t,
+                    tuple(strides[d] for d in self.view.order), offset)
+        return self.out.obj
+
+
+def _stats_output(like, C, dtype, stream):
+    """A ``(C,)`` statistics array of the input's kind: ``(native, numba view)``."""
+    native = _empty(like.kind, like.obj, (C,), dtype, stream)
+    return native, _Arg(native, "stat").dev
+
+
+def _dev(arg, device_key):
+    """The Numba view of an optional argument, and whether it was given."""
+    if arg is None:
+        return _dummy(device_key), False
+    return arg.dev, True
+
+
+# --------------------------------------------------------------------------------------
+# Operations on checked arguments
+# --------------------------------------------------------------------------------------
+
+def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out, stream,
+                      stream_key, running=None):
+    """Two launches: statistics partials, then merge + normalize (+ running update).
+
+    Parameters
+    ----------
+    x : _Arg
+    view : _View
+    y3 : Numba array, shape (outer, C, inner)
+    gamma, beta : _Arg or None
+    eps : float
+    relu : bool
+    mean_out, invstd_out : Numba arrays of shape (C,) or None
+    stream, stream_key
+        From :func:`_resolve_stream`.
+    running : tuple, optional
+        ``(running_mean, running_var, factor, correction, mode)`` to update the running
+        statistics on the device (mode 0: on_nonfinite="raise", 1: "warn").
+    """
+    device_key = _device_key()
+    x3 = view.x3
+    outer, C, inner = x3.shape
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    kernels = _kernels.build(_compute_dtype(x.dtype))
+    n_part = 3 * C * cfg.nblk
+    work, ticket = _workspace((device_key, stream_key), n_part + 2 * C, stream)
+    part = work[:n_part].reshape(3, C, cfg.nblk)
+    stats = work[n_part:n_part + 2 * C].reshape(2, C)
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    dummy = _dummy(device_key)
+    write_stats = mean_out is not None
+    if running is None:
+        update, rm, rv, factor, correction, mode = False, dummy, dummy, 0.0, 1.0, 0
+    else:
+        rm_arg, rv_arg, factor, correction, mode = running
+        update, rm, rv = True, rm_arg.dev, rv_arg.dev
+    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
+            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
+    _launch(kernels.forward_apply, cfg.grid, cfg.threads, stream,
+            x3, y3, cfg.width, cfg.nblk, cfg.chunk, part, float(eps), g, has_g, b, has_b,
+            bool(relu), mean_out if write_stats else dummy,
+            invstd_out if write_stats else dummy, write_stats, stats, update, rm, rv,
+            float(factor), float(correction), ticket, _nonfinite_counter(device_key), mode)
+
+
+def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
+    """One launch: ``y`` from the given statistics."""
+    device_key = _device_key()
+    x3 = view.x3
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    kernels = _kernels.build(_compute_dtype(x.dtype))
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    _launch(kernels.inference, cfg.grid, cfg.threads, stream, x3, y3, cfg.width, cfg.nblk,
+            cfg.chunk, running_mean.dev, running_var.dev, float(eps), g, has_g, b, has_b,
+            bool(relu))
+
+
+def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, dbeta_out,
+              stream, stream_key):
+    """Two launches: partial sums, then merge + dx (+ dgamma/dbeta)."""
+    device_key = _device_key()
+    x3 = view.x3
+    outer, C, inner = x3.shape
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    kernels = _kernels.build(_compute_dtype(x.dtype))
+    n_part = 2 * C * cfg.nblk
+    work, _ = _workspace((device_key, stream_key), n_part, stream)
+    part = work[:n_part].reshape(2, C, cfg.nblk)
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    dummy = _dummy(device_key)
+    _launch(kernels.backward_partials, cfg.grid, cfg.threads, stream,
+            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, mean.dev if isinstance(mean, _Arg) else mean,
+            invstd.dev if isinstance(invstd, _Arg) else invstd, g, has_g, b, has_b,
+            bool(relu), part)
+    _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
+            dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part,
+            mean.dev if isinstance(mean, _Arg) else mean,
+            invstd.dev if isinstance(invstd, _Arg) else invstd, g, has_g, b, has_b, bool(relu),
+            dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
+            dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
+
+
+def _fill(dev, value, stream):
+    n = dev.shape[0]
+    if n:
+        _launch(_kernels.fill, _copy_grid(n), _kernels.THREADS, stream, dev, value)
+
+
+def _check_forward(a, axis, eps, activation):
+    """The checks of every forward; returns ``(axis, C, relu)``."""
+    x = a["x"]
+    _checks.check_input("x", x)
+    axis = _checks.normalize_axis(axis, x.ndim)
+    C = x.shape[axis]
+    _checks.check_channel_param("gamma", a.get("gamma"), C, axis)
+    _checks.check_channel_param("beta", a.get("beta"), C, axis)
+    _checks.check_eps(eps)
+    _checks.check_out("out", a.get("out"), x.shape, x.dtype)
+    return axis, C, _checks.check_activation(activation)
+
+
+# --------------------------------------------------------------------------------------
+# Public functions (called by fastbn.api for CUDA arrays)
+# --------------------------------------------------------------------------------------
+
+def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
+                       activation=None, stream=None):
+    """GPU twin of :func:`fastbn.batch_norm_forward`: ``(y, mean, invstd)`` on the device.
+
+    Two launches on ``stream``; no host synchronization. ``y``, ``mean`` and ``invstd``
+    are arrays of ``x``'s kind (Numba, CuPy, PyTorch); the statistics are float64 for
+    float64 input, float32 otherwise.
+
+    Parameters
+    ----------
+    x, gamma, beta, axis, eps, out, activation
+        As in :func:`fastbn.batch_norm_forward`; all arrays on the GPU.
+    stream : stream, optional
+        A Numba, CuPy or PyTorch stream (or an int handle); default the current stream
+        of ``x``'s library.
+
+    Returns
+    -------
+    tuple
+        ``(y, mean, invstd)``.
+    """
+    a = _wrap([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
+    xa = a["x"]
+    axis, C, relu = _check_forward(a, axis, eps, activation)
+    _checks.check_batch(xa.shape, axis, training=True)
+    stats_dtype = _stats_dtype(xa.dtype)
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        if xa.size == 0:  # C == 0: nothing to compute
+            dest = _Output(a["out"], _empty_view(xa, axis), xa, xa.dtype, stream)
+            return (dest.finish(), _stats_output(xa, C, stats_dtype, stream)[0],
+                    _stats_output(xa, C, stats_dtype, stream)[0])
+        view = _canonical(xa, axis, stream)
+        dest = _Output(a["out"], view, xa, xa.dtype, stream)
+        mean, mean_dev = _stats_output(xa, C, stats_dtype, stream)
+        invstd, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
+        _forward_training(xa, view, dest.y3, a["gamma"], a["beta"], float(eps), relu,
+                          mean_dev, invstd_dev, stream, key)
+        return dest.finish(), mean, invstd
+
+
+def _empty_view(xa, axis):
+    """The canonical view of an empty array (no memory, no launch)."""
+    order = tuple(range(xa.ndim))
+    shape3 = (math.prod(xa.shape[:axis]), xa.shape[axis], math.prod(xa.shape[axis + 1:]))
+    return _View(_nbcuda.device_array(shape3, xa.dtype), order, xa.shape, (0, 0))
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
+                        activation=None, stream=None):
+    """GPU twin of :func:`fastbn.batch_norm_backward`: ``(dx, dgamma, dbeta)``.
+
+    Two launches on ``stream``; no host synchronization. ``dgamma``/``dbeta`` are None
+    when ``gamma``/``beta`` are None, else ``(C,)`` arrays of ``x``'s kind in the
+    statistics dtype.
+    """
+    a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
+               ("beta", beta), ("out", out)])
+    xa, dya = a["x"], a["dy"]
+    dtype = _checks.check_input("x", xa)
+    _checks.check_input("dy", dya)
+    if dya.shape != xa.shape:
+        raise ValueError(f"dy must have the shape of x {xa.shape}, got {dya.shape}")
+    if dya.dtype != xa.dtype:
+        raise ValueError(f"dy must have the dtype of x ({dtype}), got {dya.dtype}")
+    axis = _checks.normalize_axis(axis, xa.ndim)
+    C = xa.shape[axis]
+    for name in ("mean", "invstd", "gamma", "beta"):
+        _checks.check_channel_param(name, a[name], C, axis)
+    if a["mean"] is None or a["invstd"] is None:
+        raise TypeError("mean and invstd are required: pass the statistics returned by "
+                        "batch_norm_forward")
+    _checks.check_out("out", a["out"], xa.shape, dtype)
+    relu = _checks.check_activation(activation)
+    stats_dtype = _stats_dtype(dtype)
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        dgamma = _stats_output(xa, C, stats_dtype, stream) if gamma is not None else None
+        dbeta = _stats_output(xa, C, stats_dtype, stream) if beta is not None else None
+        if xa.size == 0:
+            dest = _Output(a["out"], _empty_view(xa, axis), xa, dtype, stream)
+            for grad in (dgamma, dbeta):
+                if grad is not None:
+                    _fill(grad[1], 0.0, stream)
+            return (dest.finish(), dgamma[0] if dgamma else None, dbeta[0] if dbeta else None)
+        dx = _backward_call(xa, dya, axis, a["mean"], a["invstd"], a["gamma"], a["beta"], relu,
+                            a["out"], dgamma[1] if dgamma else None,
+                            dbeta[1] if dbeta else None, stream, key)
+        return dx, (dgamma[0] if dgamma else None), (dbeta[0] if dbeta else None)
+
+
+def _backward_call(xa, dya, axis, mean, invstd, gamma, beta, relu, out, dgamma_dev, dbeta_dev,
+                   stream, key):
+    """Views, output and the two backward launches; returns dx as the caller sees it."""
+    view = _canonical(xa, axis, stream)
+    dy_view = _canonical(dya, axis, stream, order=view.order)
+    dest = _Output(out, view, xa, xa.dtype, stream, inputs=(dy_view.span,))
+    _backward(xa, view, dy_view.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
+              dbeta_dev, stream, key)
+    return dest.finish()
+
+
+def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
+                         eps=1e-5, out=None, activation=None, stream=None):
+    """GPU twin of :func:`fastbn.batch_norm_inference`: one launch, one read, one write."""
+    a = _wrap([("x", x), ("running_mean", running_mean), ("running_var", running_var),
+               ("gamma", gamma), ("beta", beta), ("out", out)])
+    axis, C, relu = _check_forward(a, axis, eps, activation)
+    if a["running_mean"] is None or a["running_var"] is None:
+        raise ValueError("running_mean and running_var are required for inference")
+    _checks.check_channel_param("running_mean", a["running_mean"], C, axis)
+    _checks.check_channel_param("running_var", a["running_var"], C, axis)
+    return _inference_call(a, axis, float(eps), relu, stream)
+
+
+def _inference_call(a, axis, eps, relu, stream):
+    xa = a["x"]
+    with _device_context(xa):
+        stream, _ = _resolve_stream(stream, xa)
+        if xa.size == 0:
+            return _Output(a.get("out"), _empty_view(xa, axis), xa, xa.dtype, stream).finish()
+        view = _canonical(xa, axis, stream)
+        dest = _Output(a.get("out"), view, xa, xa.dtype, stream)
+        _inference(xa, view, dest.y3, a["running_mean"], a["running_var"], a.get("gamma"),
+                   a.get("beta"), eps, relu, stream)
+        return dest.finish()
+
+
+def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
+               training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
+               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
+               stream=None):
+    """GPU twin of :func:`fastbn.batch_norm`.
+
+    In training with running statistics, two launches: the second also updates
+    ``running_mean``/``running_var`` in place on the device, unless some channel's batch
+    statistics are not finite; then none is updated and the batch is reported by
+    :func:`check_nonfinite` (deferred; at once with ``FASTBN_CUDA_SYNC_NONFINITE=1``).
+    ``y`` is written either way.
+    """
+    a = _wrap([("x", x), ("running_mean", running_mean), ("running_var", running_var),
+               ("gamma", gamma), ("beta", beta), ("out", out)])
+    xa = a["x"]
+    axis, C, relu = _check_forward(a, axis, eps, activation)
+    rm, rv = a["running_mean"], a["running_var"]
+    if not training:
+        if rm is None or rv is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        _checks.check_channel_param("running_mean", rm, C, axis)
+        _checks.check_channel_param("running_var", rv, C, axis)
+        return _inference_call(a, axis, float(eps), relu, stream)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must be given together")
+    factor = api._momentum_factor(momentum, num_batches_tracked)
+    if on_nonfinite not in ("raise", "warn"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {on_nonfinite!r}")
+    if rm is not None:
+        _checks.check_running("running_mean", rm, C, axis)
+        _checks.check_running("running_var", rv, C, axis)
+    _, m = _checks.check_batch(xa.shape, axis, training=True)
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        if xa.size == 0:
+            return _Output(a["out"], _empty_view(xa, axis), xa, xa.dtype, stream).finish()
+        view = _canonical(xa, axis, stream)
+        dest = _Output(a["out"], view, xa, xa.dtype, stream)
+        running = None
+        if rm is not None:
+            correction = m / (m - 1.0) if running_var_unbiased else 1.0
+            running = (rm, rv, factor, correction, 0 if on_nonfinite == "raise" else 1)
+        _forward_training(xa, view, dest.y3, a["gamma"], a["beta"], float(eps), relu, None,
+                          None, stream, key, running)
+        result = dest.finish()
+        if running is not None and _config.CUDA_SYNC_NONFINITE:
+            check_nonfinite(stream)
+        return result
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite reporting
+# --------------------------------------------------------------------------------------
+
+def _take_counts(stream):
+    """Read and reset the device's skipped-update counters (synchronizes ``stream``)."""
+    stream, _ = _resolve_stream(stream, None)
+    counter = _nonfinite_counter(_device_key())
+    taken = _nbcuda.device_array(2, np.int32, stream=stream)
+    _launch(_kernels.take_counts, 1, 32, stream, counter, taken)
+    counts = taken.copy_to_host(stream=stream)
+    stream.synchronize()
+    return int(counts[0]), int(counts[1])
+
+
+def nonfinite_count(stream=None):
+    """Number of GPU training calls whose running-statistics update was skipped.
+
+    Counts the calls (on the current device) whose batch statistics were not finite since
+    the last :func:`nonfinite_count` or :func:`check_nonfinite`, and resets the count.
+    Synchronizes ``stream`` (default: Numba's default stream, which waits for the legacy
+    default stream's work; pass the stream you launched on).
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> import fastbn.cuda  # doctest: +SKIP
+    >>> fastbn.cuda.nonfinite_count()  # doctest: +SKIP
+    0
+    """
+    raised, warned = _take_counts(stream)
+    return raised + warned
+
+
+def check_nonfinite(stream=None):
+    """Report GPU training calls whose non-finite batch statistics were kept out.
+
+    Synchronizes ``stream``, reads and resets the device's counters, then warns
+    (``RuntimeWarning``) for calls made with ``on_nonfinite="warn"`` and raises
+    ``FloatingPointError`` for calls made with ``on_nonfinite="raise"`` (the default,
+    and every :class:`fastbn.BatchNorm` training call). In every case the running
+    statistics were left unchanged by those calls.
+
+    Raises
+    ------
+    FloatingPointError
+        Some call made with ``on_nonfinite="raise"`` had non-finite batch statistics.
+    """
+    raised, warned = _take_counts(stream)
+    if warned:
+        warnings.warn(f"batch statistics were not finite in {warned} GPU training call(s); "
+                      f"the running statistics were left unchanged", RuntimeWarning,
+                      stacklevel=2)
+    if raised:
+        raise FloatingPointError(f"batch statistics were not finite in {raised} GPU training "
+                                 f"call(s); the running statistics were left unchanged "
+                                 f"(pass on_nonfinite='warn' to be warned instead)")
+
+
+# --------------------------------------------------------------------------------------
+# The BatchNorm layer on the GPU
+# --------------------------------------------------------------------------------------
+
+_LAYER_ARRAYS = ("gamma", "beta", "running_mean", "running_var", "dgamma", "dbeta")
+
+
+def _to_kind(host, kind):
+    """A device copy of a host array as a Numba, CuPy or PyTorch array."""
+    host = np.ascontiguousarray(host)
+    if kind == "torch":
+        import torch
+        return torch.as_tensor(host, device="cuda")
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(host)
+    if kind != "numba":
+        raise ValueError(f"kind must be 'numba', 'cupy' or 'torch', got {kind!r}")
+    return _nbcuda.to_device(host)
+
+
+def to_device(layer, kind="numba"):
+    """Put a :class:`fastbn.BatchNorm`'s parameters, statistics and gradients on the GPU.
+
+    Parameters
+    ----------
+    layer : fastbn.BatchNorm
+    kind : {"numba", "cupy", "torch"}, default "numba"
+        The array type of the device state.
+
+    Returns
+    -------
+    fastbn.BatchNorm
+        ``layer`` (modified in place; a saved forward is dropped).
+
+    Raises
+    ------
+    RuntimeError
+        No CUDA GPU is available.
+    """
+    _require_gpu()
+    if kind not in ("numba", "cupy", "torch"):
+        raise ValueError(f"kind must be 'numba', 'cupy' or 'torch', got {kind!r}")
+    for name in _LAYER_ARRAYS:
+        value = getattr(layer, name, None)
+        if value is None:
+            continue
+        if api.is_cuda_array(value):
+            if _kind(value) == kind:
+                continue
+            value = to_host(value)
+        setattr(layer, name, _to_kind(np.asarray(value), kind))
+    layer._saved = None
+    return layer
+
+
+def move_layer(layer, device):
+    """``layer.to(device)``: ``"cuda"`` (Numba device arrays) or ``"cpu"`` (NumPy)."""
+    if device == "cuda":
+        return to_device(layer)
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    for name in _LAYER_ARRAYS:
+        value = getattr(layer, name, None)
+        if value is not None and api.is_cuda_array(value):
+            setattr(layer, name, to_host(value))
+    layer._saved = None
+    return layer
+
+
+def _layer_state(layer):
+    """The layer's device state as wrapped arguments; a clear error if on the host."""
+    named = [(k, getattr(layer, k)) for k in ("gamma", "beta", "running_mean", "running_var")]
+    on_host = [k for k, v in named if v is not None and not api.is_cuda_array(v)]
+    if on_host:
+        raise TypeError(f"the layer's {', '.join(on_host)} are on the host but x is a CUDA "
+                        f"array: call layer.to('cuda') (or fastbn.cuda.to_device(layer)) first")
+    return {k: (_Arg(v, k) if v is not None else None) for k, v in named}
+
+
+def layer_forward(layer, x, training):
+    """:meth:`fastbn.BatchNorm.forward` for a CUDA array ``x`` (layer state on the GPU).
+
+    In training with running statistics, the update happens on the device (two launches
+    in all) and ``layer.num_batches_tracked`` is incremented on the host; a batch with
+    non-finite statistics leaves the running statistics unchanged and is reported by
+    :func:`check_nonfinite` (at once, before anything of the layer changes, with
+    ``FASTBN_CUDA_SYNC_NONFINITE=1``).
+    """
+    state = _layer_state(layer)
+    xa = _Arg(x, "x")
+    if not training and layer.track_running_stats:
+        layer._saved = None
+        a = dict(state, x=xa, out=None)
+        axis, C, relu = _check_forward(a, layer.axis, layer.eps, layer.activation)
+        layer._check_channels(xa, axis)
+        return _inference_call(a, axis, layer.eps, relu, None)
+    a = dict(state, x=xa, out=None)
+    axis, C, relu = _check_forward(a, layer.axis, layer.eps, layer.activation)
+    layer._check_channels(xa, axis)
+    _, m = _checks.check_batch(xa.shape, axis, training=True)
+    update = training and layer.track_running_stats
+    factor = api._momentum_factor(layer.momentum, layer.num_batches_tracked) if update else None
+    with _device_context(xa):
+        stream, key = _resolve_stream(None, xa)
+        view = _canonical(xa, axis, stream)
+        dest = _Output(None, view, xa, xa.dtype, stream)
+        # float64 statistics for backward, as the CPU layer keeps them
+        mean = _nbcuda.device_array(C, np.float64, stream=stream)
+        invstd = _nbcuda.device_array(C, np.float64, stream=stream)
+        running = None
+        if update:
+            correction = m / (m - 1.0) if layer.running_var_unbiased else 1.0
+            running = (state["running_mean"], state["running_var"], factor, correction, 0)
+        _forward_training(xa, view, dest.y3, state["gamma"], state["beta"], layer.eps, relu,
+                          mean, invstd, stream, key, running)
+        y = dest.finish()
+        if update:
+            if _config.CUDA_SYNC_NONFINITE:
+                check_nonfinite(stream)
+            layer.num_batches_tracked += 1
+        layer._saved = (x, axis, mean, invstd)
+        return y
+
+
+def layer_backward(layer, dy):
+    """:meth:`fastbn.BatchNorm.backward` for a CUDA array ``dy``.
+
+    Returns ``dx`` (``dy``'s kind); sets ``layer.dgamma``/``layer.dbeta`` (arrays of the
+    kind of ``layer.gamma``, in the layer's dtype) when the layer is affine.
+    """
+    x, axis, mean, invstd = layer._saved
+    xa = _Arg(x, "x")
+    dya = _Arg(dy, "dy")
+    _checks.check_input("dy", dya)
+    if dya.shape != xa.shape or dya.dtype != xa.dtype:
+        raise ValueError(f"dy must have the shape and dtype of the forward's input "
+                         f"{xa.shape} {xa.dtype}, got {dya.shape} {dya.dtype}")
+    state = _layer_state(layer)
+    relu = layer.activation == "relu"
+    with _device_context(xa):
+        stream, key = _resolve_stream(None, xa)
+        dgamma = dbeta = None
+        if layer.affine:
+            gamma = state["gamma"]
+            dgamma = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
+            dbeta = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
+        dx = _backward_call(xa, dya, axis, mean, invstd, state["gamma"], state["beta"], relu,
+                            None, _Arg(dgamma, "dgamma").dev if layer.affine else None,
+                            _Arg(dbeta, "dbeta").dev if layer.affine else None, stream, key)
+    if layer.affine:
+        layer.dgamma = dgamma
+        layer.dbeta = dbeta
+    return dx
+
+
+def copy_into(device_array, values):
+    """Copy ``values`` (host or device, any float dtype) into ``device_array`` in place.
+
+    From host memory the copy is synchronous (pageable memory); device to device it is
+    one launch on the default stream.
+    """
+    dst = _Arg(device_array, "device_array")
+    if api.is_cuda_array(values):
+        src = _Arg(values, "values")
+        if src.shape != dst.shape:
+            raise ValueError(f"values must have shape {dst.shape}, got {src.shape}")
+        if not _contiguous_in_order(dst.shape, dst.strides, dst.dtype.itemsize,
+                                    tuple(range(dst.ndim))):
+            raise ValueError("copy_into needs a C-contiguous destination")
+        stream = _nbcuda.default_stream()
+        if src.size:
+            span, offset, strides = _span(src)
+            _launch(_kernels.gather, _copy_grid(src.size), _kernels.THREADS, stream, span,
+                    dst.dev.reshape(dst.size), src.shape, strides, offset)
+        return device_array
+    host = np.ascontiguousarray(np.asarray(values), dtype=dst.dtype)
+    if host.shape != dst.shape:
+        raise ValueError(f"values must have shape {dst.shape}, got {host.shape}")
+    dst.dev.copy_to_device(host)
+    return device_array
+
+
+def to_host(device_array):
+    """A NumPy copy of a CUDA array (synchronous).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn.cuda  # doctest: +SKIP
+    >>> fastbn.cuda.to_host(numba.cuda.to_device(np.ones(3)))  # doctest: +SKIP
+    array([1., 1., 1.])
+    """
+    arg = _Arg(device_array, "device_array")
+    if arg.size == 0:
+        return np.empty(arg.shape, arg.dtype)
+    order = _memory_order(arg)
+    if order is None:
+        stream = _nbcuda.default_stream()
+        buf = _gather(arg, tuple(range(arg.ndim)), stream)
+        return buf.copy_to_host(stream=stream)
+    host = arg.dev.copy_to_host()
+    return np.array(host, copy=True)
