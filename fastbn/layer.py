@@ -159,6 +159,25 @@ class BatchNorm:
         """Set evaluation mode (running statistics); returns ``self``."""
         return self.train(False)
 
+    def to(self, device):
+        """Move parameters, running statistics and gradients to ``"cuda"`` or ``"cpu"``.
+
+        ``"cuda"`` makes them Numba device arrays (``fastbn.cuda.to_device(layer, kind=)``
+        gives CuPy or PyTorch ones); ``"cpu"`` makes them NumPy arrays. Returns ``self``.
+
+        Examples
+        --------
+        >>> import fastbn
+        >>> fastbn.BatchNorm(3).to("cpu").gamma
+        array([1., 1., 1.], dtype=float32)
+        """
+        if device == "cpu" and not any(api.is_cuda_array(getattr(self, k, None)) for k in
+                                       ("gamma", "beta", "running_mean", "running_var",
+                                        "dgamma", "dbeta")):
+            return self
+        from . import cuda
+        return cuda.move_layer(self, device)
+
     def forward(self, x, training=None):
         """Normalize ``x``.
 
