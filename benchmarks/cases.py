@@ -446,7 +446,8 @@ def fastbn_provider(op, inputs):
     -------
     callable
         The timed call; its x-sized output (``y`` or ``dx``) is preallocated and passed as
-        ``out=``, so the timed call does not allocate it.
+        ``out=``, so the timed call does not allocate it. Backward gets gamma and beta, so
+        it returns dgamma and dbeta, as the NumPy and PyTorch providers do.
     """
     fastbn = import_fastbn()
     d, axis = inputs, inputs.case.axis
@@ -458,13 +459,13 @@ def fastbn_provider(op, inputs):
         return lambda: fastbn.batch_norm_inference(d.x, d.running_mean, d.running_var, d.gamma,
                                                    d.beta, axis=axis, eps=EPS, out=y)
     if op == "backward":
-        return lambda: fastbn.batch_norm_backward(d.dy, d.x, d.mean, d.invstd, gamma=d.gamma,
+        return lambda: fastbn.batch_norm_backward(d.dy, d.x, d.mean, d.invstd, d.gamma, d.beta,
                                                   axis=axis, out=dx)
 
     def forward_backward():
         _, mean, invstd = fastbn.batch_norm_forward(d.x, d.gamma, d.beta, axis=axis, eps=EPS,
                                                     out=y)
-        return fastbn.batch_norm_backward(d.dy, d.x, mean, invstd, gamma=d.gamma, axis=axis,
+        return fastbn.batch_norm_backward(d.dy, d.x, mean, invstd, d.gamma, d.beta, axis=axis,
                                           out=dx)
 
     return forward_backward

@@ -63,7 +63,7 @@ def step():
     t0 = time.perf_counter()
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
     t1 = time.perf_counter()
-    fastbn.batch_norm_backward(dy, x, mean, invstd, gamma=gamma, axis=axis)
+    fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

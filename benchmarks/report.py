@@ -574,8 +574,8 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "times.",
         "",
         "**Copy bandwidth** is STREAM's *Copy*: `dst[:] = src`, counting bytes read plus "
-        "bytes written (the write-allocate read is not counted). The best of three ways is "
-        "kept: `np.copyto` on one thread, `np.copyto` on one slice per thread, and a Numba "
+        "bytes written (the write-allocate read is not counted), from the best time over "
+        "many copies as STREAM does. The best of three ways is kept: `np.copyto` on one thread, `np.copyto` on one slice per thread, and a Numba "
         "`prange` copy with Numba's thread count. It is measured on a 256 MiB array and again "
         "at the size of each benchmark's x: the (32, 64, 56, 56) float32 tensor is 25.7 MB "
         "and fits in a 32 MB L3, so its roofline is the copy bandwidth at 25.7 MB, not the "

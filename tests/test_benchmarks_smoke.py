@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,9 +161,58 @@ def test_small_benchmarks_run_untimed(tmp_path):
     """
     env = dict(os.environ, FASTBN_BENCH_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks", "-k", "small or tiny",
+        [sys.executable, "-m", "pytest", "benchmarks", "-k", "small or host_overhead",
          "--benchmark-disable", "-q", "-p", "no:cacheprovider", "-rs"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout
     assert "failed" not in proc.stdout
+
+
+def _as_numpy(result, axis):
+    """Turn a provider's result into a tuple of NumPy arrays in x's layout.
+
+    Parameters
+    ----------
+    result : array, tensor or tuple of them
+        What a provider's call returned.
+    axis : int
+        The channel axis of x (PyTorch results have the channel at position 1).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The outputs.
+    """
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
+    arrays = []
+    for out in outputs:
+        if hasattr(out, "detach"):  # a torch tensor: channel back where x has it
+            out = out.detach()
+            out = out.movedim(1, axis % out.ndim) if out.ndim > 1 else out
+            out = out.numpy()
+        arrays.append(out)
+    return tuple(arrays)
+
+
+@pytest.mark.parametrize("layout, shape, axis", [("NCHW", (4, 3, 5, 5), 1),
+                                                 ("NHWC", (4, 5, 5, 3), -1),
+                                                 ("NC", (37, 6), 1)])
+def test_providers_compute_the_same(report_module, layout, shape, axis):
+    """fastbn, NumPy and PyTorch providers agree: the suite compares like with like."""
+    from benchmarks.cases import CPU_PROVIDERS, OPS, Case, make_inputs
+
+    providers = ["fastbn", "numpy"]
+    try:
+        import torch  # noqa: F401
+        providers.append("torch")
+    except ImportError:
+        pass
+    inputs = make_inputs(Case(layout, shape, axis, "float64"))
+    for op in OPS:
+        results = {p: _as_numpy(CPU_PROVIDERS[p](op, inputs)(), axis) for p in providers}
+        outputs = 1 if op in ("forward", "inference") else 3  # y, or (dx, dgamma, dbeta)
+        for provider in providers[1:]:
+            for mine, theirs in zip(results["fastbn"][:outputs], results[provider][:outputs]):
+                np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=1e-9,
+                                           err_msg=f"{op}: fastbn vs {provider}")
