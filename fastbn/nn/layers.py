@@ -659,10 +659,17 @@ class Sequential:
             if tuple(np.shape(state[p.name])) != tuple(p.value.shape):
                 raise ValueError(f"{p.name} must have shape {tuple(p.value.shape)}, "
                                  f"got {tuple(np.shape(state[p.name]))}")
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, BatchNorm):
-                layer.load_state_dict({k: state[f"layers.{i}.{k}"]
-                                       for k in ("running_mean", "running_var",
-                                                 "num_batches_tracked")})
+        bn_layers = [(i, layer) for i, layer in enumerate(self.layers)
+                     if isinstance(layer, BatchNorm)]
+        for i, layer in bn_layers:
+            for key in ("running_mean", "running_var"):
+                shape = tuple(np.shape(state[f"layers.{i}.{key}"]))
+                if shape != (layer.num_features,):
+                    raise ValueError(f"layers.{i}.{key} must have shape "
+                                     f"({layer.num_features},), got {shape}")
+        for i, layer in bn_layers:
+            layer.load_state_dict({k: state[f"layers.{i}.{k}"]
+                                   for k in ("running_mean", "running_var",
+                                             "num_batches_tracked")})
         for p in self.store:
             p.value[...] = self.xp.asarray(np.asarray(state[p.name], dtype=self.dtype))
