@@ -543,7 +543,7 @@ def _to_features(images):
         float32, shape ``(n, h * w)``, C-contiguous.
     """
     features = images.reshape(images.shape[0], -1).astype(np.float32)
-    features *= np.float32(1.0 / 255.0)
+    features /= np.float32(255.0)  # a division, not * (1/255): exactly k/255 rounded once
     return features
 
 
