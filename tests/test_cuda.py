@@ -1,0 +1,531 @@
+"""The CUDA path against the float64 reference and the CPU path.
+
+On a machine with a GPU these tests run in-process, unchanged. Without one, the outer test
+:func:`test_cuda_suite_under_simulator` re-runs this file in two subprocesses under Numba's
+CUDA simulator with 64 threads per block (two warps: the shuffle tree *and* the cross-warp
+merge run) and a launch configuration that gives tiny arrays several blocks per channel
+with a tail, so that multi-block and tail paths run. The environment has to be set before
+``numba.cuda`` is first imported, hence the subprocesses. The simulator is slow (about
+0.1 s per block): shapes stay tiny.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+import fastbn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import reference as ref  # noqa: E402
+
+CHILD = os.environ.get("FASTBN_CUDA_TEST_CHILD") == "1"
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "FASTBN_CUDA_THREADS": "64",
+           "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4", "FASTBN_CUDA_TARGET_BLOCKS": "8",
+           "FASTBN_CUDA_SYNC_NONFINITE": "0"}
+SHARDS = 2
+
+
+def _real_gpu():
+    if SIMULATED:
+        return False
+    return fastbn.cuda_available()
+
+
+RUN_HERE = CHILD or _real_gpu()
+
+if RUN_HERE:
+    from numba import cuda
+
+    import fastbn.cuda as fcuda
+
+
+# --------------------------------------------------------------------------------------
+# The outer test: run this file under the simulator
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(RUN_HERE, reason="the CUDA tests run in this process")
+def test_cuda_suite_under_simulator():
+    """Run every test below under the CUDA simulator, in two parallel shards."""
+    pytest.importorskip("numba.cuda")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for shard in range(SHARDS):
+        env = dict(os.environ, **SIM_ENV, FASTBN_CUDA_TEST_CHILD="1",
+                   FASTBN_CUDA_TEST_SHARD=f"{shard}/{SHARDS}")
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+             os.path.abspath(__file__), "-k", "not test_cuda_suite_under_simulator"],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"CUDA tests failed under the simulator:\n{out}"
+        assert " passed" in out, out
+
+
+needs_cuda = pytest.mark.skipif(not RUN_HERE, reason="runs on a GPU or in the simulator "
+                                                     "subprocess")
+
+
+@pytest.fixture(autouse=True)
+def _shard(request):
+    """In a simulator shard, run only this shard's share of the tests."""
+    spec = os.environ.get("FASTBN_CUDA_TEST_SHARD")
+    if CHILD and spec:
+        index, count = (int(v) for v in spec.split("/"))
+        if zlib.crc32(request.node.nodeid.encode()) % count != index:
+            pytest.skip("other shard")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 5e-3}
+
+
+def close(actual, expected, dtype, scale=1.0, name="result"):
+    """``|actual - expected| <= tol * (1 + |expected|)``, NaN-aware, listing mismatches."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: {actual.shape} != {expected.shape}"
+    t = TOL[np.dtype(dtype)] * scale
+    bad = ~(np.abs(actual - expected) <= t * (1 + np.abs(expected)))
+    bad &= ~(np.isnan(actual) & np.isnan(expected))
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.size} differ (tol {t}); first: " +
+                             ", ".join(f"{tuple(i)}: {actual[tuple(i)]!r} vs "
+                                       f"{expected[tuple(i)]!r}" for i in idx))
+
+
+def dev(a):
+    return None if a is None else cuda.to_device(np.ascontiguousarray(a))
+
+
+def host(a):
+    return None if a is None else fcuda.to_host(a)
+
+
+def data(shape, dtype, seed=0, offset=3.0):
+    rng = np.random.default_rng(seed)
+    return (offset + 2.0 * rng.standard_normal(shape)).astype(dtype)
+
+
+def params(C, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype), rng.standard_normal(C).astype(dtype)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count kernel launches (every launch goes through ``fastbn.cuda._launch``)."""
+    calls = []
+    original = fcuda._launch
+
+    def counting(kernel, *args):
+        calls.append(kernel)
+        return original(kernel, *args)
+
+    monkeypatch.setattr(fcuda, "_launch", counting)
+    return calls
+
+
+# Layouts: (shape, axis). Strided (inner > 1) and rows (inner == 1) families, C = 1,
+# primes, two rows, C > 32 (two rows tiles, the second partial).
+LAYOUTS = [
+    ((7, 3, 41), 1),          # (N, C, L): strided, 2 blocks per channel, tail chunk
+    ((2, 9, 300), 1),         # strided, 1 block per channel, > 8 values per thread
+    ((4, 3, 5, 7), 1),        # NCHW
+    ((3, 2, 3, 4, 5), 1),     # NCDHW volume
+    ((37, 5), 1),             # (N, C): rows, width 8
+    ((4, 5, 6, 3), -1),       # NHWC: rows
+    ((70, 37), 1),            # C = 37 > 32: two rows tiles, 4 row chunks
+    ((50, 1, 9), 1),          # C = 1, strided
+    ((2, 7), 1),              # 2 rows
+]
+
+
+# --------------------------------------------------------------------------------------
+# Forward, backward, inference against the reference and the CPU
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_forward_backward_layouts(shape, axis):
+    x = data(shape, np.float32)
+    C = shape[axis]
+    gamma, beta = params(C, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), axis=axis)
+    assert isinstance(y, type(dev(x))) and y.shape == x.shape and y.dtype == x.dtype
+    yr, mr, ir, _ = ref.forward(x, gamma, beta, axis)
+    close(host(y), yr, np.float32, name="y")
+    close(host(mean), mr, np.float32, name="mean")
+    close(host(invstd), ir, np.float32, name="invstd")
+    assert host(mean).dtype == np.float32
+    # GPU agrees with the CPU path
+    y_cpu, mean_cpu, _ = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
+    close(host(y), y_cpu, np.float32, name="y vs cpu")
+    close(host(mean), mean_cpu, np.float32, name="mean vs cpu")
+
+    dy = data(shape, np.float32, seed=5, offset=0.0)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
+                                                   dev(beta), axis=axis)
+    dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis)
+    m = x.size // C
+    close(host(dx), dxr, np.float32, name="dx")
+    close(host(dgamma), dgr, np.float32, scale=np.sqrt(m), name="dgamma")
+    close(host(dbeta), dbr, np.float32, scale=np.sqrt(m), name="dbeta")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("shape, axis", [((6, 3, 50), 1), ((37, 5), 1)])
+def test_dtypes(dtype, shape, axis):
+    x = data(shape, dtype)
+    C = shape[axis]
+    gamma, beta = params(C, dtype)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), axis=axis)
+    assert y.dtype == dtype
+    stats = np.float64 if dtype == np.float64 else np.float32
+    assert mean.dtype == stats and invstd.dtype == stats
+    yr, mr, ir, _ = ref.forward(x, gamma, beta, axis)
+    close(host(y), yr, dtype, name="y")
+    close(host(mean), mr, np.float64 if dtype == np.float64 else np.float32, name="mean")
+    # float16 has float32 compute: bitwise the CPU's output, whose float16 path is float32
+    y_cpu = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)[0]
+    close(host(y), y_cpu, dtype, name="y vs cpu")
+    dy = data(shape, dtype, seed=5, offset=0.0)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
+                                                   dev(beta), axis=axis)
+    assert dx.dtype == dtype and dgamma.dtype == stats
+    dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis)
+    m = x.size // C
+    close(host(dx), dxr, dtype, scale=4, name="dx")
+    close(host(dbeta), dbr, np.float32 if dtype == np.float16 else dtype, scale=np.sqrt(m),
+          name="dbeta")
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape, axis", [((6, 3, 50), 1), ((4, 5, 6, 3), -1)])
+def test_relu_forward_backward(shape, axis):
+    x = data(shape, np.float32)
+    C = shape[axis]
+    gamma, beta = params(C, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), axis=axis,
+                                                activation="relu")
+    close(host(y), ref.forward(x, gamma, beta, axis, activation="relu")[0], np.float32)
+    assert (host(y) >= 0).all()
+    dy = data(shape, np.float32, seed=5, offset=0.0)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
+                                                   dev(beta), axis=axis, activation="relu")
+    dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis,
+                                 activation="relu")
+    m = x.size // C
+    close(host(dx), dxr, np.float32, name="dx")
+    close(host(dgamma), dgr, np.float32, scale=np.sqrt(m), name="dgamma")
+    # the mask is recomputed with the forward's formula: where y == 0, dy is dropped
+    dx_cpu, dg_cpu, db_cpu = fastbn.batch_norm_backward(dy, x, host(mean), host(invstd), gamma,
+                                                        beta, axis=axis, activation="relu")
+    close(host(dbeta), db_cpu, np.float32, scale=np.sqrt(m), name="dbeta vs cpu")
+
+
+@needs_cuda
+def test_affine_off_gives_no_parameter_gradients():
+    x = data((6, 3, 50), np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x))
+    close(host(y), ref.forward(x)[0], np.float32)
+    dy = data(x.shape, np.float32, seed=2, offset=0.0)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd)
+    assert dgamma is None and dbeta is None
+    close(host(dx), ref.backward(dy, x, host(mean), host(invstd))[0], np.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5, 7), 1), ((37, 5), 1)])
+def test_inference(shape, axis, launches):
+    x = data(shape, np.float32)
+    C = shape[axis]
+    gamma, beta = params(C, np.float32)
+    rm = np.linspace(2.0, 4.0, C).astype(np.float32)
+    rv = np.linspace(1.0, 5.0, C).astype(np.float32)
+    y = fastbn.batch_norm_inference(dev(x), dev(rm), dev(rv), dev(gamma), dev(beta), axis=axis,
+                                    eps=1e-3, activation="relu")
+    assert len(launches) == 1
+    close(host(y), ref.inference(x, rm, rv, gamma, beta, axis, eps=1e-3, activation="relu"),
+          np.float32)
+    y2 = fastbn.batch_norm(dev(x), dev(rm), dev(rv), axis=axis, training=False)
+    close(host(y2), ref.inference(x, rm, rv, axis=axis), np.float32)
+
+
+@needs_cuda
+def test_large_offset_keeps_float32_accuracy():
+    """No E[x^2] - E[x]^2 cancellation: 1e4 + randn keeps ~1e-5 relative accuracy."""
+    x = (1e4 + np.random.default_rng(3).standard_normal((6, 3, 50))).astype(np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x))
+    yr, mr, ir, _ = ref.forward(x)
+    close(host(y), yr, np.float32, scale=10, name="y")
+    close(host(invstd), ir, np.float32, name="invstd")
+
+
+@needs_cuda
+def test_deterministic_and_launch_counts(launches):
+    x = data((6, 3, 50), np.float32)
+    dy = data((6, 3, 50), np.float32, seed=4, offset=0.0)
+    xd, dyd = dev(x), dev(dy)
+    y1, m1, i1 = fastbn.batch_norm_forward(xd)
+    assert len(launches) == 2
+    y2, m2, i2 = fastbn.batch_norm_forward(xd)
+    assert np.array_equal(host(y1), host(y2)) and np.array_equal(host(m1), host(m2))
+    del launches[:]
+    dx1 = fastbn.batch_norm_backward(dyd, xd, m1, i1)[0]
+    assert len(launches) == 2
+    dx2 = fastbn.batch_norm_backward(dyd, xd, m1, i1)[0]
+    assert np.array_equal(host(dx1), host(dx2))
+
+
+@needs_cuda
+def test_launch_configuration_has_several_blocks_and_tails():
+    """The simulator run exercises multi-block and tail paths (guards the test knobs)."""
+    if not CHILD:
+        pytest.skip("about the simulator's knobs")
+    strided = fcuda.launch_config((7, 3, 41), "<f4")
+    assert strided.nblk > 1 and (7 * 41) % strided.chunk != 0 and strided.chunk % 64 != 0
+    assert strided.threads == 64
+    # full register batches (8 values) and a partial one per thread
+    assert fcuda.launch_config((2, 9, 300), "<f4").chunk > 8 * 64
+    rows = fcuda.launch_config((70, 37, 1), "<f4")
+    assert rows.width == 32 and rows.grid == 2 * rows.nblk and rows.nblk > 1
+    assert 70 % rows.chunk != 0
+
+
+# --------------------------------------------------------------------------------------
+# Layouts of inputs and outputs
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_out_in_place_and_other_layout(launches):
+    x = data((4, 3, 5, 7), np.float32)
+    gamma, beta = params(3, np.float32)
+    yr = ref.forward(x, gamma, beta)[0]
+    out = cuda.device_array(x.shape, np.float32)
+    y, _, _ = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), out=out)
+    assert y is out and len(launches) == 2
+    close(host(out), yr, np.float32, name="out")
+    xd = dev(x)
+    y, _, _ = fastbn.batch_norm_forward(xd, dev(gamma), dev(beta), out=xd)  # in place
+    assert y is xd
+    close(host(xd), yr, np.float32, name="in place")
+    # out in another memory layout: computed in a temporary, then one scatter launch
+    out_f = cuda.to_device(np.asfortranarray(np.zeros(x.shape, np.float32)))
+    del launches[:]
+    y, _, _ = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), out=out_f)
+    assert y is out_f and len(launches) == 3
+    close(host(out_f), yr, np.float32, name="fortran out")
+
+
+@needs_cuda
+def test_non_contiguous_inputs(launches):
+    base = data((4, 6, 5, 7), np.float32)
+    # Fortran order: a permutation of a contiguous block, viewed without a copy, and the
+    # result keeps that layout
+    xf = np.asfortranarray(base)
+    y, _, _ = fastbn.batch_norm_forward(cuda.to_device(xf))
+    assert len(launches) == 2
+    close(host(y), ref.forward(base)[0], np.float32, name="fortran")
+    # a sliced (gappy) view: gathered once (one more launch)
+    sliced = cuda.to_device(base)[:, ::2]
+    del launches[:]
+    y, mean, invstd = fastbn.batch_norm_forward(sliced)
+    assert len(launches) == 3
+    close(host(y), ref.forward(base[:, ::2])[0], np.float32, name="sliced")
+    dy = data(base[:, ::2].shape, np.float32, seed=8, offset=0.0)
+    dx, _, _ = fastbn.batch_norm_backward(dev(dy), sliced, mean, invstd)
+    close(host(dx), ref.backward(dy, base[:, ::2], host(mean), host(invstd))[0], np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Running statistics and the non-finite guard
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("momentum, unbiased", [(0.1, True), (None, True), (0.01, False)])
+def test_running_statistics_update(momentum, unbiased):
+    x = data((37, 5), np.float32)
+    rm = np.linspace(-1, 1, 5).astype(np.float32)
+    rv = np.linspace(1, 2, 5).astype(np.float32)
+    rmd, rvd = dev(rm), dev(rv)
+    y = fastbn.batch_norm(dev(x), rmd, rvd, training=True, momentum=momentum,
+                          num_batches_tracked=3, running_var_unbiased=unbiased)
+    _, mean, _, var = ref.forward(x)
+    factor = 0.25 if momentum is None else momentum
+    nm, nv = ref.update_running(rm, rv, mean, var, 37, factor, unbiased)
+    close(host(rmd), nm, np.float32, name="running_mean")
+    close(host(rvd), nv, np.float32, name="running_var")
+    close(host(y), ref.forward(x)[0], np.float32, name="y")
+
+
+@needs_cuda
+def test_nonfinite_batch_leaves_running_statistics_and_is_reported(monkeypatch):
+    fcuda.nonfinite_count()  # start from zero
+    x = data((37, 5), np.float32)
+    x[3, 2] = np.nan
+    rm = np.zeros(5, np.float32)
+    rv = np.ones(5, np.float32)
+    rmd, rvd = dev(rm), dev(rv)
+    fastbn.batch_norm(dev(x), rmd, rvd, training=True)  # deferred report: no raise here
+    assert np.array_equal(host(rmd), rm) and np.array_equal(host(rvd), rv)  # all channels
+    with pytest.raises(FloatingPointError, match="not finite in 1 GPU training call"):
+        fcuda.check_nonfinite()
+    fcuda.check_nonfinite()  # reset by the previous check
+    fastbn.batch_norm(dev(x), rmd, rvd, training=True, on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        fcuda.check_nonfinite()
+    # synchronous mode: raises in the call itself
+    monkeypatch.setattr(fcuda._config, "CUDA_SYNC_NONFINITE", True)
+    with pytest.raises(FloatingPointError):
+        fastbn.batch_norm(dev(x), rmd, rvd, training=True)
+    assert np.array_equal(host(rmd), rm)
+    # finite batches still update
+    fastbn.batch_norm(dev(np.nan_to_num(x)), rmd, rvd, training=True)
+    assert not np.array_equal(host(rmd), rm)
+    assert fcuda.nonfinite_count() == 0
+
+
+# --------------------------------------------------------------------------------------
+# The layer on the device
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_layer_on_device_matches_cpu_layer():
+    x = data((6, 3, 50), np.float32)
+    dy = data((6, 3, 50), np.float32, seed=9, offset=0.0)
+    cpu_layer = fastbn.BatchNorm(3, activation="relu")
+    gpu_layer = fastbn.BatchNorm(3, activation="relu").to("cuda")
+    assert fastbn.api.is_cuda_array(gpu_layer.gamma)
+    cpu_layer.gamma[:], cpu_layer.beta[:] = params(3, np.float32)
+    fcuda.copy_into(gpu_layer.gamma, cpu_layer.gamma)  # from the host
+    fcuda.copy_into(gpu_layer.beta, dev(cpu_layer.beta.astype(np.float64)))  # device, cast
+    y_cpu = cpu_layer.forward(x, training=True)
+    y_gpu = gpu_layer.forward(dev(x), training=True)
+    close(host(y_gpu), y_cpu, np.float32, name="y")
+    dx_cpu = cpu_layer.backward(dy)
+    dx_gpu = gpu_layer.backward(dev(dy))
+    close(host(dx_gpu), dx_cpu, np.float32, name="dx")
+    close(host(gpu_layer.dgamma), cpu_layer.dgamma, np.float32, scale=20, name="dgamma")
+    close(host(gpu_layer.dbeta), cpu_layer.dbeta, np.float32, scale=20, name="dbeta")
+    assert gpu_layer.num_batches_tracked == 1
+    state = gpu_layer.state_dict()
+    assert isinstance(state["running_mean"], np.ndarray)
+    for k, v in cpu_layer.state_dict().items():
+        close(state[k], v, np.float32, name=k)
+    y_eval = gpu_layer.eval().forward(dev(x))
+    close(host(y_eval), cpu_layer.eval().forward(x), np.float32, name="eval")
+    fresh = fastbn.BatchNorm(3).to("cuda")
+    fresh.load_state_dict(cpu_layer.state_dict())
+    close(host(fresh.running_var), cpu_layer.running_var, np.float32)
+    gpu_layer.to("cpu")
+    assert isinstance(gpu_layer.gamma, np.ndarray)
+
+
+@needs_cuda
+def test_layer_state_on_host_with_device_input_is_a_clear_error():
+    layer = fastbn.BatchNorm(3)
+    with pytest.raises(TypeError, match=r"layer.to\('cuda'\)"):
+        layer.forward(dev(data((6, 3, 5), np.float32)), training=True)
+    assert layer.num_batches_tracked == 0
+
+
+# --------------------------------------------------------------------------------------
+# Errors: raised before any launch, nothing written
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_bad_inputs_raise_before_any_launch(launches):
+    x = dev(data((6, 3, 5), np.float32))
+    g = dev(np.ones(3, np.float32))
+    rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
+    out = dev(np.full((6, 3, 5), 7.0, np.float32))
+    bad = [
+        (TypeError, lambda: fastbn.batch_norm_forward(dev(np.ones((6, 3), np.int32)))),
+        (ValueError, lambda: fastbn.batch_norm_forward(dev(np.ones(6, np.float32)))),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, axis=3)),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, dev(np.ones(4, np.float32)))),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, eps=0.0)),
+        (ValueError, lambda: fastbn.batch_norm_forward(dev(np.ones((1, 3), np.float32)))),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, out=dev(np.ones((6, 3), np.float32)))),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, out=dev(np.ones((6, 3, 5))))),
+        (ValueError, lambda: fastbn.batch_norm_forward(x, g, activation="gelu", out=out)),
+        (ValueError, lambda: fastbn.batch_norm(x, rm, rv, training=True, momentum=1.5, out=out)),
+        (ValueError, lambda: fastbn.batch_norm(x, rm, rv, training=True, momentum=None)),
+        (ValueError, lambda: fastbn.batch_norm(x, rm, None, training=True, out=out)),
+        (ValueError, lambda: fastbn.batch_norm(x, rm, rv, training=True, on_nonfinite="x")),
+        (ValueError, lambda: fastbn.batch_norm(x, training=False)),
+        (ValueError, lambda: fastbn.batch_norm_backward(dev(np.ones((6, 3), np.float32)), x,
+                                                        rm, rv)),
+        (TypeError, lambda: fastbn.batch_norm_backward(x, x, None, rv)),
+        (TypeError, lambda: fastbn.batch_norm_forward(x, stream="default")),
+    ]
+    for error, call in bad:
+        with pytest.raises(error):
+            call()
+    assert launches == []
+    assert (host(out) == 7.0).all()
+    assert (host(rm) == 0.0).all() and (host(rv) == 1.0).all()
+
+
+@needs_cuda
+def test_mixed_host_and_device_arguments_raise_type_error(launches):
+    x = data((6, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="host"):
+        fastbn.batch_norm_forward(dev(x), np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="host"):
+        fastbn.batch_norm_forward(x, dev(np.ones(3, np.float32)))
+    with pytest.raises(TypeError, match="host"):
+        fcuda.batch_norm_forward(dev(x), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="stream"):
+        fastbn.batch_norm_forward(x, stream=cuda.default_stream())
+    assert launches == []
+
+
+# --------------------------------------------------------------------------------------
+# Streams and foreign array kinds
+# --------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_explicit_stream():
+    stream = cuda.stream()
+    x = data((37, 5), np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(dev(x), stream=stream)
+    stream.synchronize()
+    close(host(y), ref.forward(x)[0], np.float32)
+
+
+class ForeignArray:
+    """Another library's device array: nothing but ``__cuda_array_interface__``."""
+
+    def __init__(self, dev_array):
+        self._dev = dev_array
+        self.__cuda_array_interface__ = dev_array.__cuda_array_interface__
+
+
+@needs_cuda
+def test_any_cuda_array_interface_is_accepted():
+    x = data((37, 5), np.float32)
+    xd = dev(x)
+    y, mean, invstd = fastbn.batch_norm_forward(ForeignArray(xd))
+    close(host(y), ref.forward(x)[0], np.float32)
+
+
+@needs_cuda
+def test_empty_channels_launch_nothing(launches):
+    x = dev(np.zeros((4, 0, 3), np.float32))
+    y, mean, invstd = fastbn.batch_norm_forward(x)
+    assert y.shape == (4, 0, 3) and mean.shape == (0,)
+    assert launches == []
