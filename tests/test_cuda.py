@@ -69,6 +69,68 @@ def test_cuda_suite_under_simulator():
         assert " passed" in out, out
 
 
+# Compiles every kernel for sm_90 with NVVM, without a GPU: catches typing and lowering
+# errors of the code that only a real GPU runs (warp shuffles, float16 casts), which the
+# simulator never compiles. Needs libNVVM (pip install nvidia-cuda-nvcc-cu12
+# nvidia-cuda-nvrtc-cu12); exits 3 when it is missing. Device functions ask the current
+# device for its compute capability, so that one query is answered with (9, 0).
+_PTX_SCRIPT = r"""
+import sys, types
+import numpy as np
+try:
+    from numba import cuda, types as nt
+    import numba.cuda.dispatcher as dispatcher
+    from numba.cuda.cudadrv import nvvm
+    nvvm.NVVM()
+    cuda.compile_ptx(lambda a: None, (nt.float32[::1],), cc=(9, 0))
+except Exception as exc:
+    print("no NVVM:", exc)
+    sys.exit(3)
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from fastbn import _cuda_kernels as K
+f64, i64, b1, i32 = nt.float64, nt.int64, nt.boolean, nt.int32
+A = lambda dt, nd: nt.Array(dt, nd, "C")
+sigs = {}
+for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.float64, np.float64)):
+    k = K.build(np.dtype(compute))
+    x3, p1, st = A(data, 3), A(data, 1), A(f64 if data == f64 else nt.float32, 1)
+    sigs["forward_partials", data] = (k.forward_partials, (x3, i64, i64, i64, A(f64, 3), A(i32, 1)))
+    sigs["forward_apply", data] = (k.forward_apply, (x3, x3, i64, i64, i64, A(f64, 3), f64, p1, b1,
+        p1, b1, b1, st, st, b1, A(f64, 2), b1, p1, p1, f64, f64, A(i32, 1), A(i32, 1), i64))
+    sigs["inference", data] = (k.inference, (x3, x3, i64, i64, i64, p1, p1, f64, p1, b1, p1, b1, b1))
+    sigs["backward_partials", data] = (k.backward_partials, (x3, x3, i64, i64, i64, st, st, p1, b1,
+        p1, b1, b1, A(f64, 3)))
+    sigs["backward_apply", data] = (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), st, st,
+        p1, b1, p1, b1, b1, st, b1, st, b1))
+sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4), nt.UniTuple(i64, 4), i64))
+sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3), nt.UniTuple(i64, 3), i64))
+sigs["fill", 0] = (K.fill, (A(nt.float32, 1), f64))
+sigs["take_counts", 0] = (K.take_counts, (A(i32, 1), A(i32, 1)))
+for (name, data), (kernel, sig) in sigs.items():
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    if "partials" in name or "apply" in name:
+        assert "shfl.sync" in ptx, (name, "no warp shuffle")
+        assert ".local" not in ptx, (name, "register batch spilled to local memory")
+    print("compiled", name, data)
+"""
+
+
+@pytest.mark.skipif(CHILD, reason="runs once, from the parent process")
+def test_kernels_compile_for_a_real_gpu():
+    """Every kernel compiles to sm_90 PTX with shuffles and no local memory (NVVM, no GPU)."""
+    pytest.importorskip("numba.cuda")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FASTBN_CUDA_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"libNVVM not installed: {proc.stdout.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stdout
+
+
 needs_cuda = pytest.mark.skipif(not RUN_HERE, reason="runs on a GPU or in the simulator "
                                                      "subprocess")
 
