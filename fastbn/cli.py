@@ -63,6 +63,9 @@ def _add_train_parser(subparsers):
     model.add_argument("--bn-convention", choices=["keras", "torch"], default=None,
                        help="BatchNorm momentum/epsilon: keras (0.99 / 1e-3) or torch "
                        "(0.1 / 1e-5) (default keras)")
+    model.add_argument("--bn-momentum", type=float, default=None,
+                       help="BatchNorm momentum in the convention's meaning (Keras: weight "
+                       "of the old running value, 0.99; torch: weight of the new batch, 0.1)")
     model.add_argument("--init", default=None,
                        choices=["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
                                 "torch"],
@@ -151,6 +154,7 @@ def _run_train(args):
     log = None if args.quiet or not root else print
     common = dict(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, hidden=args.hidden, bn_convention=args.bn_convention,
+                  bn_momentum=args.bn_momentum,
                   bn_position="before_relu" if args.bn_before_relu else None,
                   init=args.init, optimizer=args.optimizer, device=args.device,
                   seed=args.seed, dtype=args.dtype, threads=args.threads,

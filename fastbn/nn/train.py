@@ -37,6 +37,7 @@ DEFAULTS = {
     "batch_norm": True,
     "bn_position": "after_relu",
     "bn_convention": "keras",
+    "bn_momentum": None,
     "init": "glorot_uniform",
     "optimizer": "adam",
     "lr": 1e-3,
@@ -50,7 +51,8 @@ _ARCHITECTURE = ("hidden", "batch_norm", "bn_position", "bn_convention", "optimi
 
 
 def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=True,
-              bn_position="after_relu", bn_convention="keras", init="glorot_uniform",
+              bn_position="after_relu", bn_convention="keras", bn_momentum=None,
+              init="glorot_uniform",
               dtype=np.float32, rng=None, device="cpu"):
     """The MLP of the design's Keras example (or a variant of it).
 
@@ -70,6 +72,9 @@ def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=T
         ``Dense -> BatchNorm+ReLU`` (the original paper's order, fused in one fastbn kernel).
     bn_convention : {"keras", "torch"}, default "keras"
         Momentum/epsilon conventions of the BatchNorm layers.
+    bn_momentum : float, optional
+        BatchNorm momentum in the convention's own meaning (Keras: weight of the old
+        running value, default 0.99; PyTorch: weight of the new batch, default 0.1).
     init : str, default "glorot_uniform"
         Weight initialization of the Dense layers (see :class:`~fastbn.nn.Dense`).
     dtype : numpy dtype, default float32
@@ -99,11 +104,13 @@ def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=T
     for h in hidden:
         if batch_norm and bn_position == "before_relu":
             layers.append(Dense(width, h, None, init=init, rng=rng, dtype=dtype))
-            layers.append(BatchNorm(h, convention=bn_convention, activation="relu", dtype=dtype))
+            layers.append(BatchNorm(h, convention=bn_convention, momentum=bn_momentum,
+                                    activation="relu", dtype=dtype))
         else:
             layers.append(Dense(width, h, "relu", init=init, rng=rng, dtype=dtype))
             if batch_norm:
-                layers.append(BatchNorm(h, convention=bn_convention, dtype=dtype))
+                layers.append(BatchNorm(h, convention=bn_convention, momentum=bn_momentum,
+                                        dtype=dtype))
         width = h
     layers.append(Dense(width, int(num_classes), None, init=init, rng=rng, dtype=dtype))
     return Sequential(layers, device=device)
@@ -394,7 +401,8 @@ def _write_metrics(path, history, extra=None):
 
 
 def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hidden=None,
-        batch_norm=None, bn_position=None, bn_convention=None, init=None, optimizer=None,
+        batch_norm=None, bn_position=None, bn_convention=None, bn_momentum=None, init=None,
+        optimizer=None,
         device="cpu", seed=None, dtype=None, threads=None, save=None, resume=None,
         metrics_out=None, progress=None, log=print, download=True, comm=None):
     """Train the MLP on a dataset and return its history (what ``fastbn train`` runs).
@@ -417,6 +425,7 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     batch_norm : bool, optional (True)
     bn_position : {"after_relu", "before_relu"}, optional ("after_relu")
     bn_convention : {"keras", "torch"}, optional ("keras")
+    bn_momentum : float, optional (the convention's: 0.99 Keras, 0.1 PyTorch)
     init : str, optional ("glorot_uniform")
     optimizer : {"adam", "sgd"}, optional ("adam"; SGD uses momentum 0.9)
     device : {"cpu", "cuda"}, default "cpu"
@@ -461,7 +470,8 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     config = _resolve_config(
         {"dataset": dataset if dataset is None or isinstance(dataset, str) else dataset.name,
          "hidden": hidden, "batch_norm": batch_norm, "bn_position": bn_position,
-         "bn_convention": bn_convention, "init": init, "optimizer": optimizer, "lr": lr,
+         "bn_convention": bn_convention, "bn_momentum": bn_momentum, "init": init,
+         "optimizer": optimizer, "lr": lr,
          "batch_size": batch_size, "seed": seed, "dtype": dtype},
         state["config"] if state else None)
     epochs = int(epochs)
@@ -484,7 +494,8 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     init_seed, shuffle_seed = np.random.SeedSequence(config["seed"]).spawn(2)
     model = build_mlp(ds.num_features, ds.num_classes, config["hidden"],
                       batch_norm=config["batch_norm"], bn_position=config["bn_position"],
-                      bn_convention=config["bn_convention"], init=config["init"],
+                      bn_convention=config["bn_convention"],
+                      bn_momentum=config["bn_momentum"], init=config["init"],
                       dtype=np_dtype, rng=np.random.default_rng(init_seed), device=device)
     if config["optimizer"] == "adam":
         opt = Adam(model.store, lr=config["lr"])
