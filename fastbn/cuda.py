@@ -502,10 +502,10 @@ def _span(arg):
 def _gather(arg, order, stream):
     """Copy ``arg`` into a new C-contiguous array laid out as ``arg.transpose(order)``."""
     shape_t = tuple(arg.shape[d] for d in order)
-    buf = _nbcuda.device_array(shape_t, arg.dtype, stream=stream)
+    buf = _Arg(_empty(arg.kind, arg.obj, shape_t, arg.dtype, stream), arg.name)
     src, offset, strides = _span(arg)
     n = arg.size
-    _launch(_kernels.gather, _copy_grid(n), _kernels.THREADS, stream, src, buf.reshape(n),
+    _launch(_kernels.gather, _copy_grid(n), _kernels.THREADS, stream, src, buf.view((n,)),
             shape_t, tuple(strides[d] for d in order), offset)
     return buf
 
@@ -527,7 +527,7 @@ def _canonical(arg, axis, stream, order=None):
     if _contiguous_in_order(arg.shape, arg.strides, arg.dtype.itemsize, order):
         return _View(arg.view(shape3), order, shape_t, (arg.ptr, nbytes))
     buf = _gather(arg, order, stream)
-    return _View(buf.reshape(*shape3), order, shape_t, (0, 0))
+    return _View(buf.view(shape3), order, shape_t, (0, 0))
 
 
 class _Output:
@@ -549,7 +549,9 @@ class _Output:
         if out is not None:
             y3 = self._direct(out, view, inputs)
             self.direct = y3 is not None
-            self.y3 = y3 if self.direct else _nbcuda.device_array(shape3, dtype, stream=stream)
+            if not self.direct:  # a temporary of the input's kind (its pool, not cudaMalloc)
+                y3 = _Arg(_empty(like.kind, like.obj, shape3, dtype, stream), "y").view(shape3)
+            self.y3 = y3
             return
         self.direct = True
         buf = _empty(like.kind, like.obj, view.shape_t, dtype, stream)
@@ -1065,8 +1067,8 @@ def layer_forward(layer, x, training):
         view = _canonical(xa, axis, stream)
         dest = _Output(None, view, xa, xa.dtype, stream)
         # float64 statistics for backward, as the CPU layer keeps them
-        mean = _nbcuda.device_array(C, np.float64, stream=stream)
-        invstd = _nbcuda.device_array(C, np.float64, stream=stream)
+        mean = _stats_output(xa, C, np.float64, stream)[1]
+        invstd = _stats_output(xa, C, np.float64, stream)[1]
         running = None
         if update:
             correction = m / (m - 1.0) if layer.running_var_unbiased else 1.0
@@ -1156,6 +1158,6 @@ def to_host(device_array):
     if order is None:
         stream = _nbcuda.default_stream()
         buf = _gather(arg, tuple(range(arg.ndim)), stream)
-        return buf.copy_to_host(stream=stream)
+        return buf.dev.copy_to_host(stream=stream)
     host = arg.dev.copy_to_host()
     return np.array(host, copy=True)
