@@ -141,6 +141,9 @@ class _Arg:
         self.flags = types.SimpleNamespace(writeable=not desc["data"][1])
         self.kind = _kind(obj)
         self._dev = None
+        if any(s % self.dtype.itemsize for s in self.strides):
+            raise ValueError(f"{name} has strides {self.strides} that are not multiples of "
+                             f"its item size {self.dtype.itemsize}")
 
     @property
     def ptr(self):
@@ -278,6 +281,8 @@ def _resolve_stream(stream, arg):
             except (TypeError, ValueError, AttributeError):
                 pass
         return stream, id(stream)
+    if hasattr(stream, "__cuda_stream__"):  # the CUDA stream protocol of other libraries
+        return _external(stream.__cuda_stream__()[1])
     raise TypeError(f"stream must be a Numba, CuPy or PyTorch CUDA stream or an int "
                     f"handle, got {type(stream).__name__}")
 
@@ -489,10 +494,7 @@ def _span(arg):
         ``(view, offset, strides)``: element ``index`` of the array is
         ``view[offset + sum(index * strides)]`` (strides in elements).
     """
-    itemsize = arg.dtype.itemsize
-    if any(s % itemsize for s in arg.strides):
-        raise ValueError(f"{arg.name} has strides {arg.strides} that are not multiples of "
-                         f"its item size {itemsize}")
+    itemsize = arg.dtype.itemsize  # strides are multiples of it (checked by _Arg)
     lo = sum(min(0, s * (n - 1)) for s, n in zip(arg.strides, arg.shape))
     hi = sum(max(0, s * (n - 1)) for s, n in zip(arg.strides, arg.shape))
     view = arg.view(((hi - lo) // itemsize + 1,), None, offset=lo)
@@ -902,7 +904,13 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
 # --------------------------------------------------------------------------------------
 
 def _take_counts(stream):
-    """Read and reset the device's skipped-update counters (synchronizes ``stream``)."""
+    """Read and reset the device's skipped-update counters.
+
+    Synchronizes ``stream`` first, or the whole device when it is None (the counters
+    are incremented by work on any stream).
+    """
+    if stream is None:
+        _nbcuda.synchronize()
     stream, _ = _resolve_stream(stream, None)
     counter = _nonfinite_counter(_device_key())
     taken = _nbcuda.device_array(2, np.int32, stream=stream)
@@ -917,8 +925,8 @@ def nonfinite_count(stream=None):
 
     Counts the calls (on the current device) whose batch statistics were not finite since
     the last :func:`nonfinite_count` or :func:`check_nonfinite`, and resets the count.
-    Synchronizes ``stream`` (default: Numba's default stream, which waits for the legacy
-    default stream's work; pass the stream you launched on).
+    Synchronizes ``stream``, or the whole device when ``stream`` is None (the default):
+    pass the stream you launched on to wait for that stream only.
 
     Returns
     -------
@@ -937,7 +945,8 @@ def nonfinite_count(stream=None):
 def check_nonfinite(stream=None):
     """Report GPU training calls whose non-finite batch statistics were kept out.
 
-    Synchronizes ``stream``, reads and resets the device's counters, then warns
+    Synchronizes ``stream`` (the whole device when None), reads and resets the device's
+    counters atomically, then warns
     (``RuntimeWarning``) for calls made with ``on_nonfinite="warn"`` and raises
     ``FloatingPointError`` for calls made with ``on_nonfinite="raise"`` (the default,
     and every :class:`fastbn.BatchNorm` training call). In every case the running
