@@ -12,7 +12,6 @@ with a tail, so that multi-block and tail paths run. The environment has to be s
 import os
 import subprocess
 import sys
-import warnings
 import zlib
 
 import numpy as np
