@@ -85,7 +85,10 @@ def _add_train_parser(subparsers):
                      help="cpu: NumPy BLAS + Numba kernels; cuda: CuPy cuBLAS + fastbn's "
                      "CUDA kernels")
     run.add_argument("--threads", type=_positive_int, default=None,
-                     help="threads for Numba and the BLAS (default: all cores)")
+                     help="threads for fastbn's Numba kernels (default: all cores)")
+    run.add_argument("--blas-threads", type=_positive_int, default=1,
+                     help="threads for the BLAS matrix products while training (one is "
+                     "the fastest at this model's sizes; see docs/trainer.md)")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel over MPI: run under `mpiexec -n P fastbn train "
                      "--distributed`; each global batch is split among the P ranks, "
@@ -158,6 +161,7 @@ def _run_train(args):
                   bn_position="before_relu" if args.bn_before_relu else None,
                   init=args.init, optimizer=args.optimizer, device=args.device,
                   seed=args.seed, dtype=args.dtype, threads=args.threads,
+                  blas_threads=args.blas_threads,
                   progress=False if args.quiet else None, log=log,
                   download=not args.no_download, comm=comm)
     try:

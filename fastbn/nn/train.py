@@ -156,8 +156,8 @@ class History:
         return {"config": self.config, "epochs": self.epochs}
 
 
-def set_threads(threads):
-    """Use ``threads`` threads for fastbn's Numba kernels and for the BLAS.
+def set_threads(threads, blas_threads=None):
+    """Use ``threads`` threads for fastbn's Numba kernels and ``blas_threads`` for the BLAS.
 
     Numba: :func:`numba.set_num_threads` (at most ``NUMBA_NUM_THREADS``, the core count by
     default). BLAS: through ``threadpoolctl`` when it is installed, else through OpenBLAS's
@@ -168,17 +168,19 @@ def set_threads(threads):
     Parameters
     ----------
     threads : int
-        Positive thread count.
+        Positive thread count for Numba.
+    blas_threads : int, optional
+        Thread count for the BLAS; defaults to ``threads``.
 
     Returns
     -------
     dict
-        ``{"numba": n, "blas": how the BLAS was set, or None}``.
+        ``{"numba": n, "blas": m, "blas_via": how the BLAS was set, or None}``.
 
     Raises
     ------
     ValueError
-        ``threads`` < 1 or above Numba's maximum.
+        ``threads`` < 1 or above Numba's maximum, or ``blas_threads`` < 1.
 
     Examples
     --------
@@ -194,8 +196,39 @@ def set_threads(threads):
     limit = numba.config.NUMBA_NUM_THREADS
     if threads < 1 or threads > limit:
         raise ValueError(f"threads must lie in [1, {limit}] (NUMBA_NUM_THREADS), got {threads}")
+    blas_threads = threads if blas_threads is None else int(blas_threads)
+    if blas_threads < 1:
+        raise ValueError(f"blas_threads must be >= 1, got {blas_threads}")
     numba.set_num_threads(threads)
-    return {"numba": threads, "blas": _set_blas_threads(threads)}
+    return {"numba": threads, "blas": blas_threads, "blas_via": _set_blas_threads(blas_threads)}
+
+
+def _openblas_functions():
+    """``(set, get)`` thread-count functions of the OpenBLAS loaded in this process, or None."""
+    import ctypes
+    names = [("openblas_set_num_threads", "openblas_get_num_threads"),
+             ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+             ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+             ("openblas_set_num_threads64_", "openblas_get_num_threads64_")]
+    libraries = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "openblas" in os.path.basename(path).lower():
+                    libraries.add(path)
+    except OSError:
+        return None
+    for library in sorted(libraries):
+        try:
+            lib = ctypes.CDLL(library)
+        except OSError:
+            continue
+        for set_name, get_name in names:
+            setter, getter = getattr(lib, set_name, None), getattr(lib, get_name, None)
+            if setter is not None and getter is not None:
+                return setter, getter, f"{os.path.basename(library)}:{set_name}"
+    return None
 
 
 def _set_blas_threads(threads):
@@ -216,31 +249,55 @@ def _set_blas_threads(threads):
     except ImportError:
         pass
     import ctypes
-    names = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-             "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
-    libraries = set()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if "openblas" in os.path.basename(path).lower():
-                    libraries.add(path)
-    except OSError:
-        pass
-    for library in sorted(libraries):
-        try:
-            lib = ctypes.CDLL(library)
-        except OSError:
-            continue
-        for name in names:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(threads))
-                return f"{os.path.basename(library)}:{name}"
+    functions = _openblas_functions()
+    if functions is not None:
+        functions[0](ctypes.c_int(threads))
+        return functions[2]
     warnings.warn("could not set the BLAS thread count (install threadpoolctl, or set "
                   "OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS before "
                   "starting Python)", RuntimeWarning, stacklevel=3)
     return None
+
+
+class _BlasThreads:
+    """Context manager: the BLAS on ``threads`` threads inside, the previous count after.
+
+    ``threads=None`` leaves the BLAS alone.
+    """
+
+    def __init__(self, threads):
+        self.threads = threads
+        self._restore = None
+
+    def __enter__(self):
+        if self.threads is None:
+            return self
+        try:
+            import threadpoolctl
+            self._restore = threadpoolctl.threadpool_limits(limits=int(self.threads),
+                                                            user_api="blas")
+            return self
+        except ImportError:
+            pass
+        functions = _openblas_functions()
+        if functions is None:
+            warnings.warn("could not set the BLAS thread count (install threadpoolctl)",
+                          RuntimeWarning, stacklevel=2)
+            return self
+        import ctypes
+        setter, getter, _ = functions
+        previous = int(getter())
+        setter(ctypes.c_int(int(self.threads)))
+        self._restore = lambda: setter(ctypes.c_int(previous))
+        return self
+
+    def __exit__(self, *exc):
+        if self._restore is None:
+            return
+        if hasattr(self._restore, "restore_original_limits"):
+            self._restore.restore_original_limits()
+        else:
+            self._restore()
 
 
 def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None):
@@ -403,7 +460,8 @@ def _write_metrics(path, history, extra=None):
 def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hidden=None,
         batch_norm=None, bn_position=None, bn_convention=None, bn_momentum=None, init=None,
         optimizer=None,
-        device="cpu", seed=None, dtype=None, threads=None, save=None, resume=None,
+        device="cpu", seed=None, dtype=None, threads=None, blas_threads=1, save=None,
+        resume=None,
         metrics_out=None, progress=None, log=print, download=True, comm=None):
     """Train the MLP on a dataset and return its history (what ``fastbn train`` runs).
 
@@ -433,7 +491,13 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
         Seeds the initial weights, the shuffles and the synthetic dataset.
     dtype : {"float32", "float64"}, optional ("float32")
     threads : int, optional
-        Threads for the Numba kernels and the BLAS (:func:`set_threads`).
+        Threads for the Numba kernels (:func:`numba.set_num_threads`); all cores when None.
+    blas_threads : int or None, default 1
+        Threads of the BLAS while training (restored afterwards); None leaves the BLAS
+        alone. One thread is the fastest for this model's matrix products (at most
+        128 x 784 x 64): OpenBLAS's threading costs more than it saves at that size, and
+        on a machine shared with other processes its spinning threads can make an epoch
+        several times slower (measured in docs/trainer.md).
     save : str, optional
         Checkpoint written (atomically) after every epoch.
     resume : str, optional
@@ -477,7 +541,16 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     epochs = int(epochs)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    thread_info = set_threads(threads) if threads is not None else None
+    import numba
+    if threads is not None:
+        limit = numba.config.NUMBA_NUM_THREADS
+        if not 1 <= int(threads) <= limit:
+            raise ValueError(f"threads must lie in [1, {limit}] (NUMBA_NUM_THREADS), "
+                             f"got {threads}")
+        numba.set_num_threads(int(threads))
+    if blas_threads is not None and int(blas_threads) < 1:
+        raise ValueError(f"blas_threads must be >= 1, got {blas_threads}")
+    thread_info = {"numba": numba.get_num_threads(), "blas": blas_threads}
 
     if isinstance(dataset, _data.Dataset):
         ds = dataset
@@ -521,43 +594,44 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     history = History(records, dict(config, **run_info), model, opt)
 
     n_batches = -(-ds.x_train.shape[0] // int(config["batch_size"]))
-    for epoch in range(start_epoch + 1, epochs + 1):
-        bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress if root else False)
-        try:
-            t0 = time.perf_counter()
+    with _BlasThreads(blas_threads):
+        for epoch in range(start_epoch + 1, epochs + 1):
+            bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress if root else False)
+            try:
+                t0 = time.perf_counter()
+                if parallel is None:
+                    train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
+                                                        int(config["batch_size"]), rng, bar)
+                else:
+                    train_loss, train_acc = parallel.train_epoch(
+                        loss, opt, x_train, y_train, int(config["batch_size"]), rng, bar)
+                t1 = time.perf_counter()
+            finally:
+                if bar is not None:
+                    bar.close()
             if parallel is None:
-                train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
-                                                    int(config["batch_size"]), rng, bar)
+                test_loss, test_acc = evaluate(model, loss, x_test, y_test)
             else:
-                train_loss, train_acc = parallel.train_epoch(
-                    loss, opt, x_train, y_train, int(config["batch_size"]), rng, bar)
-            t1 = time.perf_counter()
-        finally:
-            if bar is not None:
-                bar.close()
-        if parallel is None:
-            test_loss, test_acc = evaluate(model, loss, x_test, y_test)
-        else:
-            test_loss, test_acc = parallel.evaluate(loss, x_test, y_test)
-        t2 = time.perf_counter()
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,
-                  "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
-                  "eval_seconds": t2 - t1}
-        history.epochs.append(record)
-        if not root:
-            continue
-        if log is not None:
-            log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
-                f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
-        if save is not None:
-            _checkpoint.save_checkpoint(
-                save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-                epoch=epoch, rng_state=rng.bit_generator.state, history=history.epochs,
-                config=config)
-        if metrics_out is not None:
-            _write_metrics(metrics_out, history)
+                test_loss, test_acc = parallel.evaluate(loss, x_test, y_test)
+            t2 = time.perf_counter()
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                      "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,
+                      "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
+                      "eval_seconds": t2 - t1}
+            history.epochs.append(record)
+            if not root:
+                continue
+            if log is not None:
+                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
+                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
+            if save is not None:
+                _checkpoint.save_checkpoint(
+                    save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                    epoch=epoch, rng_state=rng.bit_generator.state, history=history.epochs,
+                    config=config)
+            if metrics_out is not None:
+                _write_metrics(metrics_out, history)
     if root and metrics_out is not None and start_epoch >= epochs:
         _write_metrics(metrics_out, history)
     return history
