@@ -64,8 +64,10 @@ def _add_train_parser(subparsers):
                        help="BatchNorm momentum/epsilon: keras (0.99 / 1e-3) or torch "
                        "(0.1 / 1e-5) (default keras)")
     model.add_argument("--bn-momentum", type=float, default=None,
-                       help="BatchNorm momentum in the convention's meaning (Keras: weight "
-                       "of the old running value, 0.99; torch: weight of the new batch, 0.1)")
+                       help="BatchNorm momentum in the convention's meaning (keras: weight "
+                       "of the old running value; torch: weight of the new batch). Default "
+                       "0.9 (keras) / 0.1 (torch); Keras's own layer default 0.99 lags "
+                       "in 10-epoch runs (docs/trainer.md)")
     model.add_argument("--init", default=None,
                        choices=["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
                                 "torch"],

@@ -440,6 +440,12 @@ def _resolve_config(options, resumed):
             raise ValueError(f"{key}={value!r} contradicts the checkpoint being resumed "
                              f"({key}={resumed.get(key)!r}); leave it out or start a new run")
         config[key] = value
+    if config["bn_momentum"] is None:
+        # Keras's BatchNormalization default (0.99, i.e. 1 % of each batch) makes the
+        # running statistics lag behind weights that Adam still moves: 10 epochs at batch
+        # 128 test 0.866 +- 0.005 with it, 0.876 with 0.9 (docs/trainer.md). 0.9 in
+        # Keras's meaning is 0.1 in PyTorch's, its default.
+        config["bn_momentum"] = 0.9 if config["bn_convention"] == "keras" else 0.1
     if config["optimizer"] not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config['optimizer']!r}")
     if int(config["batch_size"]) < 1:
@@ -483,7 +489,10 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     batch_norm : bool, optional (True)
     bn_position : {"after_relu", "before_relu"}, optional ("after_relu")
     bn_convention : {"keras", "torch"}, optional ("keras")
-    bn_momentum : float, optional (the convention's: 0.99 Keras, 0.1 PyTorch)
+    bn_momentum : float, optional
+        BatchNorm momentum in the convention's meaning; default 0.9 for ``"keras"`` (not
+        Keras's layer default 0.99, whose running statistics lag: see docs/trainer.md)
+        and 0.1 for ``"torch"``: both weigh each new batch by 0.1.
     init : str, optional ("glorot_uniform")
     optimizer : {"adam", "sgd"}, optional ("adam"; SGD uses momentum 0.9)
     device : {"cpu", "cuda"}, default "cpu"
