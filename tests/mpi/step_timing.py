@@ -35,7 +35,9 @@ def median_time(fn, repeat):
         fn()
         times.append(time.perf_counter() - t)
     # the slowest rank decides: collectives finish together, compute may not
-    return float(np.median(COMM.allreduce(np.array(times), op=MPI.MAX)))
+    slowest = np.empty(len(times))
+    COMM.Allreduce(np.array(times), slowest, op=MPI.MAX)
+    return float(np.median(slowest))
 
 
 def training_step(batch, steps):
