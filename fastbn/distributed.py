@@ -37,6 +37,8 @@ import functools
 
 import numpy as np
 
+from . import cpu
+
 _OK = 0
 _FAILED = 1
 _HEADER = 3  # status, channels, values per channel
@@ -128,15 +130,14 @@ def merge_moments(counts, means, m2s):
     >>> x = np.concatenate([a, b]); round(float(x.mean()), 12), round(float(x.var()), 12)
     (4.2, 8.56)
     """
-    counts = np.asarray(counts)
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
     C = means.shape[1]
     n = 0
     mean = np.zeros(C)
     m2 = np.zeros(C)
-    for k in range(counts.shape[0]):
-        n_k = int(counts[k])
+    for k, n_k in enumerate(counts):
+        n_k = int(n_k)
         if n_k == 0:
             continue
         if n == 0:
@@ -235,7 +236,7 @@ class Sync:
 
         Returns
         -------
-        ndarray of int64, shape (P,)
+        list of int, length P
             Values per channel on every rank.
 
         Raises
@@ -245,21 +246,22 @@ class Sync:
         ValueError
             The ranks disagree on the number of channels.
         """
-        table = self._exchange_header(np.array([_OK, channels, count], dtype=np.int64))
-        failed = np.flatnonzero(table[:, 0] != _OK)
-        if failed.size:
+        # Python lists: for the few ranks of a typical job, cheaper than NumPy calls
+        table = self._exchange_header(np.array([_OK, channels, count], dtype=np.int64)).tolist()
+        ranks = [r for r, row in enumerate(table) if row[0] != _OK]
+        if ranks:
             errors = self.comm.allgather(None)
-            ranks = failed.tolist()
             details = "; ".join(f"rank {r}: {errors[r]}" for r in ranks)
             raise DistributedError(
                 f"{self.where} failed on rank{'s' if len(ranks) > 1 else ''} "
                 f"{', '.join(map(str, ranks))} of {self.size} ({details}); rank {self.rank} "
                 f"raises too, so that no rank waits forever in a collective",
                 ranks, [errors[r] for r in ranks])
-        if (table[:, 1] != channels).any():
+        if any(row[1] != channels for row in table):
             raise ValueError(f"{self.where}: every rank must have the same number of "
-                             f"channels, got {table[:, 1].tolist()} on ranks 0..{self.size - 1}")
-        return table[:, 2].copy()
+                             f"channels, got {[row[1] for row in table]} on ranks "
+                             f"0..{self.size - 1}")
+        return [row[2] for row in table]
 
     def abort(self, exc):
         """Enter the header collective as a failed rank (once), so that no rank hangs.
@@ -306,8 +308,6 @@ class Sync:
         ValueError
             The global batch has fewer than 2 values per channel (on every rank).
         """
-        from . import cpu
-
         outer, C, inner = x3.shape
         n_local = outer * inner
         counts = self.agree(C, n_local)
@@ -339,8 +339,6 @@ class Sync:
         sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
             Bitwise identical on every rank. Sets :attr:`count`.
         """
-        from . import cpu
-
         outer, C, inner = x3.shape
         n_local = outer * inner
         counts = self.agree(C, n_local)
@@ -350,11 +348,11 @@ class Sync:
         table = np.empty((self.size, 2, C))
         self.comm.Allgather(local, table)
         total = sum_in_order(table)
-        self.count = int(counts.sum())
+        self.count = sum(counts)
         return total[0], total[1]
 
     def _check_global_count(self, counts):
-        m = int(counts.sum())
+        m = sum(counts)
         if m == 0:
             raise ValueError(f"{self.where}: cannot compute batch statistics of an empty "
                              f"batch: every one of the {self.size} ranks holds 0 values "
@@ -362,7 +360,7 @@ class Sync:
         if m == 1:
             raise ValueError(f"{self.where}: training needs more than 1 value per channel "
                              f"in the global batch, got 1 (values per channel on ranks "
-                             f"0..{self.size - 1}: {counts.tolist()})")
+                             f"0..{self.size - 1}: {counts})")
         return m
 
 
