@@ -578,12 +578,11 @@ class DataParallel:
             offset += p.value.size
         self._buffer = np.empty(model.store.size)
         # Same starting point on every rank, whatever each rank's seed was.
-        running = [a for layer in model.layers if isinstance(layer, NNBatchNorm)
-                   for a in (layer.bn.running_mean, layer.bn.running_var)]
+        norms = [layer for layer in model.layers if isinstance(layer, NNBatchNorm)]
+        running = [a for layer in norms for a in (layer.bn.running_mean, layer.bn.running_var)]
         broadcast_arrays(comm, [model.store.values] + running)
-        counts = comm.bcast([layer.bn.num_batches_tracked for layer in model.layers
-                             if isinstance(layer, NNBatchNorm)], root=0)
-        for layer, n in zip((l for l in model.layers if isinstance(l, NNBatchNorm)), counts):
+        counts = comm.bcast([layer.bn.num_batches_tracked for layer in norms], root=0)
+        for layer, n in zip(norms, counts):
             layer.bn.num_batches_tracked = n
 
     def reduce_gradients(self):

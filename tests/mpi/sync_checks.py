@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastbn
-from fastbn.distributed import DistributedError, shard_bounds
+from fastbn.distributed import DistributedError
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
