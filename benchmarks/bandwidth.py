@@ -112,7 +112,13 @@ def _best_seconds(function, nbytes, target_seconds):
         "best rate", the yardstick is what the machine can do, not what a busy moment
         let it do (the benchmarks themselves report their median).
     """
-    function()  # warm-up: page faults of a fresh destination, thread pool start-up
+    # Warm-up, untimed, for a tenth of a second at least: page faults of a fresh
+    # destination, thread start-up, and a CPU that idled (a virtual CPU, or a core in a
+    # deep power state) needs tens of milliseconds to run at full speed again; without
+    # it the first measurement of a process came out ten times too slow.
+    deadline = time.perf_counter() + max(0.1, target_seconds / 4)
+    while time.perf_counter() < deadline:
+        function()
     start = time.perf_counter()
     function()
     once = max(time.perf_counter() - start, 1e-7)

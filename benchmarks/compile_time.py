@@ -147,9 +147,13 @@ def measure(cases=CASES, repeats=3, progress=print):
     -------
     dict
         ``{"warm_target_s": ..., "repeats": ..., "cases": [{"case", "cold", "warm",
-        "warm_first_call_under_target"}, ...]}`` where ``cold`` and ``warm`` are medians of
-        :func:`run_child` results.
+        "warm_first_call_under_target"}, ...], "other_processes_cpu": ...}`` where ``cold``
+        and ``warm`` are medians of :func:`run_child` results and the last entry is the
+        share of the CPUs other processes took meanwhile.
     """
+    from benchmarks.machine import OtherProcessesMonitor
+
+    monitor = OtherProcessesMonitor()
     results = []
     for name, shape, axis, dtype in cases:
         cold_runs, warm_runs = [], []
@@ -165,7 +169,8 @@ def measure(cases=CASES, repeats=3, progress=print):
         results.append({"case": name, "shape": list(shape), "axis": axis, "dtype": dtype,
                         "cold": cold, "warm": warm,
                         "warm_first_call_under_target": warm["first_call_s"] < WARM_TARGET_S})
-    return {"warm_target_s": WARM_TARGET_S, "repeats": repeats, "cases": results}
+    return {"warm_target_s": WARM_TARGET_S, "repeats": repeats, "cases": results,
+            "other_processes_cpu": monitor.fraction()}
 
 
 def format_table(compile_times):

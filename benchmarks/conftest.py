@@ -123,10 +123,15 @@ def record_result(threads):
     -------
     callable
         ``record_result(benchmark, provider=..., op=..., case=..., device=...,
-        copy_cache=...)``.
+        copy_cache=...)``; it also records the share of the CPUs that other processes
+        took from this fixture's set-up (before the inputs were built) to the end of the
+        recording (which may include a copy-bandwidth measurement).
     """
+    monitor = machine.OtherProcessesMonitor()
+
     def record_result(benchmark, **kwargs):
-        record(benchmark, threads=threads, **kwargs)
+        record(benchmark, threads=threads, **kwargs)  # may measure a copy bandwidth too
+        benchmark.extra_info["other_processes_cpu"] = monitor.fraction()
 
     return record_result
 

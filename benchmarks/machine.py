@@ -118,6 +118,63 @@ def cpu_busy_fraction(seconds=1.0):
     return 0.0 if elapsed <= 0 else 1 - (idle1 - idle0) / elapsed
 
 
+def _proc_stat_seconds():
+    """Return the (busy, total) CPU seconds of all CPUs since boot, from ``/proc/stat``.
+
+    Returns
+    -------
+    tuple of float or None
+        ``None`` without ``/proc/stat``.
+    """
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = sum(fields)
+    return (total - fields[3] - fields[4]) / ticks, total / ticks
+
+
+class OtherProcessesMonitor:
+    """Measure the CPU time other processes took while this process ran a benchmark.
+
+    On a machine shared with other work, a benchmark whose cores were taken is slower for
+    reasons that have nothing to do with the code measured. This monitor tells such
+    benchmarks apart: the busy time of all CPUs (``/proc/stat``) minus this process's own
+    CPU time (every thread of it), over the elapsed CPU time of all CPUs.
+
+    Examples
+    --------
+    >>> monitor = OtherProcessesMonitor()
+    >>> fraction = monitor.fraction()
+    >>> fraction is None or 0.0 <= fraction <= 1.0
+    True
+    """
+
+    def __init__(self):
+        self._start = _proc_stat_seconds()
+        self._own = time.process_time()
+
+    def fraction(self):
+        """Return the fraction of all CPUs' time used by other processes since creation.
+
+        Returns
+        -------
+        float or None
+            Between 0 and 1 (resolution: one clock tick, 10 ms, of each CPU); ``None``
+            without ``/proc/stat`` or when no time has passed.
+        """
+        end = _proc_stat_seconds()
+        if self._start is None or end is None:
+            return None
+        busy, total = end[0] - self._start[0], end[1] - self._start[1]
+        if total <= 0:
+            return None
+        own = time.process_time() - self._own
+        return min(1.0, max(0.0, (busy - own) / total))
+
+
 def describe(threads=None):
     """Describe this machine and the software the benchmarks run on.
 
