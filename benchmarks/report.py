@@ -689,7 +689,7 @@ def wait_until_idle(max_wait_s, threshold=BUSY_WARNING):
         time.sleep(4.0)
 
 
-def run_suite(json_path, keyword=None, extra_args=()):
+def run_suite(json_path, keyword=None, targets=None):
     """Run ``pytest benchmarks --benchmark-only`` in a subprocess, writing ``json_path``.
 
     Parameters
@@ -698,8 +698,8 @@ def run_suite(json_path, keyword=None, extra_args=()):
         Where pytest-benchmark writes its JSON.
     keyword : str, optional
         A ``-k`` expression selecting benchmarks.
-    extra_args : sequence of str, optional
-        More pytest arguments.
+    targets : sequence of str, optional
+        pytest node ids to run instead of the whole ``benchmarks/`` directory.
 
     Returns
     -------
@@ -707,13 +707,13 @@ def run_suite(json_path, keyword=None, extra_args=()):
         pytest's exit code. Its output (one line per benchmark, then pytest-benchmark's
         tables) goes to this process's stdout as the run's progress.
     """
-    command = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only",
+    command = [sys.executable, "-m", "pytest", *(targets or ["benchmarks"]), "--benchmark-only",
                f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-v",
                "--benchmark-columns=min,median,max,rounds,iterations", "--benchmark-sort=name"]
     if keyword:
         command += ["-k", keyword]
-    command += list(extra_args)
-    print("running:", " ".join(command), flush=True)
+    shown = command if len(command) < 20 else command[:4] + ["..."] + command[-8:]
+    print("running:", " ".join(shown), flush=True)
     return subprocess.call(command, cwd=ROOT)
 
 
@@ -749,7 +749,7 @@ def rerun_disturbed(data, retries=2, wait_s=300.0):
         wait_until_idle(wait_s)
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "rerun.json"
-            code = run_suite(raw, extra_args=[str(ROOT / name) for name in names])
+            code = run_suite(raw, targets=names)
             if code != 0 or not raw.exists():
                 print(f"the rerun failed (pytest exit code {code}); keeping the first results")
                 return still_disturbed()
