@@ -43,8 +43,8 @@ def check_input(name, x, min_ndim=2):
     >>> check_input("x", np.zeros((2, 3), np.float32))
     dtype('float32')
     """
-    dtype = np.dtype(x.dtype)
-    if dtype not in FLOAT_DTYPES:
+    dtype = x.dtype if isinstance(x.dtype, np.dtype) else np.dtype(x.dtype)
+    if dtype.char not in "efd" or dtype.kind != "f":
         raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
     if len(x.shape) < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions (batch and "
@@ -302,9 +302,12 @@ def canonical_view(x, axis, order=None):
         if order is None:
             x = np.ascontiguousarray(x)
             order = tuple(range(x.ndim))
-    xt = x.transpose(order)
-    if not xt.flags.c_contiguous:
-        xt = np.ascontiguousarray(xt)
+    if order == tuple(range(x.ndim)):  # the common case: no view to make
+        xt = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    else:
+        xt = x.transpose(order)
+        if not xt.flags.c_contiguous:
+            xt = np.ascontiguousarray(xt)
     p = order.index(axis)
     shape_t = xt.shape
     outer = math.prod(shape_t[:p])
@@ -323,8 +326,10 @@ def restore_layout(a3, view):
     >>> restore_layout(v.x3, v).shape
     (2, 3, 4)
     """
-    inverse = tuple(np.argsort(view.order))
-    return a3.reshape(view.shape_t).transpose(inverse)
+    a = a3.reshape(view.shape_t)
+    if view.order == tuple(range(a.ndim)):
+        return a
+    return a.transpose(tuple(np.argsort(view.order)))
 
 
 def direct_output(out, view, inputs=()):
@@ -349,7 +354,7 @@ def direct_output(out, view, inputs=()):
     >>> direct_output(np.empty_like(x), canonical_view(x, 1)).shape
     (2, 3, 4)
     """
-    out_t = out.transpose(view.order)
+    out_t = out if view.order == tuple(range(out.ndim)) else out.transpose(view.order)
     if not out_t.flags.c_contiguous:
         return None
     out3 = out_t.reshape(view.x3.shape)

@@ -51,6 +51,10 @@ CHUNK_BYTES = 256 * 1024
 # memory once instead of twice.
 FUSE_BYTES = 512 * 1024
 
+# ... provided its contiguous runs (``inner`` values) are at least this long: short runs
+# scattered over the whole array stream poorly when one thread walks a single channel.
+FUSE_MIN_RUN_BYTES = 2048
+
 # Below this many bytes of x a call runs the serial build of a kernel: entering a parallel
 # region costs ~15-20 us, more than the whole computation of a small call.
 SERIAL_BYTES = 256 * 1024

@@ -41,6 +41,8 @@ def _cuda_backend(arrays):
     TypeError
         Host and device arrays are mixed in one call.
     """
+    if all(a is None or type(a) is np.ndarray for _, a in arrays):
+        return None
     named = [(name, a) for name, a in arrays if a is not None]
     on_device = [name for name, a in named if is_cuda_array(a)]
     if not on_device:
@@ -164,7 +166,8 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     Returns
     -------
     tuple
-        ``(y, mean64, var64)``.
+        ``(dest, mean64, var64, invstd64)``; ``dest`` is None when ``guard`` found
+        non-finite statistics before writing a caller-provided ``out``.
     """
     view = _checks.canonical_view(x, axis)
     C = view.x3.shape[1]
@@ -178,13 +181,14 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
         else:
             mean, m2 = cpu.moments(x3)
             var = m2 / (x3.size // C)
+        invstd = 1.0 / np.sqrt(var + eps)
         if guard and not (np.isfinite(mean).all() and np.isfinite(var).all()):
-            return None, mean, var
-        coef = cpu.coefficients(mean, 1.0 / np.sqrt(var + eps), g, b, x3.dtype)
+            return None, mean, var, invstd
+        coef = cpu.coefficients(mean, invstd, g, b, x3.dtype)
         cpu.normalize(x3, coef, relu, dest.work)
     else:
-        mean, var, _ = cpu.forward_training(x3, g, b, eps, relu, dest.work)
-    return dest, mean, var
+        mean, var, invstd = cpu.forward_training(x3, g, b, eps, relu, dest.work)
+    return dest, mean, var, invstd
 
 
 def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
@@ -306,9 +310,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
     if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
         _checks.check_batch(x.shape, axis, training=True)
-    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                        guard=False, comm=comm)
-    invstd = 1.0 / np.sqrt(var + eps)
+    dest, mean, _, invstd = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                              guard=False, comm=comm)
     return dest.finish(), _saved(mean, x.dtype), _saved(invstd, x.dtype)
 
 
@@ -555,15 +558,15 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
         _, m = _checks.check_batch(x.shape, axis, training=True)
     track = running_mean is not None
-    dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                        guard=track, comm=comm)
+    dest, mean, var, _ = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                           guard=track, comm=comm)
     if comm is not None:
         m = comm.count
     if track and _check_finite(mean, var, on_nonfinite):
         cpu.update_running(running_mean, running_var, mean, var, m, factor, running_var_unbiased)
     if dest is None:  # non-finite with on_nonfinite="warn" and a caller-provided out
-        dest, mean, var = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                            guard=False, comm=comm)
+        dest, mean, var, _ = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
+                                               guard=False, comm=comm)
     return dest.finish()
 
 

@@ -37,6 +37,10 @@ _REDUCE = dict(_config.JIT_OPTIONS)
 # Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold
 # into ``x - (mean_hi + mean_lo)`` and lose the low part.
 _ELEMENTWISE = dict(_config.JIT_OPTIONS, fastmath=set(_config.FASTMATH) - {"reassoc"})
+# Per-channel arithmetic (merges, coefficients, variance, running statistics) is C-sized:
+# plain IEEE operations cost nothing there and give the same bits whichever kernel, or
+# NumPy on the host, computes them.
+_EXACT = dict(_config.JIT_OPTIONS, fastmath=False)
 
 # Values per work item of the elementwise passes (normalize, dx): enough to amortize the
 # loop overhead, small enough to balance threads. Partition does not affect results.
@@ -47,7 +51,7 @@ _ELEMENTWISE_CHUNK = _config.ELEMENTWISE_CHUNK
 MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
 
 
-def _serial_and_parallel(fn):
+def _serial_and_parallel(fn, calls=None, has_prange=True):
     """Compile ``fn`` twice: a ``parallel=True`` build and a serial build.
 
     The serial build is a copy of the function under another qualified name, so that the
@@ -57,18 +61,29 @@ def _serial_and_parallel(fn):
     ----------
     fn : function
         A Python function whose loops use ``prange``.
+    calls : dict, optional
+        ``{global name: (parallel dispatcher, serial dispatcher)}`` for the other drivers
+        ``fn`` calls: each build calls the build of the same kind.
+    has_prange : bool, optional
+        False for a driver whose parallelism is all in the drivers it calls: both builds
+        are then compiled without ``parallel=True`` (which would find nothing to do).
 
     Returns
     -------
     tuple of Dispatcher
         ``(parallel, serial)``.
     """
-    serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                                   fn.__defaults__, fn.__closure__)
-    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
-    serial_fn.__doc__ = fn.__doc__
-    return (njit(parallel=True, **_config.JIT_OPTIONS)(fn),
-            njit(parallel=False, **_config.JIT_OPTIONS)(serial_fn))
+    calls = calls or {}
+    builds = []
+    for kind, suffix in ((0, ""), (1, "_serial")):
+        scope = dict(fn.__globals__)
+        scope.update({name: pair[kind] for name, pair in calls.items()})
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
+                                  fn.__closure__)
+        copy.__qualname__ = fn.__qualname__ + suffix
+        copy.__doc__ = fn.__doc__
+        builds.append(njit(parallel=(kind == 0 and has_prange), **_config.JIT_OPTIONS)(copy))
+    return tuple(builds)
 
 
 # --------------------------------------------------------------------------------------
@@ -125,23 +140,24 @@ def _chunk_moments_rows(x, r0, r1, mean, m2):
         Outputs.
     """
     C = x.shape[1]
-    mean[:] = 0.0
-    m2[:] = 0.0
+    # Local accumulators: LLVM knows they alias neither x nor each other.
+    acc = np.zeros(C)
+    q = np.zeros(C)
     for r in range(r0, r1):
-        xr = x[r]
         for c in range(C):
-            mean[c] += xr[c]
+            acc[c] += x[r, c]
     inv_n = 1.0 / (r1 - r0)
     for c in range(C):
-        mean[c] *= inv_n
+        acc[c] *= inv_n
     for r in range(r0, r1):
-        xr = x[r]
         for c in range(C):
-            d = np.float64(xr[c]) - mean[c]
-            m2[c] += d * d
+            d = np.float64(x[r, c]) - acc[c]
+            q[c] += d * d
+    mean[:] = acc
+    m2[:] = q
 
 
-@njit(**_REDUCE)
+@njit(**_EXACT)
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque).
 
@@ -164,7 +180,7 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
-@njit(**_REDUCE)
+@njit(**_EXACT)
 def _merge_chunks(part_mean, part_m2, c, chunk, m):
     """Merge the chunk partials of channel ``c`` in chunk order.
 
@@ -191,7 +207,14 @@ def _merge_chunks(part_mean, part_m2, c, chunk, m):
     return mean, m2
 
 
-@njit(**_ELEMENTWISE)
+@njit(**_EXACT)
+def _variance_invstd(m2, m, eps):
+    """``(m2 / m, 1 / sqrt(m2 / m + eps))`` in exact IEEE arithmetic (as NumPy computes it)."""
+    var = m2 / m
+    return var, 1.0 / np.sqrt(var + eps)
+
+
+@njit(**_EXACT)
 def _fill_coefficients(mean, invstd, gamma, beta, c, coef):
     """Write the normalizing coefficients of channel ``c`` into ``coef[:, c]``.
 
@@ -269,13 +292,11 @@ def _normalize_rows(x, y, r0, r1, coef, relu):
     scale = coef[SCALE]
     shift = coef[SHIFT]
     for r in range(r0, r1):
-        xr = x[r]
-        yr = y[r]
         for c in range(C):
-            v = _affine(xr[c], hi[c], lo[c], scale[c], shift[c])
+            v = _affine(x[r, c], hi[c], lo[c], scale[c], shift[c])
             if relu and v < zero:
                 v = zero
-            yr[c] = v
+            y[r, c] = v
 
 
 @njit(**_REDUCE)
@@ -333,8 +354,8 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
         Outputs.
     """
     C = x.shape[1]
-    s_dy[:] = 0.0
-    s_dyx[:] = 0.0
+    a = np.zeros(C)
+    b = np.zeros(C)
     mean = np.empty(C)
     for c in range(C):
         mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
@@ -343,17 +364,17 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     scale = coef[SCALE]
     shift = coef[SHIFT]
     for r in range(r0, r1):
-        xr = x[r]
-        gr = dy[r]
         for c in range(C):
-            g = np.float64(gr[c])
-            if relu and _affine(xr[c], hi[c], lo[c], scale[c], shift[c]) <= 0:
+            g = np.float64(dy[r, c])
+            if relu and _affine(x[r, c], hi[c], lo[c], scale[c], shift[c]) <= 0:
                 g = 0.0
-            s_dy[c] += g
-            s_dyx[c] += g * (np.float64(xr[c]) - mean[c])
+            a[c] += g
+            b[c] += g * (np.float64(x[r, c]) - mean[c])
+    s_dy[:] = a
+    s_dyx[:] = b
 
 
-@njit(**_ELEMENTWISE)
+@njit(**_EXACT)
 def _fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, c, coef, dcoef):
     """Coefficients of ``dx = a * dy + b * (x - mean) + d`` for channel ``c``.
 
@@ -437,15 +458,12 @@ def _input_grad_rows(dy, x, dx, r0, r1, coef, dcoef, relu):
     b = dcoef[1]
     d = dcoef[2]
     for r in range(r0, r1):
-        xr = x[r]
-        gr = dy[r]
-        dxr = dx[r]
         for c in range(C):
-            xm = (xr[c] - hi[c]) - lo[c]
-            g = gr[c]
-            if relu and _affine(xr[c], hi[c], lo[c], scale[c], shift[c]) <= zero:
+            xm = (x[r, c] - hi[c]) - lo[c]
+            g = dy[r, c]
+            if relu and _affine(x[r, c], hi[c], lo[c], scale[c], shift[c]) <= zero:
                 g = zero
-            dxr[c] = a[c] * g + b[c] * xm + d[c]
+            dx[r, c] = a[c] * g + b[c] * xm + d[c]
 
 
 # --------------------------------------------------------------------------------------
@@ -483,9 +501,10 @@ def _moments(x, chunk, mean, m2):
         n_chunks = (m + chunk - 1) // chunk
         part_mean = np.empty((C, n_chunks))
         part_m2 = np.empty((C, n_chunks))
+        # chunk-major order: consecutive items are consecutive in memory
         for t in prange(C * n_chunks):
-            c = t // n_chunks
-            k = t - c * n_chunks
+            k = t // C
+            c = t - k * C
             part_mean[c, k], part_m2[c, k] = _chunk_moments_strided(
                 x, c, k * chunk, min((k + 1) * chunk, m))
     for c in prange(C):
@@ -495,7 +514,8 @@ def _moments(x, chunk, mean, m2):
 def _normalize(x, coef, relu, y):
     """``y = ((x - hi) - lo) * scale + shift`` per channel, then ReLU if asked.
 
-    One read of x, one write of y. Used by inference and by the unfused forward.
+    One read of x, one write of y, in memory order (the partition of an elementwise pass
+    does not affect results). Used by inference and by the two-pass forward.
 
     Parameters
     ----------
@@ -511,16 +531,19 @@ def _normalize(x, coef, relu, y):
         for k in prange((outer + rows - 1) // rows):
             _normalize_rows(x2, y2, k * rows, min((k + 1) * rows, outer), coef, relu)
     else:
-        m = outer * inner
+        total = outer * C * inner
         chunk = _ELEMENTWISE_CHUNK
-        n_chunks = (m + chunk - 1) // chunk
-        for t in prange(C * n_chunks):
-            c = t // n_chunks
-            k = t - c * n_chunks
-            _normalize_strided(x, y, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
+        for k in prange((total + chunk - 1) // chunk):
+            e0 = k * chunk
+            e1 = min(e0 + chunk, total)
+            for r in range(e0 // inner, (e1 - 1) // inner + 1):
+                o = r // C
+                c = r - o * C
+                _normalize_strided(x, y, c, o * inner + max(e0 - r * inner, 0),
+                                   o * inner + min(e1 - r * inner, inner), coef, relu)
 
 
-def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, coef):
+def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef):
     """Training forward with per-channel fusion (strided family only).
 
     Each thread takes whole channels: chunk statistics, merge, then normalize while the
@@ -533,8 +556,8 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, coef):
     eps : float
     gamma, beta : ndarray of float64, shape (C,)
     relu : bool
-    mean, var : ndarray of float64, shape (C,)
-        Outputs: batch mean and biased variance.
+    mean, var, invstd : ndarray of float64, shape (C,)
+        Outputs: batch mean, biased variance and ``1 / sqrt(var + eps)``.
     coef : ndarray, shape (4, C)
         Output: the coefficients used.
     """
@@ -550,10 +573,9 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, coef):
             j1 = min(j0 + chunk, m)
             mean_k, m2_k = _chunk_moments_strided(x, c, j0, j1)
             n_c, mean_c, m2_c = _chan_merge(n_c, mean_c, m2_c, np.float64(j1 - j0), mean_k, m2_k)
-        var_c = m2_c / m
         mean[c] = mean_c
-        var[c] = var_c
-        _fill_coefficients(mean_c, 1.0 / np.sqrt(var_c + eps), gamma[c], beta[c], c, coef)
+        var[c], invstd[c] = _variance_invstd(m2_c, m, eps)
+        _fill_coefficients(mean_c, invstd[c], gamma[c], beta[c], c, coef)
         _normalize_strided(x, y, c, 0, m, coef, relu)
 
 
@@ -588,8 +610,8 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
         part_dy = np.empty((C, n_chunks))
         part_dyx = np.empty((C, n_chunks))
         for t in prange(C * n_chunks):
-            c = t // n_chunks
-            k = t - c * n_chunks
+            k = t // C
+            c = t - k * C
             part_dy[c, k], part_dyx[c, k] = _chunk_grad_sums_strided(
                 dy, x, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
     for c in prange(C):
@@ -604,6 +626,8 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
 
 def _input_grad(dy, x, coef, dcoef, relu, dx):
     """``dx = a * dy + b * (x - mean) + d``: one read of dy and x, one write of dx.
+
+    In memory order, like :func:`_normalize`.
 
     Parameters
     ----------
@@ -621,13 +645,16 @@ def _input_grad(dy, x, coef, dcoef, relu, dx):
         for k in prange((outer + rows - 1) // rows):
             _input_grad_rows(dy2, x2, dx2, k * rows, min((k + 1) * rows, outer), coef, dcoef, relu)
     else:
-        m = outer * inner
+        total = outer * C * inner
         chunk = _ELEMENTWISE_CHUNK
-        n_chunks = (m + chunk - 1) // chunk
-        for t in prange(C * n_chunks):
-            c = t // n_chunks
-            k = t - c * n_chunks
-            _input_grad_strided(dy, x, dx, c, k * chunk, min((k + 1) * chunk, m), coef, dcoef, relu)
+        for k in prange((total + chunk - 1) // chunk):
+            e0 = k * chunk
+            e1 = min(e0 + chunk, total)
+            for r in range(e0 // inner, (e1 - 1) // inner + 1):
+                o = r // C
+                c = r - o * C
+                _input_grad_strided(dy, x, dx, c, o * inner + max(e0 - r * inner, 0),
+                                    o * inner + min(e1 - r * inner, inner), coef, dcoef, relu)
 
 
 def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
@@ -664,15 +691,47 @@ def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dc
         _input_grad_strided(dy, x, dx, c, 0, m, coef, dcoef, relu)
 
 
+def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef):
+    """Training forward as the statistics pass then the normalize pass (x read twice).
+
+    Same arguments and results as :func:`_forward_fused`; one call from Python.
+    """
+    C = x.shape[1]
+    _MOMENTS(x, chunk, mean, var)
+    m = x.size // C if C else 1
+    for c in range(C):
+        var[c], invstd[c] = _variance_invstd(var[c], m, eps)
+        _fill_coefficients(mean[c], invstd[c], gamma[c], beta[c], c, coef)
+    _NORMALIZE(x, coef, relu, y)
+
+
+def _backward_two_pass(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
+    """Backward as the sums pass then the dx pass (dy and x read twice).
+
+    Same arguments and results as :func:`_backward_fused`; one call from Python.
+    """
+    _GRAD_SUMS(dy, x, chunk, coef, relu, s_dy, s_dyx)
+    m = x.size // x.shape[1] if x.shape[1] else 1
+    for c in range(x.shape[1]):
+        _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd[c], gamma[c], c, coef, dcoef)
+    _INPUT_GRAD(dy, x, coef, dcoef, relu, dx)
+
+
 moments_parallel, moments_serial = _serial_and_parallel(_moments)
 normalize_parallel, normalize_serial = _serial_and_parallel(_normalize)
 forward_fused_parallel, forward_fused_serial = _serial_and_parallel(_forward_fused)
 grad_sums_parallel, grad_sums_serial = _serial_and_parallel(_grad_sums)
 input_grad_parallel, input_grad_serial = _serial_and_parallel(_input_grad)
 backward_fused_parallel, backward_fused_serial = _serial_and_parallel(_backward_fused)
+forward_two_pass_parallel, forward_two_pass_serial = _serial_and_parallel(
+    _forward_two_pass, {"_MOMENTS": (moments_parallel, moments_serial),
+                        "_NORMALIZE": (normalize_parallel, normalize_serial)}, has_prange=False)
+backward_two_pass_parallel, backward_two_pass_serial = _serial_and_parallel(
+    _backward_two_pass, {"_GRAD_SUMS": (grad_sums_parallel, grad_sums_serial),
+                         "_INPUT_GRAD": (input_grad_parallel, input_grad_serial)}, has_prange=False)
 
 
-@njit(**_ELEMENTWISE)
+@njit(**_EXACT)
 def fill_coefficients(mean, invstd, gamma, beta, coef):
     """Coefficient table of every channel (see :func:`_fill_coefficients`).
 
@@ -686,7 +745,7 @@ def fill_coefficients(mean, invstd, gamma, beta, coef):
         _fill_coefficients(mean[c], invstd[c], gamma[c], beta[c], c, coef)
 
 
-@njit(**_ELEMENTWISE)
+@njit(**_EXACT)
 def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
     """dx coefficient table of every channel (see :func:`_fill_grad_coefficients`).
 
@@ -703,7 +762,7 @@ def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
         _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd[c], gamma[c], c, coef, dcoef)
 
 
-@njit(**_ELEMENTWISE)
+@njit(**_EXACT)
 def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
     """``running = (1 - momentum) * running + momentum * batch``, in place.
 
@@ -734,11 +793,18 @@ def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
 def _chunk(x3):
     """Reduction chunk of ``x3``: values per chunk (strided) or rows per chunk (rows).
 
-    A function of the shape and dtype only, never of the thread count.
+    A function of the shape and dtype only, never of the thread count. Strided chunks
+    are whole runs of ``inner`` values (as many outer rows as make ``CHUNK_BYTES`` of
+    all channels, at least one), so that the chunk-major sweep of the reduction reads
+    memory in order; runs longer than ``CHUNK_BYTES`` are cut into ``CHUNK_BYTES`` pieces.
     """
     outer, C, inner = x3.shape
-    per_value = x3.dtype.itemsize * (C if inner == 1 else 1)
-    return max(1, _config.CHUNK_BYTES // per_value)
+    itemsize = x3.dtype.itemsize
+    if inner == 1:
+        return max(1, _config.CHUNK_BYTES // (C * itemsize))
+    if inner * itemsize > _config.CHUNK_BYTES:
+        return _config.CHUNK_BYTES // itemsize
+    return inner * max(1, _config.CHUNK_BYTES // (C * inner * itemsize))
 
 
 def _serial(x3):
@@ -747,9 +813,15 @@ def _serial(x3):
 
 
 def _fusable(x3):
-    """True when each channel of ``x3`` is a strided set of runs that fits in L2."""
+    """True when each channel of ``x3`` fits in L2 and is made of long runs.
+
+    A thread then owns whole channels; with short runs (small ``inner``) that access
+    pattern defeats the prefetchers, and the two streaming passes are faster.
+    """
     outer, C, inner = x3.shape
-    return inner > 1 and outer * inner * x3.dtype.itemsize <= _config.FUSE_BYTES
+    itemsize = x3.dtype.itemsize
+    return (inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
+            and outer * inner * itemsize <= _config.FUSE_BYTES)
 
 
 def moments(x3):
@@ -833,8 +905,8 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     Returns
     -------
     tuple of ndarray
-        ``(mean, var, coef)``: float64 batch mean and biased variance, and the
-        coefficient table used.
+        ``(mean, var, invstd)``: float64 batch mean, biased variance and
+        ``1 / sqrt(var + eps)``.
 
     Examples
     --------
@@ -846,18 +918,17 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     (array([2., 4.]), array([1., 4.]))
     """
     C = x3.shape[1]
+    mean = np.empty(C)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    coef = np.empty((4, C), x3.dtype)
+    serial = _serial(x3)
     if fuse and _fusable(x3):
-        mean = np.empty(C)
-        var = np.empty(C)
-        coef = np.empty((4, C), x3.dtype)
-        kernel = forward_fused_serial if _serial(x3) else forward_fused_parallel
-        kernel(x3, _chunk(x3), eps, gamma, beta, relu, y3, mean, var, coef)
-        return mean, var, coef
-    mean, m2 = moments(x3)
-    var = m2 / (x3.size // C)
-    coef = coefficients(mean, 1.0 / np.sqrt(var + eps), gamma, beta, x3.dtype)
-    normalize(x3, coef, relu, y3)
-    return mean, var, coef
+        kernel = forward_fused_serial if serial else forward_fused_parallel
+    else:
+        kernel = forward_two_pass_serial if serial else forward_two_pass_parallel
+    kernel(x3, _chunk(x3), eps, gamma, beta, relu, y3, mean, var, invstd, coef)
+    return mean, var, invstd
 
 
 def grad_sums(dy3, x3, coef, relu):
@@ -948,14 +1019,14 @@ def backward(dy3, x3, coef, invstd, gamma, relu, dx3, fuse=True):
     >>> backward(np.array([[[1.0]], [[3.0]]]), x, coef, np.ones(1), np.ones(1), False, dx)
     (array([4.]), array([2.]))
     """
+    C = x3.shape[1]
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
+    dcoef = np.empty((3, C), x3.dtype)
+    serial = _serial(x3)
     if fuse and _fusable(x3):
-        C = x3.shape[1]
-        s_dy = np.empty(C)
-        s_dyx = np.empty(C)
-        dcoef = np.empty((3, C), x3.dtype)
-        kernel = backward_fused_serial if _serial(x3) else backward_fused_parallel
-        kernel(dy3, x3, _chunk(x3), coef, invstd, gamma, relu, dx3, s_dy, s_dyx, dcoef)
-        return s_dy, s_dyx
-    s_dy, s_dyx = grad_sums(dy3, x3, coef, relu)
-    input_grad(dy3, x3, coef, s_dy, s_dyx, x3.size // x3.shape[1], invstd, gamma, relu, dx3)
+        kernel = backward_fused_serial if serial else backward_fused_parallel
+    else:
+        kernel = backward_two_pass_serial if serial else backward_two_pass_parallel
+    kernel(dy3, x3, _chunk(x3), coef, invstd, gamma, relu, dx3, s_dy, s_dyx, dcoef)
     return s_dy, s_dyx

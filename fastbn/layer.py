@@ -232,8 +232,9 @@ class BatchNorm:
         update = training and self.track_running_stats
         factor = (api._momentum_factor(self.momentum, self.num_batches_tracked)
                   if update else None)
-        dest, mean, var = api._forward_training(x, axis, self.gamma, self.beta, self.eps, relu,
-                                                None, guard=False, comm=comm)
+        dest, mean, var, invstd = api._forward_training(x, axis, self.gamma, self.beta,
+                                                        self.eps, relu, None, guard=False,
+                                                        comm=comm)
         if comm is not None:
             m = comm.count
         if update:
@@ -241,7 +242,7 @@ class BatchNorm:
             cpu.update_running(self.running_mean, self.running_var, mean, var, m, factor,
                                self.running_var_unbiased)
             self.num_batches_tracked += 1
-        self._saved = (x, axis, mean, 1.0 / np.sqrt(var + self.eps))
+        self._saved = (x, axis, mean, invstd)
         return dest.finish()
 
     def backward(self, dy):
