@@ -80,14 +80,18 @@ def _as_host(name, a):
 # Shared preparation
 # --------------------------------------------------------------------------------------
 
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
 def _compute_dtype(dtype):
     """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU)."""
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    return _FLOAT32 if dtype.char == "e" else dtype
 
 
 def _stats_dtype(dtype):
     """Saved statistics: float64 for float64 input, float32 otherwise."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return _FLOAT64 if dtype.char == "d" else _FLOAT32
 
 
 def _param64(p, C, fill):
@@ -230,7 +234,8 @@ def _check_forward_args(x, gamma, beta, axis, eps, out, activation):
 
 
 def _saved(a, dtype):
-    return a.astype(_stats_dtype(dtype))
+    """A fresh float64 statistic in the statistics dtype of ``dtype`` (no copy for float64)."""
+    return a if dtype.char == "d" else a.astype(_FLOAT32)
 
 
 # --------------------------------------------------------------------------------------
