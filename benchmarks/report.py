@@ -437,12 +437,14 @@ def plot(rows, device, path):
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c.replace("-", "\n") for c in cases], fontsize=7)
         ax.set_ylabel("GB/s")
+    legend = {}
+    for ax in axes.flat:
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        legend.update(zip(labels, handles))
     for ax in list(axes.flat)[len(ops):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
