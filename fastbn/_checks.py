@@ -229,6 +229,33 @@ def check_batch(shape, axis, training):
     return C, m
 
 
+def check_backward_args(dy, x, mean, invstd, gamma, beta, axis, out, activation):
+    """Checks shared by every backward (host and GPU); returns ``(dtype, axis, C, relu)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((4, 3), np.float32)
+    >>> check_backward_args(x, x, np.zeros(3), np.ones(3), None, None, 1, None, None)
+    (dtype('float32'), 1, 3, False)
+    """
+    dtype = check_input("x", x)
+    check_input("dy", dy)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise ValueError(f"dy must have the dtype of x ({dtype}), got {dy.dtype}")
+    axis = normalize_axis(axis, len(x.shape))
+    C = x.shape[axis]
+    for name, p in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
+        check_channel_param(name, p, C, axis)
+    if mean is None or invstd is None:
+        raise TypeError("mean and invstd are required: pass the statistics returned by "
+                        "batch_norm_forward")
+    check_out("out", out, x.shape, dtype)
+    return dtype, axis, C, check_activation(activation)
+
+
 class View(NamedTuple):
     """An array seen as ``(outer, C, inner)`` with the channel in the middle.
 

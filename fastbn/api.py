@@ -380,21 +380,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     dy, x = _as_host("dy", dy), _as_host("x", x)
     mean, invstd = _as_host("mean", mean), _as_host("invstd", invstd)
     gamma, beta = _as_host("gamma", gamma), _as_host("beta", beta)
-    dtype = _checks.check_input("x", x)
-    _checks.check_input("dy", dy)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
-    if dy.dtype != x.dtype:
-        raise ValueError(f"dy must have the dtype of x ({dtype}), got {dy.dtype}")
-    axis = _checks.normalize_axis(axis, x.ndim)
-    C = x.shape[axis]
-    for name, p in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
-        _checks.check_channel_param(name, p, C, axis)
-    if mean is None or invstd is None:
-        raise TypeError("mean and invstd are required: pass the statistics returned by "
-                        "batch_norm_forward")
-    _checks.check_out("out", out, x.shape, dtype)
-    relu = _checks.check_activation(activation)
+    dtype, axis, C, relu = _checks.check_backward_args(dy, x, mean, invstd, gamma, beta, axis,
+                                                       out, activation)
     if x.size == 0 and comm is None:
         dx = out if out is not None else np.empty_like(x)
         zeros = np.zeros(C, _stats_dtype(dtype))

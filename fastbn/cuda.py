@@ -780,21 +780,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
                ("beta", beta), ("out", out)])
     xa, dya = a["x"], a["dy"]
-    dtype = _checks.check_input("x", xa)
-    _checks.check_input("dy", dya)
-    if dya.shape != xa.shape:
-        raise ValueError(f"dy must have the shape of x {xa.shape}, got {dya.shape}")
-    if dya.dtype != xa.dtype:
-        raise ValueError(f"dy must have the dtype of x ({dtype}), got {dya.dtype}")
-    axis = _checks.normalize_axis(axis, xa.ndim)
-    C = xa.shape[axis]
-    for name in ("mean", "invstd", "gamma", "beta"):
-        _checks.check_channel_param(name, a[name], C, axis)
-    if a["mean"] is None or a["invstd"] is None:
-        raise TypeError("mean and invstd are required: pass the statistics returned by "
-                        "batch_norm_forward")
-    _checks.check_out("out", a["out"], xa.shape, dtype)
-    relu = _checks.check_activation(activation)
+    dtype, axis, C, relu = _checks.check_backward_args(dya, xa, a["mean"], a["invstd"],
+                                                       a["gamma"], a["beta"], axis, a["out"],
+                                                       activation)
     stats_dtype = _stats_dtype(dtype)
     with _device_context(xa):
         stream, key = _resolve_stream(stream, xa)
