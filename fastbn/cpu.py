@@ -246,6 +246,35 @@ def _affine(x, hi, lo, scale, shift):
 
 
 @njit(**_ELEMENTWISE)
+def _normalize_run(x1, y1, start, n, coef, c, relu):
+    """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over ``n`` contiguous values.
+
+    ``x1`` and ``y1`` are the flat arrays and ``start`` the flat offset of the run, all
+    values of channel ``c``. Unsigned offsets spare Numba's negative-index wraparound and
+    a slice per run, so the loop vectorizes cheaply even for short runs (small H*W).
+
+    Parameters
+    ----------
+    x1, y1 : ndarray, 1-D
+    start, n : int
+    coef : ndarray, shape (4, C)
+    c : int
+    relu : bool
+    """
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    zero = coef.dtype.type(0)
+    base = np.uint64(start)
+    for i in range(np.uint64(n)):
+        v = _affine(x1[base + i], hi, lo, scale, shift)
+        if relu and v < zero:
+            v = zero
+        y1[base + i] = v
+
+
+@njit(**_ELEMENTWISE)
 def _normalize_strided(x, y, c, j0, j1, coef, relu):
     """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over flat values ``[j0, j1)`` of channel ``c``.
 
@@ -256,22 +285,14 @@ def _normalize_strided(x, y, c, j0, j1, coef, relu):
     coef : ndarray, shape (4, C)
     relu : bool
     """
+    C = x.shape[1]
     inner = x.shape[2]
-    hi = coef[MEAN_HI, c]
-    lo = coef[MEAN_LO, c]
-    scale = coef[SCALE, c]
-    shift = coef[SHIFT, c]
-    zero = coef.dtype.type(0)
+    x1 = x.reshape(-1)
+    y1 = y.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        i1 = min(j1 - o * inner, inner)
-        xr = x[o, c, i0:i1]
-        yr = y[o, c, i0:i1]
-        for i in range(xr.size):
-            v = _affine(xr[i], hi, lo, scale, shift)
-            if relu and v < zero:
-                v = zero
-            yr[i] = v
+        _normalize_run(x1, y1, (o * C + c) * inner + i0, min(j1 - o * inner, inner) - i0,
+                       coef, c, relu)
 
 
 @njit(**_ELEMENTWISE)
@@ -409,6 +430,38 @@ def _fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, c, coef, dcoef):
 
 
 @njit(**_ELEMENTWISE)
+def _input_grad_run(dy1, x1, dx1, start, n, coef, dcoef, c, relu):
+    """``dx = a * dy + b * (x - mean) + d`` over ``n`` contiguous values of channel ``c``.
+
+    Flat arrays and unsigned offsets, as :func:`_normalize_run`.
+
+    Parameters
+    ----------
+    dy1, x1, dx1 : ndarray, 1-D
+    start, n : int
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+    c : int
+    relu : bool
+    """
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    a = dcoef[0, c]
+    b = dcoef[1, c]
+    d = dcoef[2, c]
+    zero = coef.dtype.type(0)
+    base = np.uint64(start)
+    for i in range(np.uint64(n)):
+        xv = x1[base + i]
+        g = dy1[base + i]
+        if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+            g = zero
+        dx1[base + i] = a * g + b * ((xv - hi) - lo) + d
+
+
+@njit(**_ELEMENTWISE)
 def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     """``dx = a * dy + b * (x - mean) + d`` over flat values ``[j0, j1)`` of channel ``c``.
 
@@ -420,27 +473,15 @@ def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     dcoef : ndarray, shape (3, C)
     relu : bool
     """
+    C = x.shape[1]
     inner = x.shape[2]
-    hi = coef[MEAN_HI, c]
-    lo = coef[MEAN_LO, c]
-    scale = coef[SCALE, c]
-    shift = coef[SHIFT, c]
-    a = dcoef[0, c]
-    b = dcoef[1, c]
-    d = dcoef[2, c]
-    zero = coef.dtype.type(0)
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        i1 = min(j1 - o * inner, inner)
-        xr = x[o, c, i0:i1]
-        gr = dy[o, c, i0:i1]
-        dxr = dx[o, c, i0:i1]
-        for i in range(xr.size):
-            xm = (xr[i] - hi) - lo
-            g = gr[i]
-            if relu and _affine(xr[i], hi, lo, scale, shift) <= zero:
-                g = zero
-            dxr[i] = a * g + b * xm + d
+        _input_grad_run(dy1, x1, dx1, (o * C + c) * inner + i0,
+                        min(j1 - o * inner, inner) - i0, coef, dcoef, c, relu)
 
 
 @njit(**_ELEMENTWISE)
@@ -545,14 +586,14 @@ def _normalize(x, coef, relu, y):
     else:
         total = outer * C * inner
         chunk = _ELEMENTWISE_CHUNK
+        x1 = x.reshape(-1)
+        y1 = y.reshape(-1)
         for k in prange((total + chunk - 1) // chunk):
             e0 = k * chunk
             e1 = min(e0 + chunk, total)
             for r in range(e0 // inner, (e1 - 1) // inner + 1):
-                o = r // C
-                c = r - o * C
-                _normalize_strided(x, y, c, o * inner + max(e0 - r * inner, 0),
-                                   o * inner + min(e1 - r * inner, inner), coef, relu)
+                start = max(e0, r * inner)
+                _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, r % C, relu)
 
 
 def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef):
@@ -659,14 +700,16 @@ def _input_grad(dy, x, coef, dcoef, relu, dx):
     else:
         total = outer * C * inner
         chunk = _ELEMENTWISE_CHUNK
+        dy1 = dy.reshape(-1)
+        x1 = x.reshape(-1)
+        dx1 = dx.reshape(-1)
         for k in prange((total + chunk - 1) // chunk):
             e0 = k * chunk
             e1 = min(e0 + chunk, total)
             for r in range(e0 // inner, (e1 - 1) // inner + 1):
-                o = r // C
-                c = r - o * C
-                _input_grad_strided(dy, x, dx, c, o * inner + max(e0 - r * inner, 0),
-                                    o * inner + min(e1 - r * inner, inner), coef, dcoef, relu)
+                start = max(e0, r * inner)
+                _input_grad_run(dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef,
+                                dcoef, r % C, relu)
 
 
 def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
