@@ -4,6 +4,7 @@ All checks run before anything is written: a call that raises leaves ``out`` and
 running statistics exactly as they were.
 """
 
+import functools
 import warnings
 
 import numpy as np
@@ -92,6 +93,14 @@ def _compute_dtype(dtype):
 def _stats_dtype(dtype):
     """Saved statistics: float64 for float64 input, float32 otherwise."""
     return _FLOAT64 if dtype.char == "d" else _FLOAT32
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(C, value):
+    """A read-only float64 array of ``C`` copies of ``value`` (gamma or beta left out)."""
+    a = np.full(C, value)
+    a.flags.writeable = False
+    return a
 
 
 def _param64(p, C, fill):
@@ -448,10 +457,9 @@ def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
     C = view.x3.shape[1]
     dest = _Output(out, view, x.dtype)
     x3 = _compute_view(view, x.dtype)
-    invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    coef = cpu.coefficients(np.asarray(running_mean, dtype=np.float64), invstd,
-                            _param64(gamma, C, 1.0), _param64(beta, C, 0.0), x3.dtype)
-    cpu.normalize(x3, coef, relu, dest.work)
+    cpu.inference(x3, running_mean, running_var,
+                  _constant(C, 1.0) if gamma is None else gamma,
+                  _constant(C, 0.0) if beta is None else beta, eps, relu, dest.work)
     return dest.finish()
 
 

@@ -208,10 +208,16 @@ def _merge_chunks(part_mean, part_m2, c, chunk, m):
 
 
 @njit(**_EXACT)
+def _invstd(var, eps):
+    """``1 / sqrt(var + eps)`` in exact IEEE arithmetic (as NumPy computes it)."""
+    return 1.0 / np.sqrt(var + eps)
+
+
+@njit(**_EXACT)
 def _variance_invstd(m2, m, eps):
     """``(m2 / m, 1 / sqrt(m2 / m + eps))`` in exact IEEE arithmetic (as NumPy computes it)."""
     var = m2 / m
-    return var, 1.0 / np.sqrt(var + eps)
+    return var, _invstd(var, eps)
 
 
 @njit(**_EXACT)
@@ -772,6 +778,19 @@ def _backward_two_pass(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx,
     _INPUT_GRAD(dy, x, coef, dcoef, relu, dx)
 
 
+def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y, coef):
+    """Inference: coefficients from the running statistics, then the normalize pass.
+
+    One read of x, one write of y; one call from Python. The per-channel arrays may have
+    any float dtype.
+    """
+    for c in range(x.shape[1]):
+        _fill_coefficients(np.float64(running_mean[c]),
+                           _invstd(np.float64(running_var[c]), eps),
+                           np.float64(gamma[c]), np.float64(beta[c]), c, coef)
+    _NORMALIZE(x, coef, relu, y)
+
+
 moments_parallel, moments_serial = _serial_and_parallel(_moments)
 normalize_parallel, normalize_serial = _serial_and_parallel(_normalize)
 forward_fused_parallel, forward_fused_serial = _serial_and_parallel(_forward_fused)
@@ -781,6 +800,8 @@ backward_fused_parallel, backward_fused_serial = _serial_and_parallel(_backward_
 forward_two_pass_parallel, forward_two_pass_serial = _serial_and_parallel(
     _forward_two_pass, {"_MOMENTS": (moments_parallel, moments_serial),
                         "_NORMALIZE": (normalize_parallel, normalize_serial)}, has_prange=False)
+inference_parallel, inference_serial = _serial_and_parallel(
+    _inference, {"_NORMALIZE": (normalize_parallel, normalize_serial)}, has_prange=False)
 backward_two_pass_parallel, backward_two_pass_serial = _serial_and_parallel(
     _backward_two_pass, {"_GRAD_SUMS": (grad_sums_parallel, grad_sums_serial),
                          "_INPUT_GRAD": (input_grad_parallel, input_grad_serial)}, has_prange=False)
@@ -940,6 +961,30 @@ def normalize(x3, coef, relu, y3):
     """
     kernel = normalize_serial if _serial(x3) else normalize_parallel
     kernel(x3, coef, relu, y3)
+
+
+def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
+    """Normalize with given statistics: ``y3 = gamma * (x3 - mean) / sqrt(var + eps) + beta``.
+
+    Parameters
+    ----------
+    x3, y3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    running_mean, running_var, gamma, beta : ndarray, shape (C,), any float dtype
+    eps : float
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[1.0]], [[3.0]]])
+    >>> y = np.empty_like(x)
+    >>> inference(x, np.array([2.0]), np.array([1.0]), np.ones(1), np.zeros(1), 0.0, False, y)
+    >>> y.ravel()
+    array([-1.,  1.])
+    """
+    coef = np.empty((4, x3.shape[1]), x3.dtype)
+    kernel = inference_serial if _serial(x3) else inference_parallel
+    kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y3, coef)
 
 
 def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
