@@ -589,13 +589,19 @@ def build(compute):
             part[1, c, k] = s_dyx
 
     @cuda.jit(**_JIT)
-    def backward_apply(dy, x, dx, width, nblk, chunk, part, mean, invstd, gamma, has_gamma,
-                       beta, has_beta, relu, dgamma_out, write_dgamma, dbeta_out, write_dbeta):
+    def backward_apply(dy, x, dx, width, nblk, chunk, part, npart, m, mean, invstd, gamma,
+                       has_gamma, beta, has_beta, relu, dgamma_out, write_dgamma, dbeta_out,
+                       write_dbeta):
         """Launch 2 of the backward: merge the partial sums, write dx for this chunk.
 
         ``dx = a * dy + b * (x - mean) + d`` with ``a = gamma * invstd``,
         ``b = -a * invstd * dgamma / m``, ``d = -a * dbeta / m``: one read of dy and x,
         one write of dx. Blocks of chunk 0 write ``dgamma``/``dbeta`` when asked.
+
+        ``part`` has ``npart`` partial sums per channel (``npart == nblk`` after
+        :func:`backward_partials`; ``npart == 1`` for sums already reduced elsewhere, e.g.
+        over every rank of a synchronized BatchNorm) and ``m`` (float) is the count the
+        sums cover (``outer * inner`` locally, the global count when synchronized).
         """
         sh_a = cuda.shared.array(THREADS, numba.float64)
         sh_b = cuda.shared.array(THREADS, numba.float64)
@@ -606,7 +612,7 @@ def build(compute):
         s_dyx = 0.0
         if c < C:
             p = tid // width
-            while p < nblk:
+            while p < npart:
                 s_dy += part[0, c, p]
                 s_dyx += part[1, c, p]
                 p += cuda.blockDim.x // width
@@ -624,7 +630,6 @@ def build(compute):
             lane = tid % width
             s_dy = sh_a[lane]
             s_dyx = sh_b[lane]
-            m = np.float64(x.shape[0] * x.shape[2])
             inv = np.float64(invstd[c])
             g = _param(gamma, c, has_gamma, 1.0)
             hi, lo, scale, shift = _coefficients(np.float64(mean[c]), g * inv,
@@ -682,6 +687,32 @@ def scatter(src, dst, shape, strides, offset):
             pos += (rem - q * shape[d]) * strides[d]
             rem = q
         dst[pos] = src[k]
+
+
+@cuda.jit(**_JIT)
+def merge_partials(part, moments, out):
+    """Combine each channel's partials in chunk order into ``out`` (float64, ``(2, C)``).
+
+    One thread per channel. With ``moments``, ``part`` is ``(3, C, nblk)`` from
+    ``forward_partials`` and ``out`` receives ``(mean, M2)`` (Chan's merge, left to
+    right); otherwise ``part`` is ``(2, C, nblk)`` from ``backward_partials`` and ``out``
+    receives the two sums (left to right). Used by synchronized BatchNorm, which stages
+    these ``2 * C`` values on the host.
+    """
+    c = cuda.grid(1)
+    if c < part.shape[1]:
+        a = 0.0
+        b = 0.0
+        if moments:
+            n = 0.0
+            for k in range(part.shape[2]):
+                n, a, b = _chan_merge(n, a, b, part[0, c, k], part[1, c, k], part[2, c, k])
+        else:
+            for k in range(part.shape[2]):
+                a += part[0, c, k]
+                b += part[1, c, k]
+        out[0, c] = a
+        out[1, c] = b
 
 
 @cuda.jit(**_JIT)

@@ -56,14 +56,6 @@ def _cuda_backend(arrays):
     return cuda
 
 
-def _check_no_comm_on_gpu(comm):
-    """``comm=`` is implemented for host arrays only (see docs/distributed.md)."""
-    if comm is not None:
-        raise NotImplementedError("comm= (synchronized BatchNorm) supports host (NumPy) arrays "
-                                  "only; for CUDA arrays copy the batch to the host or "
-                                  "synchronize without comm")
-
-
 def _check_no_stream(stream):
     """``stream=`` only means something for GPU arrays."""
     if stream is not None:
@@ -316,9 +308,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     """
     backend = _cuda_backend([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
-        _check_no_comm_on_gpu(comm)
         return backend.batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, out=out,
-                                          activation=activation, stream=stream)
+                                          activation=activation, stream=stream, comm=comm)
     _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
@@ -382,9 +373,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     backend = _cuda_backend([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
                              ("gamma", gamma), ("beta", beta), ("out", out)])
     if backend is not None:
-        _check_no_comm_on_gpu(comm)
         return backend.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
-                                           out=out, activation=activation, stream=stream)
+                                           out=out, activation=activation, stream=stream,
+                                           comm=comm)
     _check_no_stream(stream)
     dy, x = _as_host("dy", dy), _as_host("x", x)
     mean, invstd = _as_host("mean", mean), _as_host("invstd", invstd)
@@ -530,13 +521,12 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                              ("running_var", running_var), ("gamma", gamma), ("beta", beta),
                              ("out", out)])
     if backend is not None:
-        _check_no_comm_on_gpu(comm)
         return backend.batch_norm(x, running_mean, running_var, gamma, beta,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
                                   out=out, activation=activation,
                                   num_batches_tracked=num_batches_tracked,
                                   running_var_unbiased=running_var_unbiased,
-                                  on_nonfinite=on_nonfinite, stream=stream)
+                                  on_nonfinite=on_nonfinite, stream=stream, comm=comm)
     _check_no_stream(stream)
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)

@@ -58,7 +58,7 @@ SIMULATOR = _kernels.SIMULATOR
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
            "check_nonfinite", "nonfinite_count", "to_device", "to_host", "copy_into",
-           "move_layer", "layer_forward", "layer_backward"]
+           "move_layer", "layer_forward", "layer_backward", "local_moments", "local_grad_sums"]
 
 
 # --------------------------------------------------------------------------------------
@@ -673,11 +673,44 @@ def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, s
 
 
 def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, dbeta_out,
-              stream, stream_key):
-    """Two launches: partial sums, then merge + dx (+ dgamma/dbeta)."""
+              stream, stream_key, sums=None, count=None):
+    """Two launches: partial sums, then merge + dx (+ dgamma/dbeta).
+
+    With ``sums`` (float64 device array ``(2, C, 1)``: ``sum dy`` and
+    ``sum dy * (x - mean)`` already reduced elsewhere, e.g. over every rank) and ``count``
+    (the values per channel they cover), one launch: dx (+ dgamma/dbeta) from them.
+    """
     device_key = _device_key()
     x3 = view.x3
     outer, C, inner = x3.shape
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    kernels = _kernels.build(_compute_dtype(x.dtype))
+    if sums is None:
+        part = _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream,
+                                  stream_key)
+        npart, count = cfg.nblk, outer * inner
+    else:
+        part, npart = sums, 1
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    dummy = _dummy(device_key)
+    _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
+            dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part, npart, float(count),
+            _numba(mean), _numba(invstd), g, has_g, b, has_b, bool(relu),
+            dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
+            dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
+
+
+def _numba(stat):
+    """A statistics argument (``_Arg`` or Numba array) as a Numba array."""
+    return stat.dev if isinstance(stat, _Arg) else stat
+
+
+def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, stream_key):
+    """Launch 1 of the backward: per-(channel, chunk) sums into the workspace ``(2, C, nblk)``."""
+    device_key = _device_key()
+    x3 = view.x3
+    C = x3.shape[1]
     cfg = launch_config(x3.shape, x.dtype.str, device_key)
     kernels = _kernels.build(_compute_dtype(x.dtype))
     n_part = 2 * C * cfg.nblk
@@ -685,17 +718,10 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     part = work[:n_part].reshape(2, C, cfg.nblk)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
-    dummy = _dummy(device_key)
     _launch(kernels.backward_partials, cfg.grid, cfg.threads, stream,
-            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, mean.dev if isinstance(mean, _Arg) else mean,
-            invstd.dev if isinstance(invstd, _Arg) else invstd, g, has_g, b, has_b,
-            bool(relu), part)
-    _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
-            dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part,
-            mean.dev if isinstance(mean, _Arg) else mean,
-            invstd.dev if isinstance(invstd, _Arg) else invstd, g, has_g, b, has_b, bool(relu),
-            dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
-            dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
+            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, _numba(mean), _numba(invstd), g, has_g,
+            b, has_b, bool(relu), part)
+    return part
 
 
 def _fill(dev, value, stream):
@@ -722,7 +748,7 @@ def _check_forward(a, axis, eps, activation):
 # --------------------------------------------------------------------------------------
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
-                       activation=None, stream=None):
+                       activation=None, stream=None, comm=None):
     """GPU twin of :func:`fastbn.batch_norm_forward`: ``(y, mean, invstd)`` on the device.
 
     Two launches on ``stream``; no host synchronization. ``y``, ``mean`` and ``invstd``
@@ -736,6 +762,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     stream : stream, optional
         A Numba, CuPy or PyTorch stream (or an int handle); default the current stream
         of ``x``'s library.
+    comm : fastbn.distributed.Sync, optional
+        Synchronized BatchNorm (``fastbn.api`` passes the ``Sync`` of ``comm=``): the
+        local ``(mean, M2)`` is reduced on the device, ``2 * C`` float64 are staged on the
+        host for the collectives, then ``y`` is normalized on the device with the global
+        statistics (three launches, and the stream is synchronized).
 
     Returns
     -------
@@ -745,8 +776,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     a = _wrap([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
     xa = a["x"]
     axis, C, relu = _check_forward(a, axis, eps, activation)
-    _checks.check_batch(xa.shape, axis, training=True)
     stats_dtype = _stats_dtype(xa.dtype)
+    if comm is not None:  # the batch rule applies to the global batch (Sync)
+        return _forward_synced(a, axis, C, relu, float(eps), comm, stream, stats_dtype)
+    _checks.check_batch(xa.shape, axis, training=True)
     with _device_context(xa):
         stream, key = _resolve_stream(stream, xa)
         if xa.size == 0:  # C == 0: nothing to compute
@@ -770,12 +803,14 @@ def _empty_view(xa, axis):
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
-                        activation=None, stream=None):
+                        activation=None, stream=None, comm=None):
     """GPU twin of :func:`fastbn.batch_norm_backward`: ``(dx, dgamma, dbeta)``.
 
     Two launches on ``stream``; no host synchronization. ``dgamma``/``dbeta`` are None
     when ``gamma``/``beta`` are None, else ``(C,)`` arrays of ``x``'s kind in the
-    statistics dtype.
+    statistics dtype. With ``comm`` (a :class:`fastbn.distributed.Sync`): the local sums
+    are reduced on the device, ``2 * C`` float64 are staged on the host for the
+    collectives, and dx is computed on the device from the global sums and count.
     """
     a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
                ("beta", beta), ("out", out)])
@@ -788,6 +823,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
         stream, key = _resolve_stream(stream, xa)
         dgamma = _stats_output(xa, C, stats_dtype, stream) if gamma is not None else None
         dbeta = _stats_output(xa, C, stats_dtype, stream) if beta is not None else None
+        if comm is not None:
+            dx = _backward_synced(xa, dya, axis, a["mean"], a["invstd"], a["gamma"],
+                                  a["beta"], relu, a["out"], dgamma[1] if dgamma else None,
+                                  dbeta[1] if dbeta else None, comm, stream, key)
+            return dx, (dgamma[0] if dgamma else None), (dbeta[0] if dbeta else None)
         if xa.size == 0:
             dest = _Output(a["out"], _empty_view(xa, axis), xa, dtype, stream)
             for grad in (dgamma, dbeta):
@@ -840,7 +880,7 @@ def _inference_call(a, axis, eps, relu, stream):
 def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
                training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
                num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
-               stream=None):
+               stream=None, comm=None):
     """GPU twin of :func:`fastbn.batch_norm`.
 
     In training with running statistics, two launches: the second also updates
@@ -848,6 +888,11 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     statistics are not finite; then none is updated and the batch is reported by
     :func:`check_nonfinite` (deferred; at once with ``FASTBN_CUDA_SYNC_NONFINITE=1``).
     ``y`` is written either way.
+
+    With ``comm`` (a :class:`fastbn.distributed.Sync`, training only): statistics of
+    every rank's batch through host staging of ``2 * C`` float64, the running statistics
+    updated identically on every rank (staged on the host too), and non-finite statistics
+    reported at once, as on the CPU.
     """
     a = _wrap([("x", x), ("running_mean", running_mean), ("running_var", running_var),
                ("gamma", gamma), ("beta", beta), ("out", out)])
@@ -868,6 +913,9 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     if rm is not None:
         _checks.check_running("running_mean", rm, C, axis)
         _checks.check_running("running_var", rv, C, axis)
+    if comm is not None:  # the batch rule applies to the global batch (Sync)
+        return _batch_norm_synced(a, axis, relu, float(eps), factor, running_var_unbiased,
+                                  on_nonfinite, comm, stream)
     _, m = _checks.check_batch(xa.shape, axis, training=True)
     with _device_context(xa):
         stream, key = _resolve_stream(stream, xa)
@@ -885,6 +933,223 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         if running is not None and _config.CUDA_SYNC_NONFINITE:
             check_nonfinite(stream)
         return result
+
+
+# --------------------------------------------------------------------------------------
+# Synchronized BatchNorm (comm=): reductions on the device, 2 * C float64 staged on the host
+# --------------------------------------------------------------------------------------
+
+def _stage(part, moments, stream):
+    """Merge ``part`` per channel on the device and copy the ``(2, C)`` result to the host.
+
+    Synchronizes ``stream``; returns two float64 host arrays of shape ``(C,)``.
+    """
+    C = part.shape[1]
+    out = _nbcuda.device_array((2, C), np.float64, stream=stream)
+    _launch(_kernels.merge_partials, max(1, -(-C // _kernels.THREADS)), _kernels.THREADS,
+            stream, part, bool(moments), out)
+    host = out.copy_to_host(stream=stream)
+    stream.synchronize()
+    return host[0].copy(), host[1].copy()
+
+
+def _local_moments(x, view, stream, stream_key):
+    """``(mean, M2)`` (float64 host arrays) of this shard: launch 1 of the forward + a merge."""
+    device_key = _device_key()
+    x3 = view.x3
+    C = x3.shape[1]
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    kernels = _kernels.build(_compute_dtype(x.dtype))
+    n_part = 3 * C * cfg.nblk
+    work, ticket = _workspace((device_key, stream_key), n_part, stream)
+    part = work[:n_part].reshape(3, C, cfg.nblk)
+    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
+            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
+    return _stage(part, True, stream)
+
+
+def local_moments(x, *, axis=1, stream=None):
+    """Per-channel count, mean and M2 of a CUDA array, reduced on the device.
+
+    The rank-local half of synchronized BatchNorm: the statistics partials of the
+    training forward, merged per channel in a fixed order on the device; only the
+    ``2 * C`` float64 results are copied to the host. Synchronizes ``stream``.
+
+    Parameters
+    ----------
+    x : CUDA array, ndim >= 2, float16/32/64
+    axis : int, default 1
+        The channel axis.
+    stream : stream, optional
+
+    Returns
+    -------
+    n : int
+        Values per channel.
+    mean, m2 : ndarray of float64, shape (C,)
+        Host arrays (zeros when ``n == 0``).
+    """
+    xa = _Arg(x, "x")
+    _checks.check_input("x", xa)
+    axis = _checks.normalize_axis(axis, xa.ndim)
+    C, n = _checks.check_batch(xa.shape, axis, training=False)
+    if xa.size == 0:
+        return n, np.zeros(C), np.zeros(C)
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        mean, m2 = _local_moments(xa, _canonical(xa, axis, stream), stream, key)
+    return n, mean, m2
+
+
+def local_grad_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
+                    stream=None):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` of CUDA arrays, on the device.
+
+    The rank-local half of the synchronized backward (``dy`` ReLU-masked with
+    ``activation="relu"``); only the ``2 * C`` float64 results are copied to the host.
+    Synchronizes ``stream``.
+
+    Returns
+    -------
+    n : int
+        Values per channel.
+    sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
+        Host arrays.
+    """
+    a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
+               ("beta", beta)])
+    xa, dya = a["x"], a["dy"]
+    _, axis, C, relu = _checks.check_backward_args(dya, xa, a["mean"], a["invstd"],
+                                                   a["gamma"], a["beta"], axis, None,
+                                                   activation)
+    n = xa.size // C if C else 0
+    if xa.size == 0:
+        return n, np.zeros(C), np.zeros(C)
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        view = _canonical(xa, axis, stream)
+        dy_view = _canonical(dya, axis, stream, order=view.order)
+        part = _backward_partials(xa, view, dy_view.x3, a["mean"], a["invstd"], a["gamma"],
+                                  a["beta"], relu, stream, key)
+        s_dy, s_dyx = _stage(part, False, stream)
+    return n, s_dy, s_dyx
+
+
+def _store(dst, values, stream):
+    """Write host ``values`` into the device array ``dst`` (``_Arg`` or Numba, any strides)."""
+    if not isinstance(dst, _Arg):
+        dst = _Arg(dst, "stat")
+    if dst.size == 0:
+        return
+    src = _nbcuda.to_device(np.ascontiguousarray(values, dtype=dst.dtype).ravel(),
+                            stream=stream)
+    span, offset, strides = _span(dst)
+    _launch(_kernels.scatter, _copy_grid(dst.size), _kernels.THREADS, stream, src, span,
+            dst.shape, strides, offset)
+
+
+def _host64(stat):
+    """A (C,) device statistic (``_Arg`` or Numba array) as a float64 host array."""
+    return to_host(stat.obj if isinstance(stat, _Arg) else stat).astype(np.float64)
+
+
+def _sync_view(xa, axis, stream):
+    return _canonical(xa, axis, stream) if xa.size else _empty_view(xa, axis)
+
+
+def _synced_moments(xa, view, sync, stream, key):
+    """Global ``(mean, var)`` (float64 host arrays, identical on every rank).
+
+    Device reduction of this shard, then the header and payload collectives of
+    :meth:`fastbn.distributed.Sync.moments_from_local`; sets ``sync.count``.
+    """
+    outer, C, inner = view.x3.shape
+    n_local = outer * inner if xa.size else 0
+    local = _local_moments(xa, view, stream, key) if n_local else (np.zeros(C), np.zeros(C))
+    return sync.moments_from_local(C, n_local, local)
+
+
+def _normalize_global(xa, view, y3, mean, var, gamma, beta, eps, relu, stream):
+    """``y`` from the global statistics: the inference kernel (one launch)."""
+    if not xa.size:
+        return
+    stats = _nbcuda.to_device(np.stack([mean, var]), stream=stream)
+    _inference(xa, view, y3, types.SimpleNamespace(dev=stats[0]),
+               types.SimpleNamespace(dev=stats[1]), gamma, beta, eps, relu, stream)
+
+
+def _update_running_host(rm, rv, mean, var, m, factor, unbiased, stream):
+    """The running-statistics update of :func:`fastbn.cpu.update_running`, staged on the host."""
+    correction = m / (m - 1.0) if unbiased else 1.0
+    old_mean = _host64(rm)
+    old_var = _host64(rv)
+    _store(rm, (1.0 - factor) * old_mean + factor * mean, stream)
+    _store(rv, (1.0 - factor) * old_var + factor * var * correction, stream)
+
+
+def _forward_synced(a, axis, C, relu, eps, sync, stream, stats_dtype):
+    """:func:`batch_norm_forward` with ``comm``: ``(y, mean, invstd)``."""
+    xa = a["x"]
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        view = _sync_view(xa, axis, stream)
+        dest = _Output(a["out"], view, xa, xa.dtype, stream)
+        mean_out, mean_dev = _stats_output(xa, C, stats_dtype, stream)
+        invstd_out, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
+        mean, var = _synced_moments(xa, view, sync, stream, key)
+        invstd = 1.0 / np.sqrt(var + eps)
+        _normalize_global(xa, view, dest.y3, mean, var, a["gamma"], a["beta"], eps, relu,
+                          stream)
+        _store(mean_dev, mean, stream)
+        _store(invstd_dev, invstd, stream)
+        return dest.finish(), mean_out, invstd_out
+
+
+def _batch_norm_synced(a, axis, relu, eps, factor, unbiased, on_nonfinite, sync, stream):
+    """:func:`batch_norm` in training with ``comm``; non-finite statistics are reported
+    at once (the statistics are on the host anyway), as on the CPU."""
+    xa = a["x"]
+    rm, rv = a["running_mean"], a["running_var"]
+    with _device_context(xa):
+        stream, key = _resolve_stream(stream, xa)
+        view = _sync_view(xa, axis, stream)
+        dest = _Output(a["out"], view, xa, xa.dtype, stream)
+        mean, var = _synced_moments(xa, view, sync, stream, key)
+        if rm is not None and api._check_finite(mean, var, on_nonfinite):
+            _update_running_host(rm, rv, mean, var, sync.count, factor, unbiased, stream)
+        _normalize_global(xa, view, dest.y3, mean, var, a["gamma"], a["beta"], eps, relu,
+                          stream)
+        return dest.finish()
+
+
+def _backward_synced(xa, dya, axis, mean, invstd, gamma, beta, relu, out, dgamma_dev,
+                     dbeta_dev, sync, stream, key):
+    """The backward with ``comm``: local sums on the device, global sums on the host
+    (:meth:`fastbn.distributed.Sync.grad_sums_from_local`), dx on the device."""
+    if xa.size:
+        view = _canonical(xa, axis, stream)
+        dy_view = _canonical(dya, axis, stream, order=view.order)
+        dest = _Output(out, view, xa, xa.dtype, stream, inputs=(dy_view.span,))
+        C = view.x3.shape[1]
+        local = _stage(_backward_partials(xa, view, dy_view.x3, mean, invstd, gamma, beta,
+                                          relu, stream, key), False, stream)
+        n_local = view.x3.shape[0] * view.x3.shape[2]
+    else:
+        view = _empty_view(xa, axis)
+        dest = _Output(out, view, xa, xa.dtype, stream)
+        C = view.x3.shape[1]
+        local, n_local = (np.zeros(C), np.zeros(C)), 0
+    s_dy, s_dyx = sync.grad_sums_from_local(C, n_local, local)
+    if xa.size:
+        sums = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
+        _backward(xa, view, dy_view.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
+                  dbeta_dev, stream, key, sums=sums, count=sync.count)
+    else:
+        if dgamma_dev is not None:
+            _store(dgamma_dev, s_dyx * _host64(invstd), stream)
+        if dbeta_dev is not None:
+            _store(dbeta_dev, s_dy, stream)
+    return dest.finish()
 
 
 # --------------------------------------------------------------------------------------
@@ -1036,7 +1301,7 @@ def _layer_state(layer):
     return {k: (_Arg(v, k) if v is not None else None) for k, v in named}
 
 
-def layer_forward(layer, x, training):
+def layer_forward(layer, x, training, comm=None):
     """:meth:`fastbn.BatchNorm.forward` for a CUDA array ``x`` (layer state on the GPU).
 
     In training with running statistics, the update happens on the device (two launches
@@ -1044,6 +1309,11 @@ def layer_forward(layer, x, training):
     non-finite statistics leaves the running statistics unchanged and is reported by
     :func:`check_nonfinite` (at once, before anything of the layer changes, with
     ``FASTBN_CUDA_SYNC_NONFINITE=1``).
+
+    With ``comm`` (a :class:`fastbn.distributed.Sync`; the layer passes it when it uses
+    batch statistics): the statistics of every rank's batch through host staging, the
+    running statistics updated identically on every rank, non-finite statistics raised
+    at once (before the layer changes).
     """
     state = _layer_state(layer)
     xa = _Arg(x, "x")
@@ -1056,9 +1326,11 @@ def layer_forward(layer, x, training):
     a = dict(state, x=xa, out=None)
     axis, C, relu = _check_forward(a, layer.axis, layer.eps, layer.activation)
     layer._check_channels(xa, axis)
-    _, m = _checks.check_batch(xa.shape, axis, training=True)
     update = training and layer.track_running_stats
     factor = api._momentum_factor(layer.momentum, layer.num_batches_tracked) if update else None
+    if comm is not None:  # the batch rule applies to the global batch (Sync)
+        return _layer_forward_synced(layer, x, xa, state, axis, C, relu, update, factor, comm)
+    _, m = _checks.check_batch(xa.shape, axis, training=True)
     with _device_context(xa):
         stream, key = _resolve_stream(None, xa)
         view = _canonical(xa, axis, stream)
@@ -1081,7 +1353,30 @@ def layer_forward(layer, x, training):
         return y
 
 
-def layer_backward(layer, dy):
+def _layer_forward_synced(layer, x, xa, state, axis, C, relu, update, factor, sync):
+    with _device_context(xa):
+        stream, key = _resolve_stream(None, xa)
+        view = _sync_view(xa, axis, stream)
+        dest = _Output(None, view, xa, xa.dtype, stream)
+        mean_dev = _stats_output(xa, C, np.float64, stream)[1]
+        invstd_dev = _stats_output(xa, C, np.float64, stream)[1]
+        mean, var = _synced_moments(xa, view, sync, stream, key)
+        if update:
+            api._check_finite(mean, var, "raise")
+            _update_running_host(state["running_mean"], state["running_var"], mean, var,
+                                 sync.count, factor, layer.running_var_unbiased, stream)
+        _normalize_global(xa, view, dest.y3, mean, var, state["gamma"], state["beta"],
+                          layer.eps, relu, stream)
+        _store(mean_dev, mean, stream)
+        _store(invstd_dev, 1.0 / np.sqrt(var + layer.eps), stream)
+        y = dest.finish()
+        if update:
+            layer.num_batches_tracked += 1
+        layer._saved = (x, axis, mean_dev, invstd_dev)
+        return y
+
+
+def layer_backward(layer, dy, comm=None):
     """:meth:`fastbn.BatchNorm.backward` for a CUDA array ``dy``.
 
     Returns ``dx`` (``dy``'s kind); sets ``layer.dgamma``/``layer.dbeta`` (arrays of the
@@ -1103,9 +1398,14 @@ def layer_backward(layer, dy):
             gamma = state["gamma"]
             dgamma = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
             dbeta = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
-        dx = _backward_call(xa, dya, axis, mean, invstd, state["gamma"], state["beta"], relu,
-                            None, _Arg(dgamma, "dgamma").dev if layer.affine else None,
-                            _Arg(dbeta, "dbeta").dev if layer.affine else None, stream, key)
+        dgamma_dev = _Arg(dgamma, "dgamma").dev if layer.affine else None
+        dbeta_dev = _Arg(dbeta, "dbeta").dev if layer.affine else None
+        if comm is not None:
+            dx = _backward_synced(xa, dya, axis, mean, invstd, state["gamma"], state["beta"],
+                                  relu, None, dgamma_dev, dbeta_dev, comm, stream, key)
+        else:
+            dx = _backward_call(xa, dya, axis, mean, invstd, state["gamma"], state["beta"],
+                                relu, None, dgamma_dev, dbeta_dev, stream, key)
     if layer.affine:
         layer.dgamma = dgamma
         layer.dbeta = dbeta

@@ -309,14 +309,36 @@ class Sync:
             The global batch has fewer than 2 values per channel (on every rank).
         """
         outer, C, inner = x3.shape
-        n_local = outer * inner
+        return self.moments_from_local(C, outer * inner, lambda: cpu.moments(x3))
+
+    def moments_from_local(self, C, n_local, local):
+        """:meth:`moments` from this rank's own summary, wherever it was computed.
+
+        The GPU path computes ``local`` on the device before calling this (only the
+        ``2 * C`` float64 values are staged on the host).
+
+        Parameters
+        ----------
+        C : int
+            Channels.
+        n_local : int
+            Values per channel on this rank (may be 0).
+        local : callable or tuple
+            ``(mean, M2)`` of this rank's shard (float64, shape ``(C,)``), or a callable
+            returning it (called after the header, only when ``n_local > 0``).
+
+        Returns
+        -------
+        mean, var : ndarray of float64, shape (C,)
+            Bitwise identical on every rank. Sets :attr:`count`.
+        """
         counts = self.agree(C, n_local)
         m = self._check_global_count(counts)
-        local = np.zeros((2, C))
+        buf = np.zeros((2, C))
         if n_local:
-            local[0], local[1] = cpu.moments(x3)
+            buf[0], buf[1] = local() if callable(local) else local
         table = np.empty((self.size, 2, C))
-        self.comm.Allgather(local, table)
+        self.comm.Allgather(buf, table)
         n, mean, m2 = merge_moments(counts, table[:, 0], table[:, 1])
         self.count = m
         return mean, m2 / n
@@ -340,13 +362,32 @@ class Sync:
             Bitwise identical on every rank. Sets :attr:`count`.
         """
         outer, C, inner = x3.shape
-        n_local = outer * inner
+        return self.grad_sums_from_local(C, outer * inner,
+                                  lambda: cpu.grad_sums(dy3, x3, coef, relu))
+
+    def grad_sums_from_local(self, C, n_local, local):
+        """:meth:`grad_sums` from this rank's own sums, wherever they were computed.
+
+        Parameters
+        ----------
+        C, n_local : int
+            Channels; values per channel on this rank (may be 0).
+        local : callable or tuple
+            ``(sum dy, sum dy * (x - mean))`` of this rank's shard (float64, shape
+            ``(C,)``), or a callable returning it (called after the header, only when
+            ``n_local > 0``).
+
+        Returns
+        -------
+        sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
+            Bitwise identical on every rank. Sets :attr:`count`.
+        """
         counts = self.agree(C, n_local)
-        local = np.zeros((2, C))
+        buf = np.zeros((2, C))
         if n_local:
-            local[0], local[1] = cpu.grad_sums(dy3, x3, coef, relu)
+            buf[0], buf[1] = local() if callable(local) else local
         table = np.empty((self.size, 2, C))
-        self.comm.Allgather(local, table)
+        self.comm.Allgather(buf, table)
         total = sum_in_order(table)
         self.count = sum(counts)
         return total[0], total[1]

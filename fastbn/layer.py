@@ -216,7 +216,9 @@ class BatchNorm:
     def _forward(self, x, training, comm=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         if api.is_cuda_array(x):
-            api._check_no_comm_on_gpu(comm)
+            if comm is not None:  # synchronized through host staging (fastbn.cuda)
+                from . import cuda
+                return cuda.layer_forward(self, x, training, comm=comm)
             return self._forward_cuda(x, training)
         x = np.asarray(x)
         if not training and self.track_running_stats:
@@ -285,7 +287,9 @@ class BatchNorm:
         if api.is_cuda_array(dy) != api.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
         if api.is_cuda_array(dy):
-            api._check_no_comm_on_gpu(comm)
+            if comm is not None:  # synchronized through host staging (fastbn.cuda)
+                from . import cuda
+                return cuda.layer_backward(self, dy, comm=comm)
             return self._backward_cuda(dy)
         dy = np.asarray(dy)
         _checks.check_input("dy", dy)

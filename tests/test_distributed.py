@@ -56,15 +56,18 @@ needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found "
                                    "(pip install 'fastbn[mpi]' brings MPICH's)")
 
 
-def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT):
+def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT, extra_env=None):
     """Run ``script`` under ``mpiexec -n ranks``; return rank 0's ``RESULT`` JSON.
 
     One Numba thread per rank (the ranks already share the cores). On timeout the whole
     process group (mpiexec and every rank) is killed and the test fails with the output.
+    ``ranks=None`` runs the script as one plain process (no mpiexec).
     """
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([MPIEXEC, "-n", str(ranks), sys.executable, str(script), *args],
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               **(extra_env or {}))
+    launcher = [] if ranks is None else [MPIEXEC, "-n", str(ranks)]
+    proc = subprocess.Popen([*launcher, sys.executable, str(script), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -316,3 +319,51 @@ def test_fastbn_train_distributed_command(tmp_path):
     for got, want in zip(record["epochs"], single.epochs):
         np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5)
         assert abs(got["test_acc"] - want["test_acc"]) <= 0.002
+
+
+# --------------------------------------------------------------------------------------
+# CUDA arrays (host staging), under the Numba CUDA simulator
+# --------------------------------------------------------------------------------------
+
+# The environment of tests/test_cuda.py's simulator runs: small blocks, so that several
+# chunks per channel (and the merge of their partials) are exercised.
+CUDA_SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "FASTBN_CUDA_THREADS": "64",
+                "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4", "FASTBN_CUDA_TARGET_BLOCKS": "8",
+                "FASTBN_CUDA_SYNC_NONFINITE": "0"}
+
+
+def _check_cuda_equality(results):
+    cases = results["equality"]
+    assert {c["op"] for c in cases} == {"forward_backward", "batch_norm", "layer_relu"}
+    failures = [f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name} differs by "
+                f"{rel:.3g} (abs {abs_diff:.3g})"
+                for c in cases for name, (abs_diff, rel) in c["diffs"].items()
+                if not rel <= REL_TOL[c["dtype"]]]
+    failures += [f"{c['op']} {c['layout']} {c['dtype']}: {name} not identical on every rank"
+                 for c in cases for name, same in c["identical"].items() if not same]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_cuda_arrays_synchronized_equal_single_process_cpu():
+    """mpiexec -n 2, uneven shards (one of 1 row), device arrays with comm= vs the CPU
+    results on the whole batch: y, mean, invstd, dx, dgamma, dbeta, running statistics;
+    plus the error agreement (a bad dtype on rank 1, NaN on rank 0)."""
+    results = run_mpi(SCRIPTS / "cuda_sync_checks.py", 2, extra_env=CUDA_SIM_ENV)
+    assert results["size"] == 2
+    _check_cuda_equality(results)
+    assert any(1 in c["rows"] for c in results["equality"])
+    errors = results["errors"]
+    assert [tuple(o) for o in errors["forward_bad_dtype_on_rank_1"]] == [
+        ("DistributedError", [1]), ("TypeError", None)]
+    assert [tuple(o) for o in errors["nan_on_rank_0"]] == [("FloatingPointError", None)] * 2
+    assert [tuple(o) for o in errors["normal_call_afterwards"]] == [("ok", None)] * 2
+    assert errors["state_untouched"] == [True, True]
+
+
+def test_cuda_arrays_with_comm_self_equal_cpu():
+    """One process, ``comm=MPI.COMM_SELF`` on device arrays (simulator) vs the CPU."""
+    results = run_mpi(SCRIPTS / "cuda_sync_checks.py", None, "--self", extra_env=CUDA_SIM_ENV)
+    assert results["size"] == 1
+    _check_cuda_equality(results)
