@@ -652,6 +652,18 @@ def build(compute):
 # Layout and bookkeeping kernels (any dtype; no statistics)
 # --------------------------------------------------------------------------------------
 
+@cuda.jit(**_DEVICE)
+def _strided_position(k, shape, strides, offset):
+    """Element offset of the ``k``-th value (C order over ``shape``) of a strided span."""
+    rem = k
+    pos = offset
+    for d in range(len(shape) - 1, -1, -1):
+        q = rem // shape[d]
+        pos += (rem - q * shape[d]) * strides[d]
+        rem = q
+    return pos
+
+
 @cuda.jit(**_JIT)
 def gather(src, dst, shape, strides, offset):
     """``dst[k] = src[offset + sum(index_d(k) * strides[d])]``: strided to contiguous.
@@ -660,33 +672,15 @@ def gather(src, dst, shape, strides, offset):
     array of ``prod(shape)`` values (C order over ``shape``); strides are in elements.
     Casts to ``dst``'s dtype. Grid-stride loop.
     """
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    ndim = len(shape)
-    for k in range(start, dst.shape[0], step):
-        rem = k
-        pos = offset
-        for d in range(ndim - 1, -1, -1):
-            q = rem // shape[d]
-            pos += (rem - q * shape[d]) * strides[d]
-            rem = q
-        dst[k] = src[pos]
+    for k in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+        dst[k] = src[_strided_position(k, shape, strides, offset)]
 
 
 @cuda.jit(**_JIT)
 def scatter(src, dst, shape, strides, offset):
     """The inverse of :func:`gather`: contiguous ``src`` into a strided ``dst`` span."""
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    ndim = len(shape)
-    for k in range(start, src.shape[0], step):
-        rem = k
-        pos = offset
-        for d in range(ndim - 1, -1, -1):
-            q = rem // shape[d]
-            pos += (rem - q * shape[d]) * strides[d]
-            rem = q
-        dst[pos] = src[k]
+    for k in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        dst[_strided_position(k, shape, strides, offset)] = src[k]
 
 
 @cuda.jit(**_JIT)

@@ -600,8 +600,10 @@ class DataParallel:
 
         check_comm(comm)
         if model.xp is not np:
-            raise NotImplementedError("DataParallel trains host (device='cpu') models only; "
-                                      "comm= has no GPU path yet (see docs/distributed.md)")
+            raise NotImplementedError("DataParallel trains host (device='cpu') models only: "
+                                      "the trainer's GPU path is not data-parallel yet (the "
+                                      "functions and the layer do take comm= with CUDA arrays; "
+                                      "see docs/distributed.md)")
         self.model = model
         self.comm = comm
         self.rank = comm.Get_rank()
