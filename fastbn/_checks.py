@@ -43,7 +43,9 @@ def check_input(name, x, min_ndim=2):
     >>> check_input("x", np.zeros((2, 3), np.float32))
     dtype('float32')
     """
-    dtype = x.dtype if isinstance(x.dtype, np.dtype) else np.dtype(x.dtype)
+    dtype = x.dtype
+    if not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
     if dtype.char not in "efd" or dtype.kind != "f":
         raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
     if len(x.shape) < min_ndim:
@@ -69,6 +71,8 @@ def normalize_axis(axis, ndim):
     >>> normalize_axis(-1, 4)
     3
     """
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case
+        return axis % ndim
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
@@ -85,6 +89,8 @@ def check_eps(eps):
     >>> check_eps(1e-5)
     1e-05
     """
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case
+        return eps
     try:
         value = float(eps)
     except (TypeError, ValueError):
@@ -150,8 +156,8 @@ def check_channel_param(name, p, C, axis):
     >>> import numpy as np
     >>> check_channel_param("gamma", np.ones(3), 3, 1)
     """
-    if p is None:
-        return
+    if p is None or (type(p) is np.ndarray and p.shape == (C,) and p.dtype.kind == "f"):
+        return  # the common case, decided without building a message
     if not hasattr(p, "dtype") or not hasattr(p, "shape"):
         raise TypeError(f"{name} must be an array of shape ({C},), got {type(p).__name__}")
     if np.dtype(p.dtype).kind != "f":
@@ -185,6 +191,9 @@ def check_out(name, out, shape, dtype):
     """
     if out is None:
         return
+    if (type(out) is np.ndarray and out.shape == shape and out.dtype == dtype
+            and out.flags.writeable):
+        return  # the common case
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
@@ -275,6 +284,14 @@ class View(NamedTuple):
     shape_t: tuple
 
 
+_IDENTITY = tuple(tuple(range(n)) for n in range(9))
+
+
+def _identity(ndim):
+    """The identity axis order ``(0, 1, ..., ndim - 1)`` (prebuilt up to 8 dimensions)."""
+    return _IDENTITY[ndim] if ndim < len(_IDENTITY) else tuple(range(ndim))
+
+
 def memory_order(a):
     """Axes of ``a`` from the slowest to the fastest in memory, or None.
 
@@ -324,12 +341,16 @@ def canonical_view(x, axis, order=None):
     >>> canonical_view(np.zeros((2, 4, 5, 3)), 3).x3.shape
     (40, 3, 1)
     """
+    if order is None and x.flags.c_contiguous:  # the common case, in a few operations
+        shape = x.shape
+        return View(x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])),
+                    _identity(len(shape)), shape)
     if order is None:
         order = memory_order(x)
         if order is None:
             x = np.ascontiguousarray(x)
             order = tuple(range(x.ndim))
-    if order == tuple(range(x.ndim)):  # the common case: no view to make
+    if order == _identity(x.ndim):  # the common case: no view to make
         xt = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     else:
         xt = x.transpose(order)
@@ -354,7 +375,7 @@ def restore_layout(a3, view):
     (2, 3, 4)
     """
     a = a3.reshape(view.shape_t)
-    if view.order == tuple(range(a.ndim)):
+    if view.order == _identity(a.ndim):
         return a
     return a.transpose(tuple(np.argsort(view.order)))
 
@@ -381,7 +402,7 @@ def direct_output(out, view, inputs=()):
     >>> direct_output(np.empty_like(x), canonical_view(x, 1)).shape
     (2, 3, 4)
     """
-    out_t = out if view.order == tuple(range(out.ndim)) else out.transpose(view.order)
+    out_t = out if view.order == _identity(out.ndim) else out.transpose(view.order)
     if not out_t.flags.c_contiguous:
         return None
     out3 = out_t.reshape(view.x3.shape)

@@ -5,6 +5,7 @@ running statistics exactly as they were.
 """
 
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 from . import _checks, cpu, distributed
 
 _ON_NONFINITE = ("raise", "warn")
+_NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
 
 
 # --------------------------------------------------------------------------------------
@@ -34,17 +36,27 @@ def is_cuda_array(a):
     return type(a).__name__ == "FakeCUDAArray" and type(a).__module__.startswith("numba")
 
 
-def _cuda_backend(arrays):
+def _cuda_backend(names, *arrays):
     """Return :mod:`fastbn.cuda` when the array arguments live on a GPU, else None.
+
+    Parameters
+    ----------
+    names : tuple of str
+        The arguments' names, for the error message.
+    *arrays : array or None
+        The array arguments, in the order of ``names``.
 
     Raises
     ------
     TypeError
         Host and device arrays are mixed in one call.
     """
-    if all(a is None or type(a) is np.ndarray for _, a in arrays):
+    for a in arrays:  # the common case, NumPy arrays, is decided in this loop
+        if a is not None and type(a) is not np.ndarray:
+            break
+    else:
         return None
-    named = [(name, a) for name, a in arrays if a is not None]
+    named = [(name, a) for name, a in zip(names, arrays) if a is not None]
     on_device = [name for name, a in named if is_cuda_array(a)]
     if not on_device:
         return None
@@ -88,18 +100,18 @@ def _stats_dtype(dtype):
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(C, value):
-    """A read-only float64 array of ``C`` copies of ``value`` (gamma or beta left out)."""
-    a = np.full(C, value)
+def _constant(C, value, dtype):
+    """A read-only array of ``C`` copies of ``value`` (gamma or beta left out)."""
+    a = np.full(C, value, dtype)
     a.flags.writeable = False
     return a
 
 
-def _param64(p, C, fill):
-    """A per-channel parameter as float64 ``(C,)`` (``fill`` when None)."""
-    if p is None:
-        return np.full(C, fill)
-    return np.asarray(p, dtype=np.float64)
+def _param(p, C, fill, dtype):
+    """A per-channel parameter for the kernels: ``p`` itself (the kernels read any float
+    dtype as float64), or ``C`` copies of ``fill`` in the statistics dtype of ``dtype``
+    (the dtype users' parameters usually have, so the kernels need no other build)."""
+    return _constant(C, fill, _stats_dtype(dtype)) if p is None else p
 
 
 def _compute_view(view, dtype):
@@ -117,14 +129,18 @@ class _Output:
     result into ``out`` or returns a fresh array in the input's layout.
     """
 
+    __slots__ = ("out", "view", "dtype", "direct", "work")
+
     def __init__(self, out, view, dtype, inputs=()):
         self.out = out
         self.view = view
         self.dtype = dtype
+        if out is None:
+            self.direct = False
+            self.work = np.empty(view.x3.shape, _compute_dtype(dtype))
+            return
         compute = _compute_dtype(dtype)
-        direct = None
-        if out is not None and compute == dtype:
-            direct = _checks.direct_output(out, view, inputs)
+        direct = _checks.direct_output(out, view, inputs) if compute == dtype else None
         self.direct = direct is not None
         self.work = direct if self.direct else np.empty(view.x3.shape, compute)
 
@@ -132,11 +148,83 @@ class _Output:
         """Return the result as the caller sees it (``out`` when one was given)."""
         if self.direct:
             return self.out
+        if self.out is None and self.work.dtype == self.dtype:  # the common case
+            return _checks.restore_layout(self.work, self.view)
         result = _checks.restore_layout(self.work, self.view)
         if self.out is not None:
             np.copyto(self.out, result, casting="unsafe")
             return self.out
         return result.astype(self.dtype) if result.dtype != self.dtype else result
+
+
+def _direct_view(x, axis, stream, *params):
+    """``x`` as its ``(outer, C, inner)`` view when the call may take the direct path.
+
+    The direct path serves the most common call, small ones included, in a few
+    operations: ``x`` a C-contiguous float32 or float64 NumPy array, ``axis`` a valid
+    ``int``, no ``stream``, every per-channel argument None or a float NumPy array of
+    shape ``(C,)`` (and, checked by :func:`_direct_out`, no ``out`` or a plain one).
+    These conditions imply that every check of the general path passes; they are
+    sufficient, not necessary: any other call (None returned) takes the general path,
+    whose checks raise the errors. Both paths run the same kernels on the same view, so
+    their results are bitwise identical (tested).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> _direct_view(np.zeros((8, 3, 5), np.float32), 1, None, np.ones(3)).shape
+    (8, 3, 5)
+    >>> _direct_view(np.zeros((8, 3, 5), np.float16), 1, None) is None
+    True
+    """
+    if (type(x) is not np.ndarray or stream is not None or type(axis) is not int
+            or not (x.dtype == _FLOAT32 or x.dtype == _FLOAT64) or not x.flags.c_contiguous):
+        return None
+    shape = x.shape
+    ndim = len(shape)
+    if ndim < 2 or not -ndim <= axis < ndim:
+        return None
+    axis %= ndim
+    C = shape[axis]
+    channels = (C,)
+    for p in params:
+        if p is not None and (type(p) is not np.ndarray or p.shape != channels
+                              or p.dtype.kind != "f"):
+            return None
+    return x.reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1:]))
+
+
+def _direct_out(out, x, *inputs):
+    """Where the direct path writes: a new array, or ``out``; None when it cannot.
+
+    ``out`` qualifies when it is a writable C-contiguous NumPy array of x's shape and
+    dtype that is one of the inputs or shares no memory with them (the general path
+    handles every other ``out``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((4, 2))
+    >>> _direct_out(x, x, x) is x
+    True
+    >>> _direct_out(x[::-1], x, x) is None
+    True
+    """
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    if not (type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        return None
+    for a in inputs:
+        if out is not a and np.may_share_memory(out, a):
+            return None
+    return out
+
+
+def _direct_options(eps, activation):
+    """True when ``eps`` and ``activation`` need no conversion (see :func:`_direct_view`)."""
+    return type(eps) is float and 0.0 < eps < math.inf and (activation is None
+                                                            or activation == "relu")
 
 
 def _check_finite(mean, var, on_nonfinite):
@@ -178,8 +266,8 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     C = view.x3.shape[1]
     dest = _Output(out, view, x.dtype)
     x3 = _compute_view(view, x.dtype)
-    g = _param64(gamma, C, 1.0)
-    b = _param64(beta, C, 0.0)
+    g = _param(gamma, C, 1.0, x.dtype)
+    b = _param(beta, C, 0.0, x.dtype)
     if comm is not None or (guard and out is not None):
         if comm is not None:
             mean, var = comm.moments(x3)
@@ -197,7 +285,9 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
 
 
 def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
-    """Backward on checked host arguments; returns ``(dx, dgamma64, dbeta64)``.
+    """Backward on checked host arguments; returns ``(dx, dgamma, dbeta)``.
+
+    The gradients of the parameters come in the statistics dtype of ``x``.
 
     With ``comm`` (a :class:`fastbn.distributed.Sync`), ``dgamma`` and ``dbeta`` are sums
     over every rank's batch and ``dx`` uses the global count (two collectives).
@@ -208,18 +298,19 @@ def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
     dest = _Output(out, view, x.dtype, inputs=(dy_view.x3,))
     x3 = _compute_view(view, x.dtype)
     dy3 = _compute_view(dy_view, x.dtype)
-    mean64 = np.asarray(mean, dtype=np.float64)
+    g = _param(gamma, C, 1.0, x.dtype)
+    b = _param(beta, C, 0.0, x.dtype)
+    if comm is None:
+        dgamma, dbeta = cpu.backward(dy3, x3, mean, invstd, g, b, relu, dest.work)
+        return dest.finish(), dgamma, dbeta
     invstd64 = np.asarray(invstd, dtype=np.float64)
-    g = _param64(gamma, C, 1.0)
-    coef = cpu.coefficients(mean64, invstd64, g, _param64(beta, C, 0.0), x3.dtype)
-    if comm is not None:
-        s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu)
-        if x3.size:
-            cpu.input_grad(dy3, x3, coef, s_dy, s_dyx, comm.count, invstd64, g, relu,
-                           dest.work)
-    else:
-        s_dy, s_dyx = cpu.backward(dy3, x3, coef, invstd64, g, relu, dest.work)
-    return dest.finish(), s_dyx * invstd64, s_dy
+    coef = cpu.coefficients(mean, invstd, g, b, x3.dtype)
+    s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu)
+    if x3.size:
+        cpu.input_grad(dy3, x3, coef, s_dy, s_dyx, comm.count, invstd64,
+                       np.asarray(g, dtype=np.float64), relu, dest.work)
+    stats = _stats_dtype(x.dtype)
+    return dest.finish(), (s_dyx * invstd64).astype(stats, copy=False), s_dy.astype(stats, copy=False)
 
 
 def _check_forward_args(x, gamma, beta, axis, eps, out, activation):
@@ -235,8 +326,8 @@ def _check_forward_args(x, gamma, beta, axis, eps, out, activation):
 
 
 def _saved(a, dtype):
-    """A fresh float64 statistic in the statistics dtype of ``dtype`` (no copy for float64)."""
-    return a if dtype.char == "d" else a.astype(_FLOAT32)
+    """A statistic in the statistics dtype of ``dtype`` (no copy when it already is)."""
+    return a.astype(_stats_dtype(dtype), copy=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -306,7 +397,16 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     >>> mean
     array([ 2., 20.], dtype=float32)
     """
-    backend = _cuda_backend([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
+    x3 = _direct_view(x, axis, stream, gamma, beta)
+    if (x3 is not None and comm is None and _direct_options(eps, activation)
+            and x3.shape[0] * x3.shape[2] >= 2
+            and (y := _direct_out(out, x, x)) is not None):
+        C = x3.shape[1]
+        mean, _, invstd = cpu.forward_training(
+            x3, _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype), eps,
+            activation == "relu", y.reshape(x3.shape))
+        return y, _saved(mean, x.dtype), _saved(invstd, x.dtype)
+    backend = _cuda_backend(("x", "gamma", "beta", "out"), x, gamma, beta, out)
     if backend is not None:
         return backend.batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, out=out,
                                           activation=activation, stream=stream, comm=comm)
@@ -370,8 +470,18 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     >>> dx.ravel(), dbeta
     (array([0., 0.]), array([2.]))
     """
-    backend = _cuda_backend([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
-                             ("gamma", gamma), ("beta", beta), ("out", out)])
+    x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
+    if (x3 is not None and comm is None and mean is not None and invstd is not None
+            and type(dy) is np.ndarray and dy.shape == x.shape and dy.dtype == x.dtype
+            and dy.flags.c_contiguous and x.size and _direct_options(1.0, activation)
+            and (dx := _direct_out(out, x, x, dy)) is not None):
+        C = x3.shape[1]
+        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, mean, invstd,
+                                     _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype),
+                                     activation == "relu", dx.reshape(x3.shape))
+        return dx, None if gamma is None else dgamma, None if beta is None else dbeta
+    backend = _cuda_backend(("dy", "x", "mean", "invstd", "gamma", "beta", "out"),
+                            dy, x, mean, invstd, gamma, beta, out)
     if backend is not None:
         return backend.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
                                            out=out, activation=activation, stream=stream,
@@ -422,9 +532,16 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
     array([[-1., -1.],
            [ 1.,  1.]])
     """
-    backend = _cuda_backend([("x", x), ("running_mean", running_mean),
-                             ("running_var", running_var), ("gamma", gamma), ("beta", beta),
-                             ("out", out)])
+    x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
+    if (x3 is not None and running_mean is not None and running_var is not None
+            and _direct_options(eps, activation)
+            and (y := _direct_out(out, x, x)) is not None):
+        C = x3.shape[1]
+        cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
+                      _param(beta, C, 0.0, x.dtype), eps, activation == "relu",
+                      y.reshape(x3.shape))
+        return y
+    backend = _cuda_backend(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
     if backend is not None:
         return backend.batch_norm_inference(x, running_mean, running_var, gamma, beta,
                                             axis=axis, eps=eps, out=out, activation=activation,
@@ -448,9 +565,8 @@ def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
     C = view.x3.shape[1]
     dest = _Output(out, view, x.dtype)
     x3 = _compute_view(view, x.dtype)
-    cpu.inference(x3, running_mean, running_var,
-                  _constant(C, 1.0) if gamma is None else gamma,
-                  _constant(C, 0.0) if beta is None else beta, eps, relu, dest.work)
+    cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
+                  _param(beta, C, 0.0, x.dtype), eps, relu, dest.work)
     return dest.finish()
 
 
@@ -517,9 +633,7 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    backend = _cuda_backend([("x", x), ("running_mean", running_mean),
-                             ("running_var", running_var), ("gamma", gamma), ("beta", beta),
-                             ("out", out)])
+    backend = _cuda_backend(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
     if backend is not None:
         return backend.batch_norm(x, running_mean, running_var, gamma, beta,
                                   training=training, momentum=momentum, eps=eps, axis=axis,

@@ -26,7 +26,9 @@ Each driver is compiled twice from one source: a ``parallel=True`` build and a s
 build for calls too small to pay for a parallel region (``_config.SERIAL_BYTES``).
 """
 
+import functools
 import types
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -45,6 +47,9 @@ _EXACT = dict(_config.JIT_OPTIONS, fastmath=False)
 # Values per work item of the elementwise passes (normalize, dx): enough to amortize the
 # loop overhead, small enough to balance threads. Partition does not affect results.
 _ELEMENTWISE_CHUNK = _config.ELEMENTWISE_CHUNK
+
+# Rows the rows-family reductions take at a time (their loops are written for 4).
+_ROW_BLOCK = 4
 
 # Rows of the coefficient table ``coef`` (shape (4, C), the data's dtype) that every
 # normalizing kernel reads: y = ((x - MEAN_HI) - MEAN_LO) * SCALE + SHIFT.
@@ -129,7 +134,10 @@ def _chunk_moments_strided(x, c, j0, j1):
 def _chunk_moments_rows(x, r0, r1, mean, m2):
     """Per-channel mean and sum of squared deviations of rows ``[r0, r1)`` of ``x``.
 
-    Two passes over the rows (the second from cache), vectorized across channels.
+    Two passes over the rows (the second from cache), vectorized across channels. Rows
+    are taken four at a time (:data:`_ROW_BLOCK`): the four values of a channel are
+    added together before they meet its accumulator, which quarters the loads and stores
+    of the accumulators, the bottleneck of this compute-bound loop.
 
     Parameters
     ----------
@@ -143,13 +151,26 @@ def _chunk_moments_rows(x, r0, r1, mean, m2):
     # Local accumulators: LLVM knows they alias neither x nor each other.
     acc = np.zeros(C)
     q = np.zeros(C)
-    for r in range(r0, r1):
+    r4 = r0 + (r1 - r0) // _ROW_BLOCK * _ROW_BLOCK
+    for r in range(r0, r4, _ROW_BLOCK):
+        for c in range(C):
+            acc[c] += ((np.float64(x[r, c]) + np.float64(x[r + 1, c]))
+                       + (np.float64(x[r + 2, c]) + np.float64(x[r + 3, c])))
+    for r in range(r4, r1):
         for c in range(C):
             acc[c] += x[r, c]
     inv_n = 1.0 / (r1 - r0)
     for c in range(C):
         acc[c] *= inv_n
-    for r in range(r0, r1):
+    for r in range(r0, r4, _ROW_BLOCK):
+        for c in range(C):
+            m = acc[c]
+            d0 = np.float64(x[r, c]) - m
+            d1 = np.float64(x[r + 1, c]) - m
+            d2 = np.float64(x[r + 2, c]) - m
+            d3 = np.float64(x[r + 3, c]) - m
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(r4, r1):
         for c in range(C):
             d = np.float64(x[r, c]) - acc[c]
             q[c] += d * d
@@ -239,6 +260,28 @@ def _fill_coefficients(mean, invstd, gamma, beta, c, coef):
     coef[MEAN_LO, c] = mean - np.float64(hi)
     coef[SCALE, c] = gamma * invstd
     coef[SHIFT, c] = beta
+
+
+@njit(**_EXACT)
+def _coefficient_table(mean, invstd, gamma, beta, dtype):
+    """The ``(4, C)`` coefficient table of every channel, in ``dtype``.
+
+    Parameters
+    ----------
+    mean, invstd, gamma, beta : ndarray, shape (C,), any float dtype (used as float64)
+    dtype : NumPy dtype
+        The data's dtype.
+
+    Returns
+    -------
+    ndarray, shape (4, C)
+        See :func:`_fill_coefficients`.
+    """
+    coef = np.empty((4, mean.shape[0]), dtype)
+    for c in range(mean.shape[0]):
+        _fill_coefficients(np.float64(mean[c]), np.float64(invstd[c]), np.float64(gamma[c]),
+                           np.float64(beta[c]), c, coef)
+    return coef
 
 
 @njit(**_ELEMENTWISE)
@@ -368,6 +411,17 @@ def _chunk_grad_sums_strided(dy, x, c, j0, j1, coef, relu):
 
 
 @njit(**_REDUCE)
+def _grad_terms(dy, x, r, c, coef, mean, relu):
+    """``(dy, dy * (x - mean))`` at row ``r``, channel ``c``, in float64; with ``relu``,
+    ``dy`` is 0 where the output recomputed by :func:`_affine` is not positive."""
+    g = np.float64(dy[r, c])
+    if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c], coef[SCALE, c],
+                        coef[SHIFT, c]) <= 0:
+        g = 0.0
+    return g, g * (np.float64(x[r, c]) - mean)
+
+
+@njit(**_REDUCE)
 def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
 
@@ -386,24 +440,32 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     mean = np.empty(C)
     for c in range(C):
         mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
-    hi = coef[MEAN_HI]
-    lo = coef[MEAN_LO]
-    scale = coef[SCALE]
-    shift = coef[SHIFT]
+    r4 = r0 + (r1 - r0) // _ROW_BLOCK * _ROW_BLOCK
+    # Rows four at a time, as in _chunk_moments_rows. The ReLU and plain loops are kept
+    # apart (a constant ``relu`` in each) so that the plain one vectorizes.
     if relu:
-        for r in range(r0, r1):
+        for r in range(r0, r4, _ROW_BLOCK):
             for c in range(C):
-                g = np.float64(dy[r, c])
-                if _affine(x[r, c], hi[c], lo[c], scale[c], shift[c]) <= 0:
-                    g = 0.0
-                a[c] += g
-                b[c] += g * (np.float64(x[r, c]) - mean[c])
-    else:  # the same loop without the mask: kept apart so that it vectorizes
-        for r in range(r0, r1):
+                g0, t0 = _grad_terms(dy, x, r, c, coef, mean[c], True)
+                g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean[c], True)
+                g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean[c], True)
+                g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean[c], True)
+                a[c] += (g0 + g1) + (g2 + g3)
+                b[c] += (t0 + t1) + (t2 + t3)
+    else:
+        for r in range(r0, r4, _ROW_BLOCK):
             for c in range(C):
-                g = np.float64(dy[r, c])
-                a[c] += g
-                b[c] += g * (np.float64(x[r, c]) - mean[c])
+                g0, t0 = _grad_terms(dy, x, r, c, coef, mean[c], False)
+                g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean[c], False)
+                g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean[c], False)
+                g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean[c], False)
+                a[c] += (g0 + g1) + (g2 + g3)
+                b[c] += (t0 + t1) + (t2 + t3)
+    for r in range(r4, r1):
+        for c in range(C):
+            g, t = _grad_terms(dy, x, r, c, coef, mean[c], relu)
+            a[c] += g
+            b[c] += t
     s_dy[:] = a
     s_dyx[:] = b
 
@@ -602,7 +664,7 @@ def _normalize(x, coef, relu, y):
                 _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, r % C, relu)
 
 
-def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef):
+def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     """Training forward with per-channel fusion (strided family only).
 
     Each thread takes whole channels: chunk statistics, merge, then normalize while the
@@ -613,16 +675,15 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef)
     x, y : ndarray, shape (outer, C, inner)
     chunk : int
     eps : float
-    gamma, beta : ndarray of float64, shape (C,)
+    gamma, beta : ndarray, shape (C,), any float dtype (used as float64)
     relu : bool
     mean, var, invstd : ndarray of float64, shape (C,)
         Outputs: batch mean, biased variance and ``1 / sqrt(var + eps)``.
-    coef : ndarray, shape (4, C)
-        Output: the coefficients used.
     """
     outer, C, inner = x.shape
     m = outer * inner
     n_chunks = (m + chunk - 1) // chunk
+    coef = np.empty((4, C), x.dtype)
     for c in prange(C):
         n_c = 0.0
         mean_c = 0.0
@@ -634,7 +695,8 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef)
             n_c, mean_c, m2_c = _chan_merge(n_c, mean_c, m2_c, np.float64(j1 - j0), mean_k, m2_k)
         mean[c] = mean_c
         var[c], invstd[c] = _variance_invstd(m2_c, m, eps)
-        _fill_coefficients(mean_c, invstd[c], gamma[c], beta[c], c, coef)
+        _fill_coefficients(mean_c, invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,
+                           coef)
         _normalize_strided(x, y, c, 0, m, coef, relu)
 
 
@@ -718,7 +780,7 @@ def _input_grad(dy, x, coef, dcoef, relu, dx):
                                 dcoef, r % C, relu)
 
 
-def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
+def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
     """Backward with per-channel fusion (strided family only).
 
     Each thread takes whole channels: the two sums, then dx while dy and x are still in
@@ -728,17 +790,20 @@ def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dc
     ----------
     dy, x, dx : ndarray, shape (outer, C, inner)
     chunk : int
-    coef : ndarray, shape (4, C)
-    invstd, gamma : ndarray of float64, shape (C,)
+    mean, invstd : ndarray, shape (C,), any float dtype
+        The forward's saved statistics (used as float64).
+    gamma, beta : ndarray, shape (C,), any float dtype
+        The forward's parameters (``beta`` recomputes the ReLU mask).
     relu : bool
-    s_dy, s_dyx : ndarray of float64, shape (C,)
-        Outputs.
-    dcoef : ndarray, shape (3, C)
-        Output: the coefficients of dx.
+    dgamma, dbeta : ndarray, shape (C,)
+        Outputs: ``invstd * sum dy * (x - mean)`` and ``sum dy``, computed in float64 and
+        stored in the arrays' dtype.
     """
     outer, C, inner = x.shape
     m = outer * inner
     n_chunks = (m + chunk - 1) // chunk
+    coef = _coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    dcoef = np.empty((3, C), x.dtype)
     for c in prange(C):
         a = 0.0
         b = 0.0
@@ -746,13 +811,14 @@ def _backward_fused(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dc
             a_k, b_k = _chunk_grad_sums_strided(dy, x, c, k * chunk, min((k + 1) * chunk, m), coef, relu)
             a += a_k
             b += b_k
-        s_dy[c] = a
-        s_dyx[c] = b
-        _fill_grad_coefficients(a, b, m, invstd[c], gamma[c], c, coef, dcoef)
+        invstd_c = np.float64(invstd[c])
+        dbeta[c] = a
+        dgamma[c] = b * invstd_c
+        _fill_grad_coefficients(a, b, m, invstd_c, np.float64(gamma[c]), c, coef, dcoef)
         _input_grad_strided(dy, x, dx, c, 0, m, coef, dcoef, relu)
 
 
-def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, coef):
+def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     """Training forward as the statistics pass then the normalize pass (x read twice).
 
     Same arguments and results as :func:`_forward_fused`; one call from Python.
@@ -762,28 +828,37 @@ def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd, co
     m = x.size // C if C else 1
     for c in range(C):
         var[c], invstd[c] = _variance_invstd(var[c], m, eps)
-        _fill_coefficients(mean[c], invstd[c], gamma[c], beta[c], c, coef)
-    _NORMALIZE(x, coef, relu, y)
+    _NORMALIZE(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
 
 
-def _backward_two_pass(dy, x, chunk, coef, invstd, gamma, relu, dx, s_dy, s_dyx, dcoef):
+def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
     """Backward as the sums pass then the dx pass (dy and x read twice).
 
     Same arguments and results as :func:`_backward_fused`; one call from Python.
     """
+    C = x.shape[1]
+    coef = _coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    dcoef = np.empty((3, C), x.dtype)
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
     _GRAD_SUMS(dy, x, chunk, coef, relu, s_dy, s_dyx)
-    m = x.size // x.shape[1] if x.shape[1] else 1
-    for c in range(x.shape[1]):
-        _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd[c], gamma[c], c, coef, dcoef)
+    m = x.size // C if C else 1
+    for c in range(C):
+        invstd_c = np.float64(invstd[c])
+        _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd_c, np.float64(gamma[c]), c,
+                                coef, dcoef)
+        dbeta[c] = s_dy[c]
+        dgamma[c] = s_dyx[c] * invstd_c
     _INPUT_GRAD(dy, x, coef, dcoef, relu, dx)
 
 
-def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y, coef):
+def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
     """Inference: coefficients from the running statistics, then the normalize pass.
 
     One read of x, one write of y; one call from Python. The per-channel arrays may have
     any float dtype.
     """
+    coef = np.empty((4, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         _fill_coefficients(np.float64(running_mean[c]),
                            _invstd(np.float64(running_var[c]), eps),
@@ -807,18 +882,6 @@ backward_two_pass_parallel, backward_two_pass_serial = _serial_and_parallel(
                          "_INPUT_GRAD": (input_grad_parallel, input_grad_serial)}, has_prange=False)
 
 
-@njit(**_EXACT)
-def fill_coefficients(mean, invstd, gamma, beta, coef):
-    """Coefficient table of every channel (see :func:`_fill_coefficients`).
-
-    Parameters
-    ----------
-    mean, invstd, gamma, beta : ndarray of float64, shape (C,)
-    coef : ndarray, shape (4, C)
-        Output.
-    """
-    for c in range(mean.shape[0]):
-        _fill_coefficients(mean[c], invstd[c], gamma[c], beta[c], c, coef)
 
 
 @njit(**_EXACT)
@@ -866,16 +929,49 @@ def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
 # the small per-channel buffers. Arguments are checked by fastbn.api.
 # --------------------------------------------------------------------------------------
 
-def _chunk(x3):
-    """Reduction chunk of ``x3``: values per chunk (strided) or rows per chunk (rows).
+class _Plan(NamedTuple):
+    """How a shape is computed: a function of the shape and dtype only.
+
+    Attributes
+    ----------
+    chunk : int
+        Values per reduction chunk (strided) or rows per chunk (rows); see :func:`_chunk`.
+    serial : bool
+        Too small to pay for a parallel region (``_config.SERIAL_BYTES``).
+    fusable : bool
+        Each channel fits in L2 and is made of long runs (see :func:`_fusable`).
+    """
+
+    chunk: int
+    serial: bool
+    fusable: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_of(shape, itemsize):
+    """The :class:`_Plan` of an ``(outer, C, inner)`` shape (cached: a call in a training
+    loop sees the same few shapes over and over)."""
+    outer, C, inner = shape
+    nbytes = outer * C * inner * itemsize
+    return _Plan(_chunk(shape, itemsize), nbytes < _config.SERIAL_BYTES,
+                 _fusable(shape, itemsize))
+
+
+def _plan(x3):
+    """The :class:`_Plan` of ``x3``."""
+    return _plan_of(x3.shape, x3.dtype.itemsize)
+
+
+def _chunk(shape, itemsize):
+    """Reduction chunk of an ``(outer, C, inner)`` shape: values per chunk (strided) or
+    rows per chunk (rows).
 
     A function of the shape and dtype only, never of the thread count. Strided chunks
     are whole runs of ``inner`` values (as many outer rows as make ``CHUNK_BYTES`` of
     all channels, at least one), so that the chunk-major sweep of the reduction reads
     memory in order; runs longer than ``CHUNK_BYTES`` are cut into ``CHUNK_BYTES`` pieces.
     """
-    outer, C, inner = x3.shape
-    itemsize = x3.dtype.itemsize
+    outer, C, inner = shape
     if inner == 1:
         return max(1, _config.CHUNK_BYTES // (C * itemsize))
     if inner * itemsize > _config.CHUNK_BYTES:
@@ -883,19 +979,13 @@ def _chunk(x3):
     return inner * max(1, _config.CHUNK_BYTES // (C * inner * itemsize))
 
 
-def _serial(x3):
-    """True when ``x3`` is too small to pay for a parallel region."""
-    return x3.nbytes < _config.SERIAL_BYTES
-
-
-def _fusable(x3):
-    """True when each channel of ``x3`` fits in L2 and is made of long runs.
+def _fusable(shape, itemsize):
+    """True when each channel fits in L2 and is made of long runs.
 
     A thread then owns whole channels; with short runs (small ``inner``) that access
     pattern defeats the prefetchers, and the two streaming passes are faster.
     """
-    outer, C, inner = x3.shape
-    itemsize = x3.dtype.itemsize
+    outer, C, inner = shape
     return (inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
             and outer * inner * itemsize <= _config.FUSE_BYTES)
 
@@ -922,13 +1012,20 @@ def moments(x3):
     C = x3.shape[1]
     mean = np.empty(C)
     m2 = np.empty(C)
-    kernel = moments_serial if _serial(x3) else moments_parallel
-    kernel(x3, _chunk(x3), mean, m2)
+    plan = _plan(x3)
+    kernel = moments_serial if plan.serial else moments_parallel
+    kernel(x3, plan.chunk, mean, m2)
     return mean, m2
 
 
 def coefficients(mean, invstd, gamma, beta, dtype):
     """Normalizing coefficient table ``(4, C)`` in ``dtype`` (see :data:`MEAN_HI`).
+
+    Parameters
+    ----------
+    mean, invstd, gamma, beta : ndarray, shape (C,), any float dtype (used as float64)
+    dtype : NumPy dtype
+        The data's dtype.
 
     Examples
     --------
@@ -936,9 +1033,7 @@ def coefficients(mean, invstd, gamma, beta, dtype):
     >>> coefficients(np.array([1.0]), np.array([2.0]), np.ones(1), np.zeros(1), np.float32)[:, 0]
     array([1., 0., 2., 0.], dtype=float32)
     """
-    coef = np.empty((4, mean.shape[0]), dtype)
-    fill_coefficients(mean, invstd, gamma, beta, coef)
-    return coef
+    return _coefficient_table(mean, invstd, gamma, beta, np.dtype(dtype))
 
 
 def normalize(x3, coef, relu, y3):
@@ -959,7 +1054,7 @@ def normalize(x3, coef, relu, y3):
     >>> y.ravel()
     array([-1., -1.,  1.,  1.])
     """
-    kernel = normalize_serial if _serial(x3) else normalize_parallel
+    kernel = normalize_serial if _plan(x3).serial else normalize_parallel
     kernel(x3, coef, relu, y3)
 
 
@@ -982,9 +1077,8 @@ def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
     >>> y.ravel()
     array([-1.,  1.])
     """
-    coef = np.empty((4, x3.shape[1]), x3.dtype)
-    kernel = inference_serial if _serial(x3) else inference_parallel
-    kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y3, coef)
+    kernel = inference_serial if _plan(x3).serial else inference_parallel
+    kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y3)
 
 
 def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
@@ -996,11 +1090,11 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     Parameters
     ----------
     x3, y3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
-    gamma, beta : ndarray of float64, shape (C,)
+    gamma, beta : ndarray, shape (C,), any float dtype (used as float64)
     eps : float
     relu : bool
     fuse : bool, optional
-        Allow the fused path (its results are bitwise those of the two-pass path).
+        Allow the fused path (its results agree with the two-pass path to rounding).
 
     Returns
     -------
@@ -1017,18 +1111,14 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     >>> mean, var
     (array([2., 4.]), array([1., 4.]))
     """
-    C = x3.shape[1]
-    mean = np.empty(C)
-    var = np.empty(C)
-    invstd = np.empty(C)
-    coef = np.empty((4, C), x3.dtype)
-    serial = _serial(x3)
-    if fuse and _fusable(x3):
-        kernel = forward_fused_serial if serial else forward_fused_parallel
+    stats = np.empty((3, x3.shape[1]))
+    plan = _plan(x3)
+    if fuse and plan.fusable:
+        kernel = forward_fused_serial if plan.serial else forward_fused_parallel
     else:
-        kernel = forward_two_pass_serial if serial else forward_two_pass_parallel
-    kernel(x3, _chunk(x3), eps, gamma, beta, relu, y3, mean, var, invstd, coef)
-    return mean, var, invstd
+        kernel = forward_two_pass_serial if plan.serial else forward_two_pass_parallel
+    kernel(x3, plan.chunk, eps, gamma, beta, relu, y3, stats[0], stats[1], stats[2])
+    return stats[0], stats[1], stats[2]
 
 
 def grad_sums(dy3, x3, coef, relu):
@@ -1056,8 +1146,9 @@ def grad_sums(dy3, x3, coef, relu):
     C = x3.shape[1]
     s_dy = np.empty(C)
     s_dyx = np.empty(C)
-    kernel = grad_sums_serial if _serial(x3) else grad_sums_parallel
-    kernel(dy3, x3, _chunk(x3), coef, relu, s_dy, s_dyx)
+    plan = _plan(x3)
+    kernel = grad_sums_serial if plan.serial else grad_sums_parallel
+    kernel(dy3, x3, plan.chunk, coef, relu, s_dy, s_dyx)
     return s_dy, s_dyx
 
 
@@ -1087,11 +1178,11 @@ def input_grad(dy3, x3, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     """
     dcoef = np.empty((3, x3.shape[1]), x3.dtype)
     fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef)
-    kernel = input_grad_serial if _serial(x3) else input_grad_parallel
+    kernel = input_grad_serial if _plan(x3).serial else input_grad_parallel
     kernel(dy3, x3, coef, dcoef, relu, dx3)
 
 
-def backward(dy3, x3, coef, invstd, gamma, relu, dx3, fuse=True):
+def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=True):
     """The backward pass: channel sums, then dx.
 
     Strided layouts whose channels fit in L2 run fused (dy and x read from memory once);
@@ -1100,33 +1191,33 @@ def backward(dy3, x3, coef, invstd, gamma, relu, dx3, fuse=True):
     Parameters
     ----------
     dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
-    coef : ndarray, shape (4, C)
-    invstd, gamma : ndarray of float64, shape (C,)
+    mean, invstd : ndarray, shape (C,), any float dtype
+        The forward's saved statistics.
+    gamma, beta : ndarray, shape (C,), any float dtype
+        The forward's parameters.
     relu : bool
     fuse : bool, optional
 
     Returns
     -------
     tuple of ndarray
-        ``(sum_dy, sum_dy_xmu)`` (float64): ``dbeta`` and ``dgamma / invstd``.
+        ``(dgamma, dbeta)``: ``invstd * sum dy * (x - mean)`` and ``sum dy``, computed in
+        float64 and returned in the statistics dtype (float64 for float64 data, float32
+        otherwise).
 
     Examples
     --------
     >>> import numpy as np
     >>> x = np.array([[[0.0]], [[2.0]]])
     >>> dx = np.empty_like(x)
-    >>> coef = coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
-    >>> backward(np.array([[[1.0]], [[3.0]]]), x, coef, np.ones(1), np.ones(1), False, dx)
-    (array([4.]), array([2.]))
+    >>> backward(np.array([[[1.0]], [[3.0]]]), x, np.ones(1), np.ones(1), np.ones(1), np.zeros(1), False, dx)
+    (array([2.]), array([4.]))
     """
-    C = x3.shape[1]
-    s_dy = np.empty(C)
-    s_dyx = np.empty(C)
-    dcoef = np.empty((3, C), x3.dtype)
-    serial = _serial(x3)
-    if fuse and _fusable(x3):
-        kernel = backward_fused_serial if serial else backward_fused_parallel
+    grads = np.empty((2, x3.shape[1]), np.float64 if x3.dtype.char == "d" else np.float32)
+    plan = _plan(x3)
+    if fuse and plan.fusable:
+        kernel = backward_fused_serial if plan.serial else backward_fused_parallel
     else:
-        kernel = backward_two_pass_serial if serial else backward_two_pass_parallel
-    kernel(dy3, x3, _chunk(x3), coef, invstd, gamma, relu, dx3, s_dy, s_dyx, dcoef)
-    return s_dy, s_dyx
+        kernel = backward_two_pass_serial if plan.serial else backward_two_pass_parallel
+    kernel(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1])
+    return grads[0], grads[1]
