@@ -107,11 +107,18 @@ def _constant(C, value, dtype):
     return a
 
 
+def _channel(p):
+    """A per-channel array as the kernels take it: ``p`` itself when it is native float32
+    or float64 (the kernels read either as float64), else its exact float64 copy (float16
+    and the like, which Numba cannot load on the CPU)."""
+    return p if p.dtype.char in "fd" and p.dtype.isnative else p.astype(_FLOAT64)
+
+
 def _param(p, C, fill, dtype):
-    """A per-channel parameter for the kernels: ``p`` itself (the kernels read any float
-    dtype as float64), or ``C`` copies of ``fill`` in the statistics dtype of ``dtype``
-    (the dtype users' parameters usually have, so the kernels need no other build)."""
-    return _constant(C, fill, _stats_dtype(dtype)) if p is None else p
+    """A per-channel parameter for the kernels: ``p`` (see :func:`_channel`), or ``C``
+    copies of ``fill`` in the statistics dtype of ``dtype`` (the dtype users' parameters
+    usually have, so the kernels need no other build)."""
+    return _constant(C, fill, _stats_dtype(dtype)) if p is None else _channel(p)
 
 
 def _compute_view(view, dtype):
@@ -301,10 +308,11 @@ def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
     g = _param(gamma, C, 1.0, x.dtype)
     b = _param(beta, C, 0.0, x.dtype)
     if comm is None:
-        dgamma, dbeta = cpu.backward(dy3, x3, mean, invstd, g, b, relu, dest.work)
+        dgamma, dbeta = cpu.backward(dy3, x3, _channel(mean), _channel(invstd), g, b, relu,
+                                     dest.work)
         return dest.finish(), dgamma, dbeta
     invstd64 = np.asarray(invstd, dtype=np.float64)
-    coef = cpu.coefficients(mean, invstd, g, b, x3.dtype)
+    coef = cpu.coefficients(_channel(mean), invstd64, g, b, x3.dtype)
     s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu)
     if x3.size:
         cpu.input_grad(dy3, x3, coef, s_dy, s_dyx, comm.count, invstd64,
@@ -476,7 +484,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
             and dy.flags.c_contiguous and x.size and _direct_options(1.0, activation)
             and (dx := _direct_out(out, x, x, dy)) is not None):
         C = x3.shape[1]
-        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, mean, invstd,
+        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, _channel(mean), _channel(invstd),
                                      _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype),
                                      activation == "relu", dx.reshape(x3.shape))
         return dx, None if gamma is None else dgamma, None if beta is None else dbeta
@@ -537,7 +545,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
             and _direct_options(eps, activation)
             and (y := _direct_out(out, x, x)) is not None):
         C = x3.shape[1]
-        cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
+        cpu.inference(x3, _channel(running_mean), _channel(running_var),
+                      _param(gamma, C, 1.0, x.dtype),
                       _param(beta, C, 0.0, x.dtype), eps, activation == "relu",
                       y.reshape(x3.shape))
         return y
@@ -565,7 +574,8 @@ def _inference(x, axis, running_mean, running_var, gamma, beta, eps, relu, out):
     C = view.x3.shape[1]
     dest = _Output(out, view, x.dtype)
     x3 = _compute_view(view, x.dtype)
-    cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
+    cpu.inference(x3, _channel(running_mean), _channel(running_var),
+                  _param(gamma, C, 1.0, x.dtype),
                   _param(beta, C, 0.0, x.dtype), eps, relu, dest.work)
     return dest.finish()
 

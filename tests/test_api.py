@@ -356,3 +356,83 @@ def test_fused_and_two_pass_paths_agree(shape):
         # float64 statistics: a few ulps; float32 outputs: one float32 rounding
         assert_close(a, b, rtol=1e-6 if a.dtype == np.float32 else 1e-12,
                      atol=1e-6 if a.dtype == np.float32 else 1e-9, name=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((2, 3), 1), ((7, 3), -1), ((4, 5, 6, 3), -1),
+                                        ((3, 5, 7), 1), ((16, 8, 1001), 1), ((40001, 5), 1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_direct_and_general_host_paths_agree_bitwise(shape, axis, dtype, activation):
+    """Plain NumPy calls take a direct host path (fastbn.api._direct_view); a NumPy
+    integer axis sends the same call through the general path. Both must run the same
+    kernels on the same view, so every output agrees bit for bit."""
+    from fastbn import api
+
+    rng = np.random.default_rng(23)
+    x = make(shape, dtype, rng, offset=2.0)
+    dy = make(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = params(C, rng, dtype)
+    rm, rv = rng.normal(size=C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    assert api._direct_view(x, axis, None, gamma, beta) is not None
+    assert api._direct_view(x, np.int64(axis), None, gamma, beta) is None
+    for gb in ((gamma, beta), (None, None)):
+        results = []
+        for ax in (axis, np.int64(axis)):
+            y, mean, invstd = fastbn.batch_norm_forward(x, *gb, axis=ax, activation=activation)
+            grads = fastbn.batch_norm_backward(dy, x, mean, invstd, *gb, axis=ax,
+                                               activation=activation)
+            inf = fastbn.batch_norm_inference(x, rm, rv, *gb, axis=ax, activation=activation)
+            out = np.empty_like(x)
+            fastbn.batch_norm_forward(x, *gb, axis=ax, activation=activation, out=out)
+            results.append((y, mean, invstd, inf, out) + grads)
+        for a, b in zip(*results):
+            if a is None:
+                assert b is None
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+
+
+def test_direct_path_in_place_and_aliasing_out():
+    """``out=x`` (in place) runs directly; an ``out`` that overlaps x without coinciding
+    is sent to the general path, which computes into a temporary."""
+    from fastbn import api
+
+    rng = np.random.default_rng(24)
+    x = make((9, 4, 6), np.float32, rng)
+    expected, _, _ = fastbn.batch_norm_forward(x.copy())
+    assert api._direct_out(x, x, x) is x
+    inplace = x.copy()
+    y, _, _ = fastbn.batch_norm_forward(inplace, out=inplace)
+    assert y is inplace
+    np.testing.assert_array_equal(y, expected)
+    buf = np.concatenate([x.ravel(), np.zeros(24, np.float32)])
+    xs, shifted = buf[:x.size].reshape(x.shape), buf[24:].reshape(x.shape)
+    assert api._direct_out(shifted, xs, xs) is None
+    y, _, _ = fastbn.batch_norm_forward(xs, out=shifted)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_per_channel_arrays_of_any_float_dtype():
+    """Per-channel arguments in float16 or big-endian float64 (which Numba cannot load)
+    give the results of their float64 values."""
+    rng = np.random.default_rng(25)
+    x = make((12, 3, 5), np.float32, rng)
+    dy = make(x.shape, np.float32, rng)
+    gamma, beta = params(3, rng, np.float16)
+    rm, rv = np.zeros(3, np.float16), np.ones(3, ">f8")
+    y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
+    y64, _, _ = fastbn.batch_norm_forward(x, gamma.astype(np.float64), beta.astype(np.float64))
+    np.testing.assert_array_equal(y, y64)
+    grads = fastbn.batch_norm_backward(dy, x, mean.astype(np.float16), invstd.astype(">f8"),
+                                       gamma, beta)
+    grads64 = fastbn.batch_norm_backward(dy, x, mean.astype(np.float16).astype(np.float64),
+                                         invstd.astype(np.float64), gamma.astype(np.float64),
+                                         beta.astype(np.float64))
+    for a, b in zip(grads, grads64):
+        np.testing.assert_array_equal(a, b)
+    inf = fastbn.batch_norm_inference(x, rm, rv, gamma, beta)
+    np.testing.assert_array_equal(inf, fastbn.batch_norm_inference(
+        x, rm.astype(np.float64), rv.astype(np.float64), gamma.astype(np.float64),
+        beta.astype(np.float64)))
