@@ -625,7 +625,11 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "**Suite.** `pytest benchmarks --benchmark-only` (pytest-benchmark, "
         "`benchmark.pedantic`): one untimed call first (JIT compilation, page faults of the "
         "outputs), 2 untimed warm-up rounds, then 6-8 timed rounds per large case (30 rounds "
-        "of 50 calls for the small one). fastbn writes into preallocated outputs (`out=`). "
+        "of 50 calls for the small one). On the CPU every provider allocates its outputs, "
+        "as a caller would without `out=`; the suite runs with glibc's `MALLOC_MMAP_MAX_=0` "
+        "and a high `MALLOC_TRIM_THRESHOLD_`, so a freed output is reused by the next call "
+        "(a training loop's steady state) instead of page-faulting afresh, which made "
+        "PyTorch's backward vary threefold between processes. "
         "PyTorch runs `torch.nn.functional.batch_norm` for forward and inference and "
         "`torch.ops.aten.native_batch_norm(_backward)` for backward (the kernels autograd "
         "calls); NHWC input is a `channels_last` tensor. NumPy is the obvious "
@@ -723,6 +727,14 @@ def wait_until_idle(max_wait_s, threshold=BUSY_WARNING):
         time.sleep(4.0)
 
 
+# glibc malloc settings of the benchmark process: no mmap for large blocks and no trimming
+# of the heap, so that an x-sized output freed by one call is reused by the next, as in a
+# training loop's steady state. Without them, whether a provider's fresh output page-faults
+# on every call depended on the process's allocation history: PyTorch's NCHW backward took
+# 3.3 ms in one process and 11-15 ms in another (thousands of page faults per call).
+STEADY_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
 def run_suite(json_path, keyword=None, targets=None):
     """Run ``pytest benchmarks --benchmark-only`` in a subprocess, writing ``json_path``.
 
@@ -748,7 +760,7 @@ def run_suite(json_path, keyword=None, targets=None):
         command += ["-k", keyword]
     shown = command if len(command) < 20 else command[:4] + ["..."] + command[-8:]
     print("running:", " ".join(shown), flush=True)
-    return subprocess.call(command, cwd=ROOT)
+    return subprocess.call(command, cwd=ROOT, env=dict(os.environ, **STEADY_MALLOC))
 
 
 def rerun_disturbed(data, retries=2, wait_s=300.0):
