@@ -37,8 +37,10 @@ from . import _config
 
 _REDUCE = dict(_config.JIT_OPTIONS)
 # Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold
-# into ``x - (mean_hi + mean_lo)`` and lose the low part.
-_ELEMENTWISE = dict(_config.JIT_OPTIONS, fastmath=set(_config.FASTMATH) - {"reassoc"})
+# into ``x - (mean_hi + mean_lo)`` and lose the low part. Nor contracted: whether a
+# multiply-add becomes an FMA depends on the inlining context, and the same formula must
+# round the same way in every driver (the synchronized backward computes dx in its own).
+_ELEMENTWISE = dict(_config.JIT_OPTIONS, fastmath=set(_config.FASTMATH) - {"reassoc", "contract"})
 # Per-channel arithmetic (merges, coefficients, variance, running statistics) is C-sized:
 # plain IEEE operations cost nothing there and give the same bits whichever kernel, or
 # NumPy on the host, computes them.
@@ -1019,13 +1021,8 @@ def moments(x3):
 
 
 def coefficients(mean, invstd, gamma, beta, dtype):
-    """Normalizing coefficient table ``(4, C)`` in ``dtype`` (see :data:`MEAN_HI`).
-
-    Parameters
-    ----------
-    mean, invstd, gamma, beta : ndarray, shape (C,), any float dtype (used as float64)
-    dtype : NumPy dtype
-        The data's dtype.
+    """Normalizing coefficient table ``(4, C)`` in ``dtype`` (see :data:`MEAN_HI`): the
+    host's entry to :func:`_coefficient_table`, which takes the same arguments.
 
     Examples
     --------
