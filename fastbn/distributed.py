@@ -94,7 +94,8 @@ def check_comm(comm):
 def merge_moments(counts, means, m2s):
     """Merge per-rank ``(count, mean, M2)`` summaries in rank order (Chan et al.).
 
-    The same formula as :func:`fastbn.cpu._chan_merge`, vectorized over channels::
+    Chan, Golub and LeVeque's pairwise formula (the GPU kernels merge their partials with
+    it too), vectorized over channels::
 
         n     = n_a + n_b
         delta = mean_b - mean_a
