@@ -155,8 +155,6 @@ class _Output:
         """Return the result as the caller sees it (``out`` when one was given)."""
         if self.direct:
             return self.out
-        if self.out is None and self.work.dtype == self.dtype:  # the common case
-            return _checks.restore_layout(self.work, self.view)
         result = _checks.restore_layout(self.work, self.view)
         if self.out is not None:
             np.copyto(self.out, result, casting="unsafe")
