@@ -452,6 +452,17 @@ def _grad_terms(dy, x, r, c, coef, mean, relu):
 
 
 @njit(**_REDUCE)
+def _grad_block(dy, x, r, c, coef, mean, relu):
+    """:func:`_grad_terms` of rows ``r`` to ``r + 3`` (one :data:`_ROW_BLOCK`), added
+    pairwise: ``(sum dy, sum dy * (x - mean))`` of the block."""
+    g0, t0 = _grad_terms(dy, x, r, c, coef, mean, relu)
+    g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean, relu)
+    g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean, relu)
+    g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean, relu)
+    return (g0 + g1) + (g2 + g3), (t0 + t1) + (t2 + t3)
+
+
+@njit(**_REDUCE)
 def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
 
@@ -476,21 +487,15 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     if relu:
         for r in range(r0, r4, _ROW_BLOCK):
             for c in range(C):
-                g0, t0 = _grad_terms(dy, x, r, c, coef, mean[c], True)
-                g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean[c], True)
-                g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean[c], True)
-                g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean[c], True)
-                a[c] += (g0 + g1) + (g2 + g3)
-                b[c] += (t0 + t1) + (t2 + t3)
+                g, t = _grad_block(dy, x, r, c, coef, mean[c], True)
+                a[c] += g
+                b[c] += t
     else:
         for r in range(r0, r4, _ROW_BLOCK):
             for c in range(C):
-                g0, t0 = _grad_terms(dy, x, r, c, coef, mean[c], False)
-                g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean[c], False)
-                g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean[c], False)
-                g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean[c], False)
-                a[c] += (g0 + g1) + (g2 + g3)
-                b[c] += (t0 + t1) + (t2 + t3)
+                g, t = _grad_block(dy, x, r, c, coef, mean[c], False)
+                a[c] += g
+                b[c] += t
     for r in range(r4, r1):
         for c in range(C):
             g, t = _grad_terms(dy, x, r, c, coef, mean[c], relu)
