@@ -15,12 +15,18 @@ each chunk is reduced by one thread in a fixed order, and chunk partials are mer
 channel in chunk order. The thread count changes who computes a chunk, never what is
 computed, so results are bitwise identical for every ``numba.set_num_threads`` value.
 
-Accuracy: statistics accumulate in float64. Each chunk (which fits in L2) is reduced in
-two passes, mean then sum of squared deviations; a channel's chunks are merged through
-its pooled mean (``M2 = sum(M2_k + n_k (mean_k - mean)^2)``, no negative term). There is no ``E[x^2] - E[x]^2`` cancellation, so data with a large offset
-(``1e4 + randn``) keeps full float32 accuracy. The normalization subtracts the float64
-mean as a hi + lo pair of the data's dtype, so ``x - mean`` is exact to the last bit of
-the data's precision even when the mean does not fit in float32.
+Accuracy: statistics accumulate in float64. Each chunk (which fits in L2) is summarized
+as a shift, the deviation of its mean from the shift and its sum of squared deviations:
+strided chunks by the corrected two-pass algorithm (the second pass from cache), rows
+chunks in one pass shifted by their first row (with a two-pass fallback when that row is
+an outlier). A channel's chunks are merged through their pooled mean, relative to the
+first chunk's shift (``M2 = sum(M2_k + n_k (mean_k - mean)^2)``, no negative term). There
+is no ``E[x^2] - E[x]^2`` cancellation, so data with a large offset (``1e4 + randn``)
+keeps full float32 accuracy, and float64 data keeps float64 accuracy.
+
+The normalization subtracts the float64 mean as a hi + lo pair of the data's dtype, so
+``x - mean`` is exact to the last bit of the data's precision even when the mean does
+not fit in float32.
 
 Each driver is compiled twice from one source: a ``parallel=True`` build and a serial
 build for calls too small to pay for a parallel region (``_config.SERIAL_BYTES``).
@@ -49,9 +55,6 @@ _EXACT = dict(_config.JIT_OPTIONS, fastmath=False)
 # Values per work item of the elementwise passes (normalize, dx): enough to amortize the
 # loop overhead, small enough to balance threads. Partition does not affect results.
 _ELEMENTWISE_CHUNK = _config.ELEMENTWISE_CHUNK
-
-# Rows the rows-family reductions take at a time (their loops are written for 4).
-_ROW_BLOCK = 4
 
 # Rows of the coefficient table ``coef`` (shape (4, C), the data's dtype) that every
 # normalizing kernel reads: y = ((x - MEAN_HI) - MEAN_LO) * SCALE + SHIFT.
@@ -137,9 +140,14 @@ def _whole_runs(chunk, inner):
 
 @njit(**_REDUCE)
 def _chunk_moments_strided(x, c, o0, o1, i_first, i_last):
-    """Mean and sum of squared deviations of channel ``c`` over one chunk.
+    """Summary ``(shift, dev, m2)`` of channel ``c`` over one chunk (see :func:`_merge_chunks`).
 
-    Two passes over the chunk; the second reads from cache. float64 accumulation.
+    Two passes over the chunk; the second reads from cache. float64 accumulation. The
+    first pass gives the mean rounded to float64 (``shift``); the second sums the
+    deviations from it, squared and plain: their mean ``dev`` is the rounding of
+    ``shift``, so ``shift + dev`` carries the chunk's mean beyond float64 precision
+    (data like ``1e8 + randn`` in float64 keeps every digit of its variance through the
+    merge), and ``m2`` is corrected by ``dev`` (the corrected two-pass algorithm).
 
     Parameters
     ----------
@@ -152,85 +160,109 @@ def _chunk_moments_strided(x, c, o0, o1, i_first, i_last):
     Returns
     -------
     tuple of float
-        ``(mean, m2)`` of the chunk.
+        ``(shift, dev, m2)``.
     """
     inner = x.shape[2]
+    n = (o1 - o0) * inner - i_first - (inner - i_last)
     s = 0.0
     for o in range(o0, o1):
         xr = x[o, c, (i_first if o == o0 else 0):(i_last if o == o1 - 1 else inner)]
         for i in range(xr.size):
             s += np.float64(xr[i])
-    mean = s / ((o1 - o0) * inner - i_first - (inner - i_last))
+    shift = s / n
+    e = 0.0
     q = 0.0
     for o in range(o0, o1):
         xr = x[o, c, (i_first if o == o0 else 0):(i_last if o == o1 - 1 else inner)]
         for i in range(xr.size):
-            d = np.float64(xr[i]) - mean
+            d = np.float64(xr[i]) - shift
+            e += d
             q += d * d
-    return mean, q
+    dev = e / n
+    return shift, dev, q - e * dev
 
 
 @njit(**_REDUCE)
-def _chunk_moments_rows(x, r0, r1, mean, m2):
-    """Per-channel mean and sum of squared deviations of rows ``[r0, r1)`` of ``x``.
+def _chunk_moments_rows(x, r0, r1, shift, dev, m2):
+    """Per-channel summaries ``(shift, dev, m2)`` of rows ``[r0, r1)`` of ``x``.
 
-    Two passes over the rows (the second from cache), vectorized across channels. Rows
-    are taken four at a time (:data:`_ROW_BLOCK`): the four values of a channel are
-    added together before they meet its accumulator, which quarters the loads and stores
-    of the accumulators, the bottleneck of this compute-bound loop.
+    One pass, vectorized across channels, one row at a time: a second pass over the
+    chunk (even from L2) leaves the memory idle while it runs, and blocks of rows read as
+    interleaved streams, which halved the speed from memory.
+
+    Each channel is shifted by ``K``, its value in the chunk's first row: with
+    ``d = x - K`` in float64, ``S = sum(d)`` and ``Q = sum(d**2)``, the chunk's mean is
+    ``K + S / n`` (kept as the pair ``shift = K``, ``dev = S / n``) and
+    ``M2 = Q - S**2 / n``. ``Q = M2 + n (mean - K)**2``, and ``K`` is a sample of the
+    channel, so ``Q`` is typically about ``2 M2``: the subtraction loses a bit or so, never
+    the ``E[x^2] - E[x]^2`` cancellation of unshifted sums. Where ``Q > 16 M2`` in some
+    channel (``K`` an outlier, whose large differences would also round ``S``) or a sum is
+    not finite, the chunk is reduced again from cache by the two-pass method of
+    :func:`_chunk_moments_strided`. The choice depends on the data only, never on the
+    threads.
 
     Parameters
     ----------
     x : ndarray, shape (rows, C)
     r0, r1 : int
-        Row range.
-    mean, m2 : ndarray of float64, shape (C,)
+        Row range (not empty).
+    shift, dev, m2 : ndarray of float64, shape (C,)
         Outputs.
     """
     C = x.shape[1]
     # Local accumulators: LLVM knows they alias neither x nor each other.
-    acc = np.zeros(C)
+    k = np.empty(C)
+    s = np.zeros(C)
     q = np.zeros(C)
-    r4 = r0 + (r1 - r0) // _ROW_BLOCK * _ROW_BLOCK
-    for r in range(r0, r4, _ROW_BLOCK):
-        for c in range(C):
-            acc[c] += ((np.float64(x[r, c]) + np.float64(x[r + 1, c]))
-                       + (np.float64(x[r + 2, c]) + np.float64(x[r + 3, c])))
-    for r in range(r4, r1):
-        for c in range(C):
-            acc[c] += x[r, c]
-    inv_n = 1.0 / (r1 - r0)
     for c in range(C):
-        acc[c] *= inv_n
-    for r in range(r0, r4, _ROW_BLOCK):
+        k[c] = x[r0, c]
+    for r in range(r0, r1):
         for c in range(C):
-            m = acc[c]
-            d0 = np.float64(x[r, c]) - m
-            d1 = np.float64(x[r + 1, c]) - m
-            d2 = np.float64(x[r + 2, c]) - m
-            d3 = np.float64(x[r + 3, c]) - m
-            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for r in range(r4, r1):
-        for c in range(C):
-            d = np.float64(x[r, c]) - acc[c]
+            d = np.float64(x[r, c]) - k[c]
+            s[c] += d
             q[c] += d * d
-    mean[:] = acc
-    m2[:] = q
+    n = r1 - r0
+    well_conditioned = True
+    for c in range(C):
+        v = q[c] - s[c] * s[c] / n
+        if not q[c] <= 16.0 * v:  # also true for a NaN
+            well_conditioned = False
+    if not well_conditioned:  # two passes, from cache
+        s[:] = 0.0
+        for r in range(r0, r1):
+            for c in range(C):
+                s[c] += x[r, c]
+        for c in range(C):
+            k[c] = s[c] / n
+        s[:] = 0.0
+        q[:] = 0.0
+        for r in range(r0, r1):
+            for c in range(C):
+                d = np.float64(x[r, c]) - k[c]
+                s[c] += d
+                q[c] += d * d
+    for c in range(C):
+        shift[c] = k[c]
+        dev[c] = s[c] / n
+        m2[c] = q[c] - s[c] * dev[c]
 
 
 @njit(**_EXACT)
-def _merge_chunks(part_mean, part_m2, c, chunk, m):
-    """Merge the chunk partials of channel ``c``: its mean and M2.
+def _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m):
+    """Merge the chunk summaries of channel ``c``: its mean and M2.
 
-    ``mean = sum(n_k * mean_k) / m``, then ``M2 = sum(M2_k + n_k * (mean_k - mean)**2)``
-    in chunk order: every term of the second sum is non-negative (no cancellation), and
-    a channel costs one division, where Chan's pairwise merge costs two per chunk (which
-    dominated the statistics of short-run channels: a (256, 512, 7, 7) batch has 256
-    chunks per channel).
+    Chunk ``k`` has mean ``shift_k + dev_k`` (a float64 pair: see
+    :func:`_chunk_moments_strided`). Relative to ``K = shift_0``, its mean is
+    ``delta_k = (shift_k - K) + dev_k``; then ``mean = K + sum(n_k delta_k) / m`` and
+    ``M2 = sum(M2_k + n_k (delta_k - delta)**2)`` in chunk order. Every term of the
+    second sum is non-negative (no cancellation), the differences of chunk means are
+    taken before any large offset rounds them, and a channel costs one division, where
+    Chan's pairwise merge costs two per chunk (which dominated the statistics of
+    short-run channels: a (256, 512, 7, 7) batch has 256 chunks per channel).
 
     Parameters
     ----------
-    part_mean, part_m2 : ndarray of float64, shape (C, n_chunks)
+    part_shift, part_dev, part_m2 : ndarray of float64, shape (C, n_chunks)
     c : int
     chunk : int
         Values per chunk (the last chunk may hold fewer).
@@ -242,18 +274,17 @@ def _merge_chunks(part_mean, part_m2, c, chunk, m):
     tuple of float
         ``(mean, m2)`` of the channel.
     """
-    n_chunks = part_mean.shape[1]
-    if n_chunks == 1:
-        return part_mean[c, 0], part_m2[c, 0]
+    n_chunks = part_m2.shape[1]
+    base = part_shift[c, 0]
     s = 0.0
     for k in range(n_chunks):
-        s += min(chunk, m - k * chunk) * part_mean[c, k]
-    mean = s / m
+        s += min(chunk, m - k * chunk) * ((part_shift[c, k] - base) + part_dev[c, k])
+    delta = s / m
     q = 0.0
     for k in range(n_chunks):
-        d = part_mean[c, k] - mean
+        d = ((part_shift[c, k] - base) + part_dev[c, k]) - delta
         q += part_m2[c, k] + min(chunk, m - k * chunk) * (d * d)
-    return mean, q
+    return base + delta, q
 
 
 @njit(**_EXACT)
@@ -452,17 +483,6 @@ def _grad_terms(dy, x, r, c, coef, mean, relu):
 
 
 @njit(**_REDUCE)
-def _grad_block(dy, x, r, c, coef, mean, relu):
-    """:func:`_grad_terms` of rows ``r`` to ``r + 3`` (one :data:`_ROW_BLOCK`), added
-    pairwise: ``(sum dy, sum dy * (x - mean))`` of the block."""
-    g0, t0 = _grad_terms(dy, x, r, c, coef, mean, relu)
-    g1, t1 = _grad_terms(dy, x, r + 1, c, coef, mean, relu)
-    g2, t2 = _grad_terms(dy, x, r + 2, c, coef, mean, relu)
-    g3, t3 = _grad_terms(dy, x, r + 3, c, coef, mean, relu)
-    return (g0 + g1) + (g2 + g3), (t0 + t1) + (t2 + t3)
-
-
-@njit(**_REDUCE)
 def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
 
@@ -481,26 +501,21 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     mean = np.empty(C)
     for c in range(C):
         mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
-    r4 = r0 + (r1 - r0) // _ROW_BLOCK * _ROW_BLOCK
-    # Rows four at a time, as in _chunk_moments_rows. The ReLU and plain loops are kept
-    # apart (a constant ``relu`` in each) so that the plain one vectorizes.
+    # One row at a time, in memory order: blocks of rows read as interleaved streams
+    # halved the speed from memory. The ReLU and plain loops are kept apart (a constant
+    # ``relu`` in each) so that the plain one vectorizes.
     if relu:
-        for r in range(r0, r4, _ROW_BLOCK):
+        for r in range(r0, r1):
             for c in range(C):
-                g, t = _grad_block(dy, x, r, c, coef, mean[c], True)
+                g, t = _grad_terms(dy, x, r, c, coef, mean[c], True)
                 a[c] += g
                 b[c] += t
     else:
-        for r in range(r0, r4, _ROW_BLOCK):
+        for r in range(r0, r1):
             for c in range(C):
-                g, t = _grad_block(dy, x, r, c, coef, mean[c], False)
+                g, t = _grad_terms(dy, x, r, c, coef, mean[c], False)
                 a[c] += g
                 b[c] += t
-    for r in range(r4, r1):
-        for c in range(C):
-            g, t = _grad_terms(dy, x, r, c, coef, mean[c], relu)
-            a[c] += g
-            b[c] += t
     s_dy[:] = a
     s_dyx[:] = b
 
@@ -643,19 +658,24 @@ def _moments(x, chunk, mean, m2):
     if inner == 1:
         x2 = x.reshape(outer, C)
         n_chunks = (outer + chunk - 1) // chunk
-        part_mean = np.empty((C, n_chunks))
+        part_shift = np.empty((C, n_chunks))
+        part_dev = np.empty((C, n_chunks))
         part_m2 = np.empty((C, n_chunks))
         for k in prange(n_chunks):
-            mean_k = np.empty(C)
+            shift_k = np.empty(C)
+            dev_k = np.empty(C)
             m2_k = np.empty(C)
-            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), mean_k, m2_k)
-            part_mean[:, k] = mean_k
+            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), shift_k, dev_k,
+                                m2_k)
+            part_shift[:, k] = shift_k
+            part_dev[:, k] = dev_k
             part_m2[:, k] = m2_k
         m = outer
     else:
         m = outer * inner
         n_chunks = (m + chunk - 1) // chunk
-        part_mean = np.empty((C, n_chunks))
+        part_shift = np.empty((C, n_chunks))
+        part_dev = np.empty((C, n_chunks))
         part_m2 = np.empty((C, n_chunks))
         runs = _whole_runs(chunk, inner)
         # chunk-major order: consecutive items are consecutive in memory
@@ -663,9 +683,10 @@ def _moments(x, chunk, mean, m2):
             k = t // C
             c = t - k * C
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_mean[c, k], part_m2[c, k] = _chunk_moments_strided(x, c, o0, o1, i0, i1)
+            part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
+                x, c, o0, o1, i0, i1)
     for c in prange(C):
-        mean[c], m2[c] = _merge_chunks(part_mean, part_m2, c, chunk, m)
+        mean[c], m2[c] = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
 
 
 def _normalize(x, coef, relu, y):
@@ -720,14 +741,16 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     m = outer * inner
     n_chunks = (m + chunk - 1) // chunk
     coef = np.empty((4, C), x.dtype)
-    part_mean = np.empty((C, n_chunks))
+    part_shift = np.empty((C, n_chunks))
+    part_dev = np.empty((C, n_chunks))
     part_m2 = np.empty((C, n_chunks))
     runs = _whole_runs(chunk, inner)
     for c in prange(C):
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_mean[c, k], part_m2[c, k] = _chunk_moments_strided(x, c, o0, o1, i0, i1)
-        mean_c, m2_c = _merge_chunks(part_mean, part_m2, c, chunk, m)
+            part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
+                x, c, o0, o1, i0, i1)
+        mean_c, m2_c = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
         mean[c] = mean_c
         var[c], invstd[c] = _variance_invstd(m2_c, m, eps)
         _fill_coefficients(mean_c, invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,

@@ -1,5 +1,7 @@
 """fastbn's functions against the float64 reference: layouts, dtypes, awkward shapes."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -189,6 +191,36 @@ def test_large_offset_keeps_float32_accuracy():
         assert_close(y, y_ref, rtol=1e-5, atol=1e-5, name=f"y {shape}")
         assert_close(invstd, invstd_ref, rtol=1e-5, atol=0, name=f"invstd {shape}")
         assert_close(mean, mean_ref, rtol=1e-7, atol=0, name=f"mean {shape}")
+
+
+@pytest.mark.parametrize("case", ["offset", "outlier_first"])
+@pytest.mark.parametrize("shape,axis", [((40001, 5), 1), ((3, 4, 50001), 1)])
+def test_statistics_keep_float64_accuracy(shape, axis, case):
+    """float64 statistics exact to float64 rounding, for both kernel families: with a
+    large offset (chunk means are carried as shift + deviation through the merge) and
+    when the first value of every chunk is an outlier (the rows kernels' one-pass sums,
+    shifted by that value, fall back to two passes)."""
+    rng = np.random.default_rng(60)
+    x = rng.standard_normal(shape)
+    if case == "offset":
+        x += 1e8
+    else:  # white-box placement: the first value of each chunk of each channel
+        outer, C, inner = shape if len(shape) == 3 else (shape[0], shape[1], 1)
+        chunk = fastbn.cpu._chunk((outer, C, inner), 8)  # rows (inner 1) or values
+        flat = np.moveaxis(x, axis, 0).reshape(C, -1) if inner > 1 else x.T
+        assert chunk < flat.shape[1]
+        flat[:, ::chunk] = 1e6
+        x = np.moveaxis(flat.reshape((C, outer, inner)), 0, 1).reshape(shape) if inner > 1 \
+            else flat.T.copy()
+    _, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, eps=1e-300)
+    # exact means (rational arithmetic), then the float64 variance around them
+    cols = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+    mean_exact = np.array([float(sum(map(Fraction, col)) / col.size) for col in cols])
+    var_ref = np.mean((cols - mean_exact[:, None]) ** 2, axis=1)
+    assert_close(mean, mean_exact, rtol=1e-14, atol=0, name="mean")
+    # a few float64 roundings; before the shifted summaries the offset cost 1e-9 and the
+    # unguarded one-pass sums 1e-11
+    assert_close(1.0 / invstd**2, var_ref, rtol=1e-13, atol=0, name="var")
 
 
 def test_inputs_are_not_modified():
