@@ -9,6 +9,8 @@ Every kernel in fastbn takes its compiler options from here; no module hard-code
 - ``JIT_OPTIONS`` are the options of every CPU kernel (``cache=True`` keeps compiled
   machine code on disk, so a second process starts fast; ``nogil=True`` lets several
   Python threads call the kernels at once).
+- :func:`njit` is ``numba.njit`` with an inter-process lock around the on-disk cache of
+  each function (see :class:`_LockedCacheFile`): every CPU kernel is compiled through it.
 - The threading layer is ``threadsafe`` (TBB if installed, else OpenMP): Numba's
   ``workqueue`` fallback aborts the process when two Python threads enter a parallel
   region at once. A ``NUMBA_THREADING_LAYER`` set by the user wins.
@@ -25,9 +27,16 @@ FASTBN_CUDA_THREADS
     small value so that multi-block and tail paths run).
 """
 
+import contextlib
 import os
 
 import numba
+from numba.core import caching
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: Numba's cache as it is
+    fcntl = None
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -66,6 +75,64 @@ CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
+
+
+class _LockedCacheFile(caching.IndexDataCacheFile):
+    """Numba's on-disk cache of one function, read and written under a file lock.
+
+    The cache keeps an index (signature -> numbered data file) and the data files. Two
+    processes that compile different signatures of one function at the same time can
+    interleave their writes so that the index names one signature's machine code for
+    another (numba/numba#4807); every later process then loads the wrong code and
+    crashes. MPI ranks, parallel test shards and job arrays started on a fresh install
+    do exactly that. Here a save (index read, index write, data write) holds an
+    exclusive ``flock`` on ``<index>.lock``, and a load (index read, data read) a shared
+    one, so neither sees the other half done.
+    """
+
+    @contextlib.contextmanager
+    def _locked(self, operation):
+        try:
+            fd = os.open(self._index_path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # an unwritable cache directory: Numba saves nothing there
+            yield
+            return
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def save(self, key, data):
+        with self._locked(fcntl.LOCK_EX):
+            super().save(key, data)
+
+    def load(self, key):
+        with self._locked(fcntl.LOCK_SH):
+            return super().load(key)
+
+
+def njit(**options):
+    """``numba.njit(**options)``, with the function's on-disk cache locked between
+    processes (:class:`_LockedCacheFile`) when ``cache`` is on and the OS has ``flock``.
+
+    Examples
+    --------
+    >>> from fastbn._config import njit
+    >>> twice = njit(nogil=True)(lambda v: 2 * v)  # no cache: nothing to lock
+    >>> twice(21)
+    42
+    >>> from fastbn import cpu  # every kernel there is cached, hence locked
+    >>> type(cpu.moments_parallel._cache._cache_file).__name__
+    '_LockedCacheFile'
+    """
+    def decorate(fn):
+        dispatcher = numba.njit(**options)(fn)
+        cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+        if fcntl is not None and type(cache_file) is caching.IndexDataCacheFile:
+            cache_file.__class__ = _LockedCacheFile
+        return dispatcher
+    return decorate
 
 # --- CUDA kernels (fastbn/cuda.py, fastbn/_cuda_kernels.py) ---------------------------
 # Options of every numba.cuda kernel. No fastmath: it would flush denormals, approximate

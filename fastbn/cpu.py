@@ -37,9 +37,10 @@ import types
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import _config
+from ._config import njit
 
 _REDUCE = dict(_config.JIT_OPTIONS)
 # Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold

@@ -293,6 +293,60 @@ def test_concurrent_calls_from_python_threads():
     assert result["layer"] in ("tbb", "omp")
 
 
+def test_every_cpu_kernel_has_a_locked_cache():
+    """Each cached CPU kernel reads and writes Numba's on-disk cache under a file lock."""
+    fcntl = pytest.importorskip("fcntl")  # noqa: F841 (POSIX only)
+    from numba.core.registry import CPUDispatcher
+
+    from fastbn import _config, cpu
+    kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)]
+    assert len(kernels) > 20
+    for kernel in kernels:
+        assert type(kernel._cache._cache_file) is _config._LockedCacheFile, kernel
+
+
+def test_cache_save_and_load_hold_the_lock(tmp_path):
+    """A save holds the lock exclusively (no reader sees a half-written entry), a load
+    holds it shared (no writer starts meanwhile); entries round-trip."""
+    fcntl = pytest.importorskip("fcntl")
+    from fastbn._config import _LockedCacheFile
+
+    cache_file = _LockedCacheFile(str(tmp_path), "kernel", source_stamp=b"stamp")
+    lock_path = cache_file._index_path + ".lock"
+    seen = []
+
+    def try_lock(operation):
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    save_data, load_data = cache_file._save_data, cache_file._load_data
+
+    def spy_save(name, data):
+        seen.append(("save", try_lock(fcntl.LOCK_SH)))
+        save_data(name, data)
+
+    def spy_load(name):
+        seen.append(("load", try_lock(fcntl.LOCK_SH), try_lock(fcntl.LOCK_EX)))
+        return load_data(name)
+
+    cache_file._save_data, cache_file._load_data = spy_save, spy_load
+    cache_file.save(("sig", 1), ("machine code", 1))
+    cache_file.save(("sig", 2), ("machine code", 2))
+    assert cache_file.load(("sig", 1)) == ("machine code", 1)
+    assert cache_file.load(("sig", 2)) == ("machine code", 2)
+    assert cache_file.load(("sig", 3)) is None
+    # during a save even a reader is refused; during a load readers pass, writers wait
+    assert seen == [("save", False), ("save", False), ("load", True, False),
+                    ("load", True, False)]
+    assert try_lock(fcntl.LOCK_EX)  # and every lock is released
+
+
 # --------------------------------------------------------------------------------------
 # Agreement with PyTorch (skipped when it is not installed)
 # --------------------------------------------------------------------------------------
