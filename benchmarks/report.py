@@ -886,7 +886,7 @@ def main(argv=None):
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="directory of the raw JSON of a new run")
     parser.add_argument("--print-only", action="store_true",
-                        help="print the tables, write no page or plot")
+                        help="print the tables, write no page, plot or results JSON")
     args = parser.parse_args(argv)
 
     json_name = None
@@ -920,7 +920,7 @@ def main(argv=None):
         data["compile_time"] = compile_time.measure(
             repeats=args.compile_repeats, progress=lambda line: print(line, flush=True))
         print(compile_time.format_table(data["compile_time"]))
-    if not args.json:
+    if not args.json and not args.print_only:
         info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
         has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"
                       for b in data.get("benchmarks", []))
