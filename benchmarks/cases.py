@@ -87,7 +87,7 @@ class Case:
     shape: tuple
     axis: int
     dtype: str
-    rounds: int = 8
+    rounds: int = 20
     iterations: int = 1
     tag: str = ""
 
@@ -113,7 +113,7 @@ CPU_CASES = (
     Case("NCHW", (64, 256, 14, 14), 1, "float32"),
     Case("NCHW", (64, 256, 14, 14), 1, "float64"),
     Case("NHWC", (32, 56, 56, 64), -1, "float32"),
-    Case("NC", (65536, 256), 1, "float32", rounds=6),
+    Case("NC", (65536, 256), 1, "float32", rounds=15),
     Case("NC", (256, 64), 1, "float32", rounds=30, iterations=50, tag="small"),
 )
 

@@ -624,7 +624,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "",
         "**Suite.** `pytest benchmarks --benchmark-only` (pytest-benchmark, "
         "`benchmark.pedantic`): one untimed call first (JIT compilation, page faults of the "
-        "outputs), 2 untimed warm-up rounds, then 6-8 timed rounds per large case (30 rounds "
+        "outputs), 2 untimed warm-up rounds, then 15-20 timed rounds per large case (30 rounds "
         "of 50 calls for the small one). On the CPU every provider allocates its outputs, "
         "as a caller would without `out=`; the suite runs with glibc's `MALLOC_MMAP_MAX_=0` "
         "and a high `MALLOC_TRIM_THRESHOLD_`, so a freed output is reused by the next call "
