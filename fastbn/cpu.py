@@ -16,10 +16,10 @@ channel in chunk order. The thread count changes who computes a chunk, never wha
 computed, so results are bitwise identical for every ``numba.set_num_threads`` value.
 
 Accuracy: statistics accumulate in float64. Each chunk (which fits in L2) is summarized
-as a shift, the deviation of its mean from the shift and its sum of squared deviations:
-strided chunks by the corrected two-pass algorithm (the second pass from cache), rows
-chunks in one pass shifted by their first row (with a two-pass fallback when that row is
-an outlier). A channel's chunks are merged through their pooled mean, relative to the
+as a shift, the deviation of its mean from the shift and its sum of squared deviations,
+in one pass shifted by the chunk's first value (rows: its first row), with a fallback to
+the corrected two-pass algorithm, from cache, when that value is an outlier. A channel's
+chunks are merged through their pooled mean, relative to the
 first chunk's shift (``M2 = sum(M2_k + n_k (mean_k - mean)^2)``, no negative term). There
 is no ``E[x^2] - E[x]^2`` cancellation, so data with a large offset (``1e4 + randn``)
 keeps full float32 accuracy, and float64 data keeps float64 accuracy.
@@ -140,19 +140,49 @@ def _whole_runs(chunk, inner):
 
 
 @njit(**_REDUCE)
-def _chunk_moments_strided(x, c, o0, o1, i_first, i_last):
+def _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k):
+    """``(sum(x - k), sum((x - k)**2))`` in float64 over one chunk of channel ``c``.
+
+    ``x1`` is the flat ``(outer, C, inner)`` array; the chunk is rows ``o0 <= o < o1``,
+    the first from offset ``i_first``, the last up to ``i_last`` (see
+    :func:`_chunk_span`). Flat unsigned offsets, not a slice per run: with short runs
+    (small H*W) building the slices cost as much as the arithmetic.
+
+    Returns
+    -------
+    tuple of float
+    """
+    s = 0.0
+    q = 0.0
+    for o in range(o0, o1):
+        base = np.uint64((o * C + c) * inner)
+        for i in range(np.uint64(i_first if o == o0 else 0),
+                       np.uint64(i_last if o == o1 - 1 else inner)):
+            d = np.float64(x1[base + i]) - k
+            s += d
+            q += d * d
+    return s, q
+
+
+@njit(**_REDUCE)
+def _chunk_moments_strided(x1, C, inner, c, o0, o1, i_first, i_last):
     """Summary ``(shift, dev, m2)`` of channel ``c`` over one chunk (see :func:`_merge_chunks`).
 
-    Two passes over the chunk; the second reads from cache. float64 accumulation. The
-    first pass gives the mean rounded to float64 (``shift``); the second sums the
-    deviations from it, squared and plain: their mean ``dev`` is the rounding of
-    ``shift``, so ``shift + dev`` carries the chunk's mean beyond float64 precision
-    (data like ``1e8 + randn`` in float64 keeps every digit of its variance through the
-    merge), and ``m2`` is corrected by ``dev`` (the corrected two-pass algorithm).
+    One pass in float64, shifted by ``K``, the chunk's first value: with ``d = x - K``,
+    ``S = sum(d)`` and ``Q = sum(d**2)``, the chunk's mean is ``K + S / n`` (kept as the
+    pair ``shift = K``, ``dev = S / n``, which carries the mean beyond float64 precision)
+    and ``m2 = Q - S**2 / n``. ``Q = m2 + n (mean - K)**2`` and ``K`` is a sample of the
+    channel, so ``Q`` is typically about ``2 m2``: the subtraction loses a bit or so, never
+    the ``E[x^2] - E[x]^2`` cancellation of unshifted sums. Where ``Q > 16 m2`` (``K`` an
+    outlier) or a sum is not finite, the chunk (in cache) is reduced again by the
+    corrected two-pass algorithm: ``K`` becomes the plain mean. The choice depends on the
+    data only, never on the threads.
 
     Parameters
     ----------
-    x : ndarray, shape (outer, C, inner)
+    x1 : ndarray, 1-D
+        The flat ``(outer, C, inner)`` array.
+    C, inner : int
     c : int
         Channel.
     o0, o1, i_first, i_last : int
@@ -163,44 +193,52 @@ def _chunk_moments_strided(x, c, o0, o1, i_first, i_last):
     tuple of float
         ``(shift, dev, m2)``.
     """
-    inner = x.shape[2]
     n = (o1 - o0) * inner - i_first - (inner - i_last)
-    s = 0.0
-    for o in range(o0, o1):
-        xr = x[o, c, (i_first if o == o0 else 0):(i_last if o == o1 - 1 else inner)]
-        for i in range(xr.size):
-            s += np.float64(xr[i])
-    shift = s / n
-    e = 0.0
-    q = 0.0
-    for o in range(o0, o1):
-        xr = x[o, c, (i_first if o == o0 else 0):(i_last if o == o1 - 1 else inner)]
-        for i in range(xr.size):
-            d = np.float64(xr[i]) - shift
-            e += d
-            q += d * d
-    dev = e / n
-    return shift, dev, q - e * dev
+    k = np.float64(x1[(o0 * C + c) * inner + i_first])
+    s, q = _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k)
+    if not q <= 16.0 * (q - s * s / n):  # also true for a NaN
+        s, _ = _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, 0.0)
+        k = s / n
+        s, q = _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k)
+    dev = s / n
+    return k, dev, q - s * dev
+
+
+@njit(**_REDUCE)
+def _shifted_sums_rows(x, r0, r1, k, s, q):
+    """Per channel, ``s = sum(x - k)`` and ``q = sum((x - k)**2)`` over rows ``[r0, r1)``.
+
+    One row at a time, vectorized across channels: blocks of rows read as interleaved
+    streams, which halved the speed from memory.
+
+    Parameters
+    ----------
+    x : ndarray, shape (rows, C)
+    r0, r1 : int
+    k : ndarray of float64, shape (C,)
+        The shifts.
+    s, q : ndarray of float64, shape (C,)
+        Outputs. Local arrays of the caller: LLVM then knows they alias neither ``x``
+        nor each other, and the loop vectorizes.
+    """
+    C = x.shape[1]
+    s[:] = 0.0
+    q[:] = 0.0
+    for r in range(r0, r1):
+        for c in range(C):
+            d = np.float64(x[r, c]) - k[c]
+            s[c] += d
+            q[c] += d * d
 
 
 @njit(**_REDUCE)
 def _chunk_moments_rows(x, r0, r1, shift, dev, m2):
     """Per-channel summaries ``(shift, dev, m2)`` of rows ``[r0, r1)`` of ``x``.
 
-    One pass, vectorized across channels, one row at a time: a second pass over the
-    chunk (even from L2) leaves the memory idle while it runs, and blocks of rows read as
-    interleaved streams, which halved the speed from memory.
-
-    Each channel is shifted by ``K``, its value in the chunk's first row: with
-    ``d = x - K`` in float64, ``S = sum(d)`` and ``Q = sum(d**2)``, the chunk's mean is
-    ``K + S / n`` (kept as the pair ``shift = K``, ``dev = S / n``) and
-    ``M2 = Q - S**2 / n``. ``Q = M2 + n (mean - K)**2``, and ``K`` is a sample of the
-    channel, so ``Q`` is typically about ``2 M2``: the subtraction loses a bit or so, never
-    the ``E[x^2] - E[x]^2`` cancellation of unshifted sums. Where ``Q > 16 M2`` in some
-    channel (``K`` an outlier, whose large differences would also round ``S``) or a sum is
-    not finite, the chunk is reduced again from cache by the two-pass method of
-    :func:`_chunk_moments_strided`. The choice depends on the data only, never on the
-    threads.
+    The method of :func:`_chunk_moments_strided` for every channel at once: one pass
+    shifted by the chunk's first row (a second pass over the chunk, even from L2, leaves
+    the memory idle while it runs), and the two-pass method, from cache, for a chunk
+    where some channel has ``Q > 16 m2`` or a non-finite sum.
 
     Parameters
     ----------
@@ -211,37 +249,23 @@ def _chunk_moments_rows(x, r0, r1, shift, dev, m2):
         Outputs.
     """
     C = x.shape[1]
-    # Local accumulators: LLVM knows they alias neither x nor each other.
+    n = r1 - r0
     k = np.empty(C)
-    s = np.zeros(C)
-    q = np.zeros(C)
+    s = np.empty(C)
+    q = np.empty(C)
     for c in range(C):
         k[c] = x[r0, c]
-    for r in range(r0, r1):
-        for c in range(C):
-            d = np.float64(x[r, c]) - k[c]
-            s[c] += d
-            q[c] += d * d
-    n = r1 - r0
+    _shifted_sums_rows(x, r0, r1, k, s, q)
     well_conditioned = True
     for c in range(C):
-        v = q[c] - s[c] * s[c] / n
-        if not q[c] <= 16.0 * v:  # also true for a NaN
+        if not q[c] <= 16.0 * (q[c] - s[c] * s[c] / n):  # also true for a NaN
             well_conditioned = False
-    if not well_conditioned:  # two passes, from cache
-        s[:] = 0.0
-        for r in range(r0, r1):
-            for c in range(C):
-                s[c] += x[r, c]
+    if not well_conditioned:
+        k[:] = 0.0
+        _shifted_sums_rows(x, r0, r1, k, s, q)
         for c in range(C):
             k[c] = s[c] / n
-        s[:] = 0.0
-        q[:] = 0.0
-        for r in range(r0, r1):
-            for c in range(C):
-                d = np.float64(x[r, c]) - k[c]
-                s[c] += d
-                q[c] += d * d
+        _shifted_sums_rows(x, r0, r1, k, s, q)
     for c in range(C):
         shift[c] = k[c]
         dev[c] = s[c] / n
@@ -430,14 +454,17 @@ def _normalize_rows(x, y, r0, r1, coef, relu):
 
 
 @njit(**_REDUCE)
-def _chunk_grad_sums_strided(dy, x, c, o0, o1, i_first, i_last, coef, relu):
+def _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
     """``(sum dy, sum dy * (x - mean))`` of channel ``c`` over one chunk.
 
-    With ``relu``, ``dy`` counts only where the recomputed output is positive.
+    With ``relu``, ``dy`` counts only where the recomputed output is positive. Flat
+    arrays and unsigned offsets, as :func:`_shifted_sums_strided`.
 
     Parameters
     ----------
-    dy, x : ndarray, shape (outer, C, inner)
+    dy1, x1 : ndarray, 1-D
+        The flat ``(outer, C, inner)`` arrays.
+    C, inner : int
     c : int
     o0, o1, i_first, i_last : int
         The chunk (see :func:`_chunk_span`).
@@ -450,7 +477,6 @@ def _chunk_grad_sums_strided(dy, x, c, o0, o1, i_first, i_last, coef, relu):
     -------
     tuple of float
     """
-    inner = x.shape[2]
     hi = coef[MEAN_HI, c]
     lo = coef[MEAN_LO, c]
     scale = coef[SCALE, c]
@@ -459,16 +485,15 @@ def _chunk_grad_sums_strided(dy, x, c, o0, o1, i_first, i_last, coef, relu):
     s_dy = 0.0
     s_dyx = 0.0
     for o in range(o0, o1):
-        i0 = i_first if o == o0 else 0
-        i1 = i_last if o == o1 - 1 else inner
-        xr = x[o, c, i0:i1]
-        gr = dy[o, c, i0:i1]
-        for i in range(xr.size):
-            g = np.float64(gr[i])
-            if relu and _affine(xr[i], hi, lo, scale, shift) <= 0:
+        base = np.uint64((o * C + c) * inner)
+        for i in range(np.uint64(i_first if o == o0 else 0),
+                       np.uint64(i_last if o == o1 - 1 else inner)):
+            xv = x1[base + i]
+            g = np.float64(dy1[base + i])
+            if relu and _affine(xv, hi, lo, scale, shift) <= 0:
                 g = 0.0
             s_dy += g
-            s_dyx += g * (np.float64(xr[i]) - mean)
+            s_dyx += g * (np.float64(xv) - mean)
     return s_dy, s_dyx
 
 
@@ -645,7 +670,8 @@ def _input_grad_rows(dy, x, dx, r0, r1, coef, dcoef, relu):
 def _moments(x, chunk, mean, m2):
     """Per-channel mean and M2 (sum of squared deviations) of ``x``.
 
-    One pass over memory (each chunk's second pass reads from cache).
+    One pass over memory (a chunk whose first value is an outlier is reduced again from
+    cache).
 
     Parameters
     ----------
@@ -679,13 +705,14 @@ def _moments(x, chunk, mean, m2):
         part_dev = np.empty((C, n_chunks))
         part_m2 = np.empty((C, n_chunks))
         runs = _whole_runs(chunk, inner)
+        x1 = x.reshape(-1)
         # chunk-major order: consecutive items are consecutive in memory
         for t in prange(C * n_chunks):
             k = t // C
             c = t - k * C
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
-                x, c, o0, o1, i0, i1)
+                x1, C, inner, c, o0, o1, i0, i1)
     for c in prange(C):
         mean[c], m2[c] = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
 
@@ -746,11 +773,12 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     part_dev = np.empty((C, n_chunks))
     part_m2 = np.empty((C, n_chunks))
     runs = _whole_runs(chunk, inner)
+    x1 = x.reshape(-1)
     for c in prange(C):
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
-                x, c, o0, o1, i0, i1)
+                x1, C, inner, c, o0, o1, i0, i1)
         mean_c, m2_c = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
         mean[c] = mean_c
         var[c], invstd[c] = _variance_invstd(m2_c, m, eps)
@@ -790,12 +818,14 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
         part_dy = np.empty((C, n_chunks))
         part_dyx = np.empty((C, n_chunks))
         runs = _whole_runs(chunk, inner)
+        dy1 = dy.reshape(-1)
+        x1 = x.reshape(-1)
         for t in prange(C * n_chunks):
             k = t // C
             c = t - k * C
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_dy[c, k], part_dyx[c, k] = _chunk_grad_sums_strided(dy, x, c, o0, o1, i0, i1,
-                                                                     coef, relu)
+            part_dy[c, k], part_dyx[c, k] = _chunk_grad_sums_strided(
+                dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
     for c in prange(C):
         a = 0.0
         b = 0.0
@@ -866,12 +896,15 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
     coef = _coefficient_table(mean, invstd, gamma, beta, x.dtype)
     dcoef = np.empty((3, C), x.dtype)
     runs = _whole_runs(chunk, inner)
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
     for c in prange(C):
         a = 0.0
         b = 0.0
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            a_k, b_k = _chunk_grad_sums_strided(dy, x, c, o0, o1, i0, i1, coef, relu)
+            a_k, b_k = _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i0, i1, coef,
+                                                relu)
             a += a_k
             b += b_k
         invstd_c = np.float64(invstd[c])

@@ -4,7 +4,7 @@ import numpy as np
 
 # Tolerances of fastbn against the float64 reference, per input dtype.
 TOL = {
-    # float64 kernels accumulate in float64 with a two-pass reduction: errors are a few
+    # float64 kernels accumulate in float64 around a shift in the data: errors are a few
     # ulps times log(m); 1e-10 leaves room for m ~ 1e6 without hiding real bugs.
     np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10),
     # float32 outputs carry one rounding of a float32 value (6e-8 relative) on top of

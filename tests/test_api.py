@@ -198,8 +198,8 @@ def test_large_offset_keeps_float32_accuracy():
 def test_statistics_keep_float64_accuracy(shape, axis, case):
     """float64 statistics exact to float64 rounding, for both kernel families: with a
     large offset (chunk means are carried as shift + deviation through the merge) and
-    when the first value of every chunk is an outlier (the rows kernels' one-pass sums,
-    shifted by that value, fall back to two passes)."""
+    when the first value of every chunk is an outlier (the one-pass sums, shifted by that
+    value, must fall back to two passes)."""
     rng = np.random.default_rng(60)
     x = rng.standard_normal(shape)
     if case == "offset":
