@@ -196,6 +196,8 @@ def _direct_view(x, axis, stream, *params):
         if p is not None and (type(p) is not np.ndarray or p.shape != channels
                               or p.dtype.kind != "f"):
             return None
+    if ndim == 2:  # the most common call: spare the tuple slices (~0.8 us of ~10)
+        return x.reshape(shape[0], C, 1) if axis else x.reshape(1, C, shape[1])
     return x.reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1:]))
 
 

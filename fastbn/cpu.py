@@ -36,6 +36,7 @@ import functools
 import types
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -1049,8 +1050,15 @@ def _plan_of(shape, itemsize):
     loop sees the same few shapes over and over)."""
     outer, C, inner = shape
     nbytes = outer * C * inner * itemsize
-    return _Plan(_chunk(shape, itemsize), nbytes < _config.SERIAL_BYTES,
-                 _fusable(shape, itemsize))
+    serial = nbytes < _config.SERIAL_BYTES
+    if not serial:
+        # Start Numba's threading layer before a parallel build runs. The parallel builds
+        # of the drivers without a prange of their own (two-pass forward and backward,
+        # inference) call parallel drivers; loaded from the on-disk cache they do not
+        # start it, and when one of them was the first parallel call of a process, the
+        # process crashed (numba/numba#8578). numba.get_num_threads() starts it.
+        numba.get_num_threads()
+    return _Plan(_chunk(shape, itemsize), serial, _fusable(shape, itemsize))
 
 
 def _plan(x3):

@@ -305,6 +305,46 @@ def test_every_cpu_kernel_has_a_locked_cache():
         assert type(kernel._cache._cache_file) is _config._LockedCacheFile, kernel
 
 
+FIRST_CALL = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from fastbn import cpu
+    op = sys.argv[1]
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 64, 160), dtype=np.float32)  # 640 KiB: parallel, two-pass
+    out = np.empty_like(x)
+    C = x.shape[1]
+    mean, var, inv, ones, zeros = rng.random(C), rng.random(C), rng.random(C), np.ones(C), np.zeros(C)
+    plan = cpu._plan(x)
+    assert not plan.serial and not plan.fusable, plan
+    if op == "inference":
+        cpu.inference(x, mean, var, ones, zeros, 1e-5, False, out)
+        kernel = cpu.inference_parallel
+    elif op == "forward":
+        cpu.forward_training(x, ones, zeros, 1e-5, False, out)
+        kernel = cpu.forward_two_pass_parallel
+    else:
+        cpu.backward(x, x, mean, inv, ones, zeros, False, out)
+        kernel = cpu.backward_two_pass_parallel
+    print(sum(kernel.stats.cache_hits.values()))
+""")
+
+
+@pytest.mark.skipif(os.environ.get("FASTBN_CACHE") == "0", reason="the on-disk cache is off")
+@pytest.mark.parametrize("op", ["inference", "forward", "backward"])
+def test_first_call_of_a_process_from_the_cache(op):
+    """A driver with no prange of its own that calls parallel drivers (inference, two-pass
+    forward and backward), loaded from the on-disk cache as the first parallel call of a
+    process: Numba does not start its threading layer for it (numba/numba#8578), and
+    inference crashed the process until fastbn started the layer itself."""
+    runs = [subprocess.run([sys.executable, "-c", FIRST_CALL, op], capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]  # fill, then load
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    if int(runs[1].stdout.split()[-1]) == 0:
+        pytest.skip("the on-disk cache is not writable here: nothing was loaded")
+
+
 def test_cache_save_and_load_hold_the_lock(tmp_path):
     """A save holds the lock exclusively (no reader sees a half-written entry), a load
     holds it shared (no writer starts meanwhile); entries round-trip."""
