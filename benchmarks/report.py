@@ -4,11 +4,13 @@ Usage::
 
     python -m benchmarks.report                  # run the suite, compile times, write docs
     python -m benchmarks.report --json FILE      # report on an existing pytest-benchmark JSON
-    python -m benchmarks.report -k "NCHW and forward" --no-compile-time
+    python -m benchmarks.report -k "NCHW and forward" --no-compile-time --no-interleaved
 
 Running the suite means ``pytest benchmarks --benchmark-only`` in a subprocess (its output
-is the progress indication). The raw JSON, with the compile times and the machine
-description added, is saved as ``benchmarks/results/<kind>_<cpu>_<host>_<date>.json``.
+is the progress indication). The small call is also timed with fastbn and PyTorch in
+interleaved rounds (:mod:`benchmarks.interleaved`). The raw JSON, with the compile times,
+the interleaved timings and the machine description added, is saved as
+``benchmarks/results/<kind>_<cpu>_<host>_<date>.json``.
 The report prints, per benchmark: op, shape, dtype, layout, provider, median time, GB/s,
 fraction of the copy bandwidth measured in the same run, and fastbn's speed-up over
 PyTorch and NumPy; it writes the same into ``docs/benchmarks.md`` with one bar plot per
@@ -517,6 +519,21 @@ def _copy_section(data):
                  body)
 
 
+def _small_observation(small):
+    """A summary line for the interleaved small call ("" when it was not measured).
+
+    Examples
+    --------
+    >>> _small_observation({"case": "small-NC-256x64-float32",
+    ...                     "ops": {"inference": {"speedup": 1.3}}})
+    '\\n- cpu **small-NC-256x64-float32**, interleaved rounds: inference 1.30x PyTorch'
+    """
+    if not small:
+        return ""
+    ratios = ", ".join(f"{op} {_ratio(r['speedup'])}" for op, r in small["ops"].items())
+    return f"\n- cpu **{small['case']}**, interleaved rounds: {ratios} PyTorch"
+
+
 def _observations(summary):
     """Compute the headline numbers of a run as Markdown bullets.
 
@@ -603,7 +620,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "",
         "## Summary",
         "",
-        _observations(summary),
+        _observations(summary) + _small_observation(data.get("interleaved")),
         "",
         "Times are medians; *vs torch* and *vs numpy* are the other provider's median time "
         "over fastbn's (above 1: fastbn is faster). *% copy (same size)* divides fastbn's "
@@ -679,6 +696,25 @@ def render_markdown(data, rows, summary, images, json_name=None):
         ]
     else:
         parts += ["Not measured in this run (`python -m benchmarks.compile_time`).", ""]
+    small = data.get("interleaved")
+    if small:
+        from benchmarks import interleaved
+
+        parts += [
+            "## The small call, interleaved",
+            "",
+            "A call of a few microseconds is at the mercy of the machine's state during the "
+            "fraction of a second in which the suite times one provider; on this VM the same "
+            "call took 10 µs in one process and 15 µs in another, for fastbn and PyTorch "
+            "alike. `python -m benchmarks.interleaved` therefore times the small case "
+            f"({small['case']}) again, {small['rounds']} rounds of {small['iterations']} "
+            "calls, the two providers in turn within each round (the order alternating), "
+            f"{small['threads']} threads each. *vs torch* is the median over rounds of "
+            "PyTorch's time over fastbn's in the same round; times are medians.",
+            "",
+            interleaved.format_table(small),
+            "",
+        ]
     parts += [
         "## All benchmarks",
         "",
@@ -691,6 +727,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "pytest benchmarks --benchmark-only           # the suite alone",
         "python -m benchmarks.report --json FILE      # this page from a saved JSON",
         "python -m benchmarks.compile_time            # first-call and import times",
+        "python -m benchmarks.interleaved             # the small call, interleaved rounds",
         "```",
         "",
     ]
@@ -875,6 +912,8 @@ def main(argv=None):
                         help="do not measure the first-call (JIT) and import times")
     parser.add_argument("--compile-time", action="store_true",
                         help="with --json: measure compile times now (else taken from the JSON)")
+    parser.add_argument("--no-interleaved", action="store_true",
+                        help="do not time the small call in interleaved rounds")
     parser.add_argument("--compile-repeats", type=int, default=3,
                         help="fresh processes per compile-time measurement")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -920,6 +959,12 @@ def main(argv=None):
         data["compile_time"] = compile_time.measure(
             repeats=args.compile_repeats, progress=lambda line: print(line, flush=True))
         print(compile_time.format_table(data["compile_time"]))
+    if not args.json and not args.no_interleaved:
+        from benchmarks import interleaved
+
+        data["interleaved"] = interleaved.measure(progress=lambda line: print(line, flush=True))
+        if data["interleaved"]:
+            print(interleaved.format_table(data["interleaved"]))
     if not args.json and not args.print_only:
         info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
         has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"

@@ -216,3 +216,24 @@ def test_providers_compute_the_same(report_module, layout, shape, axis):
             for mine, theirs in zip(results["fastbn"][:outputs], results[provider][:outputs]):
                 np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=1e-9,
                                            err_msg=f"{op}: fastbn vs {provider}")
+
+
+def test_interleaved_small_call(report_module, tmp_path):
+    """The small call timed in interleaved rounds: both providers measured, the speed-up
+    is the median of per-round ratios, and the report renders the section."""
+    pytest.importorskip("torch")
+    from benchmarks import interleaved
+
+    result = interleaved.measure(rounds=5, iterations=2, ops=("inference", "backward"),
+                                 progress=None)
+    assert list(result["ops"]) == ["inference", "backward"]
+    for r in result["ops"].values():
+        assert r["fastbn_s"] > 0 and r["torch_s"] > 0 and r["speedup"] > 0
+        assert 0.0 <= r["fastbn_faster"] <= 1.0
+    data = _synthetic()
+    data["interleaved"] = result
+    doc = tmp_path / "benchmarks.md"
+    report_module.report(data, doc_path=doc, img_dir=tmp_path / "img")
+    page = doc.read_text()
+    assert "## The small call, interleaved" in page
+    assert "interleaved rounds: inference" in page
