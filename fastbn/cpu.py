@@ -140,6 +140,15 @@ def _whole_runs(chunk, inner):
     return chunk // inner if chunk % inner == 0 else 0
 
 
+@njit(**_EXACT)
+def _chunk_run(o, o0, o1, i_first, i_last, C, c, inner):
+    """Row ``o`` of a strided chunk (see :func:`_chunk_span`) in the flat array:
+    ``(base, i0, i1)``, the flat offset of the run of channel ``c`` and the range of
+    its values in the chunk, as unsigned integers (no wraparound checks in the loops)."""
+    return (np.uint64((o * C + c) * inner), np.uint64(i_first if o == o0 else 0),
+            np.uint64(i_last if o == o1 - 1 else inner))
+
+
 @njit(**_REDUCE)
 def _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k):
     """``(sum(x - k), sum((x - k)**2))`` in float64 over one chunk of channel ``c``.
@@ -156,9 +165,8 @@ def _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k):
     s = 0.0
     q = 0.0
     for o in range(o0, o1):
-        base = np.uint64((o * C + c) * inner)
-        for i in range(np.uint64(i_first if o == o0 else 0),
-                       np.uint64(i_last if o == o1 - 1 else inner)):
+        base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+        for i in range(i0, i1):
             d = np.float64(x1[base + i]) - k
             s += d
             q += d * d
@@ -486,9 +494,8 @@ def _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i_first, i_last, coef
     s_dy = 0.0
     s_dyx = 0.0
     for o in range(o0, o1):
-        base = np.uint64((o * C + c) * inner)
-        for i in range(np.uint64(i_first if o == o0 else 0),
-                       np.uint64(i_last if o == o1 - 1 else inner)):
+        base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+        for i in range(i0, i1):
             xv = x1[base + i]
             g = np.float64(dy1[base + i])
             if relu and _affine(xv, hi, lo, scale, shift) <= 0:
