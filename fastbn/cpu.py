@@ -227,8 +227,9 @@ def _shifted_sums_rows(x, r0, r1, k, s, q):
     k : ndarray of float64, shape (C,)
         The shifts.
     s, q : ndarray of float64, shape (C,)
-        Outputs. Local arrays of the caller: LLVM then knows they alias neither ``x``
-        nor each other, and the loop vectorizes.
+        Outputs: local arrays of the caller, so that once this is inlined LLVM sees they
+        alias neither ``x`` nor each other, and the loop vectorizes (measured: the same
+        speed as the loop written inside :func:`_chunk_moments_rows`).
     """
     C = x.shape[1]
     s[:] = 0.0
