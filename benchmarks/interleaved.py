@@ -1,14 +1,17 @@
-"""The small call, timed in interleaved rounds: fastbn and PyTorch alternate round by round.
+"""fastbn and PyTorch timed in interleaved rounds: the comparison that holds on a noisy machine.
 
 pytest-benchmark times all the rounds of one provider, then all those of the next. A call
-of a few microseconds is then at the mercy of the machine's state during that fraction
-of a second: on the 2-core VM where fastbn is developed, the same ``(256, 64)`` call took
-10 µs in one process and 15 µs in the next, for fastbn and PyTorch alike, which swung the
-suite's speed-up of the small case between 0.7x and 1.4x from one run to another. Here
-every round times ``iterations`` calls of each provider in turn (the order alternating
-between rounds), so that both see the same machine state, and the speed-up is the
-median of the per-round ratios. The suite's table keeps its own numbers; this is the
-comparison of the small call that one can trust on a noisy machine.
+is then at the mercy of the machine's state during that time: on the 2-core VM where
+fastbn is developed, the same ``(256, 64)`` call took 10 µs in one process and 15 µs in
+the next, for fastbn and PyTorch alike, which swung the suite's speed-up of the small
+case between 0.7x and 1.4x from one run to another, and the large cases drift by ±10%
+between providers in the same way. Here every round times ``iterations`` calls of each
+provider in turn (the order alternating between rounds), so that both see the same
+machine state, and the speed-up is the median of the per-round ratios. The suite's
+table keeps its own numbers; this is the paired comparison.
+
+:data:`CASES` are the suite's small case (200 rounds of 50 calls) and its large float32
+cases (40 rounds of one call), every operation.
 
 Run ``python -m benchmarks.interleaved``; the report (``python -m benchmarks.report``)
 runs it too and puts the result in its JSON and in ``docs/benchmarks.md``.
@@ -29,6 +32,10 @@ from benchmarks.conftest import _set_threads
 SMALL = next(case for case in CPU_CASES if case.tag == "small")
 
 PROVIDERS = {"fastbn": fastbn_provider, "torch": torch_provider}
+
+#: ``(case, rounds, iterations)`` measured by :func:`measure_all`.
+CASES = ((SMALL, 200, 50),) + tuple((case, 40, 1) for case in CPU_CASES
+                                    if not case.tag and case.dtype == "float32")
 
 
 def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
@@ -94,12 +101,25 @@ def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
     return result
 
 
-def format_table(result):
-    """The result of :func:`measure` as a Markdown table.
+def measure_all(cases=CASES, progress=print):
+    """:func:`measure` on every ``(case, rounds, iterations)`` of ``cases``.
+
+    Returns
+    -------
+    list of dict or None
+        One result per case; None when PyTorch is not installed.
+    """
+    results = [measure(case, rounds=rounds, iterations=iterations, progress=progress)
+               for case, rounds, iterations in cases]
+    return None if None in results else results
+
+
+def format_table(results):
+    """Results of :func:`measure` as a Markdown table.
 
     Parameters
     ----------
-    result : dict
+    results : list of dict
 
     Returns
     -------
@@ -107,37 +127,46 @@ def format_table(result):
 
     Examples
     --------
-    >>> r = {"ops": {"inference": {"fastbn_s": 1e-5, "torch_s": 1.5e-5, "speedup": 1.5,
+    >>> r = {"case": "small-NC-256x64-float32", "rounds": 200, "iterations": 50,
+    ...      "ops": {"inference": {"fastbn_s": 1e-5, "torch_s": 1.5e-5, "speedup": 1.5,
     ...                            "fastbn_faster": 0.9}}}
-    >>> print(format_table(r))
-    | op | fastbn | torch | vs torch (median of rounds) | rounds fastbn faster |
-    |---|---:|---:|---:|---:|
-    | inference | 10.0 us | 15.0 us | 1.50x | 90% |
+    >>> print(format_table([r]))
+    | case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) | rounds fastbn faster |
+    |---|---|---:|---:|---:|---:|---:|
+    | small-NC-256x64-float32 | inference | 200 x 50 | 10.0 us | 15.0 us | 1.50x | 90% |
     """
-    lines = ["| op | fastbn | torch | vs torch (median of rounds) | rounds fastbn faster |",
-             "|---|---:|---:|---:|---:|"]
-    for op, r in result["ops"].items():
-        lines.append(f"| {op} | {r['fastbn_s'] * 1e6:.1f} us | {r['torch_s'] * 1e6:.1f} us | "
-                     f"{r['speedup']:.2f}x | {r['fastbn_faster']:.0%} |")
+    lines = ["| case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) "
+             "| rounds fastbn faster |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for result in results:
+        for op, r in result["ops"].items():
+            lines.append(f"| {result['case']} | {op} | {result['rounds']} x "
+                         f"{result['iterations']} | {_time(r['fastbn_s'])} | "
+                         f"{_time(r['torch_s'])} | {r['speedup']:.2f}x | "
+                         f"{r['fastbn_faster']:.0%} |")
     return "\n".join(lines)
 
 
+def _time(seconds):
+    """``"10.0 us"`` or ``"1.23 ms"``."""
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
 def main(argv=None):
-    """Command line: measure, print the table, optionally save the JSON."""
+    """Command line: measure every case of :data:`CASES`, print the table, optionally
+    save the JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.interleaved",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    result = measure(rounds=args.rounds, iterations=args.iterations)
-    if result is None:
+    results = measure_all()
+    if results is None:
         print("PyTorch is not installed: nothing to compare", file=sys.stderr)
         return 1
-    print(format_table(result))
+    print(format_table(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -7,9 +7,9 @@ Usage::
     python -m benchmarks.report -k "NCHW and forward" --no-compile-time --no-interleaved
 
 Running the suite means ``pytest benchmarks --benchmark-only`` in a subprocess (its output
-is the progress indication). The small call is also timed with fastbn and PyTorch in
-interleaved rounds (:mod:`benchmarks.interleaved`). The raw JSON, with the compile times,
-the interleaved timings and the machine description added, is saved as
+is the progress indication). fastbn and PyTorch are also timed in interleaved rounds
+(:mod:`benchmarks.interleaved`). The raw JSON, with the compile times, the interleaved
+timings and the machine description added, is saved as
 ``benchmarks/results/<kind>_<cpu>_<host>_<date>.json``.
 The report prints, per benchmark: op, shape, dtype, layout, provider, median time, GB/s,
 fraction of the copy bandwidth measured in the same run, and fastbn's speed-up over
@@ -519,19 +519,34 @@ def _copy_section(data):
                  body)
 
 
-def _small_observation(small):
-    """A summary line for the interleaved small call ("" when it was not measured).
+def _interleaved_observation(results):
+    """Summary lines for the interleaved timings ("" when they were not measured).
+
+    Per op, the small case's speed-up over PyTorch and the geometric mean over the large
+    cases.
 
     Examples
     --------
-    >>> _small_observation({"case": "small-NC-256x64-float32",
-    ...                     "ops": {"inference": {"speedup": 1.3}}})
-    '\\n- cpu **small-NC-256x64-float32**, interleaved rounds: inference 1.30x PyTorch'
+    >>> print(_interleaved_observation([
+    ...     {"case": "small-NC-256x64-float32", "ops": {"inference": {"speedup": 1.3}}},
+    ...     {"case": "NC-65536x256-float32", "ops": {"inference": {"speedup": 1.1}}}]))
+    <BLANKLINE>
+    - cpu, **interleaved rounds** against PyTorch: small call inference 1.30x; large cases (geometric mean) inference 1.10x
     """
-    if not small:
+    if not results:
         return ""
-    ratios = ", ".join(f"{op} {_ratio(r['speedup'])}" for op, r in small["ops"].items())
-    return f"\n- cpu **{small['case']}**, interleaved rounds: {ratios} PyTorch"
+    small = [r for r in results if r["case"].startswith("small")]
+    large = [r for r in results if not r["case"].startswith("small")]
+    parts = []
+    if small:
+        parts.append("small call " + ", ".join(
+            f"{op} {_ratio(v['speedup'])}" for op, v in small[0]["ops"].items()))
+    if large:
+        ops = [op for op in OPS if all(op in r["ops"] for r in large)]
+        parts.append("large cases (geometric mean) " + ", ".join(
+            f"{op} {_ratio(geometric_mean(r['ops'][op]['speedup'] for r in large))}"
+            for op in ops))
+    return "\n- cpu, **interleaved rounds** against PyTorch: " + "; ".join(parts)
 
 
 def _observations(summary):
@@ -620,7 +635,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "",
         "## Summary",
         "",
-        _observations(summary) + _small_observation(data.get("interleaved")),
+        _observations(summary) + _interleaved_observation(data.get("interleaved")),
         "",
         "Times are medians; *vs torch* and *vs numpy* are the other provider's median time "
         "over fastbn's (above 1: fastbn is faster). *% copy (same size)* divides fastbn's "
@@ -696,23 +711,23 @@ def render_markdown(data, rows, summary, images, json_name=None):
         ]
     else:
         parts += ["Not measured in this run (`python -m benchmarks.compile_time`).", ""]
-    small = data.get("interleaved")
-    if small:
+    paired = data.get("interleaved")
+    if paired:
         from benchmarks import interleaved
 
         parts += [
-            "## The small call, interleaved",
+            "## Interleaved rounds",
             "",
-            "A call of a few microseconds is at the mercy of the machine's state during the "
-            "fraction of a second in which the suite times one provider; on this VM the same "
-            "call took 10 µs in one process and 15 µs in another, for fastbn and PyTorch "
-            "alike. `python -m benchmarks.interleaved` therefore times the small case "
-            f"({small['case']}) again, {small['rounds']} rounds of {small['iterations']} "
-            "calls, the two providers in turn within each round (the order alternating), "
-            f"{small['threads']} threads each. *vs torch* is the median over rounds of "
-            "PyTorch's time over fastbn's in the same round; times are medians.",
+            "The suite times all the rounds of one provider, then those of the next, so a "
+            "change in the machine's state between them enters the ratio: on this VM the "
+            "same small call took 10 µs in one process and 15 µs in another, for fastbn and "
+            "PyTorch alike. `python -m benchmarks.interleaved` therefore times fastbn and "
+            "PyTorch again, the two in turn within each round (the order alternating), "
+            f"{paired[0]['threads']} threads each, on the small case and the large float32 "
+            "cases. *vs torch* is the median over rounds of PyTorch's time over fastbn's in "
+            "the same round; times are medians.",
             "",
-            interleaved.format_table(small),
+            interleaved.format_table(paired),
             "",
         ]
     parts += [
@@ -727,7 +742,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "pytest benchmarks --benchmark-only           # the suite alone",
         "python -m benchmarks.report --json FILE      # this page from a saved JSON",
         "python -m benchmarks.compile_time            # first-call and import times",
-        "python -m benchmarks.interleaved             # the small call, interleaved rounds",
+        "python -m benchmarks.interleaved             # fastbn and PyTorch, interleaved rounds",
         "```",
         "",
     ]
@@ -798,6 +813,28 @@ def run_suite(json_path, keyword=None, targets=None):
     shown = command if len(command) < 20 else command[:4] + ["..."] + command[-8:]
     print("running:", " ".join(shown), flush=True)
     return subprocess.call(command, cwd=ROOT, env=dict(os.environ, **STEADY_MALLOC))
+
+
+def run_interleaved():
+    """Run ``python -m benchmarks.interleaved`` in a subprocess with the suite's allocator
+    settings (:data:`STEADY_MALLOC`), so that both providers reuse their freed outputs as
+    in the suite.
+
+    Returns
+    -------
+    list of dict or None
+        Its results (see :func:`benchmarks.interleaved.measure_all`); None when it could
+        not run (PyTorch missing). Its output (a line per case and op, then the table) is
+        this process's progress.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "interleaved.json"
+        code = subprocess.call([sys.executable, "-m", "benchmarks.interleaved", "--json",
+                                str(out)], cwd=ROOT, env=dict(os.environ, **STEADY_MALLOC))
+        if code != 0 or not out.exists():
+            print("the interleaved timings did not run", file=sys.stderr)
+            return None
+        return json.loads(out.read_text(encoding="utf-8"))
 
 
 def rerun_disturbed(data, retries=2, wait_s=300.0):
@@ -913,7 +950,7 @@ def main(argv=None):
     parser.add_argument("--compile-time", action="store_true",
                         help="with --json: measure compile times now (else taken from the JSON)")
     parser.add_argument("--no-interleaved", action="store_true",
-                        help="do not time the small call in interleaved rounds")
+                        help="do not time fastbn and PyTorch in interleaved rounds")
     parser.add_argument("--compile-repeats", type=int, default=3,
                         help="fresh processes per compile-time measurement")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -960,11 +997,7 @@ def main(argv=None):
             repeats=args.compile_repeats, progress=lambda line: print(line, flush=True))
         print(compile_time.format_table(data["compile_time"]))
     if not args.json and not args.no_interleaved:
-        from benchmarks import interleaved
-
-        data["interleaved"] = interleaved.measure(progress=lambda line: print(line, flush=True))
-        if data["interleaved"]:
-            print(interleaved.format_table(data["interleaved"]))
+        data["interleaved"] = run_interleaved()
     if not args.json and not args.print_only:
         info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
         has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"

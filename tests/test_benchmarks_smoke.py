@@ -218,9 +218,9 @@ def test_providers_compute_the_same(report_module, layout, shape, axis):
                                            err_msg=f"{op}: fastbn vs {provider}")
 
 
-def test_interleaved_small_call(report_module, tmp_path):
-    """The small call timed in interleaved rounds: both providers measured, the speed-up
-    is the median of per-round ratios, and the report renders the section."""
+def test_interleaved_rounds(report_module, tmp_path):
+    """fastbn and PyTorch timed in interleaved rounds: both providers measured, the
+    speed-up is the median of per-round ratios, and the report renders the section."""
     pytest.importorskip("torch")
     from benchmarks import interleaved
 
@@ -231,9 +231,10 @@ def test_interleaved_small_call(report_module, tmp_path):
         assert r["fastbn_s"] > 0 and r["torch_s"] > 0 and r["speedup"] > 0
         assert 0.0 <= r["fastbn_faster"] <= 1.0
     data = _synthetic()
-    data["interleaved"] = result
+    data["interleaved"] = [result]
     doc = tmp_path / "benchmarks.md"
     report_module.report(data, doc_path=doc, img_dir=tmp_path / "img")
     page = doc.read_text()
-    assert "## The small call, interleaved" in page
-    assert "interleaved rounds: inference" in page
+    assert "## Interleaved rounds" in page
+    assert "small call inference" in page
+    assert f"| {result['case']} | backward | 5 x 2 |" in page
