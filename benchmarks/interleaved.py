@@ -1,4 +1,4 @@
-"""fastbn and PyTorch timed in interleaved rounds: the comparison that holds on a noisy machine.
+"""fastbn and PyTorch in interleaved rounds: the machine's drift stays out of the ratio.
 
 pytest-benchmark times all the rounds of one provider, then all those of the next. A call
 is then at the mercy of the machine's state during that time: on the 2-core VM where
@@ -8,7 +8,9 @@ case between 0.7x and 1.4x from one run to another, and the large cases drift by
 between providers in the same way. Here every round times ``iterations`` calls of each
 provider in turn (the order alternating between rounds), so that both see the same
 machine state, and the speed-up is the median of the per-round ratios. The suite's
-table keeps its own numbers; this is the paired comparison.
+table keeps its own numbers; this is the paired comparison. Pairing removes the drift in
+time, not every difference between processes: two runs on that VM still disagreed by up
+to 15% on a cell.
 
 :data:`CASES` are the suite's small case (200 rounds of 50 calls) and its large float32
 cases (40 rounds of one call), every operation.

@@ -725,7 +725,9 @@ def render_markdown(data, rows, summary, images, json_name=None):
             "PyTorch again, the two in turn within each round (the order alternating), "
             f"{paired[0]['threads']} threads each, on the small case and the large float32 "
             "cases. *vs torch* is the median over rounds of PyTorch's time over fastbn's in "
-            "the same round; times are medians.",
+            "the same round; times are medians. Pairing removes the drift in time, not every "
+            "difference between processes: on this VM two runs still disagreed by up to 15% "
+            "on a cell (the 2-D inference, 1.05x and 0.93x).",
             "",
             interleaved.format_table(paired),
             "",
