@@ -29,6 +29,7 @@ import time
 
 from benchmarks.cases import CPU_CASES, OPS, fastbn_provider, make_inputs, torch_provider
 from benchmarks.conftest import _set_threads
+from benchmarks.report import format_time
 
 #: The case measured: the suite's small call.
 SMALL = next(case for case in CPU_CASES if case.tag == "small")
@@ -135,7 +136,7 @@ def format_table(results):
     >>> print(format_table([r]))
     | case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) | rounds fastbn faster |
     |---|---|---:|---:|---:|---:|---:|
-    | small-NC-256x64-float32 | inference | 200 x 50 | 10.0 us | 15.0 us | 1.50x | 90% |
+    | small-NC-256x64-float32 | inference | 200 x 50 | 10 us | 15 us | 1.50x | 90% |
     """
     lines = ["| case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) "
              "| rounds fastbn faster |",
@@ -143,15 +144,10 @@ def format_table(results):
     for result in results:
         for op, r in result["ops"].items():
             lines.append(f"| {result['case']} | {op} | {result['rounds']} x "
-                         f"{result['iterations']} | {_time(r['fastbn_s'])} | "
-                         f"{_time(r['torch_s'])} | {r['speedup']:.2f}x | "
+                         f"{result['iterations']} | {format_time(r['fastbn_s'])} | "
+                         f"{format_time(r['torch_s'])} | {r['speedup']:.2f}x | "
                          f"{r['fastbn_faster']:.0%} |")
     return "\n".join(lines)
-
-
-def _time(seconds):
-    """``"10.0 us"`` or ``"1.23 ms"``."""
-    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
 
 
 def main(argv=None):
