@@ -4,7 +4,7 @@ A *provider* turns an operation and a set of inputs into a no-argument callable 
 one call of the operation; the benchmark times that callable. Providers side by side:
 
 ``fastbn``
-    The package, CPU kernels, with every output preallocated (``out=``).
+    The package, CPU kernels; it allocates its outputs, as the other providers do.
 ``numpy``
     The obvious vectorized NumPy implementation (``x.mean`` / ``x.var`` and broadcasting),
     written here and not in the package. NumPy's element-wise operations and reductions
@@ -38,6 +38,13 @@ forward_backward   6      2       the sum of the two
 A kernel that keeps a channel in cache between its passes can move fewer bytes than this
 (its "fraction of copy bandwidth" can then exceed 100 %); every provider is measured with
 the same byte count, so ratios between providers are ratios of times.
+
+Headroom
+--------
+No kernel moves less than one read of each input and one write of each output
+(:data:`MIN_TRAFFIC`): at the copy bandwidth, that is the shortest time any kernel could
+take, whatever it keeps in cache. The report divides PyTorch's time by it: the speed-up
+over PyTorch that no implementation can pass on the machine.
 """
 
 from __future__ import annotations
@@ -59,6 +66,15 @@ TRAFFIC = {
 }
 
 OPS = tuple(TRAFFIC)
+
+#: op -> (reads, writes) of x-sized arrays that no kernel can go below: each input read
+#: once, each output written once (forward_backward reads x and dy, writes y and dx).
+MIN_TRAFFIC = {
+    "forward": (1, 1),
+    "inference": (1, 1),
+    "backward": (2, 1),
+    "forward_backward": (2, 2),
+}
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,8 @@ CPU_CASES = (
 
 
 def bytes_moved(op, nbytes):
-    """Return the bytes an operation moves at the least (see the module docstring).
+    """Return the bytes an operation moves in two passes that find nothing in cache (see
+    the module docstring): the byte count of every GB/s figure.
 
     Parameters
     ----------
@@ -134,6 +151,29 @@ def bytes_moved(op, nbytes):
         ``(reads + writes) * nbytes``.
     """
     reads, writes = TRAFFIC[op]
+    return (reads + writes) * int(nbytes)
+
+
+def least_bytes(op, nbytes):
+    """Return the bytes no implementation of an operation can go below (:data:`MIN_TRAFFIC`).
+
+    Parameters
+    ----------
+    op : str
+        One of :data:`OPS`.
+    nbytes : int
+        Bytes of one x-sized array.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> least_bytes("backward", 100), bytes_moved("backward", 100)
+    (300, 500)
+    """
+    reads, writes = MIN_TRAFFIC[op]
     return (reads + writes) * int(nbytes)
 
 

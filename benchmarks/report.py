@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
-from benchmarks.cases import OPS, TRAFFIC
+from benchmarks.cases import MIN_TRAFFIC, OPS, TRAFFIC, least_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -105,7 +105,7 @@ def rows_from_json(data):
         Keys: ``device, op, case, shape, dtype, layout, provider, median_s, gbps,
         gbps_best`` (from the fastest round, for a machine that was not quiet), ``
         frac_copy, frac_copy_large, copy_gbps_same_size, copy_gbps_large, bytes_moved,
-        threads, host_overhead_us, other_cpu, name``; sorted by device, case (order of
+        x_bytes, threads, host_overhead_us, other_cpu, name``; sorted by device, case (order of
         first appearance), op, provider. The copy bandwidths are the best measured at
         that size in the run (:func:`best_copy_bandwidths`).
     """
@@ -146,6 +146,7 @@ def rows_from_json(data):
             "copy_gbps_same_size": same,
             "copy_gbps_large": large,
             "bytes_moved": moved,
+            "x_bytes": info.get("x_bytes"),
             "threads": info.get("threads"),
             "host_overhead_us": info.get("host_overhead_us"),
             "other_cpu": info.get("other_processes_cpu"),
@@ -173,9 +174,12 @@ def summarize(rows):
     list of dict
         One dict per (device, case, op), in the order of ``rows``: the case fields,
         ``times`` (provider -> median seconds), fastbn's ``gbps``, ``frac_copy``,
-        ``frac_copy_large`` (``None`` without a fastbn row), and ``speedup_vs_torch`` /
+        ``frac_copy_large`` (``None`` without a fastbn row), ``speedup_vs_torch`` /
         ``speedup_vs_numpy`` (the other provider's time over fastbn's; ``None`` when one is
-        missing).
+        missing), ``torch_frac_copy`` (PyTorch's GB/s over the same-size copy bandwidth)
+        and ``ceiling_vs_torch``: PyTorch's time over the shortest any implementation
+        could take, :func:`benchmarks.cases.least_bytes` at the better of the two copy
+        bandwidths (``None`` when something is missing).
     """
     groups = {}
     for row in rows:
@@ -183,6 +187,8 @@ def summarize(rows):
             "device": row["device"], "case": row["case"], "op": row["op"],
             "shape": row["shape"], "dtype": row["dtype"], "layout": row["layout"],
             "times": {}, "gbps": None, "frac_copy": None, "frac_copy_large": None,
+            "bytes_moved": row["bytes_moved"], "x_bytes": row.get("x_bytes"),
+            "copy_gbps": (row["copy_gbps_same_size"], row["copy_gbps_large"]),
         })
         group["times"][row["provider"]] = row["median_s"]
         group.setdefault("disturbed", set())
@@ -197,6 +203,14 @@ def summarize(rows):
             other_time = group["times"].get(other)
             group[f"speedup_vs_{other}"] = (other_time / fastbn_time
                                             if fastbn_time and other_time else None)
+        torch_time = group["times"].get("torch")
+        same, large = group.pop("copy_gbps")
+        copy = max((c for c in (same, large) if c), default=None)
+        group["torch_frac_copy"] = (group["bytes_moved"] / torch_time / 1e9 / same
+                                    if torch_time and same else None)
+        group["ceiling_vs_torch"] = (
+            torch_time * copy * 1e9 / least_bytes(group["op"], group["x_bytes"])
+            if torch_time and copy and group["x_bytes"] else None)
     return list(groups.values())
 
 
@@ -478,7 +492,8 @@ def _machine_section(data):
 
     lines = [
         f"- CPU: **{info.get('cpu_model')}**, {info.get('cpu_count')} logical CPUs usable, "
-        f"L2 {info.get('l2_cache')}, L3 {info.get('l3_cache')} (host `{info.get('hostname')}`)",
+        f"L2 {info.get('l2_cache')}, L3 {info.get('l3_cache')} (lscpu's totals over the "
+        f"instances; host `{info.get('hostname')}`)",
         f"- threads: {info.get('threads')} for Numba and PyTorch alike (Numba threading "
         f"layer `{info.get('threading_layer')}`); NumPy runs on one thread",
         f"- Python {info.get('python')}, numba {info.get('numba')}, numpy {info.get('numpy')}, "
@@ -569,7 +584,7 @@ def _observations(summary):
         if not groups:
             continue
         for op in OPS:
-            chosen = [g for g in groups if g["op"] == op and not g["case"].startswith(("small", "tiny"))]
+            chosen = [g for g in _large(groups) if g["op"] == op]
             if not chosen:
                 continue
             torch_gm = geometric_mean(g["speedup_vs_torch"] for g in chosen)
@@ -587,6 +602,81 @@ def _observations(summary):
                 lines.append(f"- {device} **{op}**: fastbn runs at " + ", ".join(parts) +
                              " (speed-ups: geometric mean over the large cases)")
     return "\n".join(lines) if lines else "- no fastbn results on the large cases in this run"
+
+
+def _large(groups):
+    """The groups of the large cases (the small call is not in the geometric means)."""
+    return [g for g in groups if not g["case"].startswith(("small", "tiny"))]
+
+
+def _headroom_observation(summary):
+    """The summary line of :func:`_headroom_section` ("" without PyTorch times).
+
+    Examples
+    --------
+    >>> print(_headroom_observation([{"device": "cpu", "case": "NC-8x2-float32",
+    ...     "op": "forward", "ceiling_vs_torch": 2.0, "speedup_vs_torch": 1.5}]))
+    <BLANKLINE>
+    - cpu **headroom**: no implementation can run faster than forward 2.00x PyTorch (fastbn 1.50x), geometric means over the large cases (see *Headroom*)
+    """
+    lines = []
+    for device in DEVICE_ORDER:
+        groups = _large(g for g in summary if g["device"] == device)
+        parts = []
+        for op in OPS:
+            chosen = [g for g in groups if g["op"] == op and g["ceiling_vs_torch"]]
+            if chosen:
+                parts.append(
+                    f"{op} {_ratio(geometric_mean(g['ceiling_vs_torch'] for g in chosen))} "
+                    f"PyTorch (fastbn "
+                    f"{_ratio(geometric_mean(g['speedup_vs_torch'] for g in chosen))})")
+        if parts:
+            lines.append(f"\n- {device} **headroom**: no implementation can run faster than "
+                         + ", ".join(parts)
+                         + ", geometric means over the large cases (see *Headroom*)")
+    return "".join(lines)
+
+
+def _headroom_section(summary):
+    """The *Headroom* section: how far PyTorch is from the roofline, per large case.
+
+    Parameters
+    ----------
+    summary : list of dict
+        Output of :func:`summarize`.
+
+    Returns
+    -------
+    list of str
+        Markdown lines; empty when no case has a PyTorch time.
+    """
+    groups = [g for g in _large(summary) if g["ceiling_vs_torch"]]
+    if not groups:
+        return []
+    reads_writes = ", ".join(f"{op} {r} + {w}" for op, (r, w) in MIN_TRAFFIC.items())
+    body = [[g["device"], g["op"], _shape(g["shape"]), g["dtype"], g["layout"],
+             _pct(g["torch_frac_copy"]), _ratio(g["ceiling_vs_torch"]),
+             _ratio(g["speedup_vs_torch"]),
+             _pct(g["speedup_vs_torch"] / g["ceiling_vs_torch"]
+                  if g["speedup_vs_torch"] else None)]
+            for g in groups]
+    return [
+        "## Headroom",
+        "",
+        "How fast could any implementation be? None moves less than one read of each input "
+        "and one write of each output (reads + writes of x-sized arrays: "
+        f"{reads_writes}), whatever it keeps in cache; none moves them faster than the copy "
+        "bandwidth (the better of the same-size and the large one). *Ceiling* is PyTorch's "
+        "time over that shortest time: the speed-up over PyTorch that no implementation "
+        "can reach on this machine. It is generous: it assumes the data of the passes "
+        "after the first come from cache, and arrays larger than the cache cannot. "
+        "*torch % copy* is PyTorch's GB/s on the suite's two-pass count over the same-size "
+        "copy bandwidth; *of ceiling* is fastbn's speed-up over the ceiling.",
+        "",
+        table(["device", "op", "shape", "dtype", "layout", ">torch % copy (same size)",
+               ">ceiling vs torch", ">fastbn vs torch", ">of ceiling"], body),
+        "",
+    ]
 
 
 def render_markdown(data, rows, summary, images, json_name=None):
@@ -635,7 +725,8 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "",
         "## Summary",
         "",
-        _observations(summary) + _interleaved_observation(data.get("interleaved")),
+        _observations(summary) + _interleaved_observation(data.get("interleaved"))
+        + _headroom_observation(summary),
         "",
         "Times are medians; *vs torch* and *vs numpy* are the other provider's median time "
         "over fastbn's (above 1: fastbn is faster). *% copy (same size)* divides fastbn's "
@@ -651,6 +742,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
     ]
     for image in images:
         parts += [f"![GB/s per provider against the copy bandwidth]({image})", ""]
+    parts += _headroom_section(summary)
     parts += [
         "## How the numbers are made",
         "",

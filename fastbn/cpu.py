@@ -1043,13 +1043,15 @@ class _Plan(NamedTuple):
         Values per reduction chunk (strided) or rows per chunk (rows); see :func:`_chunk`.
     serial : bool
         Too small to pay for a parallel region (``_config.SERIAL_BYTES``).
-    fusable : bool
-        Each channel fits in L2 and is made of long runs (see :func:`_fusable`).
+    fuse_forward, fuse_backward : bool
+        The training forward (backward) runs its passes fused per channel (see
+        :func:`_fusable`).
     """
 
     chunk: int
     serial: bool
-    fusable: bool
+    fuse_forward: bool
+    fuse_backward: bool
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1066,7 +1068,8 @@ def _plan_of(shape, itemsize):
         # start it, and when one of them was the first parallel call of a process, the
         # process crashed (numba/numba#8578). numba.get_num_threads() starts it.
         numba.get_num_threads()
-    return _Plan(_chunk(shape, itemsize), serial, _fusable(shape, itemsize))
+    return _Plan(_chunk(shape, itemsize), serial, _fusable(shape, itemsize, 1),
+                 _fusable(shape, itemsize, 2))
 
 
 def _plan(x3):
@@ -1091,15 +1094,27 @@ def _chunk(shape, itemsize):
     return inner * max(1, _config.CHUNK_BYTES // (C * inner * itemsize))
 
 
-def _fusable(shape, itemsize):
-    """True when each channel fits in L2 and is made of long runs.
+def _fusable(shape, itemsize, arrays):
+    """True when fusing the passes per channel pays, for an operation that reads
+    ``arrays`` x-sized arrays twice in its two-pass form (forward 1, backward 2).
 
-    A thread then owns whole channels; with short runs (small ``inner``) that access
-    pattern defeats the prefetchers, and the two streaming passes are faster.
+    Fused, a thread owns whole channels and reads each from memory once, then again from
+    its cache. That pays only when every condition holds: a channel is small enough to
+    stay in cache (``_config.FUSE_BYTES``); it is made of long runs (short runs, walked
+    one channel per thread, defeat the prefetchers: ``_config.FUSE_MIN_RUN_BYTES``); and
+    the arrays do not fit in the last-level cache, where the second of the two streaming
+    passes would find them anyway (``_config.LLC_BYTES``).
+
+    Examples
+    --------
+    >>> _fusable((32, 64, 56 * 56), 4, 1), _fusable((32, 64, 56 * 56), 4, 2)  # 25.7 MB
+    (False, True)
     """
     outer, C, inner = shape
+    channel = outer * inner * itemsize
     return (inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
-            and outer * inner * itemsize <= _config.FUSE_BYTES)
+            and channel <= _config.FUSE_BYTES
+            and arrays * C * channel > _config.LLC_BYTES)
 
 
 def moments(x3):
@@ -1188,11 +1203,17 @@ def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
     kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y3)
 
 
-def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
+def _use_fused(fuse, planned, x3):
+    """Whether a training pass runs fused: as planned (``fuse`` None), or as asked, the
+    fused kernels being for the strided family only."""
+    return planned if fuse is None else bool(fuse) and x3.shape[2] > 1
+
+
+def forward_training(x3, gamma, beta, eps, relu, y3, fuse=None):
     """Batch statistics of ``x3`` and ``y3 = normalized x3``: the training forward.
 
-    Strided layouts whose channels fit in L2 run fused (x read from memory once);
-    others take the statistics pass then the normalize pass (x read twice).
+    Runs fused per channel (x read from memory once) where that pays (see
+    :func:`_fusable`), else as the statistics pass then the normalize pass (x read twice).
 
     Parameters
     ----------
@@ -1201,7 +1222,8 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     eps : float
     relu : bool
     fuse : bool, optional
-        Allow the fused path (its results agree with the two-pass path to rounding).
+        None (default): the plan's choice. True: the fused path for any strided layout;
+        False: the two passes (the two agree to rounding).
 
     Returns
     -------
@@ -1220,7 +1242,7 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=True):
     """
     stats = np.empty((3, x3.shape[1]))
     plan = _plan(x3)
-    if fuse and plan.fusable:
+    if _use_fused(fuse, plan.fuse_forward, x3):
         kernel = forward_fused_serial if plan.serial else forward_fused_parallel
     else:
         kernel = forward_two_pass_serial if plan.serial else forward_two_pass_parallel
@@ -1289,11 +1311,11 @@ def input_grad(dy3, x3, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     kernel(dy3, x3, coef, dcoef, relu, dx3)
 
 
-def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=True):
+def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
     """The backward pass: channel sums, then dx.
 
-    Strided layouts whose channels fit in L2 run fused (dy and x read from memory once);
-    others read dy and x twice.
+    Runs fused per channel (dy and x read from memory once) where that pays (see
+    :func:`_fusable`), else reads dy and x twice.
 
     Parameters
     ----------
@@ -1304,6 +1326,7 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=True):
         The forward's parameters.
     relu : bool
     fuse : bool, optional
+        As in :func:`forward_training`.
 
     Returns
     -------
@@ -1322,7 +1345,7 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=True):
     """
     grads = np.empty((2, x3.shape[1]), np.float64 if x3.dtype.char == "d" else np.float32)
     plan = _plan(x3)
-    if fuse and plan.fusable:
+    if _use_fused(fuse, plan.fuse_backward, x3):
         kernel = backward_fused_serial if plan.serial else backward_fused_parallel
     else:
         kernel = backward_two_pass_serial if plan.serial else backward_two_pass_parallel

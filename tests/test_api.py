@@ -29,7 +29,7 @@ SHAPES = [
 ]
 MEDIUM = [
     ((2, 3, 70001), 1),      # strided, channel larger than the fusion limit: 3 chunks
-    ((16, 8, 1001), 1),      # strided, fused, parallel build
+    ((16, 8, 1001), 1),      # strided, parallel build (fused with kernel_path "fused")
     ((40001, 5), 1),         # rows, several chunks
     ((64, 3, 33, 33), -2),   # NHWC-like view of an NCHW block, axis in the middle
 ]
@@ -56,7 +56,7 @@ def layouts(x):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", SHAPES + MEDIUM)
-def test_forward_matches_reference(shape, axis, dtype):
+def test_forward_matches_reference(shape, axis, dtype, kernel_path):
     rng = np.random.default_rng(hash((shape, axis)) % 2**32)
     x = make(shape, dtype, rng, offset=2.0, scale=3.0)
     C = shape[axis]
@@ -74,7 +74,7 @@ def test_forward_matches_reference(shape, axis, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", SHAPES + MEDIUM)
-def test_backward_matches_reference(shape, axis, dtype):
+def test_backward_matches_reference(shape, axis, dtype, kernel_path):
     rng = np.random.default_rng(hash((shape, axis, "b")) % 2**32)
     x = make(shape, dtype, rng, offset=-1.0, scale=2.0)
     dy = make(shape, dtype, rng)
@@ -149,7 +149,7 @@ def test_inference_of_an_empty_batch():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape,axis", [((6, 4, 5), 1), ((50, 3), 1), ((4, 3, 3, 5), -1),
                                         ((16, 8, 1001), 1), ((40001, 5), 1)])
-def test_fused_relu_forward_and_backward(shape, axis, dtype):
+def test_fused_relu_forward_and_backward(shape, axis, dtype, kernel_path):
     rng = np.random.default_rng(4)
     x = make(shape, dtype, rng)
     dy = make(shape, dtype, rng)
@@ -181,7 +181,7 @@ def test_affine_off_returns_none_gradients():
     assert dgamma is not None and dbeta is None
 
 
-def test_large_offset_keeps_float32_accuracy():
+def test_large_offset_keeps_float32_accuracy(kernel_path):
     """1e4 + randn in float32: no E[x^2] - E[x]^2 cancellation, no float32 mean rounding."""
     rng = np.random.default_rng(6)
     for shape, axis in [((64, 8, 50), 1), ((4096, 6), 1), ((16, 8, 1001), 1), ((2, 3, 70001), 1)]:
@@ -337,7 +337,7 @@ class TestBatchNormFunction:
         assert_close(fastbn.batch_norm(x, training=True), ref.forward(x)[0], **tol(np.float32))
 
 
-def test_cpu_results_bitwise_identical_for_any_thread_count():
+def test_cpu_results_bitwise_identical_for_any_thread_count(kernel_path):
     import numba
 
     rng = np.random.default_rng(18)
@@ -468,3 +468,14 @@ def test_per_channel_arrays_of_any_float_dtype():
     np.testing.assert_array_equal(inf, fastbn.batch_norm_inference(
         x, rm.astype(np.float64), rv.astype(np.float64), gamma.astype(np.float64),
         beta.astype(np.float64)))
+
+
+def test_kernel_path_fixture_reaches_the_fused_kernels(kernel_path):
+    """The ``kernel_path`` fixture does what the tests using it rely on: the plan of a
+    small strided shape is two-pass, and fused under ``"fused"``."""
+    from fastbn import cpu
+
+    for shape in [(16, 8, 1001), (3, 5, 7)]:
+        plan = cpu._plan(np.empty(shape, np.float32))
+        assert plan.fuse_forward == plan.fuse_backward == (kernel_path == "fused"), plan
+    assert not cpu._plan(np.empty((40001, 5, 1), np.float32)).fuse_forward  # rows: never

@@ -116,6 +116,11 @@ def test_report_tables_from_synthetic_json(report_module, tmp_path):
     assert summary[0]["speedup_vs_numpy"] == pytest.approx(4.0)
     assert summary[1]["speedup_vs_torch"] is None
     assert summary[1]["speedup_vs_numpy"] == pytest.approx(4.0)
+    # headroom: PyTorch's forward (2 us) against 1 read + 1 write of x at the better copy
+    # bandwidth (40 GB/s): 2 * 384 B / 40 GB/s = 19.2 ns, a ceiling of 2e-6 / 19.2e-9
+    assert summary[0]["ceiling_vs_torch"] == pytest.approx(2e-6 / (2 * 384 / 40e9))
+    assert summary[0]["torch_frac_copy"] == pytest.approx(3 * 384 / 2e-6 / 1e9 / 40.0)
+    assert summary[1]["ceiling_vs_torch"] is None
 
     text = report_module.summary_table(summary, markdown=False)
     assert "2.00x" in text and "4.00x" in text
@@ -127,6 +132,7 @@ def test_report_tables_from_synthetic_json(report_module, tmp_path):
     assert "| cpu | forward | 2x3x4x4 | float32 | NCHW |" in page
     assert "img/benchmarks_cpu.png" in page
     assert "Target: warm-cache first call" in page
+    assert "## Headroom" in page and "**headroom**: no implementation can run faster" in page
     assert (img_dir / "benchmarks_cpu.png").stat().st_size > 0
 
 
