@@ -1112,7 +1112,8 @@ def _fusable(shape, itemsize, arrays):
     """
     outer, C, inner = shape
     channel = outer * inner * itemsize
-    return (inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
+    return (inner > 1  # the fused kernels are of the strided family
+            and inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
             and channel <= _config.FUSE_BYTES
             and arrays * C * channel > _config.LLC_BYTES)
 
