@@ -134,9 +134,8 @@ CPU_CASES = (
 )
 
 
-def bytes_moved(op, nbytes):
-    """Return the bytes an operation moves in two passes that find nothing in cache (see
-    the module docstring): the byte count of every GB/s figure.
+def bytes_moved(op, nbytes, traffic=TRAFFIC):
+    """Return the bytes an operation moves (see the module docstring).
 
     Parameters
     ----------
@@ -144,36 +143,21 @@ def bytes_moved(op, nbytes):
         One of :data:`OPS`.
     nbytes : int
         Bytes of one x-sized array.
+    traffic : dict, optional
+        :data:`TRAFFIC` (default): two passes that find nothing in cache, the byte count
+        of every GB/s figure. :data:`MIN_TRAFFIC`: the least any implementation moves.
 
     Returns
     -------
     int
         ``(reads + writes) * nbytes``.
-    """
-    reads, writes = TRAFFIC[op]
-    return (reads + writes) * int(nbytes)
-
-
-def least_bytes(op, nbytes):
-    """Return the bytes no implementation of an operation can go below (:data:`MIN_TRAFFIC`).
-
-    Parameters
-    ----------
-    op : str
-        One of :data:`OPS`.
-    nbytes : int
-        Bytes of one x-sized array.
-
-    Returns
-    -------
-    int
 
     Examples
     --------
-    >>> least_bytes("backward", 100), bytes_moved("backward", 100)
-    (300, 500)
+    >>> bytes_moved("backward", 100), bytes_moved("backward", 100, MIN_TRAFFIC)
+    (500, 300)
     """
-    reads, writes = MIN_TRAFFIC[op]
+    reads, writes = traffic[op]
     return (reads + writes) * int(nbytes)
 
 

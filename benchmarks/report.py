@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
-from benchmarks.cases import MIN_TRAFFIC, OPS, TRAFFIC, least_bytes
+from benchmarks.cases import MIN_TRAFFIC, OPS, TRAFFIC, bytes_moved
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -178,7 +178,7 @@ def summarize(rows):
         ``speedup_vs_numpy`` (the other provider's time over fastbn's; ``None`` when one is
         missing), ``torch_frac_copy`` (PyTorch's GB/s over the same-size copy bandwidth)
         and ``ceiling_vs_torch``: PyTorch's time over the shortest any implementation
-        could take, :func:`benchmarks.cases.least_bytes` at the better of the two copy
+        could take, its :data:`benchmarks.cases.MIN_TRAFFIC` at the better of the two copy
         bandwidths (``None`` when something is missing).
     """
     groups = {}
@@ -209,7 +209,7 @@ def summarize(rows):
         group["torch_frac_copy"] = (group["bytes_moved"] / torch_time / 1e9 / same
                                     if torch_time and same else None)
         group["ceiling_vs_torch"] = (
-            torch_time * copy * 1e9 / least_bytes(group["op"], group["x_bytes"])
+            torch_time * copy * 1e9 / bytes_moved(group["op"], group["x_bytes"], MIN_TRAFFIC)
             if torch_time and copy and group["x_bytes"] else None)
     return list(groups.values())
 
