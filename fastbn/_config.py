@@ -98,7 +98,8 @@ FUSE_MIN_RUN_BYTES = 8192
 # region costs ~15-20 us, more than the whole computation of a small call.
 SERIAL_BYTES = 256 * 1024
 
-# Values per work item of the elementwise passes (normalize, dx). Does not affect results.
+# Values per work item of the strided elementwise passes (normalize, dx; the rows family
+# takes one row per item). Does not affect results.
 ELEMENTWISE_CHUNK = 16384
 
 CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
