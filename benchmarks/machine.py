@@ -136,13 +136,21 @@ def _proc_stat_seconds():
     return (total - fields[3] - fields[4]) / ticks, total / ticks
 
 
+def _own_cpu_seconds():
+    """CPU time of this process and of its ended, waited-for children, in seconds."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class OtherProcessesMonitor:
     """Measure the CPU time other processes took while this process ran a benchmark.
 
     On a machine shared with other work, a benchmark whose cores were taken is slower for
     reasons that have nothing to do with the code measured. This monitor tells such
     benchmarks apart: the busy time of all CPUs (``/proc/stat``) minus this process's own
-    CPU time (every thread of it), over the elapsed CPU time of all CPUs.
+    CPU time (every thread of it) and that of its children that ended and were waited for
+    (the compile-time benchmark runs its measurements in child processes), over the
+    elapsed CPU time of all CPUs.
 
     Examples
     --------
@@ -154,7 +162,7 @@ class OtherProcessesMonitor:
 
     def __init__(self):
         self._start = _proc_stat_seconds()
-        self._own = time.process_time()
+        self._own = _own_cpu_seconds()
 
     def fraction(self):
         """Return the fraction of all CPUs' time used by other processes since creation.
@@ -171,7 +179,7 @@ class OtherProcessesMonitor:
         busy, total = end[0] - self._start[0], end[1] - self._start[1]
         if total <= 0:
             return None
-        own = time.process_time() - self._own
+        own = _own_cpu_seconds() - self._own
         return min(1.0, max(0.0, (busy - own) / total))
 
 
