@@ -8,7 +8,8 @@ Every kernel here receives C-contiguous arrays already checked and shaped by
   consecutive values (in ``(o, i)`` order), and work items are ``(channel, chunk)`` pairs.
 - **rows** (``inner == 1``, e.g. ``(N, C)`` and NHWC): channels are contiguous in memory.
   The ``outer`` rows are split into chunks of whole rows; each item reduces all channels
-  of its rows at once, vectorized across channels.
+  of its rows at once, vectorized across channels. The elementwise passes, which need no
+  fixed partition, take one row per item.
 
 Determinism: chunk sizes depend only on the shape and dtype (``_config.CHUNK_BYTES``),
 each chunk is reduced by one thread in a fixed order, and chunk partials are merged per
