@@ -111,7 +111,8 @@ def _channel(p):
     """A per-channel array as the kernels take it: ``p`` itself when it is native float32
     or float64 (the kernels read either as float64), else its exact float64 copy (float16
     and the like, which Numba cannot load on the CPU)."""
-    return p if p.dtype.char in "fd" and p.dtype.isnative else p.astype(_FLOAT64)
+    dtype = p.dtype
+    return p if dtype is _FLOAT32 or dtype is _FLOAT64 else p.astype(_FLOAT64)
 
 
 def _param(p, C, fill, dtype):
@@ -167,8 +168,9 @@ def _direct_view(x, axis, stream, *params):
 
     The direct path serves the most common call, small ones included, in a few
     operations: ``x`` a C-contiguous float32 or float64 NumPy array, ``axis`` a valid
-    ``int``, no ``stream``, every per-channel argument None or a float NumPy array of
-    shape ``(C,)`` (and, checked by :func:`_direct_out`, no ``out`` or a plain one).
+    ``int``, no ``stream``, every per-channel argument None or a native float32 or
+    float64 NumPy array of shape ``(C,)``, which the kernels take as it is (and, checked
+    by :func:`_direct_out`, no ``out`` or a plain one).
     These conditions imply that every check of the general path passes; they are
     sufficient, not necessary: any other call (None returned) takes the general path,
     whose checks raise the errors. Both paths run the same kernels on the same view, so
@@ -183,7 +185,8 @@ def _direct_view(x, axis, stream, *params):
     True
     """
     if (type(x) is not np.ndarray or stream is not None or type(axis) is not int
-            or not (x.dtype == _FLOAT32 or x.dtype == _FLOAT64) or not x.flags.c_contiguous):
+            or (x.dtype is not _FLOAT32 and x.dtype is not _FLOAT64)
+            or not x.flags.c_contiguous):
         return None
     shape = x.shape
     ndim = len(shape)
@@ -194,7 +197,7 @@ def _direct_view(x, axis, stream, *params):
     channels = (C,)
     for p in params:
         if p is not None and (type(p) is not np.ndarray or p.shape != channels
-                              or p.dtype.kind != "f"):
+                              or (p.dtype is not _FLOAT32 and p.dtype is not _FLOAT64)):
             return None
     if ndim == 2:  # the most common call: spare the tuple slices (~0.8 us of ~10)
         return x.reshape(shape[0], C, 1) if axis else x.reshape(1, C, shape[1])
@@ -484,7 +487,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
             and dy.flags.c_contiguous and x.size and _direct_options(1.0, activation)
             and (dx := _direct_out(out, x, x, dy)) is not None):
         C = x3.shape[1]
-        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, _channel(mean), _channel(invstd),
+        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, mean, invstd,
                                      _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype),
                                      activation == "relu", dx.reshape(x3.shape))
         return dx, None if gamma is None else dgamma, None if beta is None else dbeta
@@ -545,8 +548,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
             and _direct_options(eps, activation)
             and (y := _direct_out(out, x, x)) is not None):
         C = x3.shape[1]
-        cpu.inference(x3, _channel(running_mean), _channel(running_var),
-                      _param(gamma, C, 1.0, x.dtype),
+        cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
                       _param(beta, C, 0.0, x.dtype), eps, activation == "relu",
                       y.reshape(x3.shape))
         return y

@@ -426,6 +426,33 @@ def test_direct_and_general_host_paths_agree_bitwise(shape, axis, dtype, activat
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("param_dtype", [">f4", ">f8", np.float16])
+def test_other_parameter_dtypes_take_the_general_path(param_dtype):
+    """The direct path passes per-channel arrays to the kernels as they are, so it takes
+    only native float32/float64 ones; others (byte-swapped, float16) go through the
+    general path, which converts them exactly to float64. The kernels read every
+    per-channel array as float64, so the results agree bit for bit with native ones of
+    the same values."""
+    from fastbn import api
+
+    rng = np.random.default_rng(5)
+    x = make((9, 4, 5), np.float32, rng, offset=1.0)
+    dy = make((9, 4, 5), np.float32, rng)
+    values = rng.normal(size=(4, 4))
+    values[3] = np.abs(values[3]) + 0.5  # running_var
+    native = list(values.astype(np.float16).astype(np.float32))  # float16-exact values
+    other = [p.astype(param_dtype) for p in native]
+    assert api._direct_view(x, 1, None, *other[:1]) is None
+    assert api._direct_view(x, 1, None, *native) is not None
+    results = []
+    for gamma, beta, rm, rv in (native, other):
+        y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
+        results.append((y, mean, invstd, fastbn.batch_norm_inference(x, rm, rv, gamma, beta))
+                       + fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_direct_path_in_place_and_aliasing_out():
     """``out=x`` (in place) runs directly; an ``out`` that overlaps x without coinciding
     is sent to the general path, which computes into a temporary."""
