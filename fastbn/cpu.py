@@ -299,7 +299,7 @@ def _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m):
 
     Parameters
     ----------
-    part_shift, part_dev, part_m2 : ndarray of float64, shape (C, n_chunks)
+    part_shift, part_dev, part_m2 : ndarray of float64, shape (n_chunks, C)
     c : int
     chunk : int
         Values per chunk (the last chunk may hold fewer).
@@ -311,16 +311,16 @@ def _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m):
     tuple of float
         ``(mean, m2)`` of the channel.
     """
-    n_chunks = part_m2.shape[1]
-    base = part_shift[c, 0]
+    n_chunks = part_m2.shape[0]
+    base = part_shift[0, c]
     s = 0.0
     for k in range(n_chunks):
-        s += min(chunk, m - k * chunk) * ((part_shift[c, k] - base) + part_dev[c, k])
+        s += min(chunk, m - k * chunk) * ((part_shift[k, c] - base) + part_dev[k, c])
     delta = s / m
     q = 0.0
     for k in range(n_chunks):
-        d = ((part_shift[c, k] - base) + part_dev[c, k]) - delta
-        q += part_m2[c, k] + min(chunk, m - k * chunk) * (d * d)
+        d = ((part_shift[k, c] - base) + part_dev[k, c]) - delta
+        q += part_m2[k, c] + min(chunk, m - k * chunk) * (d * d)
     return base + delta, q
 
 
@@ -654,25 +654,19 @@ def _moments(x, chunk, mean, m2):
     if inner == 1:
         x2 = x.reshape(outer, C)
         n_chunks = (outer + chunk - 1) // chunk
-        part_shift = np.empty((C, n_chunks))
-        part_dev = np.empty((C, n_chunks))
-        part_m2 = np.empty((C, n_chunks))
+        part_shift = np.empty((n_chunks, C))
+        part_dev = np.empty((n_chunks, C))
+        part_m2 = np.empty((n_chunks, C))
         for k in prange(n_chunks):
-            shift_k = np.empty(C)
-            dev_k = np.empty(C)
-            m2_k = np.empty(C)
-            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), shift_k, dev_k,
-                                m2_k)
-            part_shift[:, k] = shift_k
-            part_dev[:, k] = dev_k
-            part_m2[:, k] = m2_k
+            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), part_shift[k],
+                                part_dev[k], part_m2[k])
         m = outer
     else:
         m = outer * inner
         n_chunks = (m + chunk - 1) // chunk
-        part_shift = np.empty((C, n_chunks))
-        part_dev = np.empty((C, n_chunks))
-        part_m2 = np.empty((C, n_chunks))
+        part_shift = np.empty((n_chunks, C))
+        part_dev = np.empty((n_chunks, C))
+        part_m2 = np.empty((n_chunks, C))
         runs = _whole_runs(chunk, inner)
         x1 = x.reshape(-1)
         # chunk-major order: consecutive items are consecutive in memory
@@ -680,7 +674,7 @@ def _moments(x, chunk, mean, m2):
             k = t // C
             c = t - k * C
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
+            part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
                 x1, C, inner, c, o0, o1, i0, i1)
     for c in prange(C):
         mean[c], m2[c] = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
@@ -742,15 +736,15 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     m = outer * inner
     n_chunks = (m + chunk - 1) // chunk
     coef = np.empty((4, C), x.dtype)
-    part_shift = np.empty((C, n_chunks))
-    part_dev = np.empty((C, n_chunks))
-    part_m2 = np.empty((C, n_chunks))
+    part_shift = np.empty((n_chunks, C))
+    part_dev = np.empty((n_chunks, C))
+    part_m2 = np.empty((n_chunks, C))
     runs = _whole_runs(chunk, inner)
     x1 = x.reshape(-1)
     for c in prange(C):
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_shift[c, k], part_dev[c, k], part_m2[c, k] = _chunk_moments_strided(
+            part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
                 x1, C, inner, c, o0, o1, i0, i1)
         mean_c, m2_c = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
         mean[c] = mean_c
@@ -777,19 +771,16 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
         x2 = x.reshape(outer, C)
         dy2 = dy.reshape(outer, C)
         n_chunks = (outer + chunk - 1) // chunk
-        part_dy = np.empty((C, n_chunks))
-        part_dyx = np.empty((C, n_chunks))
+        part_dy = np.empty((n_chunks, C))
+        part_dyx = np.empty((n_chunks, C))
         for k in prange(n_chunks):
-            a = np.empty(C)
-            b = np.empty(C)
-            _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu, a, b)
-            part_dy[:, k] = a
-            part_dyx[:, k] = b
+            _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu,
+                                  part_dy[k], part_dyx[k])
     else:
         m = outer * inner
         n_chunks = (m + chunk - 1) // chunk
-        part_dy = np.empty((C, n_chunks))
-        part_dyx = np.empty((C, n_chunks))
+        part_dy = np.empty((n_chunks, C))
+        part_dyx = np.empty((n_chunks, C))
         runs = _whole_runs(chunk, inner)
         dy1 = dy.reshape(-1)
         x1 = x.reshape(-1)
@@ -797,14 +788,14 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
             k = t // C
             c = t - k * C
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_dy[c, k], part_dyx[c, k] = _chunk_grad_sums_strided(
+            part_dy[k, c], part_dyx[k, c] = _chunk_grad_sums_strided(
                 dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
     for c in prange(C):
         a = 0.0
         b = 0.0
         for k in range(n_chunks):
-            a += part_dy[c, k]
-            b += part_dyx[c, k]
+            a += part_dy[k, c]
+            b += part_dyx[k, c]
         s_dy[c] = a
         s_dyx[c] = b
 
