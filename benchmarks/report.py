@@ -8,7 +8,8 @@ Usage::
 
 Running the suite means ``pytest benchmarks --benchmark-only`` in a subprocess (its output
 is the progress indication). fastbn and PyTorch are also timed in interleaved rounds
-(:mod:`benchmarks.interleaved`). The raw JSON, with the compile times, the interleaved
+(:mod:`benchmarks.interleaved`), with the suite's allocator settings and again with
+glibc's defaults. The raw JSON, with the compile times, the interleaved
 timings and the machine description added, is saved as
 ``benchmarks/results/<kind>_<cpu>_<host>_<date>.json``.
 The report prints, per benchmark: op, shape, dtype, layout, provider, median time, GB/s,
@@ -534,11 +535,11 @@ def _copy_section(data):
                  body)
 
 
-def _interleaved_observation(results):
+def _interleaved_observation(results, label="interleaved rounds"):
     """Summary lines for the interleaved timings ("" when they were not measured).
 
     Per op, the small case's speed-up over PyTorch and the geometric mean over the large
-    cases.
+    cases; ``label`` names the measurement.
 
     Examples
     --------
@@ -561,7 +562,7 @@ def _interleaved_observation(results):
         parts.append("large cases (geometric mean) " + ", ".join(
             f"{op} {_ratio(geometric_mean(r['ops'][op]['speedup'] for r in large))}"
             for op in ops))
-    return "\n- cpu, **interleaved rounds** against PyTorch: " + "; ".join(parts)
+    return f"\n- cpu, **{label}** against PyTorch: " + "; ".join(parts)
 
 
 def _observations(summary):
@@ -726,6 +727,8 @@ def render_markdown(data, rows, summary, images, json_name=None):
         "## Summary",
         "",
         _observations(summary) + _interleaved_observation(data.get("interleaved"))
+        + _interleaved_observation(data.get("interleaved_default_malloc"),
+                                   "interleaved rounds, glibc's default allocator")
         + _headroom_observation(summary),
         "",
         "Times are medians; *vs torch* and *vs numpy* are the other provider's median time "
@@ -824,6 +827,25 @@ def render_markdown(data, rows, summary, images, json_name=None):
             interleaved.format_table(paired),
             "",
         ]
+    default_malloc = data.get("interleaved_default_malloc")
+    if default_malloc:
+        from benchmarks import interleaved
+
+        parts += [
+            "### With glibc's default allocator",
+            "",
+            "The suite and the table above run with `MALLOC_MMAP_MAX_=0` and a high "
+            "`MALLOC_TRIM_THRESHOLD_` (see *How the numbers are made*): a training loop's "
+            "steady state, where a freed output is reused by the next call. A program that "
+            "sets neither gets glibc's defaults, under which an output of more than 32 MiB "
+            "(and often a smaller one) is a fresh mapping in every call, page-faulted in as "
+            "it is written. The same interleaved rounds, run in a process with the defaults, "
+            "show what such a caller sees. Neither provider is given `out=`; the speed-ups "
+            "of the targets are the suite's, not these.",
+            "",
+            interleaved.format_table(default_malloc),
+            "",
+        ]
     parts += [
         "## All benchmarks",
         "",
@@ -909,10 +931,17 @@ def run_suite(json_path, keyword=None, targets=None):
     return subprocess.call(command, cwd=ROOT, env=dict(os.environ, **STEADY_MALLOC))
 
 
-def run_interleaved():
-    """Run ``python -m benchmarks.interleaved`` in a subprocess with the suite's allocator
-    settings (:data:`STEADY_MALLOC`), so that both providers reuse their freed outputs as
-    in the suite.
+def run_interleaved(steady=True):
+    """Run ``python -m benchmarks.interleaved`` in a subprocess.
+
+    Parameters
+    ----------
+    steady : bool, optional
+        True (default): with the suite's allocator settings (:data:`STEADY_MALLOC`), so
+        that both providers reuse their freed outputs as in the suite. False: with glibc's
+        defaults (the variables of :data:`STEADY_MALLOC` removed from the environment), as
+        a program that sets nothing runs: a large fresh output is then mapped anew, and
+        page-faulted in, by every call.
 
     Returns
     -------
@@ -921,10 +950,13 @@ def run_interleaved():
         not run (PyTorch missing). Its output (a line per case and op, then the table) is
         this process's progress.
     """
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
+    if steady:
+        env.update(STEADY_MALLOC)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "interleaved.json"
         code = subprocess.call([sys.executable, "-m", "benchmarks.interleaved", "--json",
-                                str(out)], cwd=ROOT, env=dict(os.environ, **STEADY_MALLOC))
+                                str(out)], cwd=ROOT, env=env)
         if code != 0 or not out.exists():
             print("the interleaved timings did not run", file=sys.stderr)
             return None
@@ -1092,6 +1124,7 @@ def main(argv=None):
         print(compile_time.format_table(data["compile_time"]))
     if not args.json and not args.no_interleaved:
         data["interleaved"] = run_interleaved()
+        data["interleaved_default_malloc"] = run_interleaved(steady=False)
     if not args.json and not args.print_only:
         info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
         has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"

@@ -238,9 +238,14 @@ def test_interleaved_rounds(report_module, tmp_path):
         assert 0.0 <= r["fastbn_faster"] <= 1.0
     data = _synthetic()
     data["interleaved"] = [result]
+    default_malloc = dict(result, iterations=3)
+    data["interleaved_default_malloc"] = [default_malloc]
     doc = tmp_path / "benchmarks.md"
     report_module.report(data, doc_path=doc, img_dir=tmp_path / "img")
     page = doc.read_text()
     assert "## Interleaved rounds" in page
     assert "small call inference" in page
     assert f"| {result['case']} | backward | 5 x 2 |" in page
+    assert "### With glibc's default allocator" in page
+    assert "interleaved rounds, glibc's default allocator** against PyTorch" in page
+    assert f"| {result['case']} | backward | 5 x 3 |" in page
