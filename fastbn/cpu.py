@@ -711,9 +711,12 @@ def _normalize(x, coef, relu, y):
         for k in prange((total + chunk - 1) // chunk):
             e0 = k * chunk
             e1 = min(e0 + chunk, total)
-            for r in range(e0 // inner, (e1 - 1) // inner + 1):
+            r0 = e0 // inner
+            c = r0 % C  # then counted: a division per run cost 6% at runs of 49 values
+            for r in range(r0, (e1 - 1) // inner + 1):
                 start = max(e0, r * inner)
-                _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, r % C, relu)
+                _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, c, relu)
+                c = c + 1 if c + 1 < C else 0
 
 
 def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
@@ -833,10 +836,13 @@ def _input_grad(dy, x, coef, dcoef, relu, dx):
         for k in prange((total + chunk - 1) // chunk):
             e0 = k * chunk
             e1 = min(e0 + chunk, total)
-            for r in range(e0 // inner, (e1 - 1) // inner + 1):
+            r0 = e0 // inner
+            c = r0 % C  # then counted, as in _normalize
+            for r in range(r0, (e1 - 1) // inner + 1):
                 start = max(e0, r * inner)
                 _input_grad_run(dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef,
-                                dcoef, r % C, relu)
+                                dcoef, c, relu)
+                c = c + 1 if c + 1 < C else 0
 
 
 def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
