@@ -807,9 +807,10 @@ def render_markdown(data, rows, summary, images, json_name=None):
     else:
         parts += ["Not measured in this run (`python -m benchmarks.compile_time`).", ""]
     paired = data.get("interleaved")
+    default_malloc = data.get("interleaved_default_malloc")
+    if paired or default_malloc:
+        from benchmarks import interleaved  # here: it imports this module
     if paired:
-        from benchmarks import interleaved
-
         parts += [
             "## Interleaved rounds",
             "",
@@ -827,10 +828,7 @@ def render_markdown(data, rows, summary, images, json_name=None):
             interleaved.format_table(paired),
             "",
         ]
-    default_malloc = data.get("interleaved_default_malloc")
     if default_malloc:
-        from benchmarks import interleaved
-
         parts += [
             "### With glibc's default allocator",
             "",
