@@ -215,12 +215,26 @@ def _chunk_moments_strided(x1, C, inner, c, o0, o1, i_first, i_last):
     return k, dev, q - s * dev
 
 
+@njit(**_EXACT)
+def _quarter(r0, r1):
+    """Rows per quarter of the row range ``[r0, r1)``: the rows reductions read the four
+    quarters at once, rows ``r``, ``r + h``, ``r + 2h`` and ``r + 3h``, then the
+    ``(r1 - r0) % 4`` rows left from ``r0 + 4h`` one at a time.
+
+    Four sequential streams keep more memory reads in flight than one: measured on the
+    2-core VM (docs/cpu.md), the moments of a large rows batch ran 1.5-1.65x faster, the
+    gradient sums 1.1-1.2x. Adjacent rows read as a block (``r``, ``r + 1``, ...) were
+    *slower* than one row at a time once the row was 1 KiB long.
+    """
+    return (r1 - r0) // 4
+
+
 @njit(**_REDUCE)
 def _shifted_sums_rows(x, r0, r1, k, s, q):
     """Per channel, ``s = sum(x - k)`` and ``q = sum((x - k)**2)`` over rows ``[r0, r1)``.
 
-    One row at a time, vectorized across channels: blocks of rows read as interleaved
-    streams, which halved the speed from memory.
+    Vectorized across channels, the four quarters of the rows at once (see
+    :func:`_quarter`).
 
     Parameters
     ----------
@@ -236,7 +250,16 @@ def _shifted_sums_rows(x, r0, r1, k, s, q):
     C = x.shape[1]
     s[:] = 0.0
     q[:] = 0.0
-    for r in range(r0, r1):
+    h = _quarter(r0, r1)
+    for r in range(r0, r0 + h):
+        for c in range(C):
+            d0 = np.float64(x[r, c]) - k[c]
+            d1 = np.float64(x[r + h, c]) - k[c]
+            d2 = np.float64(x[r + 2 * h, c]) - k[c]
+            d3 = np.float64(x[r + 3 * h, c]) - k[c]
+            s[c] += (d0 + d1) + (d2 + d3)
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(r0 + 4 * h, r1):
         for c in range(C):
             d = np.float64(x[r, c]) - k[c]
             s[c] += d
@@ -516,6 +539,18 @@ def _grad_terms(dy, x, r, c, coef, mean, relu):
 
 
 @njit(**_REDUCE)
+def _add_grad_terms(dy, x, r, h, c, coef, mean, relu, a, b):
+    """Add the :func:`_grad_terms` of rows ``r``, ``r + h``, ``r + 2h``, ``r + 3h`` (the
+    four quarters, see :func:`_quarter`) at channel ``c`` to ``a[c]`` and ``b[c]``."""
+    g0, t0 = _grad_terms(dy, x, r, c, coef, mean, relu)
+    g1, t1 = _grad_terms(dy, x, r + h, c, coef, mean, relu)
+    g2, t2 = _grad_terms(dy, x, r + 2 * h, c, coef, mean, relu)
+    g3, t3 = _grad_terms(dy, x, r + 3 * h, c, coef, mean, relu)
+    a[c] += (g0 + g1) + (g2 + g3)
+    b[c] += (t0 + t1) + (t2 + t3)
+
+
+@njit(**_REDUCE)
 def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
 
@@ -534,21 +569,23 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     mean = np.empty(C)
     for c in range(C):
         mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
-    # One row at a time, in memory order: blocks of rows read as interleaved streams
-    # halved the speed from memory. The ReLU and plain loops are kept apart (a constant
-    # ``relu`` in each) so that the plain one vectorizes.
+    # The four quarters of the rows at once (see _quarter), then the rows left. The ReLU
+    # and plain loops are kept apart (a constant ``relu`` in each) so that the plain one
+    # vectorizes.
+    h = _quarter(r0, r1)
     if relu:
-        for r in range(r0, r1):
+        for r in range(r0, r0 + h):
             for c in range(C):
-                g, t = _grad_terms(dy, x, r, c, coef, mean[c], True)
-                a[c] += g
-                b[c] += t
+                _add_grad_terms(dy, x, r, h, c, coef, mean[c], True, a, b)
     else:
-        for r in range(r0, r1):
+        for r in range(r0, r0 + h):
             for c in range(C):
-                g, t = _grad_terms(dy, x, r, c, coef, mean[c], False)
-                a[c] += g
-                b[c] += t
+                _add_grad_terms(dy, x, r, h, c, coef, mean[c], False, a, b)
+    for r in range(r0 + 4 * h, r1):
+        for c in range(C):
+            g, t = _grad_terms(dy, x, r, c, coef, mean[c], relu)
+            a[c] += g
+            b[c] += t
     s_dy[:] = a
     s_dyx[:] = b
 
