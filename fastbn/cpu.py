@@ -1084,16 +1084,25 @@ def _chunk(shape, itemsize):
     rows per chunk (rows).
 
     A function of the shape and dtype only, never of the thread count. Strided chunks
-    are whole runs of ``inner`` values (as many outer rows as make ``CHUNK_BYTES`` of
-    all channels, at least one), so that the chunk-major sweep of the reduction reads
-    memory in order; runs longer than ``CHUNK_BYTES`` are cut into ``CHUNK_BYTES`` pieces.
+    are whole runs of ``inner`` values: as many outer rows as make ``CHUNK_BYTES`` of
+    all channels, so that the chunk-major sweep of the reduction reads memory in order,
+    and at least ``CHUNK_MIN_CHANNEL_BYTES`` of the channel, so that short runs do not
+    make a work item of a few values; runs longer than ``CHUNK_BYTES`` are cut into
+    ``CHUNK_BYTES`` pieces.
+
+    Examples
+    --------
+    >>> _chunk((128, 1024, 49), 4)  # 7 x 7 float32 runs of 196 bytes: 6 per chunk
+    294
     """
     outer, C, inner = shape
     if inner == 1:
         return max(1, _config.CHUNK_BYTES // (C * itemsize))
-    if inner * itemsize > _config.CHUNK_BYTES:
+    run_bytes = inner * itemsize
+    if run_bytes > _config.CHUNK_BYTES:
         return _config.CHUNK_BYTES // itemsize
-    return inner * max(1, _config.CHUNK_BYTES // (C * inner * itemsize))
+    return inner * max(_config.CHUNK_BYTES // (C * run_bytes),
+                       -(-_config.CHUNK_MIN_CHANNEL_BYTES // run_bytes))
 
 
 def _fusable(shape, itemsize, arrays):
