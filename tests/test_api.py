@@ -32,6 +32,7 @@ MEDIUM = [
     ((16, 8, 1001), 1),      # strided, parallel build (fused with kernel_path "fused")
     ((40001, 5), 1),         # rows, several chunks
     ((64, 3, 33, 33), -2),   # NHWC-like view of an NCHW block, axis in the middle
+    ((64, 1024, 7), 1),      # strided, short runs, many channels: chunks of 1 KiB per channel
 ]
 
 
@@ -341,8 +342,9 @@ def test_cpu_results_bitwise_identical_for_any_thread_count(kernel_path):
     import numba
 
     rng = np.random.default_rng(18)
+    # (64, 1024, 7): short runs and many channels, chunks at _config.CHUNK_MIN_CHANNEL_BYTES
     cases = [((4, 6, 40001), 1), ((16, 8, 1001), 1), ((50001, 7), 1), ((8, 3, 64, 64), 1),
-             ((30, 20, 20, 9), -1)]
+             ((30, 20, 20, 9), -1), ((64, 1024, 7), 1)]
     default = numba.get_num_threads()
     try:
         for shape, axis in cases:
