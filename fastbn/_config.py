@@ -60,8 +60,8 @@ CHUNK_BYTES = 256 * 1024
 # channel. With short runs and many channels, CHUNK_BYTES of all channels left a single
 # run per (channel, chunk) work item (a (128, 1024, 7, 7) float32 batch: runs of 196
 # bytes, 131072 items), whose fixed costs, a summary and a partial to merge, outweighed
-# its 49 values. Measured on the development VM (docs/cpu.md): statistics 1.2-2.3x and
-# gradient sums 1.0-1.3x faster; items of 2 KiB and more made the gradient sums, which
+# its 49 values. Measured on the development VM (docs/cpu.md): statistics 1.3-2.5x and
+# gradient sums 1.06-1.66x faster; items of 2 KiB and more made the gradient sums, which
 # read dy and x, slower again. Changing it changes the last bits of results.
 CHUNK_MIN_CHANNEL_BYTES = 1024
 

@@ -222,7 +222,7 @@ def _quarter(r0, r1):
     ``(r1 - r0) % 4`` rows left from ``r0 + 4h`` one at a time.
 
     Four sequential streams keep more memory reads in flight than one: measured on the
-    2-core VM (docs/cpu.md), the moments of a large rows batch ran 1.5-1.65x faster, the
+    2-core VM (docs/cpu.md), the moments of a large rows batch ran 1.4-1.55x faster, the
     gradient sums 1.1-1.2x. Adjacent rows read as a block (``r``, ``r + 1``, ...) were
     *slower* than one row at a time once the row was 1 KiB long.
     """
