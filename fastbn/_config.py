@@ -111,6 +111,11 @@ SERIAL_BYTES = 256 * 1024
 # takes one row per item). Does not affect results.
 ELEMENTWISE_CHUNK = 16384
 
+# Channels per work item of the merge of chunk partials (cpu._merge_chunks): rows of
+# 1 KiB of the float64 partials, and work for both cores from C = 256 on. Does not affect
+# results.
+MERGE_BLOCK = 128
+
 CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
 
 if "NUMBA_THREADING_LAYER" not in os.environ:

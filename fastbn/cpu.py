@@ -60,6 +60,9 @@ _EXACT = dict(_config.JIT_OPTIONS, fastmath=False)
 # results.
 _ELEMENTWISE_CHUNK = _config.ELEMENTWISE_CHUNK
 
+# Channels per work item of the merges of chunk partials (see :func:`_merge_chunks`).
+_MERGE_BLOCK = _config.MERGE_BLOCK
+
 # Rows of the coefficient table ``coef`` (shape (4, C), the data's dtype) that every
 # normalizing kernel reads: y = ((x - MEAN_HI) - MEAN_LO) * SCALE + SHIFT.
 MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
@@ -308,8 +311,8 @@ def _chunk_moments_rows(x, r0, r1, shift, dev, m2):
 
 
 @njit(**_EXACT)
-def _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m):
-    """Merge the chunk summaries of channel ``c``: its mean and M2.
+def _merge_chunks(part_shift, part_dev, part_m2, c0, c1, chunk, m, mean, m2):
+    """Merge the chunk summaries of channels ``c0 <= c < c1``: their mean and M2.
 
     Chunk ``k`` has mean ``shift_k + dev_k`` (a float64 pair: see
     :func:`_chunk_moments_strided`). Relative to ``K = shift_0``, its mean is
@@ -320,31 +323,57 @@ def _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m):
     Chan's pairwise merge costs two per chunk (which dominated the statistics of
     short-run channels: a (256, 512, 7, 7) batch has 256 chunks per channel).
 
+    The channels are merged together, row by row of the ``(n_chunks, C)`` partials (each
+    channel's sums still in chunk order: the same bits as one channel at a time), in
+    loops that vectorize across channels (with unsigned channel indices: signed ones
+    carry a wraparound test that kept them scalar). One call per channel cost about
+    18 ns a channel, most of the statistics of a wide batch: those of an (8, 4096)
+    float32 batch took 74 us, and take 18 us merged this way.
+
     Parameters
     ----------
     part_shift, part_dev, part_m2 : ndarray of float64, shape (n_chunks, C)
-    c : int
+    c0, c1 : int
+        The channels.
     chunk : int
         Values per chunk (the last chunk may hold fewer).
     m : int
         Values per channel.
-
-    Returns
-    -------
-    tuple of float
-        ``(mean, m2)`` of the channel.
+    mean, m2 : ndarray of float64, shape (C,)
+        Outputs (``[c0:c1]`` written).
     """
     n_chunks = part_m2.shape[0]
-    base = part_shift[0, c]
-    s = 0.0
+    c0, c1 = np.uint64(c0), np.uint64(c1)
+    for c in range(c0, c1):
+        mean[c] = 0.0
+        m2[c] = 0.0
     for k in range(n_chunks):
-        s += min(chunk, m - k * chunk) * ((part_shift[k, c] - base) + part_dev[k, c])
-    delta = s / m
-    q = 0.0
+        n_k = min(chunk, m - k * chunk)
+        for c in range(c0, c1):
+            mean[c] += n_k * ((part_shift[k, c] - part_shift[0, c]) + part_dev[k, c])
+    for c in range(c0, c1):
+        mean[c] = mean[c] / m
     for k in range(n_chunks):
-        d = ((part_shift[k, c] - base) + part_dev[k, c]) - delta
-        q += part_m2[k, c] + min(chunk, m - k * chunk) * (d * d)
-    return base + delta, q
+        n_k = min(chunk, m - k * chunk)
+        for c in range(c0, c1):
+            d = ((part_shift[k, c] - part_shift[0, c]) + part_dev[k, c]) - mean[c]
+            m2[c] += part_m2[k, c] + n_k * (d * d)
+    for c in range(c0, c1):
+        mean[c] = part_shift[0, c] + mean[c]
+
+
+@njit(**_EXACT)
+def _sum_chunks(part_dy, part_dyx, c0, c1, s_dy, s_dyx):
+    """Sum the gradient partials of channels ``c0 <= c < c1`` in chunk order, row by row
+    of the ``(n_chunks, C)`` partials (see :func:`_merge_chunks`)."""
+    c0, c1 = np.uint64(c0), np.uint64(c1)  # as in _merge_chunks
+    for c in range(c0, c1):
+        s_dy[c] = 0.0
+        s_dyx[c] = 0.0
+    for k in range(part_dy.shape[0]):
+        for c in range(c0, c1):
+            s_dy[c] += part_dy[k, c]
+            s_dyx[c] += part_dyx[k, c]
 
 
 @njit(**_EXACT)
@@ -713,8 +742,10 @@ def _moments(x, chunk, mean, m2):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
                 x1, C, inner, c, o0, o1, i0, i1)
-    for c in prange(C):
-        mean[c], m2[c] = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _merge_chunks(part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk, m,
+                      mean, m2)
 
 
 def _normalize(x, coef, relu, y):
@@ -786,10 +817,9 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
                 x1, C, inner, c, o0, o1, i0, i1)
-        mean_c, m2_c = _merge_chunks(part_shift, part_dev, part_m2, c, chunk, m)
-        mean[c] = mean_c
-        var[c], invstd[c] = _variance_invstd(m2_c, m, eps)
-        _fill_coefficients(mean_c, invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,
+        _merge_chunks(part_shift, part_dev, part_m2, c, c + 1, chunk, m, mean, var)
+        var[c], invstd[c] = _variance_invstd(var[c], m, eps)
+        _fill_coefficients(mean[c], invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,
                            coef)
         _normalize_strided(x, y, c, 0, m, coef, relu)
 
@@ -830,14 +860,9 @@ def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_dy[k, c], part_dyx[k, c] = _chunk_grad_sums_strided(
                 dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
-    for c in prange(C):
-        a = 0.0
-        b = 0.0
-        for k in range(n_chunks):
-            a += part_dy[k, c]
-            b += part_dyx[k, c]
-        s_dy[c] = a
-        s_dyx[c] = b
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
 
 
 def _input_grad(dy, x, coef, dcoef, relu, dx):
