@@ -68,7 +68,7 @@ _MERGE_BLOCK = _config.MERGE_BLOCK
 MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
 
 
-def _serial_and_parallel(fn, calls=None, has_prange=True):
+def _serial_and_parallel(fn, serial_calls=None, has_prange=True):
     """Compile ``fn`` twice: a ``parallel=True`` build and a serial build.
 
     The serial build is a copy of the function under another qualified name, so that the
@@ -78,9 +78,10 @@ def _serial_and_parallel(fn, calls=None, has_prange=True):
     ----------
     fn : function
         A Python function whose loops use ``prange``.
-    calls : dict, optional
-        ``{global name: (parallel dispatcher, serial dispatcher)}`` for the other drivers
-        ``fn`` calls: each build calls the build of the same kind.
+    serial_calls : dict, optional
+        ``{global name: serial dispatcher}`` for the other drivers ``fn`` calls: ``fn``'s
+        source calls their parallel builds by their module names (so that every tool can
+        follow it), and the serial build calls the serial ones instead.
     has_prange : bool, optional
         False for a driver whose parallelism is all in the drivers it calls: both builds
         are then compiled without ``parallel=True`` (which would find nothing to do).
@@ -90,11 +91,11 @@ def _serial_and_parallel(fn, calls=None, has_prange=True):
     tuple of Dispatcher
         ``(parallel, serial)``.
     """
-    calls = calls or {}
     builds = []
     for kind, suffix in ((0, ""), (1, "_serial")):
         scope = dict(fn.__globals__)
-        scope.update({name: pair[kind] for name, pair in calls.items()})
+        if kind == 1:
+            scope.update(serial_calls or {})
         copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
                                   fn.__closure__)
         copy.__qualname__ = fn.__qualname__ + suffix
@@ -956,11 +957,11 @@ def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     Same arguments and results as :func:`_forward_fused`; one call from Python.
     """
     C = x.shape[1]
-    _MOMENTS(x, chunk, mean, var)
+    moments_parallel(x, chunk, mean, var)
     m = x.size // C if C else 1
     for c in range(C):
         var[c], invstd[c] = _variance_invstd(var[c], m, eps)
-    _NORMALIZE(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
+    normalize_parallel(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
 
 
 def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
@@ -973,7 +974,7 @@ def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma
     dcoef = np.empty((3, C), x.dtype)
     s_dy = np.empty(C)
     s_dyx = np.empty(C)
-    _GRAD_SUMS(dy, x, chunk, coef, relu, s_dy, s_dyx)
+    grad_sums_parallel(dy, x, chunk, coef, relu, s_dy, s_dyx)
     m = x.size // C if C else 1
     for c in range(C):
         invstd_c = np.float64(invstd[c])
@@ -981,7 +982,7 @@ def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma
                                 coef, dcoef)
         dbeta[c] = s_dy[c]
         dgamma[c] = s_dyx[c] * invstd_c
-    _INPUT_GRAD(dy, x, coef, dcoef, relu, dx)
+    input_grad_parallel(dy, x, coef, dcoef, relu, dx)
 
 
 def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
@@ -995,7 +996,7 @@ def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
         _fill_coefficients(np.float64(running_mean[c]),
                            _invstd(np.float64(running_var[c]), eps),
                            np.float64(gamma[c]), np.float64(beta[c]), c, coef)
-    _NORMALIZE(x, coef, relu, y)
+    normalize_parallel(x, coef, relu, y)
 
 
 moments_parallel, moments_serial = _serial_and_parallel(_moments)
@@ -1005,13 +1006,13 @@ grad_sums_parallel, grad_sums_serial = _serial_and_parallel(_grad_sums)
 input_grad_parallel, input_grad_serial = _serial_and_parallel(_input_grad)
 backward_fused_parallel, backward_fused_serial = _serial_and_parallel(_backward_fused)
 forward_two_pass_parallel, forward_two_pass_serial = _serial_and_parallel(
-    _forward_two_pass, {"_MOMENTS": (moments_parallel, moments_serial),
-                        "_NORMALIZE": (normalize_parallel, normalize_serial)}, has_prange=False)
+    _forward_two_pass, {"moments_parallel": moments_serial,
+                        "normalize_parallel": normalize_serial}, has_prange=False)
 inference_parallel, inference_serial = _serial_and_parallel(
-    _inference, {"_NORMALIZE": (normalize_parallel, normalize_serial)}, has_prange=False)
+    _inference, {"normalize_parallel": normalize_serial}, has_prange=False)
 backward_two_pass_parallel, backward_two_pass_serial = _serial_and_parallel(
-    _backward_two_pass, {"_GRAD_SUMS": (grad_sums_parallel, grad_sums_serial),
-                         "_INPUT_GRAD": (input_grad_parallel, input_grad_serial)}, has_prange=False)
+    _backward_two_pass, {"grad_sums_parallel": grad_sums_serial,
+                         "input_grad_parallel": input_grad_serial}, has_prange=False)
 
 
 
