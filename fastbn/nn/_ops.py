@@ -1,6 +1,7 @@
 """Elementwise operations of the trainer, in two interchangeable implementations.
 
-- :class:`CpuOps`: serial Numba kernels (JIT options from :mod:`fastbn._config`). The
+- :class:`CpuOps`: serial Numba kernels, compiled by :func:`fastbn._config.njit` with its
+  options (the on-disk cache locked between processes, like every CPU kernel). The
   arrays of one training step are small (a batch of 128 rows), so entering a parallel
   region (~15-20 us) would cost more than the work; each kernel makes one pass over its
   data and fuses what NumPy would do in several (bias + ReLU, ReLU mask + bias gradient,
@@ -17,9 +18,9 @@ accumulator array of the caller's device, so a GPU epoch never synchronizes per 
 import math
 
 import numpy as np
-from numba import njit
 
 from .. import _config
+from .._config import njit
 
 _JIT = dict(_config.JIT_OPTIONS)
 
