@@ -43,13 +43,17 @@ Numerics mirror the CPU kernels: float64 statistics; the normalized value is
 the float64 mean split into ``hi + lo``; the ReLU backward recomputes the forward's sign
 with the same device function. float16 data is read and written as float16.
 
-Kernels are built by :func:`build` once per compute dtype (the cast of the coefficients
-is a compile-time choice).
+The cast of the coefficients to the compute dtype is a compile-time choice: the device
+functions that compute in it are built once per compute dtype
+(:func:`_compute_functions`), each statistics kernel over them by its own factory
+(``_forward_apply_kernel``, ...), and :func:`build` assembles one namespace of kernels per
+compute dtype from them.
 """
 
 import functools
 import math
 import os
+import types
 
 import numba
 import numpy as np
@@ -346,9 +350,16 @@ def _param(p, c, present, default):
     return default
 
 
+# --------------------------------------------------------------------------------------
+# Device functions in the compute dtype
+# --------------------------------------------------------------------------------------
+
 @functools.lru_cache(maxsize=None)
-def build(compute):
-    """Compile-on-first-use kernels whose coefficients are in ``compute`` dtype.
+def _compute_functions(compute):
+    """The device functions whose arithmetic is in the ``compute`` dtype.
+
+    The cast of the coefficients is a compile-time choice, so these are built once per
+    compute dtype and shared by every kernel of that dtype.
 
     Parameters
     ----------
@@ -358,11 +369,9 @@ def build(compute):
     Returns
     -------
     types.SimpleNamespace
-        ``forward_partials``, ``forward_apply``, ``backward_partials``,
-        ``backward_apply``, ``inference``.
+        ``affine``, ``coefficients``, ``thread_normalize``, ``thread_grad_sums``,
+        ``thread_input_grad``.
     """
-    import types
-
     CT = np.dtype(compute).type
 
     @cuda.jit(**_DEVICE)
@@ -439,66 +448,95 @@ def build(compute):
                 i -= inner
                 o += 1
 
-    @cuda.jit(**_DEVICE)
-    def _update_running_last_block(stats, running_mean, running_var, factor, correction,
-                                   counter, nonfinite, mode):
-        """The last block to finish updates the running statistics of every channel.
+    return types.SimpleNamespace(affine=_affine, coefficients=_coefficients,
+                                 thread_normalize=_thread_normalize,
+                                 thread_grad_sums=_thread_grad_sums,
+                                 thread_input_grad=_thread_input_grad)
 
-        Classic threadfence reduction: each block fences its writes of ``stats`` and takes
-        a ticket from ``counter`` (an integer atomic, zeroed by launch 1); the block that
-        draws the last ticket sees every channel's statistics. If any channel's mean or
-        variance is not finite, no channel is updated and ``nonfinite[mode]`` is
-        incremented; otherwise ``running = (1 - factor) * running + factor * batch``
-        (``var * correction`` for the variance). Which block is last varies, what it
-        computes does not.
-        """
-        tid = cuda.threadIdx.x
-        T = cuda.blockDim.x
+
+@cuda.jit(**_DEVICE)
+def _update_running_last_block(stats, running_mean, running_var, factor, correction,
+                               counter, nonfinite, mode):
+    """The last block to finish updates the running statistics of every channel.
+
+    Classic threadfence reduction: each block fences its writes of ``stats`` and takes
+    a ticket from ``counter`` (an integer atomic, zeroed by launch 1); the block that
+    draws the last ticket sees every channel's statistics. If any channel's mean or
+    variance is not finite, no channel is updated and ``nonfinite[mode]`` is
+    incremented; otherwise ``running = (1 - factor) * running + factor * batch``
+    (``var * correction`` for the variance). Which block is last varies, what it
+    computes does not.
+    """
+    tid = cuda.threadIdx.x
+    T = cuda.blockDim.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    last = 0
+    if tid == 0:
+        ticket = cuda.atomic.add(counter, 0, 1)
+        if ticket == cuda.gridDim.x - 1:
+            last = 1
+    last = cuda.syncthreads_or(last)
+    if last:
         cuda.threadfence()
-        cuda.syncthreads()
-        last = 0
-        if tid == 0:
-            ticket = cuda.atomic.add(counter, 0, 1)
-            if ticket == cuda.gridDim.x - 1:
-                last = 1
-        last = cuda.syncthreads_or(last)
-        if last:
-            cuda.threadfence()
-            C = stats.shape[1]
-            bad = 0
+        C = stats.shape[1]
+        bad = 0
+        for c in range(tid, C, T):
+            if not (math.isfinite(stats[0, c]) and math.isfinite(stats[1, c])):
+                bad = 1
+        bad = cuda.syncthreads_or(bad)
+        if bad:
+            if tid == 0:
+                cuda.atomic.add(nonfinite, mode, 1)
+        else:
             for c in range(tid, C, T):
-                if not (math.isfinite(stats[0, c]) and math.isfinite(stats[1, c])):
-                    bad = 1
-            bad = cuda.syncthreads_or(bad)
-            if bad:
-                if tid == 0:
-                    cuda.atomic.add(nonfinite, mode, 1)
-            else:
-                for c in range(tid, C, T):
-                    running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
-                                       + factor * stats[0, c])
-                    running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
-                                      + factor * stats[1, c] * correction)
+                running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
+                                   + factor * stats[0, c])
+                running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
+                                  + factor * stats[1, c] * correction)
 
-    @cuda.jit(**_JIT)
-    def forward_partials(x, width, nblk, chunk, part, counter):
-        """Launch 1 of the training forward: per-(channel, chunk) ``(n, mean, M2)``.
 
-        One read of x. Writes ``part[:, c, k]`` (float64, shape ``(3, C, nblk)``) and
-        zeroes the update ticket ``counter[0]`` for launch 2.
-        """
-        sh_n = cuda.shared.array(THREADS, numba.float64)
-        sh_mean = cuda.shared.array(THREADS, numba.float64)
-        sh_m2 = cuda.shared.array(THREADS, numba.float64)
-        c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
-        n, mean, m2 = _thread_moments(x, c, o, i, count, step_o, step_i)
-        n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
-        if cuda.threadIdx.x < width and c < x.shape[1]:
-            part[0, c, k] = n
-            part[1, c, k] = mean
-            part[2, c, k] = m2
-        if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
-            counter[0] = 0
+# --------------------------------------------------------------------------------------
+# Statistics kernels: one factory per kernel of a compute dtype, assembled by build()
+# --------------------------------------------------------------------------------------
+
+@cuda.jit(**_JIT)
+def forward_partials(x, width, nblk, chunk, part, counter):
+    """Launch 1 of the training forward: per-(channel, chunk) ``(n, mean, M2)``.
+
+    One read of x. Writes ``part[:, c, k]`` (float64, shape ``(3, C, nblk)``) and
+    zeroes the update ticket ``counter[0]`` for launch 2.
+    """
+    sh_n = cuda.shared.array(THREADS, numba.float64)
+    sh_mean = cuda.shared.array(THREADS, numba.float64)
+    sh_m2 = cuda.shared.array(THREADS, numba.float64)
+    c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
+    n, mean, m2 = _thread_moments(x, c, o, i, count, step_o, step_i)
+    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
+    if cuda.threadIdx.x < width and c < x.shape[1]:
+        part[0, c, k] = n
+        part[1, c, k] = mean
+        part[2, c, k] = m2
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
+        counter[0] = 0
+
+
+def _forward_apply_kernel(compute):
+    """Launch 2 of the training forward (merge, normalize) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``forward_apply``.
+    """
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _thread_normalize = dev.thread_normalize
 
     @cuda.jit(**_JIT)
     def forward_apply(x, y, width, nblk, chunk, part, eps, gamma, has_gamma, beta, has_beta,
@@ -552,6 +590,26 @@ def build(compute):
             _update_running_last_block(stats, running_mean, running_var, factor, correction,
                                        counter, nonfinite, mode)
 
+    return forward_apply
+
+
+def _inference_kernel(compute):
+    """The inference kernel (normalize with given statistics) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``inference``.
+    """
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _thread_normalize = dev.thread_normalize
+
     @cuda.jit(**_JIT)
     def inference(x, y, width, nblk, chunk, running_mean, running_var, eps, gamma, has_gamma,
                   beta, has_beta, relu):
@@ -563,6 +621,26 @@ def build(compute):
             hi, lo, scale, shift = _coefficients(np.float64(running_mean[c]), g * invstd,
                                                  _param(beta, c, has_beta, 0.0))
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
+
+    return inference
+
+
+def _backward_partials_kernel(compute):
+    """Launch 1 of the backward (per-chunk gradient sums) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``backward_partials``.
+    """
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _thread_grad_sums = dev.thread_grad_sums
 
     @cuda.jit(**_JIT)
     def backward_partials(dy, x, width, nblk, chunk, mean, invstd, gamma, has_gamma, beta,
@@ -587,6 +665,27 @@ def build(compute):
         if cuda.threadIdx.x < width and c < x.shape[1]:
             part[0, c, k] = s_dy
             part[1, c, k] = s_dyx
+
+    return backward_partials
+
+
+def _backward_apply_kernel(compute):
+    """Launch 2 of the backward (merge the sums, write dx) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``backward_apply``.
+    """
+    CT = np.dtype(compute).type
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _thread_input_grad = dev.thread_input_grad
 
     @cuda.jit(**_JIT)
     def backward_apply(dy, x, dx, width, nblk, chunk, part, npart, m, mean, invstd, gamma,
@@ -642,10 +741,32 @@ def build(compute):
             _thread_input_grad(dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale,
                                shift, a, b, d, relu)
 
+    return backward_apply
+
+
+@functools.lru_cache(maxsize=None)
+def build(compute):
+    """Compile-on-first-use kernels whose coefficients are in ``compute`` dtype.
+
+    Assembled from the per-kernel factories above; ``forward_partials`` does not depend
+    on the compute dtype and is shared.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``forward_partials``, ``forward_apply``, ``backward_partials``,
+        ``backward_apply``, ``inference``.
+    """
     return types.SimpleNamespace(forward_partials=forward_partials,
-                                 forward_apply=forward_apply, inference=inference,
-                                 backward_partials=backward_partials,
-                                 backward_apply=backward_apply)
+                                 forward_apply=_forward_apply_kernel(compute),
+                                 inference=_inference_kernel(compute),
+                                 backward_partials=_backward_partials_kernel(compute),
+                                 backward_apply=_backward_apply_kernel(compute))
 
 
 # --------------------------------------------------------------------------------------
