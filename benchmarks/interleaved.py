@@ -29,7 +29,7 @@ import time
 
 from benchmarks.cases import CPU_CASES, OPS, fastbn_provider, make_inputs, torch_provider
 from benchmarks.conftest import _set_threads
-from benchmarks.report import format_time
+from benchmarks.formatting import format_time
 
 #: The case measured: the suite's small call.
 SMALL = next(case for case in CPU_CASES if case.tag == "small")

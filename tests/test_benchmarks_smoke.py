@@ -101,8 +101,10 @@ def _synthetic():
 
 def test_report_tables_from_synthetic_json(report_module, tmp_path):
     """Rows, speed-ups, tables, plot and Markdown come out of a synthetic JSON."""
+    from benchmarks import analyse, render
+
     data = _synthetic()
-    rows = report_module.rows_from_json(data)
+    rows = analyse.rows_from_json(data)
     assert [(r["op"], r["provider"]) for r in rows] == [
         ("forward", "fastbn"), ("forward", "torch"), ("forward", "numpy"),
         ("backward", "fastbn"), ("backward", "numpy")]
@@ -111,7 +113,7 @@ def test_report_tables_from_synthetic_json(report_module, tmp_path):
     assert forward["frac_copy"] == pytest.approx(forward["gbps"] / 40.0)
     assert forward["frac_copy_large"] == pytest.approx(forward["gbps"] / 20.0)
 
-    summary = report_module.summarize(rows)
+    summary = analyse.summarize(rows)
     assert summary[0]["speedup_vs_torch"] == pytest.approx(2.0)
     assert summary[0]["speedup_vs_numpy"] == pytest.approx(4.0)
     assert summary[1]["speedup_vs_torch"] is None
@@ -122,7 +124,7 @@ def test_report_tables_from_synthetic_json(report_module, tmp_path):
     assert summary[0]["torch_frac_copy"] == pytest.approx(3 * 384 / 2e-6 / 1e9 / 40.0)
     assert summary[1]["ceiling_vs_torch"] is None
 
-    text = report_module.summary_table(summary, markdown=False)
+    text = render.summary_table(summary, markdown=False)
     assert "2.00x" in text and "4.00x" in text
 
     doc, img_dir = tmp_path / "benchmarks.md", tmp_path / "img"
