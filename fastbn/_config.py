@@ -201,3 +201,15 @@ CUDA_MAX_PARTIALS = 1024
 # that updates running statistics synchronizes its stream and reports at once
 # (FloatingPointError / RuntimeWarning); otherwise fastbn.cuda.check_nonfinite() reports.
 CUDA_SYNC_NONFINITE = os.environ.get("FASTBN_CUDA_SYNC_NONFINITE", "0") == "1"
+
+# --- Option sets of the CPU kernels (fastbn/cpu.py) -----------------------------------
+# Reductions take JIT_OPTIONS (FASTMATH: reassociated, hence vectorized).
+# Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold
+# into ``x - (mean_hi + mean_lo)`` and lose the low part. Nor contracted: whether a
+# multiply-add becomes an FMA depends on the inlining context, and the same formula must
+# round the same way in every driver (the synchronized backward computes dx in its own).
+ELEMENTWISE_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath=FASTMATH - {"reassoc", "contract"})
+# Per-channel arithmetic (merges, coefficients, variance, running statistics) is C-sized:
+# plain IEEE operations cost nothing there and give the same bits whichever kernel, or
+# NumPy on the host, computes them.
+EXACT_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath=False)

@@ -44,16 +44,10 @@ from numba import prange
 from . import _config
 from ._config import njit
 
-_REDUCE = dict(_config.JIT_OPTIONS)
-# Elementwise helpers must not be reassociated: ``(x - mean_hi) - mean_lo`` would fold
-# into ``x - (mean_hi + mean_lo)`` and lose the low part. Nor contracted: whether a
-# multiply-add becomes an FMA depends on the inlining context, and the same formula must
-# round the same way in every driver (the synchronized backward computes dx in its own).
-_ELEMENTWISE = dict(_config.JIT_OPTIONS, fastmath=set(_config.FASTMATH) - {"reassoc", "contract"})
-# Per-channel arithmetic (merges, coefficients, variance, running statistics) is C-sized:
-# plain IEEE operations cost nothing there and give the same bits whichever kernel, or
-# NumPy on the host, computes them.
-_EXACT = dict(_config.JIT_OPTIONS, fastmath=False)
+# The three option sets of the CPU kernels (fastbn._config says why each exists).
+_REDUCE = _config.JIT_OPTIONS
+_ELEMENTWISE = _config.ELEMENTWISE_JIT_OPTIONS
+_EXACT = _config.EXACT_JIT_OPTIONS
 
 # Values per work item of the strided elementwise passes (normalize, dx): enough to
 # amortize the loop overhead, small enough to balance threads. Partition does not affect

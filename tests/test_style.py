@@ -18,14 +18,6 @@ BARE_JIT = re.compile(r"\bnumba\.n?jit\b|^\s*from numba import [^\n]*\bn?jit\b|^
                       re.MULTILINE)
 FASTMATH = re.compile(r"\bfastmath\s*=")
 
-# Modules that still derive a fastmath variant outside _config, with how many times. The
-# list may only shrink: the test fails when an entry is out of date, so a module that
-# moves its options into _config must leave it.
-FASTMATH_KNOWN = {
-    # _ELEMENTWISE (FASTMATH without reassoc/contract) and _EXACT (fastmath off)
-    "cpu.py": 2,
-}
-
 
 def _sources():
     return sorted(p for p in PACKAGE.rglob("*.py") if p != CONFIG)
@@ -53,14 +45,9 @@ def test_kernels_compile_through_config_njit(path):
 
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_fastmath_outside_config(path):
-    """``fastmath=`` appears only in fastbn/_config.py (and the shrinking known list)."""
+    """``fastmath=`` appears only in fastbn/_config.py."""
     found = _where(FASTMATH, path)
-    rel = str(path.relative_to(PACKAGE))
-    known = FASTMATH_KNOWN.get(rel, 0)
-    assert len(found) <= known, ("take fastmath options from fastbn._config:\n"
-                                 + "\n".join(found))
-    assert len(found) == known, (f"{rel} has fewer fastmath= than FASTMATH_KNOWN says: "
-                                 f"lower its entry in tests/test_style.py")
+    assert not found, "take fastmath options from fastbn._config:\n" + "\n".join(found)
 
 
 def test_patterns_catch_what_they_should():
