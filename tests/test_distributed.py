@@ -155,6 +155,88 @@ def test_global_errors_raise_alike_on_every_rank(sync_results, scenario, error):
     assert _outcomes(sync_results, scenario) == [(error, None)] * sync_results["size"]
 
 
+MISMATCHES = ["mismatch_forward_on_rank_0_backward_elsewhere",
+              "mismatch_forward_on_rank_0_batch_norm_elsewhere",
+              "mismatch_backward_on_rank_0_batch_norm_elsewhere",
+              "mismatch_backward_on_rank_0_forward_elsewhere",
+              "mismatch_layer_forward_on_rank_0_backward_elsewhere",
+              "mismatch_dtype_on_last_rank",
+              "mismatch_float16_float32",
+              "channel_mismatch_on_last_rank"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario", MISMATCHES)
+def test_mismatched_calls_raise_the_same_error_on_every_rank(sync_results, scenario):
+    """Ranks that make different calls (operation, payload kind) or pass a different C or
+    dtype: every rank raises the same ValueError, naming what each rank did, instead of
+    merging payloads of another kind (issue 18: rank 0's forward used to normalize with
+    rank 1's gradient sums)."""
+    size = sync_results["size"]
+    assert _outcomes(sync_results, scenario) == [("ValueError", None)] * size
+    messages = sync_results["errors"]["messages"][scenario]
+    assert len(set(messages)) == 1, messages
+    assert "disagree on" in messages[0]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_mismatch_messages_name_each_rank(sync_results):
+    messages = sync_results["errors"]["messages"]
+    text = messages["mismatch_forward_on_rank_0_backward_elsewhere"][0]
+    assert "batch_norm_forward [batch moments] on rank 0" in text
+    assert "batch_norm_backward [gradient sums] on rank" in text
+    text = messages["mismatch_dtype_on_last_rank"][0]
+    assert "float64 on rank" in text and "float32 on rank" in text
+    assert "float16 on rank 0" in messages["mismatch_float16_float32"][0]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario, failing_rank, own_error", [
+    ("forward_kernel_fails_on_rank_1", 1, "MemoryError"),
+    ("backward_kernel_fails_on_rank_1", 1, "MemoryError"),
+    ("conversion_fails_on_last_rank", -1, "ValueError"),
+    ("layer_kernel_fails_on_rank_0", 0, "MemoryError"),
+])
+def test_a_rank_failing_after_the_header_makes_every_rank_raise(sync_results, scenario,
+                                                                 failing_rank, own_error):
+    """A failure between the header and the payload collective (in the kernel, in the
+    conversion of its result) used to leave the others waiting, or MPICH aborting with
+    "Message truncated": the failing rank now enters the payload as failed."""
+    size = sync_results["size"]
+    failing_rank %= size
+    expected = [(own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
+                for r in range(size)]
+    assert _outcomes(sync_results, scenario) == expected
+    messages = sync_results["errors"]["messages"][scenario]
+    other = (failing_rank + 1) % size
+    assert f"rank {failing_rank}: {own_error}" in messages[other]
+    assert "after the header collective" in messages[other]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_big_endian_shard_never_hangs(sync_results):
+    """Big-endian x on rank 1: converted (every rank succeeds) or rank 1's own error with
+    a DistributedError on the others; the launch finishing at all is the main check."""
+    size = sync_results["size"]
+    outcomes = _outcomes(sync_results, "big_endian_on_rank_1")
+    if outcomes != [("ok", None)] * size:
+        assert all(o == ("DistributedError", [1]) for r, o in enumerate(outcomes) if r != 1)
+        assert outcomes[1][0] not in ("ok", "DistributedError")
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_warn_path_with_out_on_one_rank_exchanges_once(sync_results):
+    """batch_norm(on_nonfinite="warn") with out= on rank 0 only: rank 0 writes its output
+    again without a second exchange that the other ranks would not make."""
+    size = sync_results["size"]
+    assert _outcomes(sync_results, "warn_with_out_on_rank_0") == [("ok", None)] * size
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 def test_inference_is_not_collective(sync_results):
