@@ -122,6 +122,11 @@ def _operation_name(row):
     return f"{operation} [{_KIND_NAMES.get(row[_KIND], row[_KIND])}]"
 
 
+def _differ_in_operation(table):
+    """Whether the header rows of the ranks name different operations or payloads."""
+    return any(row[c] != table[0][c] for row in table for c in (_OPERATION, _KIND))
+
+
 def _disagreements(table):
     """What the header rows of the ranks disagree on, one phrase per field.
 
@@ -383,7 +388,9 @@ class Sync:
             self._raise_failures(failed, "before the header collective")
         disagreements = _disagreements(table)
         if disagreements:
-            raise ValueError(f"{self.where}: the {self.size} ranks of a synchronized call "
+            # the same text on every rank: named after the operation only when all agree
+            where = "synchronized BatchNorm" if _differ_in_operation(table) else self.where
+            raise ValueError(f"{where}: the {self.size} ranks of a synchronized call "
                              f"must make the same call on the same kind of data; they "
                              f"disagree on {'; '.join(disagreements)} (every rank raises "
                              f"this error)")
