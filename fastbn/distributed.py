@@ -8,17 +8,26 @@ single-process results on that concatenation, to rounding.
 
 What travels, per call, per BatchNorm layer (P ranks, C channels)::
 
-    1. header   Allgather of 3 int64 per rank: (status, C, values per channel)
-    2. payload  Allgather of 2*C float64 per rank:
+    1. header   Allgather of 6 int64 per rank:
+                  (status, operation, payload kind, C, dtype, values per channel)
+    2. payload  Allgather of 2*C + 1 float64 per rank:
                   forward:  (mean, M2) of the local shard, per channel
                   backward: (sum dy, sum dy*(x - mean)) of the local shard, per channel
+                  and a status
 
-The header is the error agreement: a rank whose local checks fail enters it with a
-failure status instead of raising at once, so no rank is left waiting in the payload
-collective; every rank then raises (the failing one its own error, the others a
-:class:`DistributedError` naming it). The header also carries the shard sizes, so the
-"more than one value per channel" rule applies to the global batch: a rank may hold one
-row, or none.
+The header is the agreement. A rank whose local checks fail enters it with a failure
+status instead of raising at once, so no rank is left waiting in the payload collective;
+every rank then raises (the failing one its own error, the others a
+:class:`DistributedError` naming it). Every rank compares the operation (the function or
+layer method called), the payload kind (batch moments or gradient sums), C and the
+dtype of ``x`` over the whole table, so ranks that make different calls raise the same
+``ValueError`` instead of merging payloads of another kind. The header also carries the
+shard sizes, so the "more than one value per channel" rule applies to the global batch:
+a rank may hold one row, or none. A rank that fails between the two collectives (in its
+kernel, in a conversion) enters the payload with a failure status, with the same
+outcome. After the payload no collective follows: a rank that fails there raises alone.
+A rank that never makes the call cannot be detected: the others wait, as in every
+collective.
 
 Determinism: the payload is gathered, not reduced. Every rank merges the gathered
 summaries itself, in rank order, with the same NumPy expressions (Chan's formula for
@@ -601,9 +610,10 @@ def synchronized(where, when=None):
 
     With ``comm=None`` the function runs as before (it receives ``comm=None``). With a
     communicator it receives a fresh :class:`Sync` as ``comm``; if it raises before its
-    first collective, the wrapper enters the header collective as a failed rank
-    (:meth:`Sync.abort`) and re-raises, so the other ranks raise a
-    :class:`DistributedError` instead of waiting forever.
+    header collective, or between the header and the payload, the wrapper enters the
+    collective the others wait in as a failed rank (:meth:`Sync.abort`) and re-raises, so
+    the other ranks raise a :class:`DistributedError` instead of waiting forever. The
+    header carries ``where`` as the operation: every rank of a call must make the same.
 
     Parameters
     ----------
