@@ -432,7 +432,8 @@ def _check_cuda_equality(results):
 def test_cuda_arrays_synchronized_equal_single_process_cpu():
     """mpiexec -n 2, uneven shards (one of 1 row), device arrays with comm= vs the CPU
     results on the whole batch: y, mean, invstd, dx, dgamma, dbeta, running statistics;
-    plus the error agreement (a bad dtype on rank 1, NaN on rank 0)."""
+    plus the error agreement (a bad dtype on rank 1, NaN on rank 0, forward vs backward,
+    float64 vs float32)."""
     results = run_mpi(SCRIPTS / "cuda_sync_checks.py", 2, extra_env=CUDA_SIM_ENV)
     assert results["size"] == 2
     _check_cuda_equality(results)
@@ -441,6 +442,8 @@ def test_cuda_arrays_synchronized_equal_single_process_cpu():
     assert [tuple(o) for o in errors["forward_bad_dtype_on_rank_1"]] == [
         ("DistributedError", [1]), ("TypeError", None)]
     assert [tuple(o) for o in errors["nan_on_rank_0"]] == [("FloatingPointError", None)] * 2
+    for mismatch in ("mismatch_forward_on_rank_0_backward_on_rank_1", "mismatch_dtype_on_rank_1"):
+        assert [tuple(o) for o in errors[mismatch]] == [("ValueError", None)] * 2, mismatch
     assert [tuple(o) for o in errors["normal_call_afterwards"]] == [("ok", None)] * 2
     assert errors["state_untouched"] == [True, True]
 
