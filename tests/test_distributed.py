@@ -296,6 +296,83 @@ def test_one_rank_errors_are_its_own():
         bn.backward(np.zeros((4, 3), np.float32))
 
 
+class CountingComm:
+    """``MPI.COMM_SELF`` that counts the collectives it is asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        self.calls.append(("Allgather", np.asarray(send).size))
+        MPI.COMM_SELF.Allgather(send, recv)
+
+    def allgather(self, obj):
+        self.calls.append(("allgather", obj))
+        return MPI.COMM_SELF.allgather(obj)
+
+
+def test_one_call_is_a_header_and_a_payload():
+    comm = CountingComm()
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    fastbn.batch_norm_forward(x, comm=comm)
+    assert comm.calls == [("Allgather", 6), ("Allgather", 2 * 3 + 1)]
+
+
+def test_a_kernel_failure_after_the_header_enters_the_payload(monkeypatch):
+    """One rank: its own error, after a failed payload and the error texts' allgather;
+    the next call on the communicator works."""
+    from fastbn import cpu
+
+    def fail(*args):
+        raise MemoryError("simulated")
+    comm = CountingComm()
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    monkeypatch.setattr(cpu, "moments", fail)
+    with pytest.raises(MemoryError, match="simulated"):
+        fastbn.batch_norm_forward(x, comm=comm)
+    assert comm.calls == [("Allgather", 6), ("Allgather", 7),
+                          ("allgather", "MemoryError: simulated")]
+    monkeypatch.undo()
+    y, _, _ = fastbn.batch_norm_forward(x, comm=comm)
+    np.testing.assert_array_equal(y, fastbn.batch_norm_forward(x)[0])
+
+
+def test_warn_path_with_out_exchanges_once():
+    """batch_norm(on_nonfinite="warn", out=...) needs the statistics twice; on other
+    ranks (no out) it needs them once, so the second request must not communicate."""
+    comm = CountingComm()
+    x = np.ones((8, 3))
+    x[0, 1] = np.nan
+    rm, rv, out = np.zeros(3), np.ones(3), np.empty((8, 3))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        fastbn.batch_norm(x, rm, rv, training=True, on_nonfinite="warn", out=out, comm=comm)
+    assert [name for name, _ in comm.calls] == ["Allgather", "Allgather"]
+    np.testing.assert_array_equal(rm, np.zeros(3))
+    np.testing.assert_array_equal(out[:, 0], fastbn.batch_norm(x[:, :1], training=True)[:, 0])
+
+
+def test_disagreement_messages_name_every_field():
+    from fastbn.distributed import (GRAD_SUMS, MOMENTS, _disagreements, _dtype_code,
+                                    operation_code)
+
+    row = [0, operation_code("batch_norm_forward"), MOMENTS, 4, _dtype_code(np.float64), 5]
+    other = [0, operation_code("batch_norm_backward"), GRAD_SUMS, 3, _dtype_code(np.float16), 5]
+    found = _disagreements([row, row, other])
+    assert found == [
+        "the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
+        "batch_norm_backward [gradient sums] on rank 2)",
+        "the number of channels (C=4 on ranks 0, 1; C=3 on rank 2)",
+        "the dtype (float64 on ranks 0, 1; float16 on rank 2)"]
+    assert _disagreements([row, row]) == []
+    assert _dtype_code(np.dtype(">f8")) == _dtype_code(np.float64)
+
+
 def test_layer_with_comm_matches_layer_without():
     rng = np.random.default_rng(3)
     x = rng.normal(2.0, 3.0, (50, 4)).astype(np.float32)
