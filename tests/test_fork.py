@@ -126,6 +126,16 @@ def test_a_threading_layer_set_by_the_user_wins():
     assert result == {"layer": "workqueue", "tbb": None}
 
 
+@pytest.mark.skipif(not HAVE_TBB_WHEEL, reason="the tbb wheel is not installed")
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"), reason="loaded by Numba itself")
+def test_a_user_asking_for_tbb_gets_the_wheels_library():
+    """NUMBA_THREADING_LAYER=tbb alone failed ("No threading layer could be loaded"):
+    the wheel's library is not on the loader's path. fastbn loads it for that choice too."""
+    result = run_python(LAYER, layer="tbb")
+    assert result["layer"] == "tbb"
+    assert result["tbb"] is not None
+
+
 @needs_fork
 def test_a_forked_child_runs_a_parallel_kernel():
     """The parent runs the parallel kernels, forks; the child runs them again and gets
