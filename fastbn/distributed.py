@@ -390,8 +390,8 @@ class Sync:
         header = np.array([_OK, self.operation, kind, channels, _dtype_code(dtype), count],
                           dtype=np.int64)
         # Python lists: for the few ranks of a typical job, cheaper than NumPy calls
+        # (from here until the payload, errors are raised alike: abort() does nothing)
         table = self._allgather_header(header).tolist()
-        self._next = _NEXT_NONE  # from here until the payload, errors are raised alike
         failed = [r for r, row in enumerate(table) if row[_STATUS] != _OK]
         if failed:
             self._raise_failures(failed, "before the header collective")
