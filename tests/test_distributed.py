@@ -358,15 +358,16 @@ def test_warn_path_with_out_exchanges_once():
 
 
 def test_disagreement_messages_name_every_field():
-    from fastbn.distributed import (GRAD_SUMS, MOMENTS, _disagreements, _dtype_code,
-                                    operation_code)
+    from fastbn.distributed import _disagreements, _dtype_code
 
-    row = [0, operation_code("batch_norm_forward"), MOMENTS, 4, _dtype_code(np.float64), 5]
-    other = [0, operation_code("batch_norm_backward"), GRAD_SUMS, 3, _dtype_code(np.float16), 5]
+    code = distributed.operation_code
+    row = [0, code("batch_norm_forward"), distributed.MOMENTS, 4, _dtype_code(np.float64), 5]
+    other = [0, code("batch_norm_backward"), distributed.GRAD_SUMS, 3,
+             _dtype_code(np.float16), 5]
     found = _disagreements([row, row, other])
     assert found == [
-        "the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
-        "batch_norm_backward [gradient sums] on rank 2)",
+        ("the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
+         "batch_norm_backward [gradient sums] on rank 2)"),
         "the number of channels (C=4 on ranks 0, 1; C=3 on rank 2)",
         "the dtype (float64 on ranks 0, 1; float16 on rank 2)"]
     assert _disagreements([row, row]) == []
