@@ -11,9 +11,13 @@ Every kernel in fastbn takes its compiler options from here; no module hard-code
   Python threads call the kernels at once).
 - :func:`njit` is ``numba.njit`` with an inter-process lock around the on-disk cache of
   each function (see :class:`_LockedCacheFile`): every CPU kernel is compiled through it.
-- The threading layer is ``threadsafe`` (TBB if installed, else OpenMP): Numba's
-  ``workqueue`` fallback aborts the process when two Python threads enter a parallel
-  region at once. A ``NUMBA_THREADING_LAYER`` set by the user wins.
+- The threading layer is ``threadsafe``: TBB, else OpenMP (Numba's ``workqueue``
+  fallback aborts the process when two Python threads enter a parallel region at once).
+  TBB is also fork-safe: a forked child (``multiprocessing``'s fork start method, data
+  loader workers) runs parallel kernels after its parent did, which GNU OpenMP does not
+  allow. fastbn depends on the ``tbb`` wheel and loads its library (:data:`TBB_LIBRARY`)
+  before Numba starts its threads, since the loader does not search where the wheel puts
+  it. A ``NUMBA_THREADING_LAYER`` set by the user wins.
 - The reduction partition (``CHUNK_BYTES``) is a fixed function of the shape and dtype,
   never of the thread count: this is what makes CPU results bitwise identical for every
   ``numba.set_num_threads`` value.
@@ -28,7 +32,10 @@ FASTBN_CUDA_THREADS
 """
 
 import contextlib
+import ctypes
 import os
+import site
+import sys
 
 import numba
 from numba.core import caching
@@ -118,7 +125,73 @@ MERGE_BLOCK = 128
 
 CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS", "256"))
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
+# --- Threading layer ---------------------------------------------------------------------
+# TBB: safe with several Python threads in parallel regions at once (Numba's workqueue
+# aborts the process) and in a forked child after the parent ran one (GNU OpenMP kills
+# the child, and multiprocessing's fork Pool hangs). The tbb wheel, a dependency, puts
+# its library in <prefix>/lib, where the dynamic loader does not look; loaded here with
+# RTLD_GLOBAL, before Numba starts its threads, Numba's TBB layer finds it by name.
+_TBB_LIBRARY_NAMES = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib"}
+
+# Values of NUMBA_THREADING_LAYER that may select TBB (user-chosen ones win; for these
+# the library is preloaded so that Numba can load it).
+_TBB_LAYERS = {"tbb", "safe", "threadsafe", "forksafe", "default"}
+
+
+def _tbb_candidates(name):
+    """Paths where the tbb wheel may have put ``name``: the library directories of
+    the interpreter's prefixes (venv, base, conda, user base), then the wheel's own
+    record of its files."""
+    prefixes = [sys.prefix, sys.exec_prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX")]
+    with contextlib.suppress(Exception):
+        prefixes.append(site.getuserbase())
+    seen = set()
+    for prefix in prefixes:
+        if prefix:
+            path = os.path.join(prefix, "lib", name)
+            if path not in seen and os.path.exists(path):
+                seen.add(path)
+                yield path
+    with contextlib.suppress(Exception):  # a broken or missing distribution record
+        from importlib import metadata
+        for file in metadata.files("tbb") or ():
+            if file.name == name:
+                path = str(file.locate())
+                if path not in seen and os.path.exists(path):
+                    seen.add(path)
+                    yield path
+
+
+def _load_tbb():
+    """Load TBB's shared library globally; return its path, or None when not found.
+
+    Examples
+    --------
+    >>> path = _load_tbb()
+    >>> path is None or os.path.basename(path).startswith("libtbb")
+    True
+    """
+    name = _TBB_LIBRARY_NAMES.get(sys.platform)
+    if name is None:  # Windows: the wheel's DLL directory is on the search path already
+        return None
+    for path in _tbb_candidates(name):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+_USER_LAYER = os.environ.get("NUMBA_THREADING_LAYER")
+
+# The TBB library fastbn loaded (a path), or None: not found (Numba may still find a
+# system-wide TBB), or NUMBA_THREADING_LAYER names a layer that is not TBB.
+TBB_LIBRARY = (_load_tbb() if _USER_LAYER is None or _USER_LAYER.lower() in _TBB_LAYERS
+               else None)
+
+if _USER_LAYER is None:
+    # TBB when it loads, else OpenMP: both thread-safe; OpenMP (GNU) is not fork-safe.
     numba.config.THREADING_LAYER = "threadsafe"
 
 

@@ -280,7 +280,7 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     b = _param(beta, C, 0.0, x.dtype)
     if comm is not None or (guard and out is not None):
         if comm is not None:
-            mean, var = comm.moments(x3)
+            mean, var = comm.moments(x3, dtype=x.dtype)
         else:
             mean, m2 = cpu.moments(x3)
             var = m2 / (x3.size // C)
@@ -316,7 +316,7 @@ def _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm=None):
         return dest.finish(), dgamma, dbeta
     invstd64 = np.asarray(invstd, dtype=np.float64)
     coef = cpu.coefficients(_channel(mean), invstd64, g, b, x3.dtype)
-    s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu)
+    s_dy, s_dyx = comm.grad_sums(dy3, x3, coef, relu, dtype=x.dtype)
     if x3.size:
         cpu.input_grad(dy3, x3, coef, s_dy, s_dyx, comm.count, invstd64,
                        np.asarray(g, dtype=np.float64), relu, dest.work)

@@ -1066,7 +1066,7 @@ def _synced_moments(xa, view, sync, stream, key):
     outer, C, inner = view.x3.shape
     n_local = outer * inner if xa.size else 0
     local = _local_moments(xa, view, stream, key) if n_local else (np.zeros(C), np.zeros(C))
-    return sync.moments_from_local(C, n_local, local)
+    return sync.moments_from_local(C, n_local, local, dtype=xa.dtype)
 
 
 def _normalize_global(xa, view, y3, mean, var, gamma, beta, eps, relu, stream):
@@ -1139,7 +1139,7 @@ def _backward_synced(xa, dya, axis, mean, invstd, gamma, beta, relu, out, dgamma
         dest = _Output(out, view, xa, xa.dtype, stream)
         C = view.x3.shape[1]
         local, n_local = (np.zeros(C), np.zeros(C)), 0
-    s_dy, s_dyx = sync.grad_sums_from_local(C, n_local, local)
+    s_dy, s_dyx = sync.grad_sums_from_local(C, n_local, local, dtype=xa.dtype)
     if xa.size:
         sums = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
         _backward(xa, view, dy_view.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,

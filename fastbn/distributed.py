@@ -8,17 +8,26 @@ single-process results on that concatenation, to rounding.
 
 What travels, per call, per BatchNorm layer (P ranks, C channels)::
 
-    1. header   Allgather of 3 int64 per rank: (status, C, values per channel)
-    2. payload  Allgather of 2*C float64 per rank:
+    1. header   Allgather of 6 int64 per rank:
+                  (status, operation, payload kind, C, dtype, values per channel)
+    2. payload  Allgather of 2*C + 1 float64 per rank:
                   forward:  (mean, M2) of the local shard, per channel
                   backward: (sum dy, sum dy*(x - mean)) of the local shard, per channel
+                  and a status
 
-The header is the error agreement: a rank whose local checks fail enters it with a
-failure status instead of raising at once, so no rank is left waiting in the payload
-collective; every rank then raises (the failing one its own error, the others a
-:class:`DistributedError` naming it). The header also carries the shard sizes, so the
-"more than one value per channel" rule applies to the global batch: a rank may hold one
-row, or none.
+The header is the agreement. A rank whose local checks fail enters it with a failure
+status instead of raising at once, so no rank is left waiting in the payload collective;
+every rank then raises (the failing one its own error, the others a
+:class:`DistributedError` naming it). Every rank compares the operation (the function or
+layer method called), the payload kind (batch moments or gradient sums), C and the
+dtype of ``x`` over the whole table, so ranks that make different calls raise the same
+``ValueError`` instead of merging payloads of another kind. The header also carries the
+shard sizes, so the "more than one value per channel" rule applies to the global batch:
+a rank may hold one row, or none. A rank that fails between the two collectives (in its
+kernel, in a conversion) enters the payload with a failure status, with the same
+outcome. After the payload no collective follows: a rank that fails there raises alone.
+A rank that never makes the call cannot be detected: the others wait, as in every
+collective.
 
 Determinism: the payload is gathered, not reduced. Every rank merges the gathered
 summaries itself, in rank order, with the same NumPy expressions (Chan's formula for
@@ -33,7 +42,9 @@ mpi4py is only imported by the helpers that need MPI constants
 so this module imports without mpi4py.
 """
 
+import contextlib
 import functools
+import zlib
 
 import numpy as np
 
@@ -41,7 +52,110 @@ from . import cpu
 
 _OK = 0
 _FAILED = 1
-_HEADER = 3  # status, channels, values per channel
+
+# The header: one row of int64 per rank
+_STATUS, _OPERATION, _KIND, _CHANNELS, _DTYPE, _COUNT = range(6)
+_HEADER = 6
+
+# What a call's payload holds (the kind of statistics it exchanges)
+MOMENTS = 1    # per channel (mean, M2) of x: the training forward
+GRAD_SUMS = 2  # per channel (sum dy, sum dy * (x - mean)): the backward
+_KIND_NAMES = {MOMENTS: "batch moments", GRAD_SUMS: "gradient sums"}
+
+# The collective this rank of a call enters next (see Sync.abort)
+_NEXT_HEADER, _NEXT_PAYLOAD, _NEXT_NONE = "header", "payload", None
+
+# Operation codes seen in this process -> names (every rank imports the same fastbn, so
+# every rank knows the names of the codes the others send)
+_OPERATIONS = {}
+
+
+def operation_code(where):
+    """A code for the operation named ``where``, the same in every process.
+
+    Parameters
+    ----------
+    where : str
+
+    Returns
+    -------
+    int
+        CRC-32 of the name (not Python's ``hash``, which differs between processes).
+
+    Examples
+    --------
+    >>> operation_code("batch_norm_forward") == operation_code("batch_norm_forward")
+    True
+    >>> operation_code("batch_norm_forward") != operation_code("batch_norm_backward")
+    True
+    """
+    code = zlib.crc32(where.encode())
+    _OPERATIONS.setdefault(code, where)
+    return code
+
+
+def _dtype_code(dtype):
+    """``dtype`` as an int for the header (0: not given); byte order left out.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> _dtype_name(_dtype_code(np.dtype(">f4")))
+    'float32'
+    """
+    if dtype is None:
+        return 0
+    dtype = np.dtype(dtype)
+    return ord(dtype.kind) * 256 + dtype.itemsize
+
+
+def _dtype_name(code):
+    if code == 0:
+        return "unspecified"
+    with contextlib.suppress(TypeError):
+        return np.dtype(f"{chr(code // 256)}{code % 256}").name
+    return f"dtype code {code}"
+
+
+def _on_ranks(table, name_of):
+    """``"A on ranks 0, 2; B on rank 1"``: the values of one header field, grouped."""
+    groups = {}
+    for r, row in enumerate(table):
+        groups.setdefault(name_of(row), []).append(r)
+    return "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} "
+                     f"{', '.join(map(str, ranks))}" for value, ranks in groups.items())
+
+
+def _operation_name(row):
+    operation = _OPERATIONS.get(row[_OPERATION], f"operation {row[_OPERATION]}")
+    return f"{operation} [{_KIND_NAMES.get(row[_KIND], row[_KIND])}]"
+
+
+def _differ_in_operation(table):
+    """Whether the header rows of the ranks name different operations or payloads."""
+    return any(row[c] != table[0][c] for row in table for c in (_OPERATION, _KIND))
+
+
+def _disagreements(table):
+    """What the header rows of the ranks disagree on, one phrase per field.
+
+    Examples
+    --------
+    >>> ok = [0, operation_code("batch_norm_forward"), MOMENTS, 4, _dtype_code("f8"), 5]
+    >>> _disagreements([ok, ok])
+    []
+    >>> _disagreements([ok, ok[:3] + [3] + ok[4:]])
+    ['the number of channels (C=4 on rank 0; C=3 on rank 1)']
+    """
+    first = table[0]
+    found = []
+    fields = (("the operation", (_OPERATION, _KIND), _operation_name),
+              ("the number of channels", (_CHANNELS,), lambda row: f"C={row[_CHANNELS]}"),
+              ("the dtype", (_DTYPE,), lambda row: _dtype_name(row[_DTYPE])))
+    for what, columns, name_of in fields:
+        if any(row[c] != first[c] for row in table for c in columns):
+            found.append(f"{what} ({_on_ranks(table, name_of)})")
+    return found
 
 
 class DistributedError(RuntimeError):
@@ -187,19 +301,31 @@ class Sync:
     """A communicator seen by one synchronized call: its collectives and error agreement.
 
     fastbn's API creates one per call (see :func:`synchronized`); users pass the mpi4py
-    communicator itself as ``comm=``. Every collective of the call starts with
-    :meth:`agree` (the header); :meth:`abort` is the header of a rank that failed before
-    reaching it.
+    communicator itself as ``comm=``. A call makes one *exchange*, two collectives:
+
+    1. the header (:meth:`agree`): every rank's status, operation, payload kind, C,
+       dtype and shard size. Every rank checks that all agree, with the same table, so
+       every rank raises the same error when they do not;
+    2. the payload: every rank's ``2 * C`` float64 summary plus a status slot, so that a
+       rank that fails between the two collectives (in its kernel, in a conversion) still
+       enters the payload and every rank learns it there.
+
+    A rank that fails before its header enters it as a failed rank (:meth:`abort`, called
+    by :func:`synchronized`). After the payload no collective follows in the call: a
+    rank that fails there (in the normalization, in ``dx``) raises alone, and the others
+    hold correct results.
 
     Parameters
     ----------
     comm : mpi4py.MPI.Comm
     where : str
-        Name of the call, for messages.
+        Name of the call (the operation), for the agreement and for messages.
 
     Attributes
     ----------
     rank, size : int
+    operation : int
+        Code of ``where`` (:func:`operation_code`), carried in the header.
     count : int or None
         Values per channel in the global batch, after :meth:`moments` or
         :meth:`grad_sums`.
@@ -218,15 +344,23 @@ class Sync:
         check_comm(comm)
         self.comm = comm
         self.where = where
+        self.operation = operation_code(where)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self.started = False
         self.count = None
+        self._next = _NEXT_HEADER
+        self._channels = 0
+        self._result = None
+
+    @property
+    def started(self):
+        """True once this call entered its header collective."""
+        return self._next != _NEXT_HEADER
 
     # -- error agreement ---------------------------------------------------------------
 
-    def agree(self, channels, count):
-        """Header collective: exchange status, channels and shard sizes; raise on failure.
+    def agree(self, channels, count, kind=MOMENTS, dtype=None):
+        """Header collective: exchange and compare what every rank is about to do.
 
         Parameters
         ----------
@@ -234,6 +368,10 @@ class Sync:
             C on this rank.
         count : int
             Values per channel on this rank (may be 0).
+        kind : int, default MOMENTS
+            What the payload will hold (:data:`MOMENTS` or :data:`GRAD_SUMS`).
+        dtype : numpy.dtype, optional
+            The dtype of the call's input (``x``).
 
         Returns
         -------
@@ -243,61 +381,123 @@ class Sync:
         Raises
         ------
         DistributedError
-            Another rank failed its local checks (it raises its own error).
+            Another rank failed before the header (it raises its own error).
         ValueError
-            The ranks disagree on the number of channels.
+            The ranks disagree on the operation, the payload kind, the number of
+            channels or the dtype, or (``MOMENTS``) the global batch holds fewer than
+            2 values per channel; every rank raises the same error.
         """
+        header = np.array([_OK, self.operation, kind, channels, _dtype_code(dtype), count],
+                          dtype=np.int64)
         # Python lists: for the few ranks of a typical job, cheaper than NumPy calls
-        table = self._exchange_header(np.array([_OK, channels, count], dtype=np.int64)).tolist()
-        ranks = [r for r, row in enumerate(table) if row[0] != _OK]
-        if ranks:
-            errors = self.comm.allgather(None)
-            details = "; ".join(f"rank {r}: {errors[r]}" for r in ranks)
-            raise DistributedError(
-                f"{self.where} failed on rank{'s' if len(ranks) > 1 else ''} "
-                f"{', '.join(map(str, ranks))} of {self.size} ({details}); rank {self.rank} "
-                f"raises too, so that no rank waits forever in a collective",
-                ranks, [errors[r] for r in ranks])
-        if any(row[1] != channels for row in table):
-            raise ValueError(f"{self.where}: every rank must have the same number of "
-                             f"channels, got {[row[1] for row in table]} on ranks "
-                             f"0..{self.size - 1}")
-        return [row[2] for row in table]
+        # (from here until the payload, errors are raised alike: abort() does nothing)
+        table = self._allgather_header(header).tolist()
+        failed = [r for r, row in enumerate(table) if row[_STATUS] != _OK]
+        if failed:
+            self._raise_failures(failed, "before the header collective")
+        disagreements = _disagreements(table)
+        if disagreements:
+            # the same text on every rank: named after the operation only when all agree
+            where = "synchronized BatchNorm" if _differ_in_operation(table) else self.where
+            raise ValueError(f"{where}: the {self.size} ranks of a synchronized call "
+                             f"must make the same call on the same kind of data; they "
+                             f"disagree on {'; '.join(disagreements)} (every rank raises "
+                             f"this error)")
+        counts = [row[_COUNT] for row in table]
+        if kind == MOMENTS:
+            self._check_global_count(counts)
+        self._channels = channels
+        self._next = _NEXT_PAYLOAD
+        return counts
 
     def abort(self, exc):
-        """Enter the header collective as a failed rank (once), so that no rank hangs.
+        """Enter the collective this rank owes the others as a failed rank, so none hangs.
 
-        Called with the exception this rank is about to raise. Does nothing when this
-        call already passed its header: errors raised after it (global checks,
-        non-finite statistics) are raised by every rank alike.
+        Called (by :func:`synchronized`) with the exception this rank is about to raise.
+        Before the header: enters the header with a failure status. Between the header
+        and the payload: enters the payload with a failure status. Otherwise (an error
+        every rank raises alike, or one after the payload) it does nothing.
 
         Parameters
         ----------
         exc : BaseException
         """
-        if self.started:
+        if self._next == _NEXT_HEADER:
+            self._allgather_header(np.array([_FAILED, self.operation, 0, -1, 0, 0],
+                                            dtype=np.int64))
+        elif self._next == _NEXT_PAYLOAD:
+            self._allgather_payload(np.zeros(2 * self._channels), _FAILED)
+        else:
             return
-        self._exchange_header(np.array([_FAILED, -1, 0], dtype=np.int64))
+        self._next = _NEXT_NONE
         self.comm.allgather(f"{type(exc).__name__}: {exc}")
 
-    def _exchange_header(self, header):
-        self.started = True
+    def _allgather_header(self, header):
+        self._next = _NEXT_NONE
         table = np.empty((self.size, _HEADER), dtype=np.int64)
         self.comm.Allgather(header, table)
         return table
 
+    def _allgather_payload(self, values, status=_OK):
+        """Payload collective: ``values`` (float64, ``2 * C``) and a status from every
+        rank; returns the ``(P, 2 * C)`` table, or raises when a rank failed."""
+        self._next = _NEXT_NONE
+        buf = np.empty(values.size + 1)
+        buf[:-1] = values
+        buf[-1] = status
+        table = np.empty((self.size, buf.size))
+        self.comm.Allgather(buf, table)
+        if status == _OK:
+            failed = np.flatnonzero(table[:, -1] != _OK).tolist()
+            if failed:
+                self._raise_failures(failed, "after the header collective")
+        return table[:, :-1]
+
+    def _raise_failures(self, ranks, when):
+        errors = self.comm.allgather(None)
+        details = "; ".join(f"rank {r}: {errors[r]}" for r in ranks)
+        raise DistributedError(
+            f"{self.where} failed on rank{'s' if len(ranks) > 1 else ''} "
+            f"{', '.join(map(str, ranks))} of {self.size} {when} ({details}); rank "
+            f"{self.rank} raises too, so that no rank waits forever in a collective",
+            ranks, [errors[r] for r in ranks])
+
+    def _exchange(self, kind, C, n_local, local, dtype):
+        """Header, this rank's summary, payload: the ``(P, 2, C)`` table and the counts.
+
+        A call exchanges once: a second request of the same reduction returns the first
+        result without communicating (only some ranks may ask twice, e.g. ``batch_norm``
+        with ``on_nonfinite="warn"`` and an ``out``).
+        """
+        if self._result is not None:
+            if self._result[0] != kind or self._result[1] != C:
+                raise RuntimeError(f"{self.where}: a synchronized call exchanges once; "
+                                   f"it cannot ask for another reduction")
+            return self._result[2]
+        counts = self.agree(C, n_local, kind, dtype)
+        values = np.zeros(2 * C)
+        if n_local:  # a failure here enters the payload as failed (abort)
+            first, second = local() if callable(local) else local
+            values[:C] = first
+            values[C:] = second
+        table = self._allgather_payload(values).reshape(self.size, 2, C)
+        self._result = (kind, C, (counts, table))
+        return counts, table
+
     # -- the synchronized reductions ---------------------------------------------------
 
-    def moments(self, x3):
+    def moments(self, x3, dtype=None):
         """Global per-channel mean and biased variance of every rank's ``x3``.
 
         Two collectives: the header, then an Allgather of the local ``(mean, M2)``
-        (``2 * C`` float64), merged in rank order by :func:`merge_moments`.
+        (``2 * C`` float64 and a status), merged in rank order by :func:`merge_moments`.
 
         Parameters
         ----------
         x3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
             This rank's shard in the canonical view; ``outer * inner`` may be 0.
+        dtype : numpy.dtype, optional
+            The dtype of the caller's ``x`` (default ``x3.dtype``), agreed on by the ranks.
 
         Returns
         -------
@@ -310,9 +510,10 @@ class Sync:
             The global batch has fewer than 2 values per channel (on every rank).
         """
         outer, C, inner = x3.shape
-        return self.moments_from_local(C, outer * inner, lambda: cpu.moments(x3))
+        return self.moments_from_local(C, outer * inner, lambda: cpu.moments(x3),
+                                       dtype=x3.dtype if dtype is None else dtype)
 
-    def moments_from_local(self, C, n_local, local):
+    def moments_from_local(self, C, n_local, local, dtype=None):
         """:meth:`moments` from this rank's own summary, wherever it was computed.
 
         The GPU path computes ``local`` on the device before calling this (only the
@@ -326,29 +527,27 @@ class Sync:
             Values per channel on this rank (may be 0).
         local : callable or tuple
             ``(mean, M2)`` of this rank's shard (float64, shape ``(C,)``), or a callable
-            returning it (called after the header, only when ``n_local > 0``).
+            returning it (called after the header, only when ``n_local > 0``; if it
+            raises, this rank enters the payload as failed and the others raise
+            :class:`DistributedError`).
+        dtype : numpy.dtype, optional
+            The dtype of the caller's ``x``, agreed on by the ranks.
 
         Returns
         -------
         mean, var : ndarray of float64, shape (C,)
             Bitwise identical on every rank. Sets :attr:`count`.
         """
-        counts = self.agree(C, n_local)
-        m = self._check_global_count(counts)
-        buf = np.zeros((2, C))
-        if n_local:
-            buf[0], buf[1] = local() if callable(local) else local
-        table = np.empty((self.size, 2, C))
-        self.comm.Allgather(buf, table)
+        counts, table = self._exchange(MOMENTS, C, n_local, local, dtype)
         n, mean, m2 = merge_moments(counts, table[:, 0], table[:, 1])
-        self.count = m
+        self.count = n
         return mean, m2 / n
 
-    def grad_sums(self, dy3, x3, coef, relu):
+    def grad_sums(self, dy3, x3, coef, relu, dtype=None):
         """Global per-channel ``sum dy`` and ``sum dy * (x - mean)`` over every rank.
 
         Two collectives: the header, then an Allgather of the local sums (``2 * C``
-        float64), added in rank order by :func:`sum_in_order`.
+        float64 and a status), added in rank order by :func:`sum_in_order`.
 
         Parameters
         ----------
@@ -356,6 +555,8 @@ class Sync:
         coef : ndarray, shape (4, C)
             Coefficients of the (global) saved statistics.
         relu : bool
+        dtype : numpy.dtype, optional
+            The dtype of the caller's ``x`` (default ``x3.dtype``), agreed on by the ranks.
 
         Returns
         -------
@@ -364,9 +565,10 @@ class Sync:
         """
         outer, C, inner = x3.shape
         return self.grad_sums_from_local(C, outer * inner,
-                                  lambda: cpu.grad_sums(dy3, x3, coef, relu))
+                                         lambda: cpu.grad_sums(dy3, x3, coef, relu),
+                                         dtype=x3.dtype if dtype is None else dtype)
 
-    def grad_sums_from_local(self, C, n_local, local):
+    def grad_sums_from_local(self, C, n_local, local, dtype=None):
         """:meth:`grad_sums` from this rank's own sums, wherever they were computed.
 
         Parameters
@@ -376,19 +578,16 @@ class Sync:
         local : callable or tuple
             ``(sum dy, sum dy * (x - mean))`` of this rank's shard (float64, shape
             ``(C,)``), or a callable returning it (called after the header, only when
-            ``n_local > 0``).
+            ``n_local > 0``; see :meth:`moments_from_local`).
+        dtype : numpy.dtype, optional
+            The dtype of the caller's ``x``, agreed on by the ranks.
 
         Returns
         -------
         sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
             Bitwise identical on every rank. Sets :attr:`count`.
         """
-        counts = self.agree(C, n_local)
-        buf = np.zeros((2, C))
-        if n_local:
-            buf[0], buf[1] = local() if callable(local) else local
-        table = np.empty((self.size, 2, C))
-        self.comm.Allgather(buf, table)
+        counts, table = self._exchange(GRAD_SUMS, C, n_local, local, dtype)
         total = sum_in_order(table)
         self.count = sum(counts)
         return total[0], total[1]
@@ -411,9 +610,10 @@ def synchronized(where, when=None):
 
     With ``comm=None`` the function runs as before (it receives ``comm=None``). With a
     communicator it receives a fresh :class:`Sync` as ``comm``; if it raises before its
-    first collective, the wrapper enters the header collective as a failed rank
-    (:meth:`Sync.abort`) and re-raises, so the other ranks raise a
-    :class:`DistributedError` instead of waiting forever.
+    header collective, or between the header and the payload, the wrapper enters the
+    collective the others wait in as a failed rank (:meth:`Sync.abort`) and re-raises, so
+    the other ranks raise a :class:`DistributedError` instead of waiting forever. The
+    header carries ``where`` as the operation: every rank of a call must make the same.
 
     Parameters
     ----------
@@ -436,6 +636,8 @@ def synchronized(where, when=None):
     >>> double(3)
     6
     """
+    operation_code(where)  # known by name on every rank, for the agreement's messages
+
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, comm=None, **kwargs):

@@ -155,6 +155,88 @@ def test_global_errors_raise_alike_on_every_rank(sync_results, scenario, error):
     assert _outcomes(sync_results, scenario) == [(error, None)] * sync_results["size"]
 
 
+MISMATCHES = ["mismatch_forward_on_rank_0_backward_elsewhere",
+              "mismatch_forward_on_rank_0_batch_norm_elsewhere",
+              "mismatch_backward_on_rank_0_batch_norm_elsewhere",
+              "mismatch_backward_on_rank_0_forward_elsewhere",
+              "mismatch_layer_forward_on_rank_0_backward_elsewhere",
+              "mismatch_dtype_on_last_rank",
+              "mismatch_float16_float32",
+              "channel_mismatch_on_last_rank"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario", MISMATCHES)
+def test_mismatched_calls_raise_the_same_error_on_every_rank(sync_results, scenario):
+    """Ranks that make different calls (operation, payload kind) or pass a different C or
+    dtype: every rank raises the same ValueError, naming what each rank did, instead of
+    merging payloads of another kind (issue 18: rank 0's forward used to normalize with
+    rank 1's gradient sums)."""
+    size = sync_results["size"]
+    assert _outcomes(sync_results, scenario) == [("ValueError", None)] * size
+    messages = sync_results["errors"]["messages"][scenario]
+    assert len(set(messages)) == 1, messages
+    assert "disagree on" in messages[0]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_mismatch_messages_name_each_rank(sync_results):
+    messages = sync_results["errors"]["messages"]
+    text = messages["mismatch_forward_on_rank_0_backward_elsewhere"][0]
+    assert "batch_norm_forward [batch moments] on rank 0" in text
+    assert "batch_norm_backward [gradient sums] on rank" in text
+    text = messages["mismatch_dtype_on_last_rank"][0]
+    assert "float64 on rank" in text and "float32 on rank" in text
+    assert "float16 on rank 0" in messages["mismatch_float16_float32"][0]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario, failing_rank, own_error", [
+    ("forward_kernel_fails_on_rank_1", 1, "MemoryError"),
+    ("backward_kernel_fails_on_rank_1", 1, "MemoryError"),
+    ("conversion_fails_on_last_rank", -1, "ValueError"),
+    ("layer_kernel_fails_on_rank_0", 0, "MemoryError"),
+])
+def test_a_rank_failing_after_the_header_makes_every_rank_raise(sync_results, scenario,
+                                                                 failing_rank, own_error):
+    """A failure between the header and the payload collective (in the kernel, in the
+    conversion of its result) used to leave the others waiting, or MPICH aborting with
+    "Message truncated": the failing rank now enters the payload as failed."""
+    size = sync_results["size"]
+    failing_rank %= size
+    expected = [(own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
+                for r in range(size)]
+    assert _outcomes(sync_results, scenario) == expected
+    messages = sync_results["errors"]["messages"][scenario]
+    other = (failing_rank + 1) % size
+    assert f"rank {failing_rank}: {own_error}" in messages[other]
+    assert "after the header collective" in messages[other]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_big_endian_shard_never_hangs(sync_results):
+    """Big-endian x on rank 1: converted (every rank succeeds) or rank 1's own error with
+    a DistributedError on the others; the launch finishing at all is the main check."""
+    size = sync_results["size"]
+    outcomes = _outcomes(sync_results, "big_endian_on_rank_1")
+    if outcomes != [("ok", None)] * size:
+        assert all(o == ("DistributedError", [1]) for r, o in enumerate(outcomes) if r != 1)
+        assert outcomes[1][0] not in ("ok", "DistributedError")
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_warn_path_with_out_on_one_rank_exchanges_once(sync_results):
+    """batch_norm(on_nonfinite="warn") with out= on rank 0 only: rank 0 writes its output
+    again without a second exchange that the other ranks would not make."""
+    size = sync_results["size"]
+    assert _outcomes(sync_results, "warn_with_out_on_rank_0") == [("ok", None)] * size
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 def test_inference_is_not_collective(sync_results):
@@ -212,6 +294,84 @@ def test_one_rank_errors_are_its_own():
     assert bn.num_batches_tracked == 0
     with pytest.raises(RuntimeError, match="preceding forward"):
         bn.backward(np.zeros((4, 3), np.float32))
+
+
+class CountingComm:
+    """``MPI.COMM_SELF`` that counts the collectives it is asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        self.calls.append(("Allgather", np.asarray(send).size))
+        MPI.COMM_SELF.Allgather(send, recv)
+
+    def allgather(self, obj):
+        self.calls.append(("allgather", obj))
+        return MPI.COMM_SELF.allgather(obj)
+
+
+def test_one_call_is_a_header_and_a_payload():
+    comm = CountingComm()
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    fastbn.batch_norm_forward(x, comm=comm)
+    assert comm.calls == [("Allgather", 6), ("Allgather", 2 * 3 + 1)]
+
+
+def test_a_kernel_failure_after_the_header_enters_the_payload(monkeypatch):
+    """One rank: its own error, after a failed payload and the error texts' allgather;
+    the next call on the communicator works."""
+    from fastbn import cpu
+
+    def fail(*args):
+        raise MemoryError("simulated")
+    comm = CountingComm()
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    monkeypatch.setattr(cpu, "moments", fail)
+    with pytest.raises(MemoryError, match="simulated"):
+        fastbn.batch_norm_forward(x, comm=comm)
+    assert comm.calls == [("Allgather", 6), ("Allgather", 7),
+                          ("allgather", "MemoryError: simulated")]
+    monkeypatch.undo()
+    y, _, _ = fastbn.batch_norm_forward(x, comm=comm)
+    np.testing.assert_array_equal(y, fastbn.batch_norm_forward(x)[0])
+
+
+def test_warn_path_with_out_exchanges_once():
+    """batch_norm(on_nonfinite="warn", out=...) needs the statistics twice; on other
+    ranks (no out) it needs them once, so the second request must not communicate."""
+    comm = CountingComm()
+    x = np.ones((8, 3))
+    x[0, 1] = np.nan
+    rm, rv, out = np.zeros(3), np.ones(3), np.empty((8, 3))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        fastbn.batch_norm(x, rm, rv, training=True, on_nonfinite="warn", out=out, comm=comm)
+    assert [name for name, _ in comm.calls] == ["Allgather", "Allgather"]
+    np.testing.assert_array_equal(rm, np.zeros(3))
+    np.testing.assert_array_equal(out[:, 0], fastbn.batch_norm(x[:, :1], training=True)[:, 0])
+
+
+def test_disagreement_messages_name_every_field():
+    from fastbn.distributed import _disagreements, _dtype_code
+
+    code = distributed.operation_code
+    row = [0, code("batch_norm_forward"), distributed.MOMENTS, 4, _dtype_code(np.float64), 5]
+    other = [0, code("batch_norm_backward"), distributed.GRAD_SUMS, 3,
+             _dtype_code(np.float16), 5]
+    found = _disagreements([row, row, other])
+    assert found == [
+        ("the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
+         "batch_norm_backward [gradient sums] on rank 2)"),
+        "the number of channels (C=4 on ranks 0, 1; C=3 on rank 2)",
+        "the dtype (float64 on ranks 0, 1; float16 on rank 2)"]
+    assert _disagreements([row, row]) == []
+    assert _dtype_code(np.dtype(">f8")) == _dtype_code(np.float64)
 
 
 def test_layer_with_comm_matches_layer_without():
@@ -350,7 +510,8 @@ def _check_cuda_equality(results):
 def test_cuda_arrays_synchronized_equal_single_process_cpu():
     """mpiexec -n 2, uneven shards (one of 1 row), device arrays with comm= vs the CPU
     results on the whole batch: y, mean, invstd, dx, dgamma, dbeta, running statistics;
-    plus the error agreement (a bad dtype on rank 1, NaN on rank 0)."""
+    plus the error agreement (a bad dtype on rank 1, NaN on rank 0, forward vs backward,
+    float64 vs float32)."""
     results = run_mpi(SCRIPTS / "cuda_sync_checks.py", 2, extra_env=CUDA_SIM_ENV)
     assert results["size"] == 2
     _check_cuda_equality(results)
@@ -359,6 +520,8 @@ def test_cuda_arrays_synchronized_equal_single_process_cpu():
     assert [tuple(o) for o in errors["forward_bad_dtype_on_rank_1"]] == [
         ("DistributedError", [1]), ("TypeError", None)]
     assert [tuple(o) for o in errors["nan_on_rank_0"]] == [("FloatingPointError", None)] * 2
+    for mismatch in ("mismatch_forward_on_rank_0_backward_on_rank_1", "mismatch_dtype_on_rank_1"):
+        assert [tuple(o) for o in errors[mismatch]] == [("ValueError", None)] * 2, mismatch
     assert [tuple(o) for o in errors["normal_call_afterwards"]] == [("ok", None)] * 2
     assert errors["state_untouched"] == [True, True]
 

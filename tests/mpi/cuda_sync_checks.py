@@ -131,12 +131,27 @@ def error_cases():
             h[0, 1] = np.nan
         fastbn.batch_norm(cuda.to_device(h), rm, rv, training=True, comm=COMM)
 
+    def forward_vs_backward():
+        # device arrays: the agreement is the CPU path's (the header precedes the payload)
+        if RANK == 0:
+            fastbn.batch_norm_forward(x, comm=COMM)
+        else:
+            _, mean, invstd = fastbn.batch_norm_forward(x)
+            fastbn.batch_norm_backward(x, x, mean, invstd, comm=COMM)
+
+    def dtype_mismatch():
+        h = np.ones((4, 3), np.float32 if RANK == 1 else np.float64)
+        h[0] = 0.0
+        fastbn.batch_norm_forward(cuda.to_device(h), comm=COMM)
+
     def afterwards():
         fastbn.batch_norm_forward(x, comm=COMM)
 
     results = {}
     for name, fn in (("forward_bad_dtype_on_rank_1", forward_bad_dtype),
                      ("nan_on_rank_0", nonfinite_on_rank_0),
+                     ("mismatch_forward_on_rank_0_backward_on_rank_1", forward_vs_backward),
+                     ("mismatch_dtype_on_rank_1", dtype_mismatch),
                      ("normal_call_afterwards", afterwards)):
         results[name] = COMM.allgather(outcome(fn))
     untouched = np.array_equal(rm.copy_to_host(), np.zeros(3)) and \

@@ -15,13 +15,16 @@ tests/test_distributed.py runs this script and asserts on that JSON; nothing her
 so one failing comparison never leaves other ranks waiting.
 """
 
+import contextlib
 import json
 import sys
+import warnings
 
 import numpy as np
 from mpi4py import MPI
 
 import fastbn
+from fastbn import cpu
 from fastbn.distributed import DistributedError
 
 COMM = MPI.COMM_WORLD
@@ -165,14 +168,128 @@ def equality_cases():
 
 
 def outcome(fn):
-    """Run ``fn``; return ``("ok" or the exception type name, failing ranks named)``."""
+    """Run ``fn``; return ``("ok" or the exception type name, failing ranks named,
+    the error message or None)``."""
     try:
-        fn()
-        return "ok", None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fn()
+        return "ok", None, None
     except DistributedError as exc:
-        return "DistributedError", list(exc.ranks)
+        return "DistributedError", list(exc.ranks), str(exc)
     except Exception as exc:  # the failing rank's own error
-        return type(exc).__name__, None
+        return type(exc).__name__, None, str(exc)
+
+
+@contextlib.contextmanager
+def failing_on(rank, name, replacement):
+    """Replace the kernel wrapper ``fastbn.cpu.<name>`` on ``rank`` only (a failure
+    after the local checks, inside the synchronized call)."""
+    original = getattr(cpu, name)
+    if RANK == rank:
+        setattr(cpu, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(cpu, name, original)
+
+
+def simulated_failure(*args, **kwargs):
+    raise MemoryError("simulated failure in the kernel")
+
+
+def wrong_shape(x3, *args):
+    # a local summary that does not convert into the payload (C - 1 values)
+    C = x3.shape[1]
+    return np.zeros(C - 1), np.zeros(C - 1)
+
+
+def mismatch_cases(x, dy):
+    """Ranks that make different synchronized calls, or pass different dtypes."""
+    C = x.shape[1]
+    _, mean, invstd = fastbn.batch_norm_forward(x)  # local statistics, for the backward
+    gamma, beta = np.ones(C), np.zeros(C)
+    rm, rv = np.zeros(C), np.ones(C)
+    calls = {
+        "forward": lambda: fastbn.batch_norm_forward(x, gamma, beta, comm=COMM),
+        "backward": lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta,
+                                                       comm=COMM),
+        "batch_norm": lambda: fastbn.batch_norm(x, rm, rv, gamma, beta, training=True,
+                                                comm=COMM),
+    }
+    scenarios = {}
+    for first, others in (("forward", "backward"), ("forward", "batch_norm"),
+                          ("backward", "batch_norm"), ("backward", "forward")):
+        def mismatch(first=first, others=others):
+            calls[first if RANK == 0 else others]()
+        scenarios[f"mismatch_{first}_on_rank_0_{others}_elsewhere"] = mismatch
+
+    def dtype_mismatch():
+        fastbn.batch_norm_forward(x.astype(np.float32) if RANK == SIZE - 1 else x, comm=COMM)
+    scenarios["mismatch_dtype_on_last_rank"] = dtype_mismatch
+
+    def float16_mismatch():
+        # float16 is computed in float32: the agreement is on the caller's dtype
+        fastbn.batch_norm_forward(x.astype(np.float16 if RANK == 0 else np.float32),
+                                  comm=COMM)
+    scenarios["mismatch_float16_float32"] = float16_mismatch
+
+    def layer_forward_vs_backward():
+        bn = fastbn.BatchNorm(C, dtype=np.float64, comm=COMM)
+        bn._saved = (x, 1, mean, invstd)  # as after a forward, without its collective
+        if RANK == 0:
+            bn.forward(x, training=True)
+        else:
+            bn.backward(dy)
+    scenarios["mismatch_layer_forward_on_rank_0_backward_elsewhere"] = layer_forward_vs_backward
+    rms_untouched.append((rm, rv))
+    return scenarios
+
+
+rms_untouched = []
+
+
+def late_failure_cases(x, dy, layer, rm, rv):
+    """Ranks that fail after the header collective: in the kernel or converting its result."""
+    last = SIZE - 1
+    scenarios = {}
+
+    def forward_kernel_fails():
+        with failing_on(1, "moments", simulated_failure):
+            fastbn.batch_norm_forward(x, comm=COMM)
+    scenarios["forward_kernel_fails_on_rank_1"] = forward_kernel_fails
+
+    def backward_kernel_fails():
+        _, mean, invstd = fastbn.batch_norm_forward(x, comm=COMM)
+        with failing_on(1, "grad_sums", simulated_failure):
+            fastbn.batch_norm_backward(dy, x, mean, invstd, np.ones(4), comm=COMM)
+    scenarios["backward_kernel_fails_on_rank_1"] = backward_kernel_fails
+
+    def conversion_fails():
+        with failing_on(last, "moments", wrong_shape):
+            fastbn.batch_norm(x, rm, rv, training=True, comm=COMM)
+    scenarios["conversion_fails_on_last_rank"] = conversion_fails
+
+    def layer_kernel_fails():
+        with failing_on(0, "moments", simulated_failure):
+            layer.forward(x, training=True)
+    scenarios["layer_kernel_fails_on_rank_0"] = layer_kernel_fails
+
+    def big_endian():
+        # either converted (every rank "ok") or an error of rank 1's own, never a hang
+        fastbn.batch_norm_forward(x.astype(">f8") if RANK == 1 else x, comm=COMM)
+    scenarios["big_endian_on_rank_1"] = big_endian
+
+    def warn_with_out_on_rank_0():
+        # non-finite statistics with on_nonfinite="warn": rank 0 (out given) recomputes
+        # its output; it must not make an exchange that the other ranks do not make
+        xb = x.copy()
+        if RANK == 0:
+            xb[0, 0] = np.nan
+        out = np.empty_like(xb) if RANK == 0 else None
+        fastbn.batch_norm(xb, rm, rv, training=True, on_nonfinite="warn", out=out, comm=COMM)
+    scenarios["warn_with_out_on_rank_0"] = warn_with_out_on_rank_0
+    return scenarios
 
 
 def error_cases():
@@ -221,16 +338,24 @@ def error_cases():
         fastbn.batch_norm(x, rm if RANK != 1 else np.zeros(3), rv, training=False, comm=COMM)
     scenarios["inference_bad_running_on_rank_1"] = inference_bad_running_on_rank_1
 
+    scenarios.update(mismatch_cases(x, dy))
+    scenarios.update(late_failure_cases(x, dy, layer, rm, rv))
+
     def afterwards():
         fastbn.batch_norm_forward(x, comm=COMM)
     scenarios["normal_call_afterwards"] = afterwards
 
     results = {}
+    messages = {}
     for name, fn in scenarios.items():
         mine = outcome(fn)
-        results[name] = COMM.allgather(mine)
+        results[name] = COMM.allgather(mine[:2])
+        messages[name] = COMM.allgather(mine[2])
+    results["messages"] = messages
     untouched = (layer.num_batches_tracked == 0 and np.array_equal(layer.running_mean, np.zeros(4))
-                 and np.array_equal(rm, np.zeros(4)) and np.array_equal(rv, np.ones(4)))
+                 and np.array_equal(rm, np.zeros(4)) and np.array_equal(rv, np.ones(4))
+                 and all(np.array_equal(a, np.zeros(4)) and np.array_equal(b, np.ones(4))
+                         for a, b in rms_untouched))
     results["state_untouched"] = COMM.allgather(bool(untouched))
     return results
 
