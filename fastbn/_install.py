@@ -1,8 +1,8 @@
 """How to install an optional part of fastbn, said the way fastbn itself was installed.
 
-fastbn is installed from a clone of its repository, not from a package index, so
-``pip install 'fastbn[plot]'`` fails: the hint names the clone (``pip install -e
-".[plot]"``) when fastbn runs from one, and the plain packages otherwise.
+fastbn is installed from a clone of its repository, not from a package index, so asking
+pip for ``fastbn[plot]`` fails: the hint names the clone (``pip install -e ".[plot]"``)
+when fastbn runs from one, and the plain packages otherwise.
 """
 
 import os

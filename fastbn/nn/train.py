@@ -717,10 +717,7 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
             history.epochs.append(record)
             if not root:
                 continue
-            if log is not None:
-                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
-                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
+            # Files first: once an epoch's line is printed, its checkpoint is on disk.
             if save is not None:
                 _checkpoint.save_checkpoint(
                     save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
@@ -728,6 +725,10 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
                     config=config)
             if metrics_out is not None:
                 _write_metrics(metrics_out, history)
+            if log is not None:
+                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
+                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
     return history
 
 
