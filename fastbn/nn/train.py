@@ -680,10 +680,12 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
                   file=sys.stderr, flush=True)
         announced.append(time.perf_counter())
 
+    # Each rank of a distributed run trains on its share of every global batch.
+    local_batch = -(-int(config["batch_size"]) // (1 if parallel is None else parallel.size))
     t_warm = time.perf_counter()
-    with _config.on_compile(announce):
+    with _config.on_compile(announce), _BlasThreads(blas_threads):
         warm_up(*build(np.random.default_rng(0)), x_train, y_train, x_test, y_test,
-                int(config["batch_size"]))
+                local_batch)
     history.config["warmup_seconds"] = time.perf_counter() - t_warm
     if announced and say is not None:
         print(f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s",
