@@ -154,7 +154,8 @@ def test_read_only_install_used_by_nobody_without_home():
         assert result.returncode == 0, result.stderr
         assert "forward and backward ok" in result.stdout
         assert result.stderr.count("no writable JIT cache location") == 1, result.stderr
-        assert os.path.isdir(os.path.join(scratch, f"fastbn-jit-cache-{pwd.getpwnam('nobody').pw_uid}"))
+        uid = pwd.getpwnam("nobody").pw_uid
+        assert os.path.isdir(os.path.join(scratch, f"fastbn-jit-cache-{uid}"))
     finally:
         for directory, _, _ in os.walk(site):
             os.chmod(directory, 0o755)
