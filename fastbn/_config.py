@@ -26,6 +26,14 @@ Environment variables
 ---------------------
 FASTBN_CACHE
     ``0`` turns the on-disk JIT cache off (default on).
+NUMBA_CACHE_DIR
+    Numba's own variable: where compiled kernels are cached. Without it, Numba caches
+    next to the installed sources (``fastbn/__pycache__``) when that directory is
+    writable, else in the user's cache directory (``~/.cache/numba``). When none of these
+    is writable (a read-only system-wide install used by an account without a home),
+    fastbn caches in a private directory of its own, ``<tmp>/fastbn-jit-cache-<uid>``
+    (mode 0700), or, when even that fails, compiles without a cache; one warning says
+    which (:func:`njit`).
 FASTBN_CUDA_THREADS
     Threads per block of the CUDA kernels (default 256; tests under the simulator use a
     small value so that multi-block and tail paths run).
@@ -35,10 +43,13 @@ import contextlib
 import ctypes
 import os
 import site
+import stat
 import sys
+import tempfile
+import warnings
 
 import numba
-from numba.core import caching
+from numba.core import caching, event
 
 try:
     import fcntl
@@ -230,9 +241,91 @@ class _LockedCacheFile(caching.IndexDataCacheFile):
             return super().load(key)
 
 
+def _private_cache_dir():
+    """A cache directory only this user can write: ``<tmp>/fastbn-jit-cache-<uid>``.
+
+    Created with mode 0700. An existing one is used only when it is a real directory
+    owned by this user and writable by nobody else: anyone who can write a cache can
+    make fastbn run their machine code.
+
+    Returns
+    -------
+    str or None
+        The directory, or None when it cannot be created or is not safe.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        path = os.path.join(tempfile.gettempdir(),
+                            f"fastbn-jit-cache-{uid if uid is not None else 'user'}")
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if (not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o022
+            or (uid is not None and info.st_uid != uid) or not os.access(path, os.W_OK)):
+        return None
+    return path
+
+
+# Where fastbn caches when Numba's locators find no writable place: resolved once, on the
+# first kernel Numba refuses to cache ("unset" until then; None: caching off).
+_fallback = {"dir": "unset"}
+
+
+@contextlib.contextmanager
+def _numba_cache_dir(path):
+    """Numba's ``config.CACHE_DIR`` set to ``path`` while a dispatcher is created.
+
+    Numba reads it once, when the dispatcher's cache locator is chosen, so the kernels
+    created inside keep ``path`` and nothing else in the process is redirected.
+    """
+    previous = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = path
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = previous
+
+
+def _jit_with_fallback(fn, options):
+    """``numba.njit(**options)(fn)``; when Numba finds no writable cache location (it
+    raises at decoration), the same with a private cache directory, else without a cache.
+
+    One warning per process says where the cache went.
+    """
+    try:
+        return numba.njit(**options)(fn)
+    except RuntimeError as exc:
+        if not options.get("cache") or "no locator available" not in str(exc):
+            raise
+    if _fallback["dir"] == "unset":
+        _fallback["dir"] = _private_cache_dir()
+        where = (f"caching compiled kernels in {_fallback['dir']}" if _fallback["dir"]
+                 else "compiling without a cache (every process compiles again)")
+        warnings.warn(f"fastbn: no writable JIT cache location; {where} (set "
+                      f"NUMBA_CACHE_DIR to choose one, FASTBN_CACHE=0 for none)",
+                      RuntimeWarning, stacklevel=4)
+    if _fallback["dir"] is not None:
+        with _numba_cache_dir(_fallback["dir"]):
+            try:
+                return numba.njit(**options)(fn)
+            except RuntimeError:
+                pass
+    return numba.njit(**dict(options, cache=False))(fn)
+
+
 def njit(**options):
     """``numba.njit(**options)``, with the function's on-disk cache locked between
     processes (:class:`_LockedCacheFile`) when ``cache`` is on and the OS has ``flock``.
+
+    When no cache location is writable (Numba would raise ``cannot cache function ...:
+    no locator available``), the kernel is cached in a private directory instead, or not
+    at all, with one warning: importing fastbn never fails for want of a cache.
 
     Examples
     --------
@@ -245,12 +338,68 @@ def njit(**options):
     '_LockedCacheFile'
     """
     def decorate(fn):
-        dispatcher = numba.njit(**options)(fn)
+        dispatcher = _jit_with_fallback(fn, options)
         cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
         if fcntl is not None and type(cache_file) is caching.IndexDataCacheFile:
             cache_file.__class__ = _LockedCacheFile
         return dispatcher
     return decorate
+
+
+class _CompileWatch(event.Listener):
+    """Counts Numba compilations in progress (``numba:compile`` events).
+
+    Numba fires the event only when it really compiles: a kernel loaded from the on-disk
+    cache is silent. The trainer and ``python -m fastbn`` use it to say "compiling
+    kernels" exactly when they do, and their Ctrl-C handler to know that an interrupt
+    would land inside the compiler (which does not survive one cleanly).
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.callbacks = []
+
+    def on_start(self, ev):
+        self.depth += 1
+        for callback in list(self.callbacks):
+            callback()
+
+    def on_end(self, ev):
+        self.depth = max(self.depth - 1, 0)
+
+
+_COMPILE_WATCH = _CompileWatch()
+event.register("numba:compile", _COMPILE_WATCH)
+
+
+def compiling():
+    """Whether Numba is compiling a function in this process right now.
+
+    Examples
+    --------
+    >>> compiling()
+    False
+    """
+    return _COMPILE_WATCH.depth > 0
+
+
+@contextlib.contextmanager
+def on_compile(callback):
+    """Call ``callback()`` each time Numba starts compiling a function inside the block.
+
+    Examples
+    --------
+    >>> calls = []
+    >>> with on_compile(lambda: calls.append(1)):
+    ...     _ = numba.njit(lambda v: v + 1)(1)
+    >>> len(calls) >= 1
+    True
+    """
+    _COMPILE_WATCH.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        _COMPILE_WATCH.callbacks.remove(callback)
 
 # --- CUDA kernels (fastbn/cuda.py, fastbn/_cuda_kernels.py) ---------------------------
 # Options of every numba.cuda kernel. No fastmath: it would flush denormals, approximate

@@ -1,13 +1,20 @@
 """The ``fastbn`` command (also ``python -m fastbn``): argparse with subcommands.
 
-``fastbn train`` trains the MLP of the design's Keras example on Fashion-MNIST (or MNIST,
+```fastbn train`` trains the MLP of the design's Keras example on Fashion-MNIST (or MNIST,
 or a synthetic set) with fastbn's BatchNorm; it is a thin layer over
 :func:`fastbn.nn.fit`. See ``docs/trainer.md``.
 """
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import os
+import signal
 import sys
+import time
+
+from ._install import install_hint
 
 __all__ = ["main", "build_parser"]
 
@@ -22,6 +29,17 @@ def _hidden(text):
     if any(w < 1 for w in widths):
         raise argparse.ArgumentTypeError(f"--hidden widths must be positive, got {text!r}")
     return widths
+
+
+def _epochs(text):
+    """An argparse type for integers >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text):
@@ -40,14 +58,14 @@ def _add_train_parser(subparsers):
     p = subparsers.add_parser(
         "train", help="train the MLP (Dense -> BatchNorm -> ...) on Fashion-MNIST",
         description="Train Dense(64, relu) -> BatchNorm -> Dense(32, relu) -> BatchNorm -> "
-                    "Dense(10, softmax) with Adam, BatchNorm running on fastbn's kernels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Dense(10, softmax) with Adam, BatchNorm running on fastbn's kernels.")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=["fashion-mnist", "mnist", "synthetic"],
                       default=None, help="dataset (default: fashion-mnist, or the "
                       "checkpoint's when resuming)")
     data.add_argument("--data", metavar="DIR", default=None,
-                      help="directory searched first for the IDX .gz files (then "
+                      help="directory searched first for the IDX .gz files (it must "
+                      "exist; then "
                       "$FASTBN_DATA, ~/.cache/fastbn/<dataset>, /usr/share/datasets/"
                       "fashion-mnist, ~/.keras/datasets/fashion-mnist, then download)")
     data.add_argument("--no-download", action="store_true",
@@ -78,25 +96,26 @@ def _add_train_parser(subparsers):
     model.add_argument("--dtype", choices=["float32", "float64"], default=None,
                        help="dtype of the model (default float32)")
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=int, default=10, help="total epochs")
+    run.add_argument("--epochs", type=_epochs, default=10,
+                     help="total epochs, those of a resumed checkpoint included (default 10)")
     run.add_argument("--batch-size", type=_positive_int, default=None,
                      help="mini-batch size (default 128)")
     run.add_argument("--seed", type=int, default=None, help="seed of weights and shuffles "
                      "(default 0)")
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                      help="cpu: NumPy BLAS + Numba kernels; cuda: CuPy cuBLAS + fastbn's "
-                     "CUDA kernels")
+                     "CUDA kernels (default cpu)")
     run.add_argument("--threads", type=_positive_int, default=None,
                      help="threads for fastbn's Numba kernels (default: all cores)")
     run.add_argument("--blas-threads", type=_positive_int, default=1,
-                     help="threads for the BLAS matrix products while training (one is "
-                     "the fastest at this model's sizes; see docs/trainer.md)")
+                     help="threads for the BLAS matrix products while training (default "
+                     "1, the fastest at this model's sizes; see docs/trainer.md)")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel over MPI: run under `mpiexec -n P fastbn train "
                      "--distributed`; each global batch is split among the P ranks, "
                      "BatchNorm is synchronized, gradients are summed with Allreduce; "
-                     "rank 0 alone prints and writes files (needs pip install "
-                     "'fastbn[mpi]'; CPU only)")
+                     "rank 0 alone prints and writes files (needs mpi4py and an MPI "
+                     "library: " + install_hint("mpi").replace("%", "%%") + "; CPU only)")
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", metavar="FILE.json", default=None,
                      help="per-epoch metrics as JSON (rewritten after every epoch)")
@@ -105,7 +124,8 @@ def _add_train_parser(subparsers):
     out.add_argument("--resume", metavar="FILE.npz", default=None,
                      help="continue a run from its checkpoint (up to --epochs in total)")
     out.add_argument("--plot", metavar="FILE.png", default=None,
-                     help="loss and accuracy curves (needs matplotlib)")
+                     help="loss and accuracy curves (needs matplotlib: checked before "
+                     "training)")
     out.add_argument("--compare-no-bn", action="store_true",
                      help="also train the model without BatchNorm and plot both")
     out.add_argument("--quiet", "-q", action="store_true",
@@ -136,24 +156,178 @@ def build_parser():
     return parser
 
 
-def _run_train(args):
-    """Run ``fastbn train``; returns the exit status."""
+class _Interrupts:
+    """SIGINT while a command runs: always honoured, always reported truthfully.
+
+    Outside the compiler a Ctrl-C raises KeyboardInterrupt as usual (the command reports
+    it and exits 130). Inside Numba's compiler an exception can be swallowed or leave a
+    half-built function behind (later calls then fail with an internal error), so there
+    the process ends at once, with exit status 130 and the same report: nothing is being
+    written at that moment (checkpoints are replaced atomically). A second Ctrl-C always
+    ends the process at once.
+
+    Parameters
+    ----------
+    prog : str
+        Prefix of the report (``"fastbn train"``).
+    checkpoint : str, optional
+        The run's ``--save`` file: the report names it only if this run wrote it (or it
+        is the ``resume`` file, still in place).
+    resume : str, optional
+    """
+
+    def __init__(self, prog, checkpoint=None, resume=None):
+        self.prog = prog
+        self.checkpoint = checkpoint
+        self.resume = resume
+        self.received = False
+        self.started_ns = time.time_ns()
+        self._previous = None
+
+    def report(self, during_compile=False):
+        """The line printed on an interrupt."""
+        line = f"{self.prog}: interrupted" + (" while compiling kernels" if during_compile
+                                              else "")
+        if self.checkpoint is not None:
+            if self._checkpoint_is_current():
+                line += f"; the last completed epoch is in {self.checkpoint}"
+            else:
+                line += f"; no checkpoint was written to {self.checkpoint}"
+        return line
+
+    def _checkpoint_is_current(self):
+        try:
+            written = os.stat(self.checkpoint).st_mtime_ns >= self.started_ns
+        except OSError:
+            return False
+        if written:
+            return True
+        with contextlib.suppress(OSError, TypeError):
+            return self.resume is not None and os.path.samefile(self.checkpoint, self.resume)
+        return False
+
+    def _handler(self, signum, frame):
+        from . import _config
+
+        if self.received or _config.compiling():
+            self.exit_now(during_compile=not self.received)
+        self.received = True
+        raise KeyboardInterrupt
+
+    def exit_now(self, during_compile=False):
+        """Report the interrupt and end the process with status 130 (no clean-up)."""
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        with contextlib.suppress(Exception):
+            sys.stderr.write(self.report(during_compile) + "\n")
+            sys.stderr.flush()
+        os._exit(130)
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Python delivers no signal here anyway
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _error(message, status=1):
+    """Print ``fastbn train: error: message``; return ``status``."""
+    print(f"fastbn train: error: {message}", file=sys.stderr)
+    return status
+
+
+def _check_output_file(option, path):
+    """An error message when ``path`` cannot be written as an output file, else None."""
+    if os.path.isdir(path):
+        return f"{option} {path} is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{option} {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: permission denied (cannot write in {parent})"
+    return None
+
+
+def _check_train_options(args):
+    """Check what can be checked before any data is read; returns an exit status or None.
+
+    The data directory, the output files, matplotlib for ``--plot``, MPI for
+    ``--distributed``, the checkpoint to resume (read and validated) and whether there is
+    anything to train at all.
+    """
     from . import data as _data
     from .nn import checkpoint as _checkpoint
-    from .nn.train import fit
 
     if args.compare_no_bn and (args.save or args.resume or args.no_bn):
         print("fastbn train: --compare-no-bn cannot be combined with --save, --resume or "
               "--no-bn", file=sys.stderr)
         return 2
+    if args.data is not None:
+        try:
+            _data.check_data_dir(args.data)
+        except _data.DatasetError as exc:
+            return _error(f"--data: {exc}")
+    for option, path in (("--save", args.save), ("--metrics-out", args.metrics_out),
+                         ("--plot", args.plot)):
+        problem = path is not None and _check_output_file(option, path)
+        if problem:
+            return _error(problem)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return _error(f"--plot needs matplotlib, which is not installed: "
+                      f"{install_hint('plot')}")
+    if args.distributed and importlib.util.find_spec("mpi4py") is None:
+        return _error(f"--distributed needs mpi4py and an MPI library: {install_hint('mpi')}")
+    if args.resume is not None:
+        try:
+            done = _checkpoint.load_checkpoint(args.resume)["epoch"]
+        except _checkpoint.CheckpointError as exc:
+            return _error(exc)
+        if done >= args.epochs:
+            print(f"fastbn train: nothing to train: {args.resume} already holds {done} "
+                  f"epoch{'s' * (done != 1)} (--epochs {args.epochs} in total); pass "
+                  f"--epochs {done + 1} or more to continue", file=sys.stderr)
+            return 0
+    elif args.epochs == 0:
+        print("fastbn train: nothing to train: --epochs 0", file=sys.stderr)
+        return 0
+    return None
+
+
+def _run_train(args):
+    """Run ``fastbn train``; returns the exit status."""
+    status = _check_train_options(args)
+    if status is not None:
+        return status
+    with _Interrupts("fastbn train", checkpoint=args.save, resume=args.resume) as interrupts:
+        status = _train(args, interrupts)
+    if interrupts.received and status != 130:
+        # The interrupt was swallowed somewhere below: it still ends the run, truthfully.
+        print(interrupts.report(), file=sys.stderr)
+        return 130
+    return status
+
+
+def _train(args, interrupts):
+    """The training part of ``fastbn train`` (options already checked)."""
+    from . import data as _data
+    from .nn import checkpoint as _checkpoint
+    from .nn.train import fit
+
     comm = None
     if args.distributed:
         try:
             from mpi4py import MPI
         except ImportError as exc:
-            print(f"fastbn train: --distributed needs mpi4py and an MPI library: "
-                  f"pip install 'fastbn[mpi]' ({exc})", file=sys.stderr)
-            return 1
+            return _error(f"--distributed needs mpi4py and an MPI library: "
+                          f"{install_hint('mpi')} ({exc})")
         comm = MPI.COMM_WORLD
     root = comm is None or comm.Get_rank() == 0
     log = None if args.quiet or not root else print
@@ -197,20 +371,25 @@ def _run_train(args):
                                  f"batch {config['batch_size']}, seed {config['seed']}")
             if log:
                 log(f"curves written to {args.plot}")
+    except KeyboardInterrupt:
+        print(interrupts.report(), file=sys.stderr)
+        return 130
     except (_data.DatasetError, _checkpoint.CheckpointError, ValueError, RuntimeError) as exc:
+        if interrupts.received:  # what an interrupt inside a library turned into
+            print(interrupts.report(), file=sys.stderr)
+            return 130
         print(f"fastbn train: error: {exc}", file=sys.stderr)
         if comm is not None and comm.Get_size() > 1:
             _abort(comm, exc)
         return 1
     except Exception as exc:  # anything else: a lone failing rank would hang the others
+        if interrupts.received:
+            print(interrupts.report(), file=sys.stderr)
+            return 130
         if comm is None or comm.Get_size() == 1:
             raise
         print(f"fastbn train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         _abort(comm, exc)
-    except KeyboardInterrupt:
-        print("fastbn train: interrupted" + (f"; the last completed epoch is in {args.save}"
-                                             if args.save else ""), file=sys.stderr)
-        return 130
     return 0
 
 

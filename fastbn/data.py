@@ -4,7 +4,9 @@ The IDX datasets are four gzip files each (``train-images-idx3-ubyte.gz``,
 ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz``,
 ``t10k-labels-idx1-ubyte.gz``). :func:`load_dataset` looks for them, in this order, in
 
-1. the ``data_dir`` argument (``fastbn train --data DIR``); ``DIR/<dataset>`` is tried too;
+1. the ``data_dir`` argument (``fastbn train --data DIR``); ``DIR/<dataset>`` is tried too
+   (a ``data_dir`` that does not exist, is not a directory or cannot be read is an
+   error, never skipped silently);
 2. ``$FASTBN_DATA`` (and ``$FASTBN_DATA/<dataset>``);
 3. the user cache, ``~/.cache/fastbn/<dataset>`` (``$XDG_CACHE_HOME`` is honoured);
 4. the Debian package location, ``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Dataset", "DatasetError", "DATASETS", "load_dataset", "load_idx",
-           "make_synthetic", "search_dirs", "fetch_file", "IDX_FILES"]
+           "make_synthetic", "search_dirs", "fetch_file", "check_data_dir", "IDX_FILES"]
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -175,6 +177,46 @@ def search_dirs(dataset, data_dir=None):
     return unique
 
 
+def check_data_dir(data_dir):
+    """Check that a user-given data directory exists, is a directory and can be read.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike
+
+    Returns
+    -------
+    str
+        The path.
+
+    Raises
+    ------
+    DatasetError
+        It does not exist, is not a directory, or cannot be listed; the message names it.
+
+    Examples
+    --------
+    >>> check_data_dir("/nonexistent/fashion")
+    Traceback (most recent call last):
+    ...
+    fastbn.data.DatasetError: data directory /nonexistent/fashion does not exist
+    """
+    path = os.fspath(data_dir)
+    if not os.path.exists(path):
+        raise DatasetError(f"data directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise DatasetError(f"data directory {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DatasetError(f"data directory {path}: permission denied")
+    try:
+        os.listdir(path)
+    except PermissionError:
+        raise DatasetError(f"data directory {path}: permission denied") from None
+    except OSError as exc:
+        raise DatasetError(f"data directory {path} cannot be read ({exc})") from None
+    return path
+
+
 def _dataset_info(dataset):
     """Return the table entry of an IDX dataset, or raise a ValueError naming the choices.
 
@@ -211,6 +253,9 @@ def _read_gzip(path):
     try:
         with gzip.open(path, "rb") as f:
             return f.read()
+    except PermissionError as exc:
+        raise DatasetError(f"{path}: permission denied (the file exists but this account "
+                           "cannot read it)") from exc
     except (OSError, EOFError, zlib.error) as exc:
         # gzip raises BadGzipFile (an OSError) for a wrong header, EOFError for a truncated
         # stream, and zlib.error or OSError for a CRC/length mismatch.
@@ -425,7 +470,8 @@ def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_url
     ValueError
         Unknown dataset name.
     DatasetError
-        A file is corrupt or truncated (the message names it), or a file is missing and
+        ``data_dir`` does not exist, is not a directory or cannot be read; a file cannot
+        be read (permission denied), is corrupt or truncated (the message names it), or a file is missing and
         could not be downloaded (the message lists every place tried and how to get it).
 
     Examples
@@ -437,6 +483,8 @@ def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_url
     if name == "synthetic":
         return make_synthetic(seed=seed)
     info = _dataset_info(name)
+    if data_dir is not None:
+        check_data_dir(data_dir)
     dirs = search_dirs(name, data_dir)
     cache = os.fspath(cache_dir) if cache_dir is not None else os.path.join(_user_cache_root(), name)
     if cache not in dirs:

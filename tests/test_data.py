@@ -47,6 +47,7 @@ def isolated(monkeypatch, tmp_path):
     """No real data anywhere: a fresh HOME and cache, no system directories."""
     home = tmp_path / "home"
     home.mkdir()
+    (tmp_path / "empty").mkdir()  # a data_dir must exist
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.delenv("FASTBN_DATA", raising=False)
@@ -205,6 +206,54 @@ def test_nothing_found_lists_every_place_and_how_to_get_the_data(isolated):
         assert d in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--data" in message and "synthetic" in message
+
+
+def test_a_bad_data_dir_is_an_error_naming_it(isolated, monkeypatch):
+    _make_dataset_dir(isolated / "home" / ".cache" / "fastbn" / "fashion-mnist")
+    missing = isolated / "missing"
+    with pytest.raises(data.DatasetError, match=f"data directory {missing} does not exist"):
+        data.load_dataset("fashion-mnist", missing, download=False)
+    regular = isolated / "file"
+    regular.write_text("x")
+    with pytest.raises(data.DatasetError, match="is not a directory"):
+        data.load_dataset("fashion-mnist", regular, download=False)
+    locked = isolated / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(data.os, "access",
+                        lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    with pytest.raises(data.DatasetError, match=f"{locked}: permission denied"):
+        data.load_dataset("fashion-mnist", locked, download=False)
+    # Without data_dir the other places are still searched.
+    assert data.load_dataset("fashion-mnist", download=False).x_train.shape == (12, 784)
+
+
+def test_an_unreadable_idx_file_says_permission_denied(isolated, monkeypatch):
+    directory = isolated / "d"
+    _make_dataset_dir(directory)
+    unreadable = str(directory / FILES["train_labels"])
+    real_open = data.gzip.open
+
+    def gzip_open(path, *args, **kwargs):
+        if str(path) == unreadable:
+            raise PermissionError(13, "Permission denied", unreadable)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.gzip, "open", gzip_open)
+    with pytest.raises(data.DatasetError) as info:
+        data.load_dataset("fashion-mnist", directory, download=False)
+    assert f"{unreadable}: permission denied" in str(info.value)
+    assert "gzip" not in str(info.value) and "delete it" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads every file: the mode cannot make one unreadable")
+def test_an_unreadable_idx_file_for_real(isolated):
+    directory = isolated / "d"
+    _make_dataset_dir(directory)
+    os.chmod(directory / FILES["test_images"], 0)
+    with pytest.raises(data.DatasetError, match="permission denied"):
+        data.load_dataset("fashion-mnist", directory, download=False)
 
 
 def test_unknown_dataset_name():

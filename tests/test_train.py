@@ -119,7 +119,8 @@ def test_metrics_json_is_written_every_epoch(small, tmp_path):
 def test_progress_and_summary_lines(small):
     lines = []
     nn.fit(small, epochs=1, hidden=(8,), log=lines.append, progress=True)
-    assert len(lines) == 1 and "test_acc" in lines[0] and "samples/s" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("data: synthetic generated (600 training")
+    assert "test_acc" in lines[1] and "samples/s" in lines[1]
 
 
 def test_fit_argument_errors(small):
@@ -193,6 +194,7 @@ def test_cli_missing_data_lists_places(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setitem(data.DATASETS["fashion-mnist"], "system_dirs", [str(tmp_path / "no")])
+    (tmp_path / "d").mkdir()
     assert cli.main(["train", "--data", str(tmp_path / "d"), "--no-download"]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "d") in err and "apt-get install dataset-fashion-mnist" in err

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from .._install import install_hint
+
 DEVICES = ("cpu", "cuda")
 
 
@@ -42,7 +44,7 @@ def array_module(device="cpu"):
     except ImportError as exc:
         raise RuntimeError(
             "device='cuda' needs CuPy for the matrix products and numba-cuda for the "
-            "BatchNorm kernels: pip install 'fastbn[cuda]' (CuPy for CUDA 12), "
+            f"BatchNorm kernels: {install_hint('cuda')} (CuPy for CUDA 12), "
             f"or use device='cpu' ({exc})") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()

@@ -7,11 +7,18 @@ configuration. Everything is stored without pickle (``np.load(allow_pickle=False
 
 Writes go to a temporary file in the target's directory, are flushed to disk, and then
 renamed over the target with :func:`os.replace`: an interrupted save leaves the previous
-checkpoint intact.
+checkpoint intact. The file gets the permissions a plain ``open(path, "w")`` would give
+it (``0666`` less the umask, or the replaced file's mode). The temporary file's name
+carries the host and process id of its writer (``.<name>.<host>.<pid>.<random>.tmp``); a
+write killed outright (SIGKILL, power loss) leaves it behind, and the next save of the
+same file on the same host removes it once its writer is gone.
 """
 
+import errno
+import glob
 import json
 import os
+import socket
 import tempfile
 import zipfile
 
@@ -27,8 +34,69 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or not a fastbn trainer checkpoint."""
 
 
+def _umask():
+    """The process's umask (read from /proc when possible, which changes nothing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it
+    os.umask(mask)
+    return mask
+
+
+def _temporary_prefix(path):
+    """``.<name>.<host>.`` : the start of every temporary file written for ``path``."""
+    host = socket.gethostname().replace(".", "_") or "localhost"
+    return f".{os.path.basename(path)}.{host}."
+
+
+def _pid_alive(pid):
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path):
+    """Delete temporary files of ``path`` left by writers of this host that are gone.
+
+    Parameters
+    ----------
+    path : str
+        The final file name.
+
+    Returns
+    -------
+    list of str
+        The files removed.
+    """
+    prefix = os.path.join(os.path.dirname(os.path.abspath(path)), _temporary_prefix(path))
+    removed = []
+    for tmp in glob.glob(glob.escape(prefix) + "*.tmp"):
+        pid_text = tmp[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def _atomic_replace(path, write):
     """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The result gets ``path``'s previous mode when it existed, else ``0666`` less the umask;
+    temporary files of earlier writes killed on this host are removed first.
 
     Parameters
     ----------
@@ -40,10 +108,16 @@ def _atomic_replace(path, write):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    _remove_stale_temporaries(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}.",
+                               suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -127,27 +201,54 @@ def load_checkpoint(path):
     Raises
     ------
     CheckpointError
-        Missing file, unreadable or truncated file, or not a fastbn trainer checkpoint;
-        the message names the file.
+        Missing file, permission denied, unreadable or truncated file, not a fastbn
+        trainer checkpoint, or a ``meta`` entry without the expected fields; the message
+        names the file and what is wrong.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a file")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except PermissionError as exc:
+        raise CheckpointError(f"checkpoint {path}: permission denied") from exc
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(f"checkpoint {path}: permission denied") from exc
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({exc})") from exc
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({exc})") from exc
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (no 'meta' entry)")
     try:
         meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint ({exc})") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (meta is not "
+                              f"JSON: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (meta is a JSON "
+                              f"{type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (format "
+                              f"{meta.get('format')!r}, expected {FORMAT!r})")
+    expected = {"epoch": int, "rng_state": dict, "history": list, "config": dict}
+    for key, kind in expected.items():
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path} is malformed: meta has no {key!r}")
+        value = meta[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path} is malformed: meta {key!r} must be "
+                                  f"a JSON {'integer' if kind is int else kind.__name__}, "
+                                  f"got {value!r:.60}")
+    if meta["epoch"] < 0:
+        raise CheckpointError(f"checkpoint {path} is malformed: epoch {meta['epoch']} < 0")
     return {
         "model_state": {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
         "optimizer_state": {k[10:]: v for k, v in arrays.items() if k.startswith("optimizer.")},
-        "epoch": int(meta["epoch"]),
+        "epoch": meta["epoch"],
         "rng_state": meta["rng_state"],
         "history": meta["history"],
         "config": meta["config"],

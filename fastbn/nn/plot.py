@@ -1,5 +1,7 @@
 """Loss and accuracy curves of one or more training runs (matplotlib, imported lazily)."""
 
+from .._install import install_hint
+
 __all__ = ["plot_histories"]
 
 
@@ -35,8 +37,8 @@ def plot_histories(histories, path, title=None):
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError("plotting needs matplotlib: pip install 'fastbn[plot]' "
-                           f"(or pip install matplotlib) ({exc})") from exc
+        raise RuntimeError(f"plotting needs matplotlib: {install_hint('plot')} "
+                           f"({exc})") from exc
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, run) in enumerate(histories.items()):

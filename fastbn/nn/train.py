@@ -12,6 +12,7 @@ are bitwise reproducible; with the same BLAS and thread count a run is reproduci
 and a run resumed from a checkpoint continues exactly as the uninterrupted run would.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -21,14 +22,18 @@ import warnings
 
 import numpy as np
 
-from .. import data as _data
+from .. import _config, data as _data
 from . import _device, checkpoint as _checkpoint
 from .layers import BatchNorm, Dense, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
 
-__all__ = ["fit", "build_mlp", "train_epoch", "evaluate", "History", "set_threads",
-           "DEFAULTS"]
+__all__ = ["fit", "build_mlp", "train_epoch", "evaluate", "warm_up", "History",
+           "set_threads", "DEFAULTS", "COMPILE_NOTICE"]
+
+# Said once (on stderr) when the kernels of a run are being compiled, not loaded from the
+# JIT cache.
+COMPILE_NOTICE = "compiling kernels, first run only…"
 
 # The defaults of fit() (and of `fastbn train`): the design's Keras example.
 DEFAULTS = {
@@ -394,6 +399,46 @@ def evaluate(model, loss, x, y, batch_size=2048):
     return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
 
 
+def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size,
+            eval_batch_size=2048):
+    """Run every kernel a training run will call, on a throwaway ``model`` and ``optimizer``.
+
+    One training step per distinct batch size of an epoch (the full batch and the last,
+    smaller one) and one evaluation batch per distinct size: kernels, serial and parallel
+    builds alike, are chosen by shape, so these calls compile (or load from the JIT cache)
+    exactly those of the run, and the run's timings and progress bar leave compilation
+    out. ``model`` and ``optimizer`` are trained on a few rows: pass twins of the real
+    ones (``fit`` builds them with the run's configuration).
+
+    Parameters
+    ----------
+    model : Sequential
+    optimizer : Adam or SGD
+        Over ``model.store``.
+    x_train, y_train, x_test, y_test : arrays on the model's device
+    batch_size : int
+    eval_batch_size : int, default 2048
+        :func:`evaluate`'s batch size.
+
+    Examples
+    --------
+    >>> from fastbn.data import make_synthetic
+    >>> ds = make_synthetic(n_train=300, n_test=50)
+    >>> model = build_mlp(hidden=(8,), rng=0)
+    >>> warm_up(model, Adam(model.store), ds.x_train, ds.y_train, ds.x_test, ds.y_test, 128)
+    """
+    loss = SoftmaxCrossEntropy()
+    n = x_train.shape[0]
+    rows = n if n <= batch_size else batch_size + n % batch_size
+    if rows:
+        train_epoch(model, loss, optimizer, x_train[:rows], y_train[:rows], batch_size,
+                    np.random.default_rng(0))
+    n_test = x_test.shape[0]
+    rows = n_test if n_test <= eval_batch_size else eval_batch_size + n_test % eval_batch_size
+    if rows:
+        evaluate(model, loss, x_test[:rows], y_test[:rows], eval_batch_size)
+
+
 def _progress_bar(total, desc, enabled):
     """A tqdm bar on stderr, or None when disabled, not a tty, or tqdm is missing."""
     if enabled is None:
@@ -540,13 +585,16 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     (2, True)
     """
     state = _checkpoint.load_checkpoint(resume) if resume is not None else None
-    config = _resolve_config(
-        {"dataset": dataset if dataset is None or isinstance(dataset, str) else dataset.name,
-         "hidden": hidden, "batch_norm": batch_norm, "bn_position": bn_position,
-         "bn_convention": bn_convention, "bn_momentum": bn_momentum, "init": init,
-         "optimizer": optimizer, "lr": lr,
-         "batch_size": batch_size, "seed": seed, "dtype": dtype},
-        state["config"] if state else None)
+    options = {"dataset": dataset if dataset is None or isinstance(dataset, str)
+               else dataset.name,
+               "hidden": hidden, "batch_norm": batch_norm, "bn_position": bn_position,
+               "bn_convention": bn_convention, "bn_momentum": bn_momentum, "init": init,
+               "optimizer": optimizer, "lr": lr,
+               "batch_size": batch_size, "seed": seed, "dtype": dtype}
+    if state is not None:
+        with _checkpoint_errors(resume):  # the checkpoint's own configuration is valid
+            _resolve_config({}, state["config"])
+    config = _resolve_config(options, state["config"] if state else None)
     epochs = int(epochs)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -574,22 +622,30 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     y_test = xp.asarray(ds.y_test.astype(np.int64, copy=False))
 
     init_seed, shuffle_seed = np.random.SeedSequence(config["seed"]).spawn(2)
-    model = build_mlp(ds.num_features, ds.num_classes, config["hidden"],
-                      batch_norm=config["batch_norm"], bn_position=config["bn_position"],
-                      bn_convention=config["bn_convention"],
-                      bn_momentum=config["bn_momentum"], init=config["init"],
-                      dtype=np_dtype, rng=np.random.default_rng(init_seed), device=device)
-    if config["optimizer"] == "adam":
-        opt = Adam(model.store, lr=config["lr"])
+
+    def build(rng):
+        model = build_mlp(ds.num_features, ds.num_classes, config["hidden"],
+                          batch_norm=config["batch_norm"], bn_position=config["bn_position"],
+                          bn_convention=config["bn_convention"],
+                          bn_momentum=config["bn_momentum"], init=config["init"],
+                          dtype=np_dtype, rng=rng, device=device)
+        if config["optimizer"] == "adam":
+            return model, Adam(model.store, lr=config["lr"])
+        return model, SGD(model.store, lr=config["lr"], momentum=0.9)
+
+    if state is None:
+        model, opt = build(np.random.default_rng(init_seed))
     else:
-        opt = SGD(model.store, lr=config["lr"], momentum=0.9)
+        with _checkpoint_errors(resume):
+            model, opt = build(np.random.default_rng(init_seed))
     rng = np.random.default_rng(shuffle_seed)
     loss = SoftmaxCrossEntropy()
     records, start_epoch = [], 0
     if state is not None:
-        model.load_state_dict(state["model_state"])
-        opt.load_state_dict(state["optimizer_state"])
-        rng.bit_generator.state = state["rng_state"]
+        with _checkpoint_errors(resume):
+            model.load_state_dict(state["model_state"])
+            opt.load_state_dict(state["optimizer_state"])
+            rng.bit_generator.state = state["rng_state"]
         records, start_epoch = list(state["history"]), state["epoch"]
     parallel = None
     if comm is not None:
@@ -601,6 +657,39 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
                 "data_source": ds.source, "n_train": int(ds.x_train.shape[0]),
                 "n_test": int(ds.x_test.shape[0])}
     history = History(records, dict(config, **run_info), model, opt)
+    say = log if root else None
+    if say is not None:
+        where = "generated" if ds.source == "synthetic" else f"from {ds.source}"
+        say(f"data: {ds.name} {where} ({ds.x_train.shape[0]:,} training, "
+            f"{ds.x_test.shape[0]:,} test samples)")
+    if start_epoch >= epochs:
+        if say is not None:
+            say(f"nothing to train: {start_epoch} of {epochs} epochs already done"
+                if state is not None else "nothing to train: epochs=0")
+        if root and metrics_out is not None:
+            _write_metrics(metrics_out, history)
+        return history
+
+    # Compile (or load) every kernel of the run before the first epoch, on a twin of the
+    # model, so the progress bar, its ETA and epoch 1's samples/s measure training only.
+    announced = []
+
+    def announce():
+        if not announced and say is not None:
+            print(COMPILE_NOTICE if _config.CACHE else "compiling kernels (JIT cache off)…",
+                  file=sys.stderr, flush=True)
+        announced.append(time.perf_counter())
+
+    # Each rank of a distributed run trains on its share of every global batch.
+    local_batch = -(-int(config["batch_size"]) // (1 if parallel is None else parallel.size))
+    t_warm = time.perf_counter()
+    with _config.on_compile(announce), _BlasThreads(blas_threads):
+        warm_up(*build(np.random.default_rng(0)), x_train, y_train, x_test, y_test,
+                local_batch)
+    history.config["warmup_seconds"] = time.perf_counter() - t_warm
+    if announced and say is not None:
+        print(f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s",
+              file=sys.stderr, flush=True)
 
     n_batches = -(-ds.x_train.shape[0] // int(config["batch_size"]))
     with _BlasThreads(blas_threads):
@@ -630,10 +719,7 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
             history.epochs.append(record)
             if not root:
                 continue
-            if log is not None:
-                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
-                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
+            # Files first: once an epoch's line is printed, its checkpoint is on disk.
             if save is not None:
                 _checkpoint.save_checkpoint(
                     save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
@@ -641,6 +727,18 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
                     config=config)
             if metrics_out is not None:
                 _write_metrics(metrics_out, history)
-    if root and metrics_out is not None and start_epoch >= epochs:
-        _write_metrics(metrics_out, history)
+            if log is not None:
+                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
+                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
     return history
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(path):
+    """Turn what a malformed checkpoint makes fail into a CheckpointError naming it."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise _checkpoint.CheckpointError(f"checkpoint {path} does not fit: {text}") from exc
