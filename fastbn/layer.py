@@ -69,6 +69,8 @@ class BatchNorm:
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         dtype = np.dtype(dtype)
+        if dtype.kind == "f" and not dtype.isnative:  # any byte order in, native state
+            dtype = dtype.newbyteorder("=")
         if dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
