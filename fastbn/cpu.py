@@ -1121,6 +1121,8 @@ def _chunk(shape, itemsize):
     294
     """
     outer, C, inner = shape
+    if not outer * C * inner:  # nothing to chunk (C == 0, an empty batch): any chunk will do
+        return 1
     if inner == 1:
         return max(1, _config.CHUNK_BYTES // (C * itemsize))
     run_bytes = inner * itemsize
