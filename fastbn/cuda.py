@@ -674,8 +674,9 @@ def _overflow_limit(dtype):
     info = np.finfo(dtype)
     if info.bits == 64:
         return math.inf
-    biggest = info.max.astype(np.float64)
-    return float(biggest + np.spacing(info.max).astype(np.float64) / 2)
+    biggest = float(info.max)
+    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
+    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
 
 
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
