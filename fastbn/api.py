@@ -426,8 +426,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     Parameters
     ----------
     x : array, ndim >= 2
-        float16, float32 or float64. NumPy arrays run on the CPU kernels, CUDA arrays
-        (Numba device arrays, CuPy, PyTorch CUDA tensors) on the GPU kernels.
+        float16, float32 or float64, any byte order on the host (results in native
+        order). NumPy arrays run on the CPU kernels, CUDA arrays (Numba device arrays,
+        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array is a
+        TypeError. An empty batch (no value per channel) gives an empty ``y`` and NaN
+        ``mean``/``invstd`` of shape (C,); one value per channel is a ValueError.
     gamma, beta : array of shape (C,), optional
         Scale and shift; None means 1 and 0.
     axis : int, default 1
@@ -685,18 +688,23 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         Required when not training; updated in place when training.
     gamma, beta : array of shape (C,), optional
     training : bool, default False
+        In training, an empty batch gives an empty output and leaves the running
+        statistics untouched (PyTorch's behaviour).
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch. None gives the cumulative average of all batches seen,
-        which needs ``num_batches_tracked``.
+        which needs ``num_batches_tracked``. A str, bytes or bool is a TypeError.
     eps : float, default 1e-5
     axis : int, default 1
     out : array, optional
     activation : {None, "relu"}, optional
     num_batches_tracked : int, optional
         With ``momentum=None``: how many batches the running statistics already average.
+        An integer >= 0 (checked whenever given).
     running_var_unbiased : bool, default True
     on_nonfinite : {"raise", "warn"}, default "raise"
-        What to do when the batch statistics are not finite: raise ``FloatingPointError``
+        What to do when the batch statistics are not finite, or when the updated running
+        statistics would not be finite in their own dtype (an overflow: float32 data of
+        std 1e20, float16 running statistics past 65504): raise ``FloatingPointError``
         before anything is written, or warn and return the output while leaving the
         running statistics untouched. Either way they never take in NaN or inf.
     stream : CUDA stream, optional
@@ -714,7 +722,8 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     Raises
     ------
     FloatingPointError
-        Non-finite batch statistics in training with running statistics (by default).
+        Non-finite batch statistics, or a running update that would overflow, in
+        training with running statistics (by default).
 
     Examples
     --------

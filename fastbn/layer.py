@@ -196,10 +196,18 @@ class BatchNorm:
         array
             Same shape, dtype and kind as ``x``.
 
+        An empty batch in training gives an empty output and changes nothing of the
+        layer (``num_batches_tracked`` included); :meth:`backward` then gives an empty
+        ``dx`` and zero ``dgamma``/``dbeta``.
+
         Raises
         ------
         FloatingPointError
-            Non-finite batch statistics in training; nothing of the layer changes.
+            Non-finite batch statistics in training, or a running update that would
+            overflow the layer's dtype; nothing of the layer changes.
+        TypeError
+            ``x`` is a host array and the layer is on the GPU (or the reverse), or a
+            masked array.
         fastbn.distributed.DistributedError
             With ``comm``, when another rank failed in the same call.
 
@@ -270,7 +278,8 @@ class BatchNorm:
         Returns
         -------
         array
-            ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (None when not affine).
+            ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (both when the layer is
+            affine, both None when not).
 
         Raises
         ------
