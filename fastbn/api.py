@@ -259,9 +259,9 @@ def _running_values(running_mean, running_var, mean, var, m, factor, unbiased):
 
     ``running = (1 - factor) * running + factor * batch`` (the unbiased batch variance
     ``var * m / (m - 1)`` when ``unbiased``), in float64, then rounded once to each
-    array's own dtype (float16 and any byte order included): the same operations, hence
-    the same bits, as :func:`fastbn.cpu.update_running`. A value too large for the
-    storage dtype comes back as inf, for :func:`_check_finite` to refuse.
+    array's own dtype (float16 and any byte order included): see
+    :func:`fastbn.cpu.running_values`. A value too large for the storage dtype comes back
+    as inf, for :func:`_check_finite` to refuse.
 
     Parameters
     ----------
@@ -272,15 +272,28 @@ def _running_values(running_mean, running_var, mean, var, m, factor, unbiased):
 
     Returns
     -------
-    tuple of ndarray
-        ``(new_mean, new_var)``, of the dtypes of ``running_mean`` and ``running_var``.
+    tuple
+        ``(new_mean, new_var, finite)``: arrays of the dtypes of ``running_mean`` and
+        ``running_var``, and whether the batch statistics and the new values are all
+        finite.
     """
-    correction = m / (m - 1.0) if unbiased else 1.0
+    C = mean.shape[0]
+    rm_dtype, rv_dtype = running_mean.dtype, running_var.dtype
+    if rm_dtype.char in "fd" and rv_dtype.char in "fd" and rm_dtype.isnative and rv_dtype.isnative:
+        new_mean, new_var = np.empty(C, rm_dtype), np.empty(C, rv_dtype)
+        finite = cpu.running_values(running_mean, running_var, mean, var, m, factor, unbiased,
+                                    new_mean, new_var)
+        return new_mean, new_var, finite
+    # float16 or another byte order, which Numba cannot load: float64 copies in, the same
+    # arithmetic, then one rounding to the storage dtype by NumPy
+    new64 = np.empty(C), np.empty(C)
+    cpu.running_values(running_mean.astype(np.float64), running_var.astype(np.float64), mean,
+                       var, m, factor, unbiased, *new64)
     with np.errstate(over="ignore", invalid="ignore"):
-        new_mean = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
-        new_var = (1.0 - factor) * running_var.astype(np.float64) + factor * var * correction
-        return (new_mean.astype(running_mean.dtype, copy=False),
-                new_var.astype(running_var.dtype, copy=False))
+        new_mean, new_var = new64[0].astype(rm_dtype), new64[1].astype(rv_dtype)
+    finite = bool(np.isfinite(mean).all() and np.isfinite(var).all()
+                  and np.isfinite(new_mean).all() and np.isfinite(new_var).all())
+    return new_mean, new_var, finite
 
 
 def _store_running(running_mean, running_var, new):
@@ -294,8 +307,10 @@ def _check_finite(mean, var, on_nonfinite, new=None):
     statistics would not be finite after the update (``new``, from
     :func:`_running_values`: the batch statistics overflow the storage dtype, say
     float32 data of std 1e20); return whether the update may be stored."""
-    if np.isfinite(mean).all() and np.isfinite(var).all() and (
-            new is None or (np.isfinite(new[0]).all() and np.isfinite(new[1]).all())):
+    if new is not None:
+        if new[2]:
+            return True
+    elif np.isfinite(mean).all() and np.isfinite(var).all():
         return True
     bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
     if bad.size:
@@ -771,11 +786,8 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         count = comm.count if comm is not None else m
         new = _running_values(running_mean, running_var, mean, var, count, factor,
                               running_var_unbiased)
-        if np.isfinite(mean).all() and np.isfinite(var).all() and all(
-                np.isfinite(a).all() for a in new):
-            update.append(new)
-            return True
-        return False
+        update.append(new)
+        return new[2]
 
     dest, mean, var, _ = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
                                            guard=guard if track else None, comm=comm)
