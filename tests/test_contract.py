@@ -32,8 +32,8 @@ import pytest
 import fastbn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import reference as ref  # noqa: E402
-from helpers import assert_close, tol  # noqa: E402
+import reference as ref
+from helpers import assert_close, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("FASTBN_CONTRACT_CUDA_CHILD") == "1"
@@ -86,7 +86,7 @@ def test_backward_returns_both_gradients_when_affine(name, with_gamma, with_beta
     gamma, beta = params(4, np.float64)
     g = gamma if with_gamma else None
     b = beta if with_beta else None
-    y, mean, invstd = fastbn.batch_norm_forward(x, g, b)
+    _, mean, invstd = fastbn.batch_norm_forward(x, g, b)
     dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, g, b)
     if not (with_gamma or with_beta):
         assert dgamma is None and dbeta is None
@@ -165,9 +165,12 @@ def test_byte_swapped_arguments(swapped):
     x = data((6, 3, 4), nat)
     dy = data(x.shape, nat, seed=5, offset=0.0)
     gamma, beta = params(3, nat)
-    sw = lambda a: a.astype(swapped)  # noqa: E731
+
+    def sw(a):
+        return a.astype(swapped)
+
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
-    y_s, mean_s, invstd_s = fastbn.batch_norm_forward(sw(x), sw(gamma), sw(beta))
+    y_s, mean_s, _ = fastbn.batch_norm_forward(sw(x), sw(gamma), sw(beta))
     assert y_s.dtype == nat and y_s.dtype.isnative
     np.testing.assert_array_equal(y_s, y)
     np.testing.assert_array_equal(mean_s, mean)
