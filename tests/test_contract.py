@@ -851,3 +851,26 @@ def test_cuda_bad_scalars_and_byte_order():
     with pytest.raises(TypeError, match="x must be in native byte order"):
         fastbn.batch_norm_forward(cuda.to_device(x.astype(SWAPPED[0])))
     np.testing.assert_array_equal(host(rm), np.zeros(3))
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_gamma, with_beta", [(True, False), (False, True), (False, False)])
+def test_cuda_backward_contract_with_comm(with_gamma, with_beta):
+    """The GPU's synchronized backward (host-staged sums) follows the contract too; one
+    rank (COMM_SELF) runs the same code path as many."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    x = data((6, 3, 5), np.float32)
+    dy = data(x.shape, np.float32, seed=3, offset=0.5)
+    gamma, beta = params(3, np.float32)
+    g = gamma if with_gamma else None
+    b = beta if with_beta else None
+    _, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(g), dev(b), comm=MPI.COMM_SELF)
+    _, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(g), dev(b),
+                                                  comm=MPI.COMM_SELF)
+    if not (with_gamma or with_beta):
+        assert dgamma is None and dbeta is None
+        return
+    assert dgamma is not None and dbeta is not None
+    _, e_dg, e_db = ref.backward(dy, x, host(mean), host(invstd), g, b)
+    assert_close(host(dgamma), e_dg, **tol(np.float32, 10), name="dgamma")
+    assert_close(host(dbeta), e_db, **tol(np.float32, 10), name="dbeta")
