@@ -831,9 +831,10 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
 
     Two launches on ``stream``; no host synchronization. ``dgamma`` and ``dbeta`` are
     ``(C,)`` arrays of ``x``'s kind in the statistics dtype whenever the call is affine
-    (``gamma`` or ``beta`` given), both None otherwise. With ``comm`` (a :class:`fastbn.distributed.Sync`): the local sums
-    are reduced on the device, ``2 * C`` float64 are staged on the host for the
-    collectives, and dx is computed on the device from the global sums and count.
+    (``gamma`` or ``beta`` given), both None otherwise. With ``comm`` (a
+    :class:`fastbn.distributed.Sync`): the local sums are reduced on the device,
+    ``2 * C`` float64 are staged on the host for the collectives, and dx is computed on
+    the device from the global sums and count.
     """
     a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
                ("beta", beta), ("out", out)])

@@ -231,7 +231,12 @@ class BatchNorm:
                 return cuda.layer_forward(self, x, training, comm=comm)
             return self._forward_cuda(x, training)
         x = api._as_host("x", x)
-        on_device = [k for k in self._STATE if api.is_cuda_array(getattr(self, k))]
+        for a in (self.gamma, self.beta, self.running_mean, self.running_var):
+            if a is not None and type(a) is not np.ndarray:  # decided in this loop, usually
+                on_device = [k for k in self._STATE if api.is_cuda_array(getattr(self, k))]
+                break
+        else:
+            on_device = None
         if on_device:
             raise TypeError(f"x is a host array ({type(x).__name__}) but the layer is on the "
                             f"GPU (its {', '.join(on_device)} are CUDA arrays): pass a CUDA "
