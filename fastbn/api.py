@@ -321,8 +321,8 @@ def _check_finite(mean, var, on_nonfinite, new=None):
         message = (f"the running statistics (running_mean {new[0].dtype}, running_var "
                    f"{new[1].dtype}) would not be finite after this batch's update in "
                    f"{bad.size} channel(s) (first: {bad[:5].tolist()}): the batch "
-                   f"statistics overflow their dtype; the running statistics were left "
-                   f"unchanged")
+                   f"statistics overflow their dtype (or they were not finite already); "
+                   f"the running statistics were left unchanged")
     if on_nonfinite == "raise":
         raise FloatingPointError(message + " (pass on_nonfinite='warn' to get the output anyway)")
     warnings.warn(message, RuntimeWarning, stacklevel=3)
