@@ -301,6 +301,18 @@ def test_empty_batch_in_training(shape, axis, dtype):
     np.testing.assert_array_equal(bn.dbeta, np.zeros(C))
 
 
+@cpu_only
+def test_empty_batch_like_pytorch():
+    torch = pytest.importorskip("torch")
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    t_rm, t_rv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    t_y = torch.nn.functional.batch_norm(torch.zeros(0, 3, 4), t_rm, t_rv, training=True)
+    y = fastbn.batch_norm(np.zeros((0, 3, 4), np.float32), rm, rv, training=True)
+    assert y.shape == tuple(t_y.shape)
+    np.testing.assert_array_equal(rm, t_rm.numpy())
+    np.testing.assert_array_equal(rv, t_rv.numpy())
+
+
 # --------------------------------------------------------------------------------------
 # Scalars: eps, momentum, num_batches_tracked
 # --------------------------------------------------------------------------------------
