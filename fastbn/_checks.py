@@ -107,9 +107,13 @@ def _real(name, value, expected):
         raise TypeError(f"{name} must be {expected}, got a bool ({value!r})")
     if isinstance(value, numbers.Real):
         return float(value)
-    kind = getattr(getattr(value, "dtype", None), "kind", None)
-    if kind in ("f", "i", "u") and getattr(value, "ndim", None) == 0:
-        return float(value)
+    if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+        try:  # a 0-d NumPy array, a PyTorch scalar tensor (state dicts hold those)
+            a = np.asarray(value)
+        except Exception:  # noqa: BLE001 - not convertible: the TypeError below
+            a = None
+        if a is not None and a.ndim == 0 and a.dtype.kind in "fiu":
+            return float(a)
     raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
 
 

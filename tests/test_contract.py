@@ -367,6 +367,14 @@ def test_numeric_scalars_still_accepted():
     fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, momentum=None,
                       num_batches_tracked=np.int64(3))
     fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=1)
+    torch = pytest.importorskip("torch")
+    fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=torch.tensor(1e-3),
+                      momentum=None, num_batches_tracked=torch.tensor(4))
+    bn = fastbn.BatchNorm(3)
+    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.tensor(v)
+             for k, v in bn.state_dict().items()}
+    bn.load_state_dict(state)  # a state dict of tensors, as PyTorch keeps them
+    assert bn.num_batches_tracked == 0 and type(bn.num_batches_tracked) is int
 
 
 # --------------------------------------------------------------------------------------
