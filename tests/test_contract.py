@@ -894,3 +894,20 @@ def test_cuda_backward_contract_with_comm(with_gamma, with_beta):
     _, e_dg, e_db = ref.backward(dy, x, host(mean), host(invstd), g, b)
     assert_close(host(dgamma), e_dg, **tol(np.float32, 10), name="dgamma")
     assert_close(host(dbeta), e_db, **tol(np.float32, 10), name="dbeta")
+
+
+@needs_cuda
+def test_cuda_layer_load_state_dict_is_all_or_nothing():
+    bn = fastbn.BatchNorm(3).to("cuda")
+    before = bn.state_dict()
+    state = {k: (np.full(3, 5.0, np.float32) if k != "num_batches_tracked" else 9)
+             for k in before}
+    state["running_var"] = np.array([None] * 3, dtype=object)
+    with pytest.raises(TypeError, match=r"state_dict\['running_var'\]"):
+        bn.load_state_dict(state)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    state["running_var"] = dev(np.full(3, 2.0, np.float32))  # device values load too
+    bn.load_state_dict(state)
+    np.testing.assert_array_equal(host(bn.running_var), np.full(3, 2.0))
+    np.testing.assert_array_equal(host(bn.gamma), np.full(3, 5.0))
