@@ -7,6 +7,7 @@ arrays alike.
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ def check_input(name, x, min_ndim=2):
     >>> check_input("x", np.zeros((2, 3), np.float32))
     dtype('float32')
     """
+    check_not_masked(name, x)
     dtype = x.dtype
     if not isinstance(dtype, np.dtype):
         dtype = np.dtype(dtype)
@@ -52,6 +54,20 @@ def check_input(name, x, min_ndim=2):
         raise ValueError(f"{name} must have at least {min_ndim} dimensions (batch and "
                          f"channel), got shape {tuple(x.shape)}")
     return dtype
+
+
+def check_not_masked(name, a):
+    """Refuse a ``numpy.ma`` masked array: its mask would be silently dropped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_not_masked("x", np.zeros(3))
+    """
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain array, got a numpy.ma.MaskedArray: masked "
+                        f"statistics are not supported yet; pass {name}.filled(value) or "
+                        f"{name}.data to drop the mask explicitly")
 
 
 def normalize_axis(axis, ndim):
@@ -81,8 +97,35 @@ def normalize_axis(axis, ndim):
     return int(axis) % ndim
 
 
+def _real(name, value, expected):
+    """``value`` as a float when it is a real number (not bool, str or bytes), else TypeError.
+
+    Accepts Python and NumPy ints and floats and 0-d numeric arrays (a PyTorch or NumPy
+    scalar); anything else, booleans included, is a TypeError naming ``name``.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}, got a bool ({value!r})")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+        try:  # a 0-d NumPy array, a PyTorch scalar tensor (state dicts hold those)
+            a = np.asarray(value)
+        except Exception:  # noqa: BLE001 - not convertible: the TypeError below
+            a = None
+        if a is not None and a.ndim == 0 and a.dtype.kind in "fiu":
+            return float(a)
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({value!r})")
+
+
 def check_eps(eps):
     """Check that ``eps`` is a finite number > 0 and return it as a float.
+
+    Raises
+    ------
+    TypeError
+        Not a real number (a str, bytes or bool is refused, not converted).
+    ValueError
+        Not finite or not > 0.
 
     Examples
     --------
@@ -91,10 +134,7 @@ def check_eps(eps):
     """
     if type(eps) is float and 0.0 < eps < math.inf:  # the common case
         return eps
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
+    value = _real("eps", eps, "a number > 0")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     return value
@@ -103,6 +143,13 @@ def check_eps(eps):
 def check_momentum(momentum, allow_none=True):
     """Check that ``momentum`` is in [0, 1] (or None for a cumulative average).
 
+    Raises
+    ------
+    TypeError
+        Not a real number (a str, bytes or bool is refused, not converted).
+    ValueError
+        Outside [0, 1] (NaN included).
+
     Examples
     --------
     >>> check_momentum(0.1)
@@ -110,13 +157,24 @@ def check_momentum(momentum, allow_none=True):
     """
     if momentum is None and allow_none:
         return None
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a number in [0, 1], got {type(momentum).__name__}") from None
+    value = _real("momentum", momentum, "a number in [0, 1]" + (" or None" if allow_none else ""))
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     return value
+
+
+def check_num_batches_tracked(n, name="num_batches_tracked"):
+    """Check a batch count: an integer >= 0 (an integral float is accepted); return an int.
+
+    Examples
+    --------
+    >>> check_num_batches_tracked(3.0)
+    3
+    """
+    value = _real(name, n, "an integer >= 0")
+    if not (math.isfinite(value) and value == int(value) and value >= 0):
+        raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
+    return int(n) if isinstance(n, (int, np.integer)) else int(value)
 
 
 def check_activation(activation):
@@ -158,6 +216,7 @@ def check_channel_param(name, p, C, axis):
     """
     if p is None or (type(p) is np.ndarray and p.shape == (C,) and p.dtype.kind == "f"):
         return  # the common case, decided without building a message
+    check_not_masked(name, p)
     if not hasattr(p, "dtype") or not hasattr(p, "shape"):
         raise TypeError(f"{name} must be an array of shape ({C},), got {type(p).__name__}")
     if np.dtype(p.dtype).kind != "f":
@@ -194,11 +253,13 @@ def check_out(name, out, shape, dtype):
     if (type(out) is np.ndarray and out.shape == shape and out.dtype == dtype
             and out.flags.writeable):
         return  # the common case
+    check_not_masked(name, out)
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if np.dtype(out.dtype) != dtype:
+    if np.dtype(out.dtype).newbyteorder("=") != np.dtype(dtype).newbyteorder("="):
+        # any byte order: the result is written into out as out stores it
         raise ValueError(f"{name} must have dtype {dtype}, got {np.dtype(out.dtype)}")
     flags = getattr(out, "flags", None)
     if flags is not None and not flags.writeable:
@@ -207,6 +268,8 @@ def check_out(name, out, shape, dtype):
 
 def check_batch(shape, axis, training):
     """Check that a batch has enough values per channel; return ``(C, m)``.
+
+    One value per channel is an error in training; none (an empty batch) is not.
 
     Parameters
     ----------
@@ -229,9 +292,8 @@ def check_batch(shape, axis, training):
     C = shape[axis]
     m = math.prod(shape) // C if C else 0
     if training and C:
-        if m == 0:
-            raise ValueError(f"cannot compute batch statistics of an empty batch: x has "
-                             f"shape {tuple(shape)}")
+        # An empty batch (m == 0) is not an error: like PyTorch, training on it gives an
+        # empty output and leaves the running statistics untouched.
         if m == 1:
             raise ValueError(f"training needs more than 1 value per channel, got x of shape "
                              f"{tuple(shape)} (1 value per channel along axis {axis})")

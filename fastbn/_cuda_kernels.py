@@ -456,16 +456,18 @@ def _compute_functions(compute):
 
 @cuda.jit(**_DEVICE)
 def _update_running_last_block(stats, running_mean, running_var, factor, correction,
-                               counter, nonfinite, mode):
+                               limit_mean, limit_var, counter, nonfinite, mode):
     """The last block to finish updates the running statistics of every channel.
 
     Classic threadfence reduction: each block fences its writes of ``stats`` and takes
     a ticket from ``counter`` (an integer atomic, zeroed by launch 1); the block that
-    draws the last ticket sees every channel's statistics. If any channel's mean or
-    variance is not finite, no channel is updated and ``nonfinite[mode]`` is
-    incremented; otherwise ``running = (1 - factor) * running + factor * batch``
-    (``var * correction`` for the variance). Which block is last varies, what it
-    computes does not.
+    draws the last ticket sees every channel's statistics. The update is
+    ``running = (1 - factor) * running + factor * batch`` (``var * correction`` for
+    the variance), in float64. If any channel's mean or variance is not finite, or any
+    updated value would round to inf in its array's dtype (``abs(value) >=
+    limit_mean``/``limit_var``, from the host: the smallest magnitude that rounds to
+    inf, inf for float64), no channel is updated and ``nonfinite[mode]`` is
+    incremented. Which block is last varies, what it computes does not.
     """
     tid = cuda.threadIdx.x
     T = cuda.blockDim.x
@@ -482,7 +484,12 @@ def _update_running_last_block(stats, running_mean, running_var, factor, correct
         C = stats.shape[1]
         bad = 0
         for c in range(tid, C, T):
-            if not (math.isfinite(stats[0, c]) and math.isfinite(stats[1, c])):
+            new_mean = ((1.0 - factor) * np.float64(running_mean[c])
+                        + factor * stats[0, c])
+            new_var = ((1.0 - factor) * np.float64(running_var[c])
+                       + factor * stats[1, c] * correction)
+            if not (math.isfinite(stats[0, c]) and math.isfinite(stats[1, c])
+                    and abs(new_mean) < limit_mean and abs(new_var) < limit_var):
                 bad = 1
         bad = cuda.syncthreads_or(bad)
         if bad:
@@ -541,7 +548,8 @@ def _forward_apply_kernel(compute):
     @cuda.jit(**_JIT)
     def forward_apply(x, y, width, nblk, chunk, part, eps, gamma, has_gamma, beta, has_beta,
                       relu, mean_out, invstd_out, write_stats, stats, update, running_mean,
-                      running_var, factor, correction, counter, nonfinite, mode):
+                      running_var, factor, correction, limit_mean, limit_var, counter,
+                      nonfinite, mode):
         """Launch 2 of the training forward: merge the partials, normalize this chunk.
 
         Every block merges its channel's ``nblk`` partials in a fixed order, computes
@@ -588,7 +596,7 @@ def _forward_apply_kernel(compute):
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
         if update:
             _update_running_last_block(stats, running_mean, running_var, factor, correction,
-                                       counter, nonfinite, mode)
+                                       limit_mean, limit_var, counter, nonfinite, mode)
 
     return forward_apply
 

@@ -75,10 +75,23 @@ def _check_no_stream(stream):
 
 
 def _as_host(name, a):
-    """Return ``a`` as a NumPy array (lists and scalars are converted)."""
-    if a is None or isinstance(a, np.ndarray):
+    """Return ``a`` as a plain NumPy array in native byte order, converting once.
+
+    Lists, scalars and PyTorch CPU tensors are converted; ``np.matrix`` and other ndarray
+    subclasses are viewed as plain arrays (results are plain arrays); a non-native byte
+    order (``'>f4'``) is copied into the native one. A ``numpy.ma`` masked array is a
+    TypeError (its mask would be dropped).
+    """
+    if a is None:
         return a
-    return np.asarray(a)
+    if type(a) is not np.ndarray:
+        _checks.check_not_masked(name, a)
+        a = np.asarray(a)
+        if type(a) is not np.ndarray:
+            a = a.view(np.ndarray)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
 
 
 # --------------------------------------------------------------------------------------
@@ -90,8 +103,9 @@ _FLOAT64 = np.dtype(np.float64)
 
 
 def _compute_dtype(dtype):
-    """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU)."""
-    return _FLOAT32 if dtype.char == "e" else dtype
+    """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU); the
+    kernels take native byte order only."""
+    return _FLOAT32 if dtype.char in "ef" else _FLOAT64
 
 
 def _stats_dtype(dtype):
@@ -148,7 +162,10 @@ class _Output:
             self.work = np.empty(view.x3.shape, _compute_dtype(dtype))
             return
         compute = _compute_dtype(dtype)
-        direct = _checks.direct_output(out, view, inputs) if compute == dtype else None
+        # out of another byte order, or an ndarray subclass, receives a copy (finish)
+        direct = (_checks.direct_output(out, view, inputs)
+                  if compute == dtype and type(out) is np.ndarray and out.dtype == compute
+                  else None)
         self.direct = direct is not None
         self.work = direct if self.direct else np.empty(view.x3.shape, compute)
 
@@ -237,13 +254,75 @@ def _direct_options(eps, activation):
                                                             or activation == "relu")
 
 
-def _check_finite(mean, var, on_nonfinite):
-    """Raise (or warn) when batch statistics are not finite; return whether they are."""
-    if np.isfinite(mean).all() and np.isfinite(var).all():
+def _running_values(running_mean, running_var, mean, var, m, factor, unbiased):
+    """The updated running statistics, rounded to their storage dtypes, not yet stored.
+
+    ``running = (1 - factor) * running + factor * batch`` (the unbiased batch variance
+    ``var * m / (m - 1)`` when ``unbiased``), in float64, then rounded once to each
+    array's own dtype (float16 and any byte order included): see
+    :func:`fastbn.cpu.running_values`. A value too large for the storage dtype comes back
+    as inf, for :func:`_check_finite` to refuse.
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray, shape (C,)
+        Host arrays (read only here).
+    mean, var : ndarray of float64, shape (C,)
+        Batch mean and biased variance.
+
+    Returns
+    -------
+    tuple
+        ``(new_mean, new_var, finite)``: arrays of the dtypes of ``running_mean`` and
+        ``running_var``, and whether the batch statistics and the new values are all
+        finite.
+    """
+    C = mean.shape[0]
+    rm_dtype, rv_dtype = running_mean.dtype, running_var.dtype
+    if rm_dtype.char in "fd" and rv_dtype.char in "fd" and rm_dtype.isnative and rv_dtype.isnative:
+        new_mean, new_var = np.empty(C, rm_dtype), np.empty(C, rv_dtype)
+        finite = cpu.running_values(running_mean, running_var, mean, var, m, factor, unbiased,
+                                    new_mean, new_var)
+        return new_mean, new_var, finite
+    # float16 or another byte order, which Numba cannot load: float64 copies in, the same
+    # arithmetic, then one rounding to the storage dtype by NumPy
+    new64 = np.empty(C), np.empty(C)
+    cpu.running_values(running_mean.astype(np.float64), running_var.astype(np.float64), mean,
+                       var, m, factor, unbiased, *new64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_mean, new_var = new64[0].astype(rm_dtype), new64[1].astype(rv_dtype)
+    finite = bool(np.isfinite(mean).all() and np.isfinite(var).all()
+                  and np.isfinite(new_mean).all() and np.isfinite(new_var).all())
+    return new_mean, new_var, finite
+
+
+def _store_running(running_mean, running_var, new):
+    """Write the values of :func:`_running_values` into the caller's arrays, in place."""
+    running_mean[...] = new[0]
+    running_var[...] = new[1]
+
+
+def _check_finite(mean, var, on_nonfinite, new=None):
+    """Raise (or warn) when batch statistics are not finite, or when the running
+    statistics would not be finite after the update (``new``, from
+    :func:`_running_values`: the batch statistics overflow the storage dtype, say
+    float32 data of std 1e20); return whether the update may be stored."""
+    if new is not None:
+        if new[2]:
+            return True
+    elif np.isfinite(mean).all() and np.isfinite(var).all():
         return True
     bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
-    message = (f"batch statistics are not finite in {bad.size} channel(s) (first: "
-               f"{bad[:5].tolist()}); the running statistics were left unchanged")
+    if bad.size:
+        message = (f"batch statistics are not finite in {bad.size} channel(s) (first: "
+                   f"{bad[:5].tolist()}); the running statistics were left unchanged")
+    else:
+        bad = np.flatnonzero(~(np.isfinite(new[0]) & np.isfinite(new[1])))
+        message = (f"the running statistics (running_mean {new[0].dtype}, running_var "
+                   f"{new[1].dtype}) would not be finite after this batch's update in "
+                   f"{bad.size} channel(s) (first: {bad[:5].tolist()}): the batch "
+                   f"statistics overflow their dtype (or they were not finite already); "
+                   f"the running statistics were left unchanged")
     if on_nonfinite == "raise":
         raise FloatingPointError(message + " (pass on_nonfinite='warn' to get the output anyway)")
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -259,9 +338,10 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
 
     Parameters
     ----------
-    guard : bool
-        The caller will reject non-finite statistics: ``out`` must then not be written
-        before they are known, so a caller-provided ``out`` takes the two-pass path.
+    guard : callable or None
+        ``guard(mean, var)`` says whether the caller accepts the statistics (it rejects
+        non-finite ones): ``out`` must then not be written before they are known, so a
+        caller-provided ``out`` takes the two-pass path.
     comm : fastbn.distributed.Sync, optional
         Synchronized BatchNorm: the statistics are those of every rank's ``x`` together
         (two collectives); the global count is then ``comm.count``.
@@ -269,8 +349,8 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     Returns
     -------
     tuple
-        ``(dest, mean64, var64, invstd64)``; ``dest`` is None when ``guard`` found
-        non-finite statistics before writing a caller-provided ``out``.
+        ``(dest, mean64, var64, invstd64)``; ``dest`` is None when ``guard`` refused
+        the statistics before a caller-provided ``out`` was written.
     """
     view = _checks.canonical_view(x, axis)
     C = view.x3.shape[1]
@@ -278,14 +358,14 @@ def _forward_training(x, axis, gamma, beta, eps, relu, out, guard, comm=None):
     x3 = _compute_view(view, x.dtype)
     g = _param(gamma, C, 1.0, x.dtype)
     b = _param(beta, C, 0.0, x.dtype)
-    if comm is not None or (guard and out is not None):
+    if comm is not None or (guard is not None and out is not None):
         if comm is not None:
             mean, var = comm.moments(x3, dtype=x.dtype)
         else:
             mean, m2 = cpu.moments(x3)
             var = m2 / (x3.size // C)
         invstd = 1.0 / np.sqrt(var + eps)
-        if guard and not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        if guard is not None and not guard(mean, var):
             return None, mean, var, invstd
         coef = cpu.coefficients(mean, invstd, g, b, x3.dtype)
         cpu.normalize(x3, coef, relu, dest.work)
@@ -336,6 +416,11 @@ def _check_forward_args(x, gamma, beta, axis, eps, out, activation):
     return axis, _checks.check_activation(activation)
 
 
+def _empty_result(x, out):
+    """The x-shaped result of a call on an empty ``x``: ``out``, or a new empty array."""
+    return out if out is not None else np.empty(x.shape, x.dtype)
+
+
 def _saved(a, dtype):
     """A statistic in the statistics dtype of ``dtype`` (no copy when it already is)."""
     return a.astype(_stats_dtype(dtype), copy=False)
@@ -356,8 +441,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     Parameters
     ----------
     x : array, ndim >= 2
-        float16, float32 or float64. NumPy arrays run on the CPU kernels, CUDA arrays
-        (Numba device arrays, CuPy, PyTorch CUDA tensors) on the GPU kernels.
+        float16, float32 or float64, any byte order on the host (results in native
+        order). NumPy arrays run on the CPU kernels, CUDA arrays (Numba device arrays,
+        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array is a
+        TypeError. An empty batch (no value per channel) gives an empty ``y`` and NaN
+        ``mean``/``invstd`` of shape (C,); one value per channel is a ValueError.
     gamma, beta : array of shape (C,), optional
         Scale and shift; None means 1 and 0.
     axis : int, default 1
@@ -410,7 +498,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     """
     x3 = _direct_view(x, axis, stream, gamma, beta)
     if (x3 is not None and comm is None and _direct_options(eps, activation)
-            and x3.shape[0] * x3.shape[2] >= 2
+            and x3.shape[0] * x3.shape[2] >= 2 and x3.shape[1]
             and (y := _direct_out(out, x, x)) is not None):
         C = x3.shape[1]
         mean, _, invstd = cpu.forward_training(
@@ -425,9 +513,12 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     x, gamma, beta = _as_host("x", x), _as_host("gamma", gamma), _as_host("beta", beta)
     axis, relu = _check_forward_args(x, gamma, beta, axis, eps, out, activation)
     if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
-        _checks.check_batch(x.shape, axis, training=True)
+        C, _ = _checks.check_batch(x.shape, axis, training=True)
+        if x.size == 0:  # like PyTorch: an empty output; NaN statistics (no values)
+            nan = np.full(C, np.nan, _stats_dtype(x.dtype))
+            return _empty_result(x, out), nan, nan.copy()
     dest, mean, _, invstd = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                              guard=False, comm=comm)
+                                              guard=None, comm=comm)
     return dest.finish(), _saved(mean, x.dtype), _saved(invstd, x.dtype)
 
 
@@ -450,7 +541,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     gamma : array of shape (C,), optional
         The forward's scale (None: 1).
     beta : array of shape (C,), optional
-        The forward's shift; only read with ``activation="relu"``, to recompute the mask.
+        The forward's shift; its values are only read with ``activation="relu"``, to
+        recompute the mask (passing it still asks for ``dgamma`` and ``dbeta``).
     axis : int, default 1
     out : array, optional
         Preallocated ``dx`` (may be ``dy`` itself).
@@ -469,7 +561,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     dx : array
         Same shape, dtype and kind as ``x``.
     dgamma, dbeta : array of shape (C,) or None
-        None when ``gamma`` (resp. ``beta``) is None; statistics dtype otherwise.
+        Both come back whenever the call is affine (``gamma`` or ``beta`` given):
+        ``dbeta = sum(dy)`` does not need ``beta``. Both are None only when neither is
+        given. Statistics dtype. On an empty batch: zeros.
 
     Examples
     --------
@@ -490,7 +584,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
         dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, mean, invstd,
                                      _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype),
                                      activation == "relu", dx.reshape(x3.shape))
-        return dx, None if gamma is None else dgamma, None if beta is None else dbeta
+        if gamma is None and beta is None:
+            return dx, None, None
+        return dx, dgamma, dbeta
     backend = _cuda_backend(("dy", "x", "mean", "invstd", "gamma", "beta", "out"),
                             dy, x, mean, invstd, gamma, beta, out)
     if backend is not None:
@@ -503,13 +599,15 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
     gamma, beta = _as_host("gamma", gamma), _as_host("beta", beta)
     dtype, axis, C, relu = _checks.check_backward_args(dy, x, mean, invstd, gamma, beta, axis,
                                                        out, activation)
+    affine = gamma is not None or beta is not None
     if x.size == 0 and comm is None:
-        dx = out if out is not None else np.empty_like(x)
         zeros = np.zeros(C, _stats_dtype(dtype))
-        return dx, (zeros if gamma is not None else None), (zeros.copy() if beta is not None else None)
+        return (_empty_result(x, out), zeros if affine else None,
+                zeros.copy() if affine else None)
     dx, dgamma, dbeta = _backward(dy, x, mean, invstd, gamma, beta, axis, relu, out, comm)
-    return (dx, _saved(dgamma, dtype) if gamma is not None else None,
-            _saved(dbeta, dtype) if beta is not None else None)
+    if not affine:
+        return dx, None, None
+    return dx, _saved(dgamma, dtype), _saved(dbeta, dtype)
 
 
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
@@ -605,18 +703,23 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         Required when not training; updated in place when training.
     gamma, beta : array of shape (C,), optional
     training : bool, default False
+        In training, an empty batch gives an empty output and leaves the running
+        statistics untouched (PyTorch's behaviour).
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch. None gives the cumulative average of all batches seen,
-        which needs ``num_batches_tracked``.
+        which needs ``num_batches_tracked``. A str, bytes or bool is a TypeError.
     eps : float, default 1e-5
     axis : int, default 1
     out : array, optional
     activation : {None, "relu"}, optional
     num_batches_tracked : int, optional
         With ``momentum=None``: how many batches the running statistics already average.
+        An integer >= 0 (checked whenever given).
     running_var_unbiased : bool, default True
     on_nonfinite : {"raise", "warn"}, default "raise"
-        What to do when the batch statistics are not finite: raise ``FloatingPointError``
+        What to do when the batch statistics are not finite, or when the updated running
+        statistics would not be finite in their own dtype (an overflow: float32 data of
+        std 1e20, float16 running statistics past 65504): raise ``FloatingPointError``
         before anything is written, or warn and return the output while leaving the
         running statistics untouched. Either way they never take in NaN or inf.
     stream : CUDA stream, optional
@@ -634,7 +737,8 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
     Raises
     ------
     FloatingPointError
-        Non-finite batch statistics in training with running statistics (by default).
+        Non-finite batch statistics, or a running update that would overflow, in
+        training with running statistics (by default).
 
     Examples
     --------
@@ -673,28 +777,40 @@ def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
         _checks.check_running("running_var", running_var, C, axis)
     if comm is None:  # with comm the rule applies to the global batch (Sync.moments)
         _, m = _checks.check_batch(x.shape, axis, training=True)
+        if x.size == 0:  # like PyTorch: an empty output, running statistics untouched
+            return _empty_result(x, out)
     track = running_mean is not None
+    update = []  # the running values the guard accepted, stored once the output is known
+
+    def guard(mean, var):
+        count = comm.count if comm is not None else m
+        new = _running_values(running_mean, running_var, mean, var, count, factor,
+                              running_var_unbiased)
+        update.append(new)
+        return new[2]
+
     dest, mean, var, _ = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                           guard=track, comm=comm)
-    if comm is not None:
-        m = comm.count
-    if track and _check_finite(mean, var, on_nonfinite):
-        cpu.update_running(running_mean, running_var, mean, var, m, factor, running_var_unbiased)
-    if dest is None:  # non-finite with on_nonfinite="warn" and a caller-provided out
+                                           guard=guard if track else None, comm=comm)
+    if track:
+        new = update[0] if update else _running_values(
+            running_mean, running_var, mean, var, comm.count if comm is not None else m,
+            factor, running_var_unbiased)
+        if _check_finite(mean, var, on_nonfinite, new):
+            _store_running(running_mean, running_var, new)
+    if dest is None:  # refused statistics with on_nonfinite="warn" and a caller's out
         dest, mean, var, _ = _forward_training(x, axis, gamma, beta, float(eps), relu, out,
-                                               guard=False, comm=comm)
+                                               guard=None, comm=comm)
     return dest.finish()
 
 
 def _momentum_factor(momentum, num_batches_tracked):
     """The weight of the new batch: ``momentum``, or ``1 / (n + 1)`` for a cumulative average."""
     momentum = _checks.check_momentum(momentum)
+    if num_batches_tracked is not None:  # checked whenever given, used for momentum=None
+        n = _checks.check_num_batches_tracked(num_batches_tracked)
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, the "
                          "number of batches the running statistics already average")
-    n = int(num_batches_tracked)
-    if n < 0:
-        raise ValueError(f"num_batches_tracked must be >= 0, got {num_batches_tracked}")
     return 1.0 / (n + 1)

@@ -1029,13 +1029,17 @@ def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
 
 
 @njit(**_EXACT)
-def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
-    """``running = (1 - momentum) * running + momentum * batch``, in place.
+def running_values(running_mean, running_var, mean, var, m, momentum, unbiased, new_mean,
+                   new_var):
+    """``new = (1 - momentum) * running + momentum * batch``, into ``new_mean``/``new_var``.
+
+    The running statistics themselves are not written: the caller stores the new values
+    once every check has passed (nothing written before an error).
 
     Parameters
     ----------
     running_mean, running_var : ndarray, shape (C,)
-        Updated in place (any float dtype).
+        The current running statistics (native float32 or float64).
     mean, var : ndarray of float64, shape (C,)
         Batch mean and biased batch variance.
     m : int
@@ -1044,11 +1048,24 @@ def update_running(running_mean, running_var, mean, var, m, momentum, unbiased):
         Weight of the new batch.
     unbiased : bool
         Use ``var * m / (m - 1)`` (PyTorch) rather than ``var`` (Keras).
+    new_mean, new_var : ndarray, shape (C,)
+        Output, of the running statistics' dtypes: each value is computed in float64 and
+        rounded once on the store (a value too large for the dtype becomes inf).
+
+    Returns
+    -------
+    bool
+        True when the batch statistics and every new value are finite.
     """
     correction = m / (m - 1.0) if unbiased else 1.0
+    finite = True
     for c in range(mean.shape[0]):
-        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
+        new_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+        new_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c]) and np.isfinite(new_mean[c])
+                and np.isfinite(new_var[c])):
+            finite = False
+    return finite
 
 
 # --------------------------------------------------------------------------------------
@@ -1116,6 +1133,8 @@ def _chunk(shape, itemsize):
     294
     """
     outer, C, inner = shape
+    if not outer * C * inner:  # nothing to chunk (C == 0, an empty batch): any chunk will do
+        return 1
     if inner == 1:
         return max(1, _config.CHUNK_BYTES // (C * itemsize))
     run_bytes = inner * itemsize

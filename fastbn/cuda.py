@@ -141,6 +141,11 @@ class _Arg:
         self.flags = types.SimpleNamespace(writeable=not desc["data"][1])
         self.kind = _kind(obj)
         self._dev = None
+        if not self.dtype.isnative:
+            # the kernels read native floats; CuPy and PyTorch have no other byte order
+            raise TypeError(f"{name} must be in native byte order on the GPU, got dtype "
+                            f"{self.dtype.str!r}: convert it with "
+                            f"a.view(a.dtype.newbyteorder()).byteswap() (or on the host)")
         if any(s % self.dtype.itemsize for s in self.strides):
             raise ValueError(f"{name} has strides {self.strides} that are not multiples of "
                              f"its item size {self.dtype.itemsize}")
@@ -647,16 +652,31 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
     write_stats = mean_out is not None
     if running is None:
         update, rm, rv, factor, correction, mode = False, dummy, dummy, 0.0, 1.0, 0
+        limit_mean = limit_var = math.inf
     else:
         rm_arg, rv_arg, factor, correction, mode = running
         update, rm, rv = True, rm_arg.dev, rv_arg.dev
+        limit_mean, limit_var = _overflow_limit(rm_arg.dtype), _overflow_limit(rv_arg.dtype)
     _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
             x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
     _launch(kernels.forward_apply, cfg.grid, cfg.threads, stream,
             x3, y3, cfg.width, cfg.nblk, cfg.chunk, part, float(eps), g, has_g, b, has_b,
             bool(relu), mean_out if write_stats else dummy,
             invstd_out if write_stats else dummy, write_stats, stats, update, rm, rv,
-            float(factor), float(correction), ticket, _nonfinite_counter(device_key), mode)
+            float(factor), float(correction), limit_mean, limit_var, ticket,
+            _nonfinite_counter(device_key), mode)
+
+
+@functools.lru_cache(maxsize=8)
+def _overflow_limit(dtype):
+    """The smallest magnitude that rounds to inf in ``dtype`` (inf for float64): a running
+    statistic of that size or more would overflow its storage."""
+    info = np.finfo(dtype)
+    if info.bits == 64:
+        return math.inf
+    biggest = float(info.max)
+    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
+    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
 
 
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
@@ -782,10 +802,13 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
     _checks.check_batch(xa.shape, axis, training=True)
     with _device_context(xa):
         stream, key = _resolve_stream(stream, xa)
-        if xa.size == 0:  # C == 0: nothing to compute
+        if xa.size == 0:  # an empty batch (or C == 0): NaN statistics, as on the CPU
             dest = _Output(a["out"], _empty_view(xa, axis), xa, xa.dtype, stream)
-            return (dest.finish(), _stats_output(xa, C, stats_dtype, stream)[0],
-                    _stats_output(xa, C, stats_dtype, stream)[0])
+            mean, mean_dev = _stats_output(xa, C, stats_dtype, stream)
+            invstd, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
+            _fill(mean_dev, math.nan, stream)
+            _fill(invstd_dev, math.nan, stream)
+            return dest.finish(), mean, invstd
         view = _canonical(xa, axis, stream)
         dest = _Output(a["out"], view, xa, xa.dtype, stream)
         mean, mean_dev = _stats_output(xa, C, stats_dtype, stream)
@@ -806,11 +829,12 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
                         activation=None, stream=None, comm=None):
     """GPU twin of :func:`fastbn.batch_norm_backward`: ``(dx, dgamma, dbeta)``.
 
-    Two launches on ``stream``; no host synchronization. ``dgamma``/``dbeta`` are None
-    when ``gamma``/``beta`` are None, else ``(C,)`` arrays of ``x``'s kind in the
-    statistics dtype. With ``comm`` (a :class:`fastbn.distributed.Sync`): the local sums
-    are reduced on the device, ``2 * C`` float64 are staged on the host for the
-    collectives, and dx is computed on the device from the global sums and count.
+    Two launches on ``stream``; no host synchronization. ``dgamma`` and ``dbeta`` are
+    ``(C,)`` arrays of ``x``'s kind in the statistics dtype whenever the call is affine
+    (``gamma`` or ``beta`` given), both None otherwise. With ``comm`` (a
+    :class:`fastbn.distributed.Sync`): the local sums are reduced on the device,
+    ``2 * C`` float64 are staged on the host for the collectives, and dx is computed on
+    the device from the global sums and count.
     """
     a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
                ("beta", beta), ("out", out)])
@@ -819,10 +843,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
                                                        a["gamma"], a["beta"], axis, a["out"],
                                                        activation)
     stats_dtype = _stats_dtype(dtype)
+    affine = gamma is not None or beta is not None  # then both gradients come back
     with _device_context(xa):
         stream, key = _resolve_stream(stream, xa)
-        dgamma = _stats_output(xa, C, stats_dtype, stream) if gamma is not None else None
-        dbeta = _stats_output(xa, C, stats_dtype, stream) if beta is not None else None
+        dgamma = _stats_output(xa, C, stats_dtype, stream) if affine else None
+        dbeta = _stats_output(xa, C, stats_dtype, stream) if affine else None
         if comm is not None:
             dx = _backward_synced(xa, dya, axis, a["mean"], a["invstd"], a["gamma"],
                                   a["beta"], relu, a["out"], dgamma[1] if dgamma else None,
@@ -1078,13 +1103,17 @@ def _normalize_global(xa, view, y3, mean, var, gamma, beta, eps, relu, stream):
                types.SimpleNamespace(dev=stats[1]), gamma, beta, eps, relu, stream)
 
 
-def _update_running_host(rm, rv, mean, var, m, factor, unbiased, stream):
-    """The running-statistics update of :func:`fastbn.cpu.update_running`, staged on the host."""
-    correction = m / (m - 1.0) if unbiased else 1.0
-    old_mean = _host64(rm)
-    old_var = _host64(rv)
-    _store(rm, (1.0 - factor) * old_mean + factor * mean, stream)
-    _store(rv, (1.0 - factor) * old_var + factor * var * correction, stream)
+def _running_values_host(rm, rv, mean, var, m, factor, unbiased):
+    """The running-statistics update of :func:`fastbn.api._running_values`, computed on the
+    host from copies of the device arrays: ``(new_mean, new_var)`` in their dtypes."""
+    return api._running_values(to_host(rm.obj), to_host(rv.obj), mean, var, m, factor,
+                               unbiased)
+
+
+def _store_running_host(rm, rv, new, stream):
+    """Write the values of :func:`_running_values_host` into the device arrays."""
+    _store(rm, new[0], stream)
+    _store(rv, new[1], stream)
 
 
 def _forward_synced(a, axis, C, relu, eps, sync, stream, stats_dtype):
@@ -1115,8 +1144,10 @@ def _batch_norm_synced(a, axis, relu, eps, factor, unbiased, on_nonfinite, sync,
         view = _sync_view(xa, axis, stream)
         dest = _Output(a["out"], view, xa, xa.dtype, stream)
         mean, var = _synced_moments(xa, view, sync, stream, key)
-        if rm is not None and api._check_finite(mean, var, on_nonfinite):
-            _update_running_host(rm, rv, mean, var, sync.count, factor, unbiased, stream)
+        if rm is not None:
+            new = _running_values_host(rm, rv, mean, var, sync.count, factor, unbiased)
+            if api._check_finite(mean, var, on_nonfinite, new):
+                _store_running_host(rm, rv, new, stream)
         _normalize_global(xa, view, dest.y3, mean, var, a["gamma"], a["beta"], eps, relu,
                           stream)
         return dest.finish()
@@ -1212,12 +1243,14 @@ def check_nonfinite(stream=None):
     """
     raised, warned = _take_counts(stream)
     if warned:
-        warnings.warn(f"batch statistics were not finite in {warned} GPU training call(s); "
-                      f"the running statistics were left unchanged", RuntimeWarning,
+        warnings.warn(f"batch statistics were not finite in {warned} GPU training call(s) "
+                      f"(or would overflow the running statistics' dtype); the running "
+                      f"statistics were left unchanged", RuntimeWarning,
                       stacklevel=2)
     if raised:
         raise FloatingPointError(f"batch statistics were not finite in {raised} GPU training "
-                                 f"call(s); the running statistics were left unchanged "
+                                 f"call(s) (or would overflow the running statistics' "
+                                 f"dtype); the running statistics were left unchanged "
                                  f"(pass on_nonfinite='warn' to be warned instead)")
 
 
@@ -1333,6 +1366,11 @@ def layer_forward(layer, x, training, comm=None):
     _, m = _checks.check_batch(xa.shape, axis, training=True)
     with _device_context(xa):
         stream, key = _resolve_stream(None, xa)
+        if xa.size == 0:  # an empty batch: an empty output, the layer's state untouched
+            mean = _stats_output(xa, C, np.float64, stream)[1]
+            _fill(mean, math.nan, stream)
+            layer._saved = (x, axis, mean, mean)
+            return _Output(None, _empty_view(xa, axis), xa, xa.dtype, stream).finish()
         view = _canonical(xa, axis, stream)
         dest = _Output(None, view, xa, xa.dtype, stream)
         # float64 statistics for backward, as the CPU layer keeps them
@@ -1362,9 +1400,11 @@ def _layer_forward_synced(layer, x, xa, state, axis, C, relu, update, factor, sy
         invstd_dev = _stats_output(xa, C, np.float64, stream)[1]
         mean, var = _synced_moments(xa, view, sync, stream, key)
         if update:
-            api._check_finite(mean, var, "raise")
-            _update_running_host(state["running_mean"], state["running_var"], mean, var,
-                                 sync.count, factor, layer.running_var_unbiased, stream)
+            rm, rv = state["running_mean"], state["running_var"]
+            new = _running_values_host(rm, rv, mean, var, sync.count, factor,
+                                       layer.running_var_unbiased)
+            api._check_finite(mean, var, "raise", new)
+            _store_running_host(rm, rv, new, stream)
         _normalize_global(xa, view, dest.y3, mean, var, state["gamma"], state["beta"],
                           layer.eps, relu, stream)
         _store(mean_dev, mean, stream)
@@ -1400,7 +1440,12 @@ def layer_backward(layer, dy, comm=None):
             dbeta = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
         dgamma_dev = _Arg(dgamma, "dgamma").dev if layer.affine else None
         dbeta_dev = _Arg(dbeta, "dbeta").dev if layer.affine else None
-        if comm is not None:
+        if comm is None and xa.size == 0:  # an empty batch: zero gradients, empty dx
+            for grad in (dgamma_dev, dbeta_dev):
+                if grad is not None:
+                    _fill(grad, 0.0, stream)
+            dx = _Output(None, _empty_view(xa, axis), xa, xa.dtype, stream).finish()
+        elif comm is not None:
             dx = _backward_synced(xa, dya, axis, mean, invstd, state["gamma"], state["beta"],
                                   relu, None, dgamma_dev, dbeta_dev, comm, stream, key)
         else:

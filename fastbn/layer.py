@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import _checks, api, cpu, distributed
+from . import _checks, api, distributed
 
 
 class BatchNorm:
@@ -69,6 +69,8 @@ class BatchNorm:
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         dtype = np.dtype(dtype)
+        if dtype.kind == "f" and not dtype.isnative:  # any byte order in, native state
+            dtype = dtype.newbyteorder("=")
         if dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
@@ -194,10 +196,18 @@ class BatchNorm:
         array
             Same shape, dtype and kind as ``x``.
 
+        An empty batch in training gives an empty output and changes nothing of the
+        layer (``num_batches_tracked`` included); :meth:`backward` then gives an empty
+        ``dx`` and zero ``dgamma``/``dbeta``.
+
         Raises
         ------
         FloatingPointError
-            Non-finite batch statistics in training; nothing of the layer changes.
+            Non-finite batch statistics in training, or a running update that would
+            overflow the layer's dtype; nothing of the layer changes.
+        TypeError
+            ``x`` is a host array and the layer is on the GPU (or the reverse), or a
+            masked array.
         fastbn.distributed.DistributedError
             With ``comm``, when another rank failed in the same call.
 
@@ -220,7 +230,17 @@ class BatchNorm:
                 from . import cuda
                 return cuda.layer_forward(self, x, training, comm=comm)
             return self._forward_cuda(x, training)
-        x = np.asarray(x)
+        x = api._as_host("x", x)
+        for a in (self.gamma, self.beta, self.running_mean, self.running_var):
+            if a is not None and type(a) is not np.ndarray:  # decided in this loop, usually
+                on_device = [k for k in self._STATE if api.is_cuda_array(getattr(self, k))]
+                break
+        else:
+            on_device = None
+        if on_device:
+            raise TypeError(f"x is a host array ({type(x).__name__}) but the layer is on the "
+                            f"GPU (its {', '.join(on_device)} are CUDA arrays): pass a CUDA "
+                            f"array, or call layer.to('cpu') first")
         if not training and self.track_running_stats:
             self._saved = None
             return api.batch_norm_inference(x, self.running_mean, self.running_var,
@@ -229,20 +249,25 @@ class BatchNorm:
         axis, relu = api._check_forward_args(x, self.gamma, self.beta, self.axis, self.eps,
                                              None, self.activation)
         self._check_channels(x, axis)
-        if comm is None:  # with comm the rule applies to the global batch
-            _, m = _checks.check_batch(x.shape, axis, training=True)
         update = training and self.track_running_stats
         factor = (api._momentum_factor(self.momentum, self.num_batches_tracked)
                   if update else None)
+        if comm is None:  # with comm the rule applies to the global batch
+            C, m = _checks.check_batch(x.shape, axis, training=True)
+            if x.size == 0:  # like PyTorch: an empty output, the layer's state untouched
+                nan = np.full(C, np.nan)
+                self._saved = (x, axis, nan, nan)
+                return np.empty(x.shape, x.dtype)
         dest, mean, var, invstd = api._forward_training(x, axis, self.gamma, self.beta,
-                                                        self.eps, relu, None, guard=False,
+                                                        self.eps, relu, None, guard=None,
                                                         comm=comm)
         if comm is not None:
             m = comm.count
         if update:
-            api._check_finite(mean, var, "raise")
-            cpu.update_running(self.running_mean, self.running_var, mean, var, m, factor,
-                               self.running_var_unbiased)
+            new = api._running_values(self.running_mean, self.running_var, mean, var, m,
+                                      factor, self.running_var_unbiased)
+            api._check_finite(mean, var, "raise", new)
+            api._store_running(self.running_mean, self.running_var, new)
             self.num_batches_tracked += 1
         self._saved = (x, axis, mean, invstd)
         return dest.finish()
@@ -258,7 +283,8 @@ class BatchNorm:
         Returns
         -------
         array
-            ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (None when not affine).
+            ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (both when the layer is
+            affine, both None when not).
 
         Raises
         ------
@@ -291,12 +317,17 @@ class BatchNorm:
                 from . import cuda
                 return cuda.layer_backward(self, dy, comm=comm)
             return self._backward_cuda(dy)
-        dy = np.asarray(dy)
+        dy = api._as_host("dy", dy)
         _checks.check_input("dy", dy)
         if dy.shape != x.shape or dy.dtype != x.dtype:
             raise ValueError(f"dy must have the shape and dtype of the forward's input "
                              f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
         relu = self.activation == "relu"
+        if x.size == 0 and comm is None:  # an empty batch: no gradient to speak of
+            if self.affine:
+                self.dgamma = np.zeros(self.num_features, self.dtype)
+                self.dbeta = np.zeros(self.num_features, self.dtype)
+            return np.empty(x.shape, x.dtype)
         dx, dgamma, dbeta = api._backward(dy, x, mean, invstd, self.gamma, self.beta, axis,
                                           relu, None, comm)
         if self.affine:
@@ -364,8 +395,14 @@ class BatchNorm:
         ------
         KeyError
             An entry the layer needs is missing, or an unknown entry is present.
+        TypeError
+            An entry is not an array of real numbers (strings, None, objects).
         ValueError
-            An entry has the wrong shape.
+            An entry has the wrong shape, or a value that is not finite in the layer's
+            dtype; ``num_batches_tracked`` is not an integer >= 0.
+
+        Every entry is checked before any is assigned: a call that raises leaves the
+        layer exactly as it was.
 
         Examples
         --------
@@ -383,21 +420,47 @@ class BatchNorm:
         if missing or unexpected:
             raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
-        for k in expected - {"num_batches_tracked"}:
-            if tuple(np.shape(state[k])) != (self.num_features,):
-                raise ValueError(f"state_dict[{k!r}] must have shape ({self.num_features},), "
-                                 f"got {tuple(np.shape(state[k]))}")
-        n = int(state["num_batches_tracked"])
-        if n < 0:
-            raise ValueError(f"state_dict['num_batches_tracked'] must be >= 0, got {n}")
-        for k in expected - {"num_batches_tracked"}:
+        # Validate and convert every entry first (in a fixed order), assign only then.
+        values = {k: self._state_entry(k, state[k]) for k in self._STATE if k in expected}
+        n = _checks.check_num_batches_tracked(state["num_batches_tracked"],
+                                              "state_dict['num_batches_tracked']")
+        for k, value in values.items():
             current = getattr(self, k)
             if api.is_cuda_array(current):
                 from . import cuda
-                cuda.copy_into(current, state[k])
+                cuda.copy_into(current, value)
             else:
-                current[...] = np.asarray(state[k])
+                current[...] = value
         self.num_batches_tracked = n
+
+    def _state_entry(self, key, value):
+        """One entry of a state dict checked and converted: a finite ``(C,)`` host array
+        of the layer's dtype (no NaN, no inf, nothing that overflows that dtype)."""
+        name = f"state_dict[{key!r}]"
+        if api.is_cuda_array(value):
+            from . import cuda
+            value = cuda.to_host(value)
+        _checks.check_not_masked(name, value)
+        try:
+            a = np.asarray(value)
+        except Exception as exc:  # noqa: BLE001 - any unconvertible object
+            raise TypeError(f"{name} must be an array of shape ({self.num_features},), got "
+                            f"{type(value).__name__} ({exc})") from None
+        if a.dtype.kind == "O" and all(isinstance(v, (int, float, np.integer, np.floating))
+                                       and not isinstance(v, (bool, np.bool_))
+                                       for v in a.ravel()):
+            a = a.astype(np.float64)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be an array of real numbers, got dtype {a.dtype}")
+        if a.shape != (self.num_features,):
+            raise ValueError(f"{name} must have shape ({self.num_features},), got {a.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = a.astype(self.dtype)
+        if not np.isfinite(converted).all():
+            bad = np.flatnonzero(~np.isfinite(converted))
+            raise ValueError(f"{name} must be finite in {self.dtype}, got {a[bad[0]]!r} at "
+                             f"index {int(bad[0])} ({bad.size} non-finite value(s))")
+        return converted
 
 
 def _copy(a):

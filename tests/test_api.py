@@ -177,9 +177,11 @@ def test_affine_off_returns_none_gradients():
     dx, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd)
     assert dgamma is None and dbeta is None
     assert_close(dx, np.zeros_like(x), rtol=0, atol=1e-12)
-    # gamma given, beta not: only dgamma
+    # gamma given, beta not: the call is affine, both come back (issue 18: dbeta = sum dy
+    # does not need beta; this asserted the old "dbeta only with beta" rule)
     _, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, np.ones(4))
-    assert dgamma is not None and dbeta is None
+    assert dgamma is not None and dbeta is not None
+    np.testing.assert_array_equal(dbeta, np.full(4, 10.0))
 
 
 def test_large_offset_keeps_float32_accuracy(kernel_path):

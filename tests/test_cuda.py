@@ -95,7 +95,8 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
     x3, p1, st = A(data, 3), A(data, 1), A(f64 if data == f64 else nt.float32, 1)
     sigs["forward_partials", data] = (k.forward_partials, (x3, i64, i64, i64, A(f64, 3), A(i32, 1)))
     sigs["forward_apply", data] = (k.forward_apply, (x3, x3, i64, i64, i64, A(f64, 3), f64, p1, b1,
-        p1, b1, b1, st, st, b1, A(f64, 2), b1, p1, p1, f64, f64, A(i32, 1), A(i32, 1), i64))
+        p1, b1, b1, st, st, b1, A(f64, 2), b1, p1, p1, f64, f64, f64, f64, A(i32, 1), A(i32, 1),
+        i64))
     sigs["inference", data] = (k.inference, (x3, x3, i64, i64, i64, p1, p1, f64, p1, b1, p1, b1, b1))
     sigs["backward_partials", data] = (k.backward_partials, (x3, x3, i64, i64, i64, st, st, p1, b1,
         p1, b1, b1, A(f64, 3)))
