@@ -314,8 +314,10 @@ def test_ctrl_c_while_compiling_exits_130_and_claims_nothing(tmp_path):
         child.kill()
     err = seen + err
     assert child.returncode == 130, err
-    assert "fastbn train: interrupted while compiling kernels" in err
-    assert f"no checkpoint was written to {ck}" in err
+    # The signal lands inside the compiler, or between two of its compilations (the
+    # warm-up also runs NumPy code): both end the run at once with a truthful line.
+    assert re.search(r"fastbn train: interrupted( while compiling kernels)?; no checkpoint "
+                     r"was written to " + re.escape(str(ck)), err), err
     assert "last completed epoch" not in err and "error" not in err
     assert "Traceback" not in err and "epoch   1/" not in out
     assert not ck.exists()
