@@ -26,6 +26,7 @@ import pytest
 
 import fastbn
 from fastbn import distributed
+from fastbn.nn import parallel
 
 MPI = pytest.importorskip("mpi4py.MPI", reason="synchronized BatchNorm needs mpi4py "
                                                  "(pip install 'fastbn[mpi]')")
@@ -286,14 +287,44 @@ def test_one_rank_errors_are_its_own():
         fastbn.batch_norm_forward(np.zeros((4, 3), np.int32), comm=MPI.COMM_SELF)
     with pytest.raises(ValueError, match="more than 1 value per channel in the global batch"):
         fastbn.batch_norm_forward(np.zeros((1, 3)), comm=MPI.COMM_SELF)
-    with pytest.raises(ValueError, match="empty batch"):
-        fastbn.batch_norm_forward(np.zeros((0, 3)), comm=MPI.COMM_SELF)
     bn = fastbn.BatchNorm(3, comm=MPI.COMM_SELF)
     with pytest.raises(ValueError, match=r"gamma must have shape \(2,\)"):
         bn.forward(np.zeros((4, 2), np.float32), training=True)
     assert bn.num_batches_tracked == 0
     with pytest.raises(RuntimeError, match="preceding forward"):
         bn.backward(np.zeros((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("shape, axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 0, 3), -1)])
+def test_one_rank_empty_batch_is_the_single_process_result(shape, axis):
+    """An empty global batch in training: like the single-process call (an empty output,
+    NaN mean and invstd, zero parameter gradients), running statistics and the layer's
+    state untouched (it used to raise "empty batch")."""
+    C = shape[axis]
+    x = np.zeros(shape, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, comm=MPI.COMM_SELF)
+    assert y.shape == shape and y.dtype == np.float32
+    assert mean.shape == (C,) and np.isnan(mean).all() and np.isnan(invstd).all()
+    assert mean.dtype == np.float32 and invstd.dtype == np.float32
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(x, x, mean, invstd, np.ones(C, np.float32),
+                                                   axis=axis, comm=MPI.COMM_SELF)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dgamma, np.zeros(C))
+    np.testing.assert_array_equal(dbeta, np.zeros(C))
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    out = np.empty(shape, np.float32)
+    assert fastbn.batch_norm(x, rm, rv, training=True, axis=axis, out=out,
+                             comm=MPI.COMM_SELF) is out
+    np.testing.assert_array_equal(rm, np.full(C, 0.5))
+    np.testing.assert_array_equal(rv, np.full(C, 2.0))
+    bn = fastbn.BatchNorm(C, axis=axis, comm=MPI.COMM_SELF)
+    assert bn.forward(x, training=True).shape == shape
+    assert bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(C))
+    np.testing.assert_array_equal(bn.running_var, np.ones(C))
+    assert bn.backward(x).shape == shape
+    np.testing.assert_array_equal(bn.dgamma, np.zeros(C))
+    np.testing.assert_array_equal(bn.dbeta, np.zeros(C))
 
 
 class CountingComm:
@@ -423,7 +454,7 @@ def test_sum_in_order_is_left_to_right():
 
 @pytest.mark.parametrize("n, size", [(10, 4), (3, 5), (0, 2), (17, 1)])
 def test_shard_bounds_cover_the_batch_in_order(n, size):
-    bounds = [distributed.shard_bounds(n, r, size) for r in range(size)]
+    bounds = [parallel.shard_bounds(n, r, size) for r in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [stop - start for start, stop in bounds]
@@ -432,10 +463,10 @@ def test_shard_bounds_cover_the_batch_in_order(n, size):
 
 def test_allreduce_mean_and_broadcast_on_one_rank():
     g = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(2)]
-    distributed.allreduce_mean(MPI.COMM_SELF, g)
+    parallel.allreduce_mean(MPI.COMM_SELF, g)
     np.testing.assert_array_equal(g[0], np.arange(6, dtype=np.float32).reshape(2, 3))
     w = np.arange(3.0)
-    distributed.broadcast_arrays(MPI.COMM_SELF, [w])
+    parallel.broadcast_arrays(MPI.COMM_SELF, [w])
     np.testing.assert_array_equal(w, np.arange(3.0))
 
 
