@@ -254,6 +254,18 @@ def test_communicator_usable_and_state_untouched_after_errors(sync_results):
     assert sync_results["errors"]["state_untouched"] == [True] * size
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_empty_global_batch_is_the_single_process_empty_batch(sync_results):
+    """Every rank's shard empty in training: each rank gets what the single-process call
+    gives on an empty batch (empty outputs, NaN mean/invstd, zero dgamma/dbeta) with the
+    running statistics and the layer untouched, and the next call works (it used to
+    raise "empty batch" on every rank)."""
+    expected = {"forward": True, "backward": True, "batch_norm": True, "layer": True,
+                "afterwards": True}
+    assert sync_results["empty_global_batch"] == [expected] * sync_results["size"]
+
+
 # --------------------------------------------------------------------------------------
 # In-process: one rank (MPI.COMM_SELF) and the pure helpers
 # --------------------------------------------------------------------------------------
