@@ -9,7 +9,7 @@ BatchNorm is synchronized by the core (``comm=`` on :class:`fastbn.BatchNorm`, s
 :mod:`fastbn.distributed`); this module only points the model's BatchNorm layers at the
 communicator.
 
-mpi4py, an optional dependency (``pip install 'fastbn[mpi]'``), is imported by the
+mpi4py, an optional dependency (fastbn's ``mpi`` extra), is imported by the
 functions that need its constants, so ``import fastbn.nn`` works without it.
 """
 
