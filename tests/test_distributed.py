@@ -567,6 +567,8 @@ def test_cuda_arrays_synchronized_equal_single_process_cpu():
         assert [tuple(o) for o in errors[mismatch]] == [("ValueError", None)] * 2, mismatch
     assert [tuple(o) for o in errors["normal_call_afterwards"]] == [("ok", None)] * 2
     assert errors["state_untouched"] == [True, True]
+    empty = {"forward": True, "backward": True, "batch_norm": True, "layer": True}
+    assert results["empty_global_batch"] == [empty, empty]
 
 
 def test_cuda_arrays_with_comm_self_equal_cpu():
@@ -574,3 +576,5 @@ def test_cuda_arrays_with_comm_self_equal_cpu():
     results = run_mpi(SCRIPTS / "cuda_sync_checks.py", None, "--self", extra_env=CUDA_SIM_ENV)
     assert results["size"] == 1
     _check_cuda_equality(results)
+    assert results["empty_global_batch"] == [
+        {"forward": True, "backward": True, "batch_norm": True, "layer": True}]
