@@ -486,6 +486,54 @@ def test_allreduce_mean_and_broadcast_on_one_rank():
 # Data-parallel training
 # --------------------------------------------------------------------------------------
 
+def test_data_parallel_on_one_rank_is_the_single_process_epoch():
+    """``parallel=`` on ``MPI.COMM_SELF`` runs the trainer's own loop: bitwise the same
+    parameters, running statistics and metrics as without it."""
+    from fastbn import nn
+    from fastbn.data import make_synthetic
+
+    ds = make_synthetic(n_train=300, n_test=70, num_features=20, seed=2)
+    runs = []
+    for use_parallel in (False, True):
+        model = nn.build_mlp(ds.num_features, ds.num_classes, (12, 8), rng=0,
+                             bn_position="before_relu")
+        opt, loss = nn.Adam(model.store, lr=1e-2), nn.SoftmaxCrossEntropy()
+        hook = nn.DataParallel(model, MPI.COMM_SELF) if use_parallel else None
+        rng = np.random.default_rng(4)
+        metrics = [nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, 64, rng,
+                                  parallel=hook),
+                   nn.evaluate(model, loss, ds.x_test, ds.y_test, 32, parallel=hook)]
+        runs.append((metrics, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        np.testing.assert_array_equal(runs[1][1][name], value, err_msg=name)
+
+
+def test_data_parallel_marks_the_batch_norm_gradients_and_syncs_the_layers():
+    from fastbn import nn
+
+    model = nn.build_mlp(10, 3, (6, 5), rng=0)
+    hook = nn.DataParallel(model, MPI.COMM_SELF)
+    expected = np.concatenate([np.full(p.grad.size, p.name.endswith((".gamma", ".beta")))
+                               for p in model.store])
+    np.testing.assert_array_equal(hook.global_grads, expected)
+    assert hook.global_grads.sum() == 2 * (6 + 5)
+    norms = [layer for layer in model.layers if isinstance(layer, nn.BatchNorm)]
+    assert len(norms) == 2 and all(layer.bn.comm is MPI.COMM_SELF for layer in norms)
+
+
+def test_data_parallel_refuses_a_gpu_model_by_name():
+    import types
+
+    from fastbn import nn
+
+    gpu_model = types.SimpleNamespace(xp=types.ModuleType("cupy"), device="cuda", layers=[])
+    with pytest.raises(ValueError, match="host models only.*device='cuda'"):
+        nn.DataParallel(gpu_model, MPI.COMM_SELF)
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        nn.DataParallel(nn.build_mlp(4, 2, (3,), rng=0), "world")
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 3])
