@@ -283,6 +283,10 @@ def _check_train_options(args):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         return _error(f"--plot needs matplotlib, which is not installed: "
                       f"{install_hint('plot')}")
+    if args.distributed and args.device != "cpu":
+        # fastbn.nn.DataParallel would refuse the model after the data is loaded
+        return _error(f"--distributed trains on the CPU only (--device cpu), got --device "
+                      f"{args.device}: the gradient Allreduce works on host arrays")
     if args.distributed and importlib.util.find_spec("mpi4py") is None:
         return _error(f"--distributed needs mpi4py and an MPI library: {install_hint('mpi')}")
     if args.resume is not None:

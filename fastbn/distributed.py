@@ -1,4 +1,9 @@
-"""Synchronized BatchNorm across processes over MPI, and data-parallel training helpers.
+"""Synchronized BatchNorm across processes over MPI: the collectives and their maths.
+
+This module is the shared operation behind ``comm=``: the agreement of the ranks, the
+exchange of per-rank summaries and their deterministic combination (NumPy only). The
+data-parallel trainer built on it (:class:`fastbn.nn.parallel.DataParallel`) lives in
+:mod:`fastbn.nn`, above the public API; nothing here imports it.
 
 With ``comm=`` (an mpi4py communicator) the training forward and the backward of
 :func:`fastbn.batch_norm_forward`, :func:`fastbn.batch_norm_backward`,
@@ -29,6 +34,13 @@ outcome. After the payload no collective follows: a rank that fails there raises
 A rank that never makes the call cannot be detected: the others wait, as in every
 collective.
 
+An empty global batch (every rank's shard holds 0 values per channel) has no batch
+statistics. The header says so to every rank alike, so no payload follows: each rank
+raises :class:`EmptyGlobalBatch`, which :func:`synchronized` catches to run the call as
+the single-process call on that rank's (empty) shard: empty outputs, NaN ``mean`` and
+``invstd``, zero gradients of the parameters, running statistics and the layer's state
+untouched on every rank, as without ``comm`` (and as in PyTorch).
+
 Determinism: the payload is gathered, not reduced. Every rank merges the gathered
 summaries itself, in rank order, with the same NumPy expressions (Chan's formula for
 moments, a left-to-right sum for gradient sums). Each of those expressions is a sequence
@@ -37,9 +49,8 @@ bitwise-identical statistics even on different CPU models, and running statistic
 identical on every rank. An ``Allreduce`` would leave the summation order to the MPI
 library.
 
-mpi4py is only imported by the helpers that need MPI constants
-(:func:`allreduce_mean`); the synchronized kernels use the communicator's own methods,
-so this module imports without mpi4py.
+mpi4py is never imported here: the collectives are the communicator's own methods, so
+this module imports without mpi4py.
 """
 
 import contextlib
@@ -173,6 +184,26 @@ class DistributedError(RuntimeError):
         super().__init__(message)
         self.ranks = tuple(ranks)
         self.errors = tuple(errors)
+
+
+class EmptyGlobalBatch(Exception):
+    """Every rank's shard of a synchronized call is empty: no batch statistics exist.
+
+    Raised alike on every rank by :meth:`Sync.agree` (no payload collective follows) and
+    caught by :func:`synchronized`, which then runs the call without ``comm`` on each
+    rank: the single-process result of an empty batch. Code that drives a :class:`Sync`
+    itself sees it.
+
+    Attributes
+    ----------
+    ranks : int
+        The number of ranks, all of them empty.
+    """
+
+    def __init__(self, where, ranks):
+        super().__init__(f"{where}: the global batch is empty: every one of the {ranks} "
+                         f"ranks holds 0 values per channel")
+        self.ranks = ranks
 
 
 def check_comm(comm):
@@ -384,8 +415,11 @@ class Sync:
             Another rank failed before the header (it raises its own error).
         ValueError
             The ranks disagree on the operation, the payload kind, the number of
-            channels or the dtype, or (``MOMENTS``) the global batch holds fewer than
-            2 values per channel; every rank raises the same error.
+            channels or the dtype, or (``MOMENTS``) the global batch holds exactly one
+            value per channel; every rank raises the same error.
+        EmptyGlobalBatch
+            Every rank holds 0 values per channel (raised on every rank; no payload
+            follows, :func:`synchronized` runs the call without ``comm``).
         """
         header = np.array([_OK, self.operation, kind, channels, _dtype_code(dtype), count],
                           dtype=np.int64)
@@ -404,6 +438,8 @@ class Sync:
                              f"disagree on {'; '.join(disagreements)} (every rank raises "
                              f"this error)")
         counts = [row[_COUNT] for row in table]
+        if not any(counts):  # every rank sees it: none enters the payload
+            raise EmptyGlobalBatch(self.where, self.size)
         if kind == MOMENTS:
             self._check_global_count(counts)
         self._channels = channels
@@ -507,7 +543,9 @@ class Sync:
         Raises
         ------
         ValueError
-            The global batch has fewer than 2 values per channel (on every rank).
+            The global batch has exactly 1 value per channel (on every rank).
+        EmptyGlobalBatch
+            The global batch has no value per channel (on every rank).
         """
         outer, C, inner = x3.shape
         return self.moments_from_local(C, outer * inner, lambda: cpu.moments(x3),
@@ -594,10 +632,6 @@ class Sync:
 
     def _check_global_count(self, counts):
         m = sum(counts)
-        if m == 0:
-            raise ValueError(f"{self.where}: cannot compute batch statistics of an empty "
-                             f"batch: every one of the {self.size} ranks holds 0 values "
-                             f"per channel")
         if m == 1:
             raise ValueError(f"{self.where}: training needs more than 1 value per channel "
                              f"in the global batch, got 1 (values per channel on ranks "
@@ -614,6 +648,11 @@ def synchronized(where, when=None):
     collective the others wait in as a failed rank (:meth:`Sync.abort`) and re-raises, so
     the other ranks raise a :class:`DistributedError` instead of waiting forever. The
     header carries ``where`` as the operation: every rank of a call must make the same.
+
+    When the header shows an empty global batch (:class:`EmptyGlobalBatch`, raised on
+    every rank alike before anything is written), the function runs again with
+    ``comm=None`` on each rank: an empty batch is the same call with or without ``comm``
+    (empty outputs, NaN statistics, zero parameter gradients, state untouched).
 
     Parameters
     ----------
@@ -646,290 +685,11 @@ def synchronized(where, when=None):
             sync = Sync(comm, where)
             try:
                 return fn(*args, comm=sync, **kwargs)
+            except EmptyGlobalBatch:
+                pass  # every rank raised it after the header: no collective is owed
             except Exception as exc:
                 sync.abort(exc)
                 raise
+            return fn(*args, comm=None, **kwargs)
         return wrapper
     return decorate
-
-
-# --------------------------------------------------------------------------------------
-# Data-parallel training helpers
-# --------------------------------------------------------------------------------------
-
-def shard_bounds(n, rank, size):
-    """Rows ``[start, stop)`` of a batch of ``n`` rows that rank ``rank`` of ``size`` holds.
-
-    Contiguous shards in rank order; the first ``n % size`` ranks hold one row more, so
-    concatenating the shards in rank order gives the batch back. A rank may get 0 rows
-    when ``n < size``.
-
-    Parameters
-    ----------
-    n, rank, size : int
-
-    Returns
-    -------
-    tuple of int
-
-    Examples
-    --------
-    >>> [shard_bounds(10, r, 4) for r in range(4)]
-    [(0, 3), (3, 6), (6, 8), (8, 10)]
-    """
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"need 0 <= rank < size, got rank={rank}, size={size}")
-    base, extra = divmod(int(n), size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def allreduce_mean(comm, arrays):
-    """Average arrays over all ranks, in place, in one ``Allreduce`` of one packed buffer.
-
-    The arrays are packed into one contiguous float64 buffer (one collective, however
-    many arrays; float64 so that the sum over ranks does not add rounding of its own),
-    summed, divided by the number of ranks and written back in each array's dtype.
-    Host (NumPy) arrays only.
-
-    Parameters
-    ----------
-    comm : mpi4py.MPI.Comm
-    arrays : sequence of ndarray
-        Updated in place.
-
-    Examples
-    --------
-    >>> from mpi4py import MPI                                  # doctest: +SKIP
-    >>> import numpy as np                                      # doctest: +SKIP
-    >>> g = np.full(3, float(MPI.COMM_WORLD.rank))              # doctest: +SKIP
-    >>> allreduce_mean(MPI.COMM_WORLD, [g])                     # doctest: +SKIP
-    """
-    from mpi4py import MPI
-
-    check_comm(comm)
-    arrays = [a for a in arrays if a is not None]
-    if not arrays:
-        return
-    sizes = [a.size for a in arrays]
-    buffer = np.empty(sum(sizes))
-    offset = 0
-    for a, k in zip(arrays, sizes):
-        buffer[offset:offset + k] = a.ravel()
-        offset += k
-    comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-    buffer /= comm.Get_size()
-    offset = 0
-    for a, k in zip(arrays, sizes):
-        a[...] = buffer[offset:offset + k].reshape(a.shape)
-        offset += k
-
-
-def broadcast_arrays(comm, arrays, root=0):
-    """Overwrite ``arrays`` on every rank with their values on ``root`` (in place).
-
-    Used once before data-parallel training so every rank starts from the same
-    parameters, whatever its random seed.
-
-    Parameters
-    ----------
-    comm : mpi4py.MPI.Comm
-    arrays : sequence of ndarray
-        C-contiguous host arrays, the same shapes and dtypes on every rank.
-    root : int, default 0
-
-    Examples
-    --------
-    >>> from mpi4py import MPI                                  # doctest: +SKIP
-    >>> import numpy as np                                      # doctest: +SKIP
-    >>> w = np.full(2, float(MPI.COMM_WORLD.rank))              # doctest: +SKIP
-    >>> broadcast_arrays(MPI.COMM_WORLD, [w]); w                # doctest: +SKIP
-    array([0., 0.])
-    """
-    check_comm(comm)
-    for a in arrays:
-        if a is None:
-            continue
-        if not a.flags.c_contiguous:
-            raise ValueError("broadcast_arrays needs C-contiguous arrays")
-        comm.Bcast(a, root=root)
-
-
-class DataParallel:
-    """Data-parallel training of a :class:`fastbn.nn.Sequential` (host arrays) over MPI.
-
-    Every rank holds the whole model and the whole dataset, draws the same shuffle, and
-    takes its shard (:func:`shard_bounds`) of every global batch. Per step:
-
-    - forward with synchronized BatchNorm (statistics of the global batch),
-    - loss gradient scaled by ``1 / global batch size`` (the gradient of the global mean
-      loss, whatever the shard sizes),
-    - backward (BatchNorm's ``dgamma``/``dbeta`` come out global already),
-    - one ``Allreduce`` (sum, float64) of the flat gradient array; BatchNorm entries are
-      zeroed on every rank but 0 first, so they pass through exactly,
-    - the optimizer step, identical on every rank.
-
-    The parameters therefore follow the single-process run with the same global batch,
-    to rounding.
-
-    Parameters
-    ----------
-    model : fastbn.nn.Sequential
-        On the CPU (``device="cpu"``).
-    comm : mpi4py.MPI.Comm
-
-    Attributes
-    ----------
-    rank, size : int
-    global_grads : ndarray of bool, shape (model.store.size,)
-        Gradient entries that are already global (synchronized BatchNorm parameters).
-
-    Examples
-    --------
-    >>> from mpi4py import MPI                                        # doctest: +SKIP
-    >>> import numpy as np                                            # doctest: +SKIP
-    >>> from fastbn import nn                                         # doctest: +SKIP
-    >>> from fastbn.data import make_synthetic                        # doctest: +SKIP
-    >>> ds = make_synthetic(n_train=512, n_test=64)                   # doctest: +SKIP
-    >>> model = nn.build_mlp(ds.num_features, ds.num_classes, (16,), rng=0)  # doctest: +SKIP
-    >>> parallel = DataParallel(model, MPI.COMM_WORLD)                # doctest: +SKIP
-    >>> opt, loss = nn.Adam(model.store, lr=1e-2), nn.SoftmaxCrossEntropy()  # doctest: +SKIP
-    >>> parallel.train_epoch(loss, opt, ds.x_train, ds.y_train, 64,
-    ...                      np.random.default_rng(0))                # doctest: +SKIP
-    """
-
-    def __init__(self, model, comm):
-        from .nn import BatchNorm as NNBatchNorm
-
-        check_comm(comm)
-        if model.xp is not np:
-            raise NotImplementedError("DataParallel trains host (device='cpu') models only: "
-                                      "the trainer's GPU path is not data-parallel yet (the "
-                                      "functions and the layer do take comm= with CUDA arrays; "
-                                      "see docs/distributed.md)")
-        self.model = model
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        synced = set()
-        for i, layer in enumerate(model.layers):
-            if isinstance(layer, NNBatchNorm):
-                layer.bn.comm = comm
-                synced.add(i)
-        self.global_grads = np.zeros(model.store.size, dtype=bool)
-        offset = 0
-        for p in model.store:
-            if int(p.name.split(".")[1]) in synced:
-                self.global_grads[offset:offset + p.value.size] = True
-            offset += p.value.size
-        self._buffer = np.empty(model.store.size)
-        # Same starting point on every rank, whatever each rank's seed was.
-        norms = [layer for layer in model.layers if isinstance(layer, NNBatchNorm)]
-        running = [a for layer in norms for a in (layer.bn.running_mean, layer.bn.running_var)]
-        broadcast_arrays(comm, [model.store.values] + running)
-        counts = comm.bcast([layer.bn.num_batches_tracked for layer in norms], root=0)
-        for layer, n in zip(norms, counts):
-            layer.bn.num_batches_tracked = n
-
-    def reduce_gradients(self):
-        """Sum ``model.store.grads`` over all ranks, in place (one ``Allreduce``).
-
-        Dense gradients are per-shard partial sums of the global-mean-loss gradient, so
-        their sum is the global gradient; synchronized BatchNorm gradients are global
-        already and are contributed by rank 0 alone (the others send zeros), which adds
-        no rounding.
-        """
-        from mpi4py import MPI
-
-        grads = self.model.store.grads
-        buffer = self._buffer
-        buffer[...] = grads
-        if self.rank != 0:
-            buffer[self.global_grads] = 0.0
-        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-        grads[...] = buffer
-
-    def train_epoch(self, loss, optimizer, x, y, batch_size, rng, progress=None):
-        """One epoch over ``(x, y)`` in global batches of ``batch_size`` rows, sharded.
-
-        Parameters
-        ----------
-        loss : fastbn.nn.SoftmaxCrossEntropy
-            Unused apart from its type: the fused loss kernel is called with the global
-            scale (see the class docstring).
-        optimizer : fastbn.nn.Adam or fastbn.nn.SGD
-            Over ``model.store``.
-        x : ndarray, shape (n, features)
-            The whole training set, the same on every rank.
-        y : ndarray of int64, shape (n,)
-        batch_size : int
-            Global batch size (all ranks together).
-        rng : numpy.random.Generator
-            In the same state on every rank: draws the epoch's permutation.
-        progress : object with ``update(n)``, optional
-
-        Returns
-        -------
-        loss, accuracy : float
-            Over the whole epoch and all ranks (the same on every rank).
-        """
-        from mpi4py import MPI
-
-        from .nn import _ops
-
-        model, ops = self.model, _ops.ops_for(np)
-        n = x.shape[0]
-        perm = rng.permutation(n)
-        rows = shard_bounds(min(batch_size, n), 0, self.size)[1] if n else 0
-        x_batch = np.empty((rows, x.shape[1]), x.dtype)
-        y_batch = np.empty(rows, y.dtype)
-        acc = np.zeros(2)
-        grad_cache = {}
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            first, stop = shard_bounds(idx.shape[0], self.rank, self.size)
-            mine = idx[first:stop]
-            k = mine.shape[0]
-            xb, yb = x_batch[:k], y_batch[:k]
-            np.take(x, mine, axis=0, out=xb)
-            np.take(y, mine, out=yb)
-            logits = model.forward(xb, True)
-            grad = grad_cache.get(logits.shape)
-            if grad is None:
-                grad = grad_cache[logits.shape] = np.empty(logits.shape, logits.dtype)
-            if k:
-                ops.softmax_cross_entropy(logits, yb, grad, 1.0 / idx.shape[0], acc)
-            model.backward(grad)
-            self.reduce_gradients()
-            optimizer.step()
-            if progress is not None:
-                progress.update(1)
-        self.comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
-        return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
-
-    def evaluate(self, loss, x, y, batch_size=2048):
-        """Mean loss and accuracy in evaluation mode, the rows shared among the ranks.
-
-        Parameters
-        ----------
-        loss : fastbn.nn.SoftmaxCrossEntropy
-        x : ndarray, shape (n, features)
-            The whole evaluation set, the same on every rank.
-        y : ndarray of int64, shape (n,)
-        batch_size : int, default 2048
-
-        Returns
-        -------
-        loss, accuracy : float
-            The same on every rank.
-        """
-        from mpi4py import MPI
-
-        first, stop = shard_bounds(x.shape[0], self.rank, self.size)
-        acc = np.zeros(2)
-        for start in range(first, stop, batch_size):
-            end = min(start + batch_size, stop)
-            loss.forward_backward(self.model.forward(x[start:end], False), y[start:end], acc)
-        self.comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
-        n = max(x.shape[0], 1)
-        return float(acc[0]) / n, float(acc[1]) / n

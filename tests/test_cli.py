@@ -90,6 +90,11 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, capsys, monkeyp
     assert "fastbn[" not in err
 
 
+def test_distributed_on_a_gpu_is_refused_up_front(capsys, no_training):
+    assert cli.main(["train", *FAST, "--distributed", "--device", "cuda"]) == 1
+    assert "--distributed trains on the CPU only" in capsys.readouterr().err
+
+
 def test_outputs_that_cannot_be_written(tmp_path, capsys, no_training):
     assert cli.main(["train", *FAST, "--save", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import pytest
 
 import fastbn
 from fastbn import distributed
+from fastbn.nn import parallel
 
 MPI = pytest.importorskip("mpi4py.MPI", reason="synchronized BatchNorm needs mpi4py "
                                                  "(pip install 'fastbn[mpi]')")
@@ -253,6 +254,18 @@ def test_communicator_usable_and_state_untouched_after_errors(sync_results):
     assert sync_results["errors"]["state_untouched"] == [True] * size
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_empty_global_batch_is_the_single_process_empty_batch(sync_results):
+    """Every rank's shard empty in training: each rank gets what the single-process call
+    gives on an empty batch (empty outputs, NaN mean/invstd, zero dgamma/dbeta) with the
+    running statistics and the layer untouched, and the next call works (it used to
+    raise "empty batch" on every rank)."""
+    expected = {"forward": True, "backward": True, "batch_norm": True, "layer": True,
+                "afterwards": True}
+    assert sync_results["empty_global_batch"] == [expected] * sync_results["size"]
+
+
 # --------------------------------------------------------------------------------------
 # In-process: one rank (MPI.COMM_SELF) and the pure helpers
 # --------------------------------------------------------------------------------------
@@ -286,14 +299,44 @@ def test_one_rank_errors_are_its_own():
         fastbn.batch_norm_forward(np.zeros((4, 3), np.int32), comm=MPI.COMM_SELF)
     with pytest.raises(ValueError, match="more than 1 value per channel in the global batch"):
         fastbn.batch_norm_forward(np.zeros((1, 3)), comm=MPI.COMM_SELF)
-    with pytest.raises(ValueError, match="empty batch"):
-        fastbn.batch_norm_forward(np.zeros((0, 3)), comm=MPI.COMM_SELF)
     bn = fastbn.BatchNorm(3, comm=MPI.COMM_SELF)
     with pytest.raises(ValueError, match=r"gamma must have shape \(2,\)"):
         bn.forward(np.zeros((4, 2), np.float32), training=True)
     assert bn.num_batches_tracked == 0
     with pytest.raises(RuntimeError, match="preceding forward"):
         bn.backward(np.zeros((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("shape, axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 0, 3), -1)])
+def test_one_rank_empty_batch_is_the_single_process_result(shape, axis):
+    """An empty global batch in training: like the single-process call (an empty output,
+    NaN mean and invstd, zero parameter gradients), running statistics and the layer's
+    state untouched (it used to raise "empty batch")."""
+    C = shape[axis]
+    x = np.zeros(shape, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, comm=MPI.COMM_SELF)
+    assert y.shape == shape and y.dtype == np.float32
+    assert mean.shape == (C,) and np.isnan(mean).all() and np.isnan(invstd).all()
+    assert mean.dtype == np.float32 and invstd.dtype == np.float32
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(x, x, mean, invstd, np.ones(C, np.float32),
+                                                   axis=axis, comm=MPI.COMM_SELF)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dgamma, np.zeros(C))
+    np.testing.assert_array_equal(dbeta, np.zeros(C))
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    out = np.empty(shape, np.float32)
+    assert fastbn.batch_norm(x, rm, rv, training=True, axis=axis, out=out,
+                             comm=MPI.COMM_SELF) is out
+    np.testing.assert_array_equal(rm, np.full(C, 0.5))
+    np.testing.assert_array_equal(rv, np.full(C, 2.0))
+    bn = fastbn.BatchNorm(C, axis=axis, comm=MPI.COMM_SELF)
+    assert bn.forward(x, training=True).shape == shape
+    assert bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(C))
+    np.testing.assert_array_equal(bn.running_var, np.ones(C))
+    assert bn.backward(x).shape == shape
+    np.testing.assert_array_equal(bn.dgamma, np.zeros(C))
+    np.testing.assert_array_equal(bn.dbeta, np.zeros(C))
 
 
 class CountingComm:
@@ -423,7 +466,7 @@ def test_sum_in_order_is_left_to_right():
 
 @pytest.mark.parametrize("n, size", [(10, 4), (3, 5), (0, 2), (17, 1)])
 def test_shard_bounds_cover_the_batch_in_order(n, size):
-    bounds = [distributed.shard_bounds(n, r, size) for r in range(size)]
+    bounds = [parallel.shard_bounds(n, r, size) for r in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [stop - start for start, stop in bounds]
@@ -432,16 +475,64 @@ def test_shard_bounds_cover_the_batch_in_order(n, size):
 
 def test_allreduce_mean_and_broadcast_on_one_rank():
     g = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(2)]
-    distributed.allreduce_mean(MPI.COMM_SELF, g)
+    parallel.allreduce_mean(MPI.COMM_SELF, g)
     np.testing.assert_array_equal(g[0], np.arange(6, dtype=np.float32).reshape(2, 3))
     w = np.arange(3.0)
-    distributed.broadcast_arrays(MPI.COMM_SELF, [w])
+    parallel.broadcast_arrays(MPI.COMM_SELF, [w])
     np.testing.assert_array_equal(w, np.arange(3.0))
 
 
 # --------------------------------------------------------------------------------------
 # Data-parallel training
 # --------------------------------------------------------------------------------------
+
+def test_data_parallel_on_one_rank_is_the_single_process_epoch():
+    """``parallel=`` on ``MPI.COMM_SELF`` runs the trainer's own loop: bitwise the same
+    parameters, running statistics and metrics as without it."""
+    from fastbn import nn
+    from fastbn.data import make_synthetic
+
+    ds = make_synthetic(n_train=300, n_test=70, num_features=20, seed=2)
+    runs = []
+    for use_parallel in (False, True):
+        model = nn.build_mlp(ds.num_features, ds.num_classes, (12, 8), rng=0,
+                             bn_position="before_relu")
+        opt, loss = nn.Adam(model.store, lr=1e-2), nn.SoftmaxCrossEntropy()
+        hook = nn.DataParallel(model, MPI.COMM_SELF) if use_parallel else None
+        rng = np.random.default_rng(4)
+        metrics = [nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, 64, rng,
+                                  parallel=hook),
+                   nn.evaluate(model, loss, ds.x_test, ds.y_test, 32, parallel=hook)]
+        runs.append((metrics, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        np.testing.assert_array_equal(runs[1][1][name], value, err_msg=name)
+
+
+def test_data_parallel_marks_the_batch_norm_gradients_and_syncs_the_layers():
+    from fastbn import nn
+
+    model = nn.build_mlp(10, 3, (6, 5), rng=0)
+    hook = nn.DataParallel(model, MPI.COMM_SELF)
+    expected = np.concatenate([np.full(p.grad.size, p.name.endswith((".gamma", ".beta")))
+                               for p in model.store])
+    np.testing.assert_array_equal(hook.global_grads, expected)
+    assert hook.global_grads.sum() == 2 * (6 + 5)
+    norms = [layer for layer in model.layers if isinstance(layer, nn.BatchNorm)]
+    assert len(norms) == 2 and all(layer.bn.comm is MPI.COMM_SELF for layer in norms)
+
+
+def test_data_parallel_refuses_a_gpu_model_by_name():
+    import types
+
+    from fastbn import nn
+
+    gpu_model = types.SimpleNamespace(xp=types.ModuleType("cupy"), device="cuda", layers=[])
+    with pytest.raises(ValueError, match="host models only.*device='cuda'"):
+        nn.DataParallel(gpu_model, MPI.COMM_SELF)
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        nn.DataParallel(nn.build_mlp(4, 2, (3,), rng=0), "world")
+
 
 @pytest.mark.mpi
 @needs_mpiexec
@@ -524,6 +615,8 @@ def test_cuda_arrays_synchronized_equal_single_process_cpu():
         assert [tuple(o) for o in errors[mismatch]] == [("ValueError", None)] * 2, mismatch
     assert [tuple(o) for o in errors["normal_call_afterwards"]] == [("ok", None)] * 2
     assert errors["state_untouched"] == [True, True]
+    empty = {"forward": True, "backward": True, "batch_norm": True, "layer": True}
+    assert results["empty_global_batch"] == [empty, empty]
 
 
 def test_cuda_arrays_with_comm_self_equal_cpu():
@@ -531,3 +624,5 @@ def test_cuda_arrays_with_comm_self_equal_cpu():
     results = run_mpi(SCRIPTS / "cuda_sync_checks.py", None, "--self", extra_env=CUDA_SIM_ENV)
     assert results["size"] == 1
     _check_cuda_equality(results)
+    assert results["empty_global_batch"] == [
+        {"forward": True, "backward": True, "batch_norm": True, "layer": True}]

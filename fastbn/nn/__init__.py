@@ -2,7 +2,8 @@
 
 Layers (:class:`Dense`, :class:`ReLU`, :class:`BatchNorm`), the :class:`Sequential`
 model, the fused :class:`SoftmaxCrossEntropy` loss, the :class:`Adam` and :class:`SGD`
-optimizers, and the trainer (:func:`fit`, which ``fastbn train`` runs). Matrix products
+optimizers, the trainer (:func:`fit`, which ``fastbn train`` runs) and its data-parallel
+hook over MPI (:class:`DataParallel`, in :mod:`fastbn.nn.parallel`). Matrix products
 use NumPy's BLAS on the CPU and CuPy's cuBLAS on a GPU (``device="cuda"``); the rest runs
 on fastbn's kernels.
 
@@ -22,9 +23,10 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .layers import INITIALIZERS, BatchNorm, Dense, Parameter, ParameterStore, ReLU, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
+from .parallel import DataParallel
 from .train import DEFAULTS, History, build_mlp, evaluate, fit, set_threads, train_epoch
 
 __all__ = ["Dense", "ReLU", "BatchNorm", "Sequential", "Parameter", "ParameterStore",
            "INITIALIZERS", "SoftmaxCrossEntropy", "Adam", "SGD", "fit", "build_mlp",
            "train_epoch", "evaluate", "History", "set_threads", "DEFAULTS",
-           "save_checkpoint", "load_checkpoint", "CheckpointError"]
+           "save_checkpoint", "load_checkpoint", "CheckpointError", "DataParallel"]

@@ -33,7 +33,7 @@ class SoftmaxCrossEntropy:
     def __init__(self):
         self._grad = {}
 
-    def forward_backward(self, logits, labels, acc):
+    def forward_backward(self, logits, labels, acc, scale=None):
         """Gradient of the mean loss into an internal buffer; loss sum and hits into ``acc``.
 
         The hot-path form: nothing is returned to the host, so a GPU run does not
@@ -47,6 +47,10 @@ class SoftmaxCrossEntropy:
             Class indices in ``[0, K)``, same device.
         acc : array of float64, shape (2,)
             ``acc[0] += sum of per-row losses``; ``acc[1] += rows whose arg-max is the label``.
+        scale : float, optional
+            Factor of the gradient: ``1 / n`` (the mean over these rows) by default.
+            Data-parallel training passes ``1 / global batch size``, so that the ranks'
+            gradients add up to the gradient of the global mean loss.
 
         Returns
         -------
@@ -62,9 +66,11 @@ class SoftmaxCrossEntropy:
         grad = self._grad.get(key)
         if grad is None:
             grad = self._grad[key] = _device.module_of(logits).empty(logits.shape, logits.dtype)
-        n = logits.shape[0]
+        if scale is None:
+            n = logits.shape[0]
+            scale = 1.0 / n if n else 0.0
         _ops.ops_for(_device.module_of(logits)).softmax_cross_entropy(
-            logits, labels, grad, 1.0 / n if n else 0.0, acc)
+            logits, labels, grad, scale, acc)
         return grad
 
     def __call__(self, logits, labels):

@@ -27,6 +27,7 @@ from . import _device, checkpoint as _checkpoint
 from .layers import BatchNorm, Dense, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
+from .parallel import DataParallel
 
 __all__ = ["fit", "build_mlp", "train_epoch", "evaluate", "warm_up", "History",
            "set_threads", "DEFAULTS", "COMPILE_NOTICE"]
@@ -305,8 +306,15 @@ class _BlasThreads:
             self._restore()
 
 
-def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None):
+def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None,
+                parallel=None):
     """One pass over ``(x, y)`` in shuffled mini-batches (the last one may be smaller).
+
+    With ``parallel`` (a :class:`~fastbn.nn.parallel.DataParallel`), the same loop
+    trains data-parallel: every rank draws the same permutation and takes its shard of
+    each global batch of ``batch_size`` rows (``parallel.shard``); the loss gradient is
+    that of the global batch's mean loss; the gradients are summed over the ranks after
+    each backward (``parallel.reduce_gradients``) and the epoch's totals at its end.
 
     Parameters
     ----------
@@ -321,11 +329,15 @@ def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None):
         Draws the epoch's permutation (on the host, so both devices shuffle alike).
     progress : object with ``update(n)``, optional
         A progress bar, advanced once per batch.
+    parallel : DataParallel, optional
+        Data-parallel over MPI: ``x``, ``y`` and ``rng`` are then the same on every rank,
+        and ``batch_size`` is the global batch size (all ranks together).
 
     Returns
     -------
     loss : float
-        Mean training loss over the epoch (training-mode forward, as Keras reports it).
+        Mean training loss over the epoch (training-mode forward, as Keras reports it);
+        with ``parallel``, over all ranks (the same on every rank).
     accuracy : float
 
     Examples
@@ -351,19 +363,26 @@ def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None):
     loss_grad, take = loss.forward_backward, xp.take
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
+        scale = 1.0 / idx.shape[0]  # the gradient of the (global) batch's mean loss
+        if parallel is not None:
+            idx = parallel.shard(idx)
         k = idx.shape[0]
         xb, yb = x_batch[:k], y_batch[:k]
         take(x, idx, axis=0, out=xb)
         take(y, idx, out=yb)
-        backward(loss_grad(forward(xb, True), yb, acc))
+        backward(loss_grad(forward(xb, True), yb, acc, scale))
+        if parallel is not None:
+            parallel.reduce_gradients()
         step()
         if progress is not None:
             progress.update(1)
     acc = _device.to_host(acc)
-    return float(acc[0]) / n, float(acc[1]) / n
+    if parallel is not None:
+        parallel.reduce_totals(acc)
+    return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
 
 
-def evaluate(model, loss, x, y, batch_size=2048):
+def evaluate(model, loss, x, y, batch_size=2048, parallel=None):
     """Mean loss and accuracy in evaluation mode (BatchNorm uses running statistics).
 
     Parameters
@@ -374,11 +393,15 @@ def evaluate(model, loss, x, y, batch_size=2048):
     y : array of int64, shape (n,)
     batch_size : int, default 2048
         Rows per forward (results do not depend on it).
+    parallel : DataParallel, optional
+        Share the rows among the ranks (``parallel.bounds``) and sum the totals over
+        them; ``x`` and ``y`` are then the whole set, the same on every rank.
 
     Returns
     -------
     loss : float
     accuracy : float
+        With ``parallel``, over all the rows (the same on every rank).
 
     Examples
     --------
@@ -392,10 +415,13 @@ def evaluate(model, loss, x, y, batch_size=2048):
     xp = model.xp
     acc = xp.zeros(2, np.float64)
     n = x.shape[0]
-    for start in range(0, n, batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        loss.forward_backward(model.forward(xb, False), yb, acc)
+    first, stop = (0, n) if parallel is None else parallel.bounds(n)
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        loss.forward_backward(model.forward(x[start:end], False), y[start:end], acc)
     acc = _device.to_host(acc)
+    if parallel is not None:
+        parallel.reduce_totals(acc)
     return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
 
 
@@ -570,7 +596,7 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
         every rank of ``comm`` calls ``fit`` with the same arguments; each global batch
         of ``batch_size`` rows is split among the ranks, BatchNorm is synchronized and
         gradients are summed with one Allreduce per step
-        (:class:`fastbn.distributed.DataParallel`), so the run follows the
+        (:class:`fastbn.nn.parallel.DataParallel`), so the run follows the
         single-process one to rounding. Only rank 0 logs, shows progress and writes
         ``save`` and ``metrics_out``; every rank returns the same history. CPU only.
 
@@ -649,7 +675,6 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
         records, start_epoch = list(state["history"]), state["epoch"]
     parallel = None
     if comm is not None:
-        from ..distributed import DataParallel
         parallel = DataParallel(model, comm)  # broadcasts rank 0's parameters
     root = parallel is None or parallel.rank == 0
     run_info = {"device": device, "threads": thread_info, "machine": platform.node(),
@@ -697,20 +722,14 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
             bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress if root else False)
             try:
                 t0 = time.perf_counter()
-                if parallel is None:
-                    train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
-                                                        int(config["batch_size"]), rng, bar)
-                else:
-                    train_loss, train_acc = parallel.train_epoch(
-                        loss, opt, x_train, y_train, int(config["batch_size"]), rng, bar)
+                train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
+                                                    int(config["batch_size"]), rng, bar,
+                                                    parallel)
                 t1 = time.perf_counter()
             finally:
                 if bar is not None:
                     bar.close()
-            if parallel is None:
-                test_loss, test_acc = evaluate(model, loss, x_test, y_test)
-            else:
-                test_loss, test_acc = parallel.evaluate(loss, x_test, y_test)
+            test_loss, test_acc = evaluate(model, loss, x_test, y_test, parallel=parallel)
             t2 = time.perf_counter()
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                       "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,

@@ -160,11 +160,44 @@ def error_cases():
     return results
 
 
+def empty_global_batch():
+    """Every rank's shard an empty device array in training: the single-process
+    empty-batch results on every rank (see sync_checks.empty_global_batch)."""
+    C = 3
+    checks = {}
+    x = cuda.to_device(np.zeros((0, C), np.float32))
+    try:
+        y, mean, invstd = fastbn.batch_norm_forward(x, comm=COMM)
+        checks["forward"] = (y.shape == x.shape and bool(np.isnan(host(mean)).all())
+                             and bool(np.isnan(host(invstd)).all()))
+        dx, dgamma, dbeta = fastbn.batch_norm_backward(
+            x, x, mean, invstd, cuda.to_device(np.ones(C, np.float32)), comm=COMM)
+        checks["backward"] = (dx.shape == x.shape and not host(dgamma).any()
+                              and not host(dbeta).any())
+        rm = cuda.to_device(np.full(C, 0.5, np.float32))
+        rv = cuda.to_device(np.full(C, 2.0, np.float32))
+        y = fastbn.batch_norm(x, rm, rv, training=True, comm=COMM)
+        checks["batch_norm"] = (y.shape == x.shape and bool((host(rm) == 0.5).all())
+                                and bool((host(rv) == 2.0).all()))
+        layer = fastbn.BatchNorm(C, comm=COMM).to("cuda")
+        y = layer.forward(x, training=True)
+        dx = layer.backward(x)
+        checks["layer"] = (y.shape == x.shape and dx.shape == x.shape
+                           and layer.num_batches_tracked == 0
+                           and bool((host(layer.running_mean) == 0).all())
+                           and not host(layer.dgamma).any() and not host(layer.dbeta).any())
+    except Exception as exc:  # reported, never raised: the other ranks must not wait
+        checks["error"] = f"{type(exc).__name__}: {exc}"
+    return COMM.allgather(checks)
+
+
 def main():
     equality = equality_cases()
     errors = error_cases()
+    empty = empty_global_batch()
     if RANK == 0:
-        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors}))
+        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors,
+                                      "empty_global_batch": empty}))
         sys.stdout.flush()
 
 

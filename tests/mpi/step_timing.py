@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 import fastbn
 from fastbn import nn
-from fastbn.distributed import DataParallel, shard_bounds
+from fastbn.nn.parallel import DataParallel, shard_bounds
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()

@@ -360,11 +360,47 @@ def error_cases():
     return results
 
 
+def empty_global_batch():
+    """Every rank's shard empty in training: what each rank gets (the single-process
+    empty-batch results: empty outputs, NaN statistics, zero parameter gradients, state
+    untouched), and whether a normal call works afterwards."""
+    C = 4
+    checks = {}
+    x = np.zeros((0, C), np.float32)
+    try:
+        y, mean, invstd = fastbn.batch_norm_forward(x, comm=COMM)
+        checks["forward"] = (y.shape == x.shape and mean.shape == (C,)
+                             and bool(np.isnan(mean).all() and np.isnan(invstd).all()))
+        dx, dgamma, dbeta = fastbn.batch_norm_backward(x, x, mean, invstd,
+                                                       np.ones(C, np.float32), comm=COMM)
+        checks["backward"] = (dx.shape == x.shape and not dgamma.any() and not dbeta.any())
+        rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+        y = fastbn.batch_norm(x, rm, rv, training=True, comm=COMM)
+        checks["batch_norm"] = (y.shape == x.shape and bool((rm == 0.5).all())
+                                and bool((rv == 2.0).all()))
+        layer = fastbn.BatchNorm(C, comm=COMM)
+        y = layer.forward(x, training=True)
+        dx = layer.backward(x)
+        checks["layer"] = (y.shape == x.shape and dx.shape == x.shape
+                           and layer.num_batches_tracked == 0
+                           and bool((layer.running_mean == 0).all())
+                           and bool((layer.running_var == 1).all())
+                           and not layer.dgamma.any() and not layer.dbeta.any())
+        xs = np.arange(6.0 * C).reshape(6, C) + RANK
+        y, mean, _ = fastbn.batch_norm_forward(xs, comm=COMM)
+        checks["afterwards"] = bool(np.allclose(mean, np.arange(C) + 10.0 + (SIZE - 1) / 2))
+    except Exception as exc:  # reported, never raised: the other ranks must not wait
+        checks["error"] = f"{type(exc).__name__}: {exc}"
+    return COMM.allgather(checks)
+
+
 def main():
     equality = equality_cases()
     errors = error_cases()
+    empty = empty_global_batch()
     if RANK == 0:
-        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors}))
+        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors,
+                                      "empty_global_batch": empty}))
         sys.stdout.flush()
 
 

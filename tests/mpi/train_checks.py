@@ -1,8 +1,8 @@
 """Data-parallel training checks, run by every rank of ``mpiexec -n P python train_checks.py``.
 
-Every rank trains the same MLP (with BatchNorm) on the same synthetic dataset with
-:class:`fastbn.distributed.DataParallel`; rank 0 also trains it in a single process with
-the same global batch and compares. Rank 0 prints ``RESULT <json>`` with the per-epoch
+Every rank trains the same MLP (with BatchNorm) on the same synthetic dataset with the
+trainer's own epoch loop and :class:`fastbn.nn.DataParallel` as its ``parallel=`` hook;
+rank 0 also trains it in a single process with the same global batch and compares. Rank 0 prints ``RESULT <json>`` with the per-epoch
 metrics of both runs, the largest parameter / running-statistic difference, and whether
 parameters and running statistics are bitwise identical on every rank.
 """
@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from fastbn import nn
 from fastbn.data import make_synthetic
-from fastbn.distributed import DataParallel
+from fastbn.nn import DataParallel
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
@@ -42,8 +42,9 @@ def main():
     rng = np.random.default_rng(11)
     synced = []
     for _ in range(EPOCHS):
-        train = parallel.train_epoch(loss, opt, ds.x_train, ds.y_train, BATCH, rng)
-        test = parallel.evaluate(loss, ds.x_test, ds.y_test)
+        train = nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, BATCH, rng,
+                               parallel=parallel)
+        test = nn.evaluate(model, loss, ds.x_test, ds.y_test, parallel=parallel)
         synced.append(train + test)
     mine = model_arrays(model)
     everyone = COMM.gather([a.tobytes() for a in mine], root=0)
