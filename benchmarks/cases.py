@@ -217,7 +217,7 @@ def reduce_axes(ndim, axis):
     return axes, param_shape_of
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_inputs(case):
     """Build (once per case and process) the random inputs of a case.
 

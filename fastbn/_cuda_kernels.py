@@ -354,7 +354,7 @@ def _param(p, c, present, default):
 # Device functions in the compute dtype
 # --------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compute_functions(compute):
     """The device functions whose arithmetic is in the ``compute`` dtype.
 
@@ -752,7 +752,7 @@ def _backward_apply_kernel(compute):
     return backward_apply
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(compute):
     """Compile-on-first-use kernels whose coefficients are in ``compute`` dtype.
 

@@ -4,10 +4,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
-import fastbn
 import reference as ref
 from helpers import assert_close, tol
+
+import fastbn
 
 DTYPES = [np.float64, np.float32, np.float16]
 

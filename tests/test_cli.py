@@ -363,8 +363,9 @@ def test_an_error_caused_by_an_interrupt_is_reported_as_the_interrupt(monkeypatc
         try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-        except KeyboardInterrupt:
-            raise RuntimeError("no compiled object yet for <Library '_normalize_serial'>")
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("no compiled object yet for <Library '_normalize_serial'>") \
+                from interrupt
     monkeypatch.setattr(train_module, "fit", fit)
     assert cli.main(["train", *FAST, "--epochs", "1"]) == 130
     err = capsys.readouterr().err

@@ -9,12 +9,12 @@ import textwrap
 
 import numpy as np
 import pytest
+import reference as ref
+from helpers import assert_close, tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastbn
-import reference as ref
-from helpers import assert_close, tol
 
 
 def rand(shape, dtype=np.float64, seed=0, offset=0.0):

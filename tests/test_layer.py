@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-import fastbn
 import reference as ref
 from helpers import assert_close, tol
+
+import fastbn
 
 
 def rand(shape, seed=0, dtype=np.float32, offset=0.0):

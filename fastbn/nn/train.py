@@ -22,8 +22,10 @@ import warnings
 
 import numpy as np
 
-from .. import _config, data as _data
-from . import _device, checkpoint as _checkpoint
+from .. import _config
+from .. import data as _data
+from . import _device
+from . import checkpoint as _checkpoint
 from .layers import BatchNorm, Dense, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam

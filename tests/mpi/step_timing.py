@@ -45,7 +45,7 @@ def training_step(batch, steps):
     x = rng.random((batch * 8, 784), dtype=np.float32)
     y = rng.integers(0, 10, batch * 8)
     model = nn.build_mlp(rng=0)
-    opt, loss = nn.Adam(model.store), nn.SoftmaxCrossEntropy()
+    opt = nn.Adam(model.store)
     parallel = DataParallel(model, COMM) if SIZE > 1 else None
     first, stop = shard_bounds(batch, RANK, SIZE)
     acc = np.zeros(2)
@@ -81,7 +81,7 @@ def bn_sync(batch, repeat):
         dy = rng.standard_normal(x.shape).astype(np.float32)
         g, b = np.ones(C, np.float32), np.zeros(C, np.float32)
 
-        def call(comm):
+        def call(comm, x=x, dy=dy, g=g, b=b):
             y, mean, invstd = fastbn.batch_norm_forward(x, g, b, comm=comm)
             fastbn.batch_norm_backward(dy, x, mean, invstd, g, b, comm=comm)
 
@@ -94,14 +94,15 @@ def bn_sync(batch, repeat):
 
 def allgather(repeat):
     out = {}
-    header = np.zeros(3, np.int64)
-    table = np.empty((SIZE, 3), np.int64)
-    out["header_3xint64"] = median_time(lambda: COMM.Allgather(header, table), repeat) * 1e6
+    # The agreement's header (6 int64) and payload (2 C + 1 float64) per rank.
+    header = np.zeros(6, np.int64)
+    table = np.empty((SIZE, 6), np.int64)
+    out["header_6xint64"] = median_time(lambda: COMM.Allgather(header, table), repeat) * 1e6
     for C in (64, 256, 1024):
-        local = np.zeros(2 * C)
-        gathered = np.empty((SIZE, 2 * C))
-        out[f"payload_2x{C}xfloat64"] = median_time(
-            lambda: COMM.Allgather(local, gathered), repeat) * 1e6
+        local = np.zeros(2 * C + 1)
+        gathered = np.empty((SIZE, 2 * C + 1))
+        out[f"payload_2x{C}+1xfloat64"] = median_time(
+            lambda local=local, gathered=gathered: COMM.Allgather(local, gathered), repeat) * 1e6
     return out
 
 
