@@ -36,7 +36,7 @@ FIRST_CALLS = textwrap.dedent("""
             layer.forward(x, training=True)
             layer.backward(x)
             layer.forward(x, training=False)
-    compiled = sorted({e.data["dispatcher"].py_func.__qualname__ for e in recorder.buffer})
+    compiled = sorted({e.data["dispatcher"].py_func.__qualname__ for _, e in recorder.buffer})
     print(json.dumps(compiled))
 """)
 
