@@ -133,6 +133,9 @@ def run_job(job):
         elif job.operation in ("backward", "backward_fused"):
             cpu.backward(x3, x3, mean, invstd, g, b, False, out,
                          fuse=job.operation == "backward_fused")
+            if g is gamma:  # the layer saves float64 statistics whatever the data's dtype
+                cpu.backward(x3, x3, mean.astype(np.float64), invstd.astype(np.float64), g, b,
+                             False, out, fuse=job.operation == "backward_fused")
         elif job.operation == "inference":
             cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False,
                           out)
