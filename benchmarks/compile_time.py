@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,10 +48,31 @@ CASES = (
 )
 
 _CHILD = r"""
-import json, sys, time
-start = time.perf_counter()
+import json, resource, sys, time
+
+def cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+start, start_cpu = time.perf_counter(), cpu_s()
+import numba
+from numba.core import event
+compiles, stack = [], []
+
+class Compiles(event.Listener):
+    # per compiled function and signature: CPU seconds, those of nested compiles excluded
+    def on_start(self, ev):
+        stack.append([cpu_s(), 0.0])
+    def on_end(self, ev):
+        began, nested = stack.pop()
+        spent = cpu_s() - began
+        if stack:
+            stack[-1][1] += spent
+        compiles.append([ev.data["dispatcher"].py_func.__qualname__, spent - nested])
+
+event.register("numba:compile", Compiles())
 import fastbn
-import_s = time.perf_counter() - start
+import_s, import_cpu_s = time.perf_counter() - start, cpu_s() - start_cpu
 import numpy as np
 shape, axis, dtype = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
@@ -60,20 +82,21 @@ gamma = np.ones(shape[axis], dtype)
 beta = np.zeros(shape[axis], dtype)
 
 def step():
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu_s()
     fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    t2, c2 = time.perf_counter(), cpu_s()
+    return t1 - t0, t2 - t1, (c1 - c0) + (c2 - c1)
 
-first_forward_s, first_backward_s = step()
-second_forward_s, second_backward_s = step()
-print(json.dumps({"import_s": import_s, "first_forward_s": first_forward_s,
-                  "first_backward_s": first_backward_s, "second_forward_s": second_forward_s,
-                  "second_backward_s": second_backward_s}))
+first_forward_s, first_backward_s, first_cpu_s = step()
+second_forward_s, second_backward_s, _ = step()
+print(json.dumps({"import_s": import_s, "import_cpu_s": import_cpu_s,
+                  "first_forward_s": first_forward_s, "first_backward_s": first_backward_s,
+                  "first_call_cpu_s": first_cpu_s, "second_forward_s": second_forward_s,
+                  "second_backward_s": second_backward_s, "process_cpu_s": cpu_s(),
+                  "compiles": compiles}))
 """
-
 
 def run_child(cache_dir, shape, axis, dtype):
     """Run the first calls of forward + backward in a fresh Python process.
@@ -93,8 +116,12 @@ def run_child(cache_dir, shape, axis, dtype):
     -------
     dict
         ``import_s``, ``first_forward_s``, ``first_backward_s``, ``first_call_s`` (their
-        sum), ``second_forward_s``, ``second_backward_s``, and ``process_s``: the wall time
-        of the whole child process, interpreter start-up included.
+        sum), ``second_forward_s``, ``second_backward_s``, ``process_s``: the wall time
+        of the whole child process, interpreter start-up included; the CPU seconds
+        (user + system) ``import_cpu_s``, ``first_call_cpu_s`` and ``process_cpu_s`` (the
+        whole child); ``compiles``, the number of functions (and signatures) Numba
+        compiled, and ``compile_cpu_s``, ``{function: CPU seconds}`` of each, the
+        compilations of the functions it calls excluded.
 
     Raises
     ------
@@ -104,15 +131,29 @@ def run_child(cache_dir, shape, axis, dtype):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), FASTBN_CACHE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
+    start_cpu = _children_cpu_s()
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([list(shape), axis, dtype])],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     process_s = time.perf_counter() - start
+    process_cpu_s = _children_cpu_s() - start_cpu
     if proc.returncode != 0:
         raise RuntimeError(f"compile-time child failed ({proc.returncode}):\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["first_call_s"] = result["first_forward_s"] + result["first_backward_s"]
     result["process_s"] = process_s
+    result["process_cpu_s"] = process_cpu_s
+    per_function = {}
+    for name, seconds in result["compiles"]:
+        per_function[name] = per_function.get(name, 0.0) + seconds
+    result["compiles"] = len(result["compiles"])
+    result["compile_cpu_s"] = per_function
     return result
+
+
+def _children_cpu_s():
+    """CPU seconds (user + system) of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _median_of(runs):
@@ -126,9 +167,14 @@ def _median_of(runs):
     Returns
     -------
     dict
-        Same keys, median values.
+        Same keys, median values (per function for ``compile_cpu_s``).
     """
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]
+              if key != "compile_cpu_s"}
+    names = sorted({name for run in runs for name in run["compile_cpu_s"]})
+    median["compile_cpu_s"] = {name: statistics.median(run["compile_cpu_s"].get(name, 0.0)
+                                                       for run in runs) for name in names}
+    return median
 
 
 def measure(cases=CASES, repeats=3, progress=print):
@@ -187,8 +233,8 @@ def format_table(compile_times):
         One row per case and cache state.
     """
     lines = ["| case | cache | import | first forward | first backward | first fwd+bwd "
-             "| second fwd+bwd | whole process |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| second fwd+bwd | whole process | whole process, CPU | compiled |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in compile_times["cases"]:
         for state in ("cold", "warm"):
             r = entry[state]
@@ -196,7 +242,41 @@ def format_table(compile_times):
             lines.append(f"| {entry['case']} | {state} | {r['import_s']:.2f} s "
                          f"| {r['first_forward_s']:.2f} s | {r['first_backward_s']:.2f} s "
                          f"| **{r['first_call_s']:.2f} s** | {second * 1e3:.1f} ms "
-                         f"| {r['process_s']:.2f} s |")
+                         f"| {r['process_s']:.2f} s | {_seconds(r.get('process_cpu_s'))} "
+                         f"| {r.get('compiles', '-')} |")
+    return "\n".join(lines)
+
+
+def _seconds(value):
+    """``1.23 s``, or ``-`` for a number older results do not have."""
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def format_breakdown(compile_times, top=25):
+    """Format the cold runs' compile time per function as a Markdown table.
+
+    Parameters
+    ----------
+    compile_times : dict
+        Output of :func:`measure`.
+    top : int, optional
+        Functions listed per case (the most expensive).
+
+    Returns
+    -------
+    str
+        Per case, the CPU seconds Numba spent compiling each function (median over the
+        cold runs; the compilations of the functions it calls excluded).
+    """
+    lines = []
+    for entry in compile_times["cases"]:
+        per_function = entry["cold"].get("compile_cpu_s", {})
+        total = sum(per_function.values())
+        lines += [f"{entry['case']}: {entry['cold'].get('compiles', 0):.0f} compilations, "
+                  f"{total:.2f} s CPU", "", "| function | CPU s |", "|---|---:|"]
+        for name, seconds in sorted(per_function.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"| `{name}` | {seconds:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -219,6 +299,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     compile_times = measure(repeats=args.repeats)
     print(format_table(compile_times))
+    print()
+    print(format_breakdown(compile_times))
     if args.json:
         args.json.write_text(json.dumps(compile_times, indent=2) + "\n")
     ok = all(entry["warm_first_call_under_target"] for entry in compile_times["cases"])

@@ -3,12 +3,13 @@
 Public names::
 
     batch_norm_forward, batch_norm_backward, batch_norm_inference, batch_norm,
-    BatchNorm, cuda_available
+    BatchNorm, cuda_available, precompile
 """
 
 from . import _config  # noqa: F401  (sets the thread-safe threading layer first)
 from .api import batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_inference
 from .layer import BatchNorm
+from ._precompile import precompile
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,4 @@ def cuda_available():
 
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
-           "BatchNorm", "cuda_available", "__version__"]
+           "BatchNorm", "cuda_available", "precompile", "__version__"]

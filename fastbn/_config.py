@@ -334,7 +334,7 @@ def njit(**options):
     >>> twice(21)
     42
     >>> from fastbn import cpu  # every kernel there is cached, hence locked
-    >>> type(cpu.moments_parallel._cache._cache_file).__name__
+    >>> type(cpu.moments_kernels.rows.parallel._cache._cache_file).__name__
     '_LockedCacheFile'
     """
     def decorate(fn):

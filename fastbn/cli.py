@@ -153,6 +153,8 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_train_parser(subparsers)
+    from ._precompile import add_parser as _add_precompile_parser
+    _add_precompile_parser(subparsers)  # fastbn precompile (fastbn/_precompile.py)
     return parser
 
 

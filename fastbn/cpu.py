@@ -29,8 +29,11 @@ The normalization subtracts the float64 mean as a hi + lo pair of the data's dty
 ``x - mean`` is exact to the last bit of the data's precision even when the mean does
 not fit in float32.
 
-Each driver is compiled twice from one source: a ``parallel=True`` build and a serial
-build for calls too small to pay for a parallel region (``_config.SERIAL_BYTES``).
+Each driver is written for one family and compiled twice from one source: a
+``parallel=True`` build and a serial build for calls too small to pay for a parallel
+region (``_config.SERIAL_BYTES``). A call compiles only the build it runs, and helpers
+are inlined into their callers where the options allow: compilation, not computation,
+is what a process's first call waits for (docs/cpu.md, "Compile time").
 """
 
 import functools
@@ -49,6 +52,30 @@ _REDUCE = _config.JIT_OPTIONS
 _ELEMENTWISE = _config.ELEMENTWISE_JIT_OPTIONS
 _EXACT = _config.EXACT_JIT_OPTIONS
 
+# Helpers compiled as part of each caller (Numba inlines their IR) rather than each on
+# its own: every separately compiled function costs its own typing, optimization and
+# machine code, and its caller optimizes and emits its code again (docs/cpu.md, "Compile
+# time"). Inlined code takes the caller's options, so only helpers whose every caller
+# has their option set are inlined: the reductions' per-item helpers (called by the
+# drivers, which take _REDUCE) and the integer-only index helpers (fast-math flags
+# apply to floating-point operations only). Not the helpers called from several places
+# in one caller: Numba runs its front end on an inlined helper once per call site. Nor
+# the helpers that hold a reduction loop: with ``reassoc``, how LLVM vectorizes the loop
+# (hence the order of the sum, hence its last bits) depends on the code around it, and
+# inlined its results changed.
+_INLINE_REDUCE = dict(_REDUCE, inline="always")
+_INLINE_INTEGER = dict(_EXACT, inline="always")
+
+
+def _inlined(helper, options):
+    """An ``inline="always"`` twin of ``helper``, compiled with ``options`` (its own).
+
+    A helper that callers of another option set call too must stay a separately compiled
+    function (inlined, it would take their options); callers of its own set call the
+    twin, which is compiled as part of them (see ``_INLINE_REDUCE``).
+    """
+    return njit(inline="always", **options)(helper.py_func)
+
 # Values per work item of the strided elementwise passes (normalize, dx): enough to
 # amortize the loop overhead, small enough to balance threads. Partition does not affect
 # results.
@@ -62,47 +89,11 @@ _MERGE_BLOCK = _config.MERGE_BLOCK
 MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
 
 
-def _serial_and_parallel(fn, serial_calls=None, has_prange=True):
-    """Compile ``fn`` twice: a ``parallel=True`` build and a serial build.
-
-    The serial build is a copy of the function under another qualified name, so that the
-    two builds have distinct entries in Numba's on-disk cache.
-
-    Parameters
-    ----------
-    fn : function
-        A Python function whose loops use ``prange``.
-    serial_calls : dict, optional
-        ``{global name: serial dispatcher}`` for the other drivers ``fn`` calls: ``fn``'s
-        source calls their parallel builds by their module names (so that every tool can
-        follow it), and the serial build calls the serial ones instead.
-    has_prange : bool, optional
-        False for a driver whose parallelism is all in the drivers it calls: both builds
-        are then compiled without ``parallel=True`` (which would find nothing to do).
-
-    Returns
-    -------
-    tuple of Dispatcher
-        ``(parallel, serial)``.
-    """
-    builds = []
-    for kind, suffix in ((0, ""), (1, "_serial")):
-        scope = dict(fn.__globals__)
-        if kind == 1:
-            scope.update(serial_calls or {})
-        copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
-                                  fn.__closure__)
-        copy.__qualname__ = fn.__qualname__ + suffix
-        copy.__doc__ = fn.__doc__
-        builds.append(njit(parallel=(kind == 0 and has_prange), **_config.JIT_OPTIONS)(copy))
-    return tuple(builds)
-
-
 # --------------------------------------------------------------------------------------
 # Per-item helpers (one thread, one chunk). Shared by every driver below.
 # --------------------------------------------------------------------------------------
 
-@njit(**_EXACT)
+@njit(**_INLINE_INTEGER)
 def _chunk_span(k, chunk, runs, outer, inner):
     """Where chunk ``k`` of a strided channel lies: ``(o0, o1, i_first, i_last)``.
 
@@ -134,13 +125,13 @@ def _chunk_span(k, chunk, runs, outer, inner):
     return o0, o1, j0 - o0 * inner, j1 - (o1 - 1) * inner
 
 
-@njit(**_EXACT)
+@njit(**_INLINE_INTEGER)
 def _whole_runs(chunk, inner):
     """``chunk // inner`` when ``inner`` divides ``chunk``, else 0 (see :func:`_chunk_span`)."""
     return chunk // inner if chunk % inner == 0 else 0
 
 
-@njit(**_EXACT)
+@njit(**_INLINE_INTEGER)
 def _chunk_run(o, o0, o1, i_first, i_last, C, c, inner):
     """Row ``o`` of a strided chunk (see :func:`_chunk_span`) in the flat array:
     ``(base, i0, i1)``, the flat offset of the run of channel ``c`` and the range of
@@ -173,7 +164,7 @@ def _shifted_sums_strided(x1, C, inner, c, o0, o1, i_first, i_last, k):
     return s, q
 
 
-@njit(**_REDUCE)
+@njit(**_INLINE_REDUCE)
 def _chunk_moments_strided(x1, C, inner, c, o0, o1, i_first, i_last):
     """Summary ``(shift, dev, m2)`` of channel ``c`` over one chunk (see :func:`_merge_chunks`).
 
@@ -213,7 +204,7 @@ def _chunk_moments_strided(x1, C, inner, c, o0, o1, i_first, i_last):
     return k, dev, q - s * dev
 
 
-@njit(**_EXACT)
+@njit(**_INLINE_INTEGER)
 def _quarter(r0, r1):
     """Rows per quarter of the row range ``[r0, r1)``: the rows reductions read the four
     quarters at once, rows ``r``, ``r + h``, ``r + 2h`` and ``r + 3h``, then the
@@ -264,7 +255,7 @@ def _shifted_sums_rows(x, r0, r1, k, s, q):
             q[c] += d * d
 
 
-@njit(**_REDUCE)
+@njit(**_INLINE_REDUCE)
 def _chunk_moments_rows(x, r0, r1, shift, dev, m2):
     """Per-channel summaries ``(shift, dev, m2)`` of rows ``[r0, r1)`` of ``x``.
 
@@ -377,11 +368,14 @@ def _invstd(var, eps):
     return 1.0 / np.sqrt(var + eps)
 
 
+_invstd_inline = _inlined(_invstd, _EXACT)
+
+
 @njit(**_EXACT)
 def _variance_invstd(m2, m, eps):
     """``(m2 / m, 1 / sqrt(m2 / m + eps))`` in exact IEEE arithmetic (as NumPy computes it)."""
     var = m2 / m
-    return var, _invstd(var, eps)
+    return var, _invstd_inline(var, eps)
 
 
 @njit(**_EXACT)
@@ -405,6 +399,9 @@ def _fill_coefficients(mean, invstd, gamma, beta, c, coef):
     coef[SHIFT, c] = beta
 
 
+_fill_coefficients_inline = _inlined(_fill_coefficients, _EXACT)
+
+
 @njit(**_EXACT)
 def _coefficient_table(mean, invstd, gamma, beta, dtype):
     """The ``(4, C)`` coefficient table of every channel, in ``dtype``.
@@ -422,8 +419,8 @@ def _coefficient_table(mean, invstd, gamma, beta, dtype):
     """
     coef = np.empty((4, mean.shape[0]), dtype)
     for c in range(mean.shape[0]):
-        _fill_coefficients(np.float64(mean[c]), np.float64(invstd[c]), np.float64(gamma[c]),
-                           np.float64(beta[c]), c, coef)
+        _fill_coefficients_inline(np.float64(mean[c]), np.float64(invstd[c]),
+                                  np.float64(gamma[c]), np.float64(beta[c]), c, coef)
     return coef
 
 
@@ -437,16 +434,22 @@ def _affine(x, hi, lo, scale, shift):
     return ((x - hi) - lo) * scale + shift
 
 
+_affine_inline = _inlined(_affine, _ELEMENTWISE)
+
+
 @njit(**_ELEMENTWISE)
 def _normalized(x, hi, lo, scale, shift, relu, zero):
     """The forward's output value: :func:`_affine`, then ReLU if ``relu``.
 
     ``zero`` is 0 in the data's dtype.
     """
-    v = _affine(x, hi, lo, scale, shift)
+    v = _affine_inline(x, hi, lo, scale, shift)
     if relu and v < zero:
         v = zero
     return v
+
+
+_normalized_inline = _inlined(_normalized, _ELEMENTWISE)
 
 
 @njit(**_ELEMENTWISE)
@@ -456,9 +459,12 @@ def _input_grad_value(g, x, hi, lo, scale, shift, a, b, d, relu, zero):
     With ``relu``, ``dy`` counts as 0 where the forward's output, recomputed by
     :func:`_affine`, is not positive. ``zero`` is 0 in the data's dtype.
     """
-    if relu and _affine(x, hi, lo, scale, shift) <= zero:
+    if relu and _affine_inline(x, hi, lo, scale, shift) <= zero:
         g = zero
     return a * g + b * ((x - hi) - lo) + d
+
+
+_input_grad_value_inline = _inlined(_input_grad_value, _ELEMENTWISE)
 
 
 @njit(**_ELEMENTWISE)
@@ -484,11 +490,14 @@ def _normalize_run(x1, y1, start, n, coef, c, relu):
     zero = coef.dtype.type(0)
     base = np.uint64(start)
     for i in range(np.uint64(n)):
-        y1[base + i] = _normalized(x1[base + i], hi, lo, scale, shift, relu, zero)
+        y1[base + i] = _normalized_inline(x1[base + i], hi, lo, scale, shift, relu, zero)
+
+
+_normalize_run_inline = _inlined(_normalize_run, _ELEMENTWISE)
 
 
 @njit(**_ELEMENTWISE)
-def _normalize_strided(x, y, c, j0, j1, coef, relu):
+def _normalize_channel(x, y, c, j0, j1, coef, relu):
     """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over flat values ``[j0, j1)`` of channel ``c``.
 
     Parameters
@@ -504,11 +513,11 @@ def _normalize_strided(x, y, c, j0, j1, coef, relu):
     y1 = y.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        _normalize_run(x1, y1, (o * C + c) * inner + i0, min(j1 - o * inner, inner) - i0,
-                       coef, c, relu)
+        _normalize_run_inline(x1, y1, (o * C + c) * inner + i0,
+                              min(j1 - o * inner, inner) - i0, coef, c, relu)
 
 
-@njit(**_REDUCE)
+@njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
 def _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
     """``(sum dy, sum dy * (x - mean))`` of channel ``c`` over one chunk.
 
@@ -574,7 +583,7 @@ def _add_grad_terms(dy, x, r, h, c, coef, mean, relu, a, b):
     b[c] += (t0 + t1) + (t2 + t3)
 
 
-@njit(**_REDUCE)
+@njit(**_INLINE_REDUCE)
 def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
     """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` over rows ``[r0, r1)``.
 
@@ -610,8 +619,9 @@ def _chunk_grad_sums_rows(dy, x, r0, r1, coef, relu, s_dy, s_dyx):
             g, t = _grad_terms(dy, x, r, c, coef, mean[c], relu)
             a[c] += g
             b[c] += t
-    s_dy[:] = a
-    s_dyx[:] = b
+    for c in range(C):  # not s_dy[:] = a, whose shape check compiles string formatting
+        s_dy[c] = a[c]
+        s_dyx[c] = b[c]
 
 
 @njit(**_EXACT)
@@ -666,12 +676,15 @@ def _input_grad_run(dy1, x1, dx1, start, n, coef, dcoef, c, relu):
     zero = coef.dtype.type(0)
     base = np.uint64(start)
     for i in range(np.uint64(n)):
-        dx1[base + i] = _input_grad_value(dy1[base + i], x1[base + i], hi, lo, scale, shift,
-                                          a, b, d, relu, zero)
+        dx1[base + i] = _input_grad_value_inline(dy1[base + i], x1[base + i], hi, lo, scale,
+                                                 shift, a, b, d, relu, zero)
+
+
+_input_grad_run_inline = _inlined(_input_grad_run, _ELEMENTWISE)
 
 
 @njit(**_ELEMENTWISE)
-def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
+def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     """``dx = a * dy + b * (x - mean) + d`` over flat values ``[j0, j1)`` of channel ``c``.
 
     Parameters
@@ -689,65 +702,103 @@ def _input_grad_strided(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     dx1 = dx.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        _input_grad_run(dy1, x1, dx1, (o * C + c) * inner + i0,
-                        min(j1 - o * inner, inner) - i0, coef, dcoef, c, relu)
+        _input_grad_run_inline(dy1, x1, dx1, (o * C + c) * inner + i0,
+                               min(j1 - o * inner, inner) - i0, coef, dcoef, c, relu)
 
 
 # --------------------------------------------------------------------------------------
-# Drivers: one call from Python per operation. Each holds the prange loops.
+# Drivers: one call from Python per operation. Each holds the prange loops, and each is
+# written for one family (rows or strided), so that a call compiles the code of its own
+# layout only (docs/cpu.md, "Compile time").
 # --------------------------------------------------------------------------------------
 
-def _moments(x, chunk, mean, m2):
-    """Per-channel mean and M2 (sum of squared deviations) of ``x``.
+def _moments_rows(x, chunk, mean, m2):
+    """Per-channel mean and M2 (sum of squared deviations) of ``x``, rows family.
 
-    One pass over memory (a chunk whose first value is an outlier is reduced again from
+    One pass over memory (a chunk whose first row is an outlier is reduced again from
     cache).
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, 1)
+    chunk : int
+        Rows per chunk.
+    mean, m2 : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    n_chunks = (outer + chunk - 1) // chunk
+    part_shift = np.empty((n_chunks, C))
+    part_dev = np.empty((n_chunks, C))
+    part_m2 = np.empty((n_chunks, C))
+    for k in prange(n_chunks):
+        _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), part_shift[k],
+                            part_dev[k], part_m2[k])
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _merge_chunks(part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk,
+                      outer, mean, m2)
+
+
+def _moments_strided(x, chunk, mean, m2):
+    """Per-channel mean and M2 of ``x``, strided family (see :func:`_moments_rows`).
 
     Parameters
     ----------
     x : ndarray, shape (outer, C, inner)
     chunk : int
-        Values per chunk (strided) or rows per chunk (rows).
+        Values per chunk.
     mean, m2 : ndarray of float64, shape (C,)
         Outputs.
     """
     outer, C, inner = x.shape
-    if inner == 1:
-        x2 = x.reshape(outer, C)
-        n_chunks = (outer + chunk - 1) // chunk
-        part_shift = np.empty((n_chunks, C))
-        part_dev = np.empty((n_chunks, C))
-        part_m2 = np.empty((n_chunks, C))
-        for k in prange(n_chunks):
-            _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), part_shift[k],
-                                part_dev[k], part_m2[k])
-        m = outer
-    else:
-        m = outer * inner
-        n_chunks = (m + chunk - 1) // chunk
-        part_shift = np.empty((n_chunks, C))
-        part_dev = np.empty((n_chunks, C))
-        part_m2 = np.empty((n_chunks, C))
-        runs = _whole_runs(chunk, inner)
-        x1 = x.reshape(-1)
-        # chunk-major order: consecutive items are consecutive in memory
-        for t in prange(C * n_chunks):
-            k = t // C
-            c = t - k * C
-            o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
-                x1, C, inner, c, o0, o1, i0, i1)
+    m = outer * inner
+    n_chunks = (m + chunk - 1) // chunk
+    part_shift = np.empty((n_chunks, C))
+    part_dev = np.empty((n_chunks, C))
+    part_m2 = np.empty((n_chunks, C))
+    runs = _whole_runs(chunk, inner)
+    x1 = x.reshape(-1)
+    # chunk-major order: consecutive items are consecutive in memory
+    for t in prange(C * n_chunks):
+        k = t // C
+        c = t - k * C
+        o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
+        part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
+            x1, C, inner, c, o0, o1, i0, i1)
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _merge_chunks(part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk, m,
                       mean, m2)
 
 
-def _normalize(x, coef, relu, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per channel, then ReLU if asked.
+def _normalize_rows(x, coef, relu, y):
+    """``y = ((x - hi) - lo) * scale + shift`` per channel, then ReLU if asked; rows family.
 
     One read of x, one write of y, in memory order (the partition of an elementwise pass
     does not affect results). Used by inference and by the two-pass forward.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, 1)
+    coef : ndarray, shape (4, C)
+    relu : bool
+    """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    y2 = y.reshape(outer, C)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    # A row per iteration, its loop written here: a helper per block of rows was 7-9%
+    # slower on (65536, 256) float32, a helper per row 10-20% (docs/cpu.md).
+    for r in prange(outer):
+        for c in range(C):
+            y2[r, c] = _normalized(x2[r, c], hi[c], lo[c], scale[c], shift[c], relu, zero)
+
+
+def _normalize_strided(x, coef, relu, y):
+    """:func:`_normalize_rows` for the strided family.
 
     Parameters
     ----------
@@ -756,30 +807,19 @@ def _normalize(x, coef, relu, y):
     relu : bool
     """
     outer, C, inner = x.shape
-    if inner == 1:
-        x2 = x.reshape(outer, C)
-        y2 = y.reshape(outer, C)
-        hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
-        zero = coef.dtype.type(0)
-        # A row per iteration, its loop written here: a helper per block of rows was
-        # 7-9% slower on (65536, 256) float32, a helper per row 10-20% (docs/cpu.md).
-        for r in prange(outer):
-            for c in range(C):
-                y2[r, c] = _normalized(x2[r, c], hi[c], lo[c], scale[c], shift[c], relu, zero)
-    else:
-        total = outer * C * inner
-        chunk = _ELEMENTWISE_CHUNK
-        x1 = x.reshape(-1)
-        y1 = y.reshape(-1)
-        for k in prange((total + chunk - 1) // chunk):
-            e0 = k * chunk
-            e1 = min(e0 + chunk, total)
-            r0 = e0 // inner
-            c = r0 % C  # then counted: a division per run cost 6% at runs of 49 values
-            for r in range(r0, (e1 - 1) // inner + 1):
-                start = max(e0, r * inner)
-                _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, c, relu)
-                c = c + 1 if c + 1 < C else 0
+    total = outer * C * inner
+    chunk = _ELEMENTWISE_CHUNK
+    x1 = x.reshape(-1)
+    y1 = y.reshape(-1)
+    for k in prange((total + chunk - 1) // chunk):
+        e0 = k * chunk
+        e1 = min(e0 + chunk, total)
+        r0 = e0 // inner
+        c = r0 % C  # then counted: a division per run cost 6% at runs of 49 values
+        for r in range(r0, (e1 - 1) // inner + 1):
+            start = max(e0, r * inner)
+            _normalize_run(x1, y1, start, min(e1, (r + 1) * inner) - start, coef, c, relu)
+            c = c + 1 if c + 1 < C else 0
 
 
 def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
@@ -816,90 +856,101 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
         var[c], invstd[c] = _variance_invstd(var[c], m, eps)
         _fill_coefficients(mean[c], invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,
                            coef)
-        _normalize_strided(x, y, c, 0, m, coef, relu)
+        _normalize_channel(x, y, c, 0, m, coef, relu)
 
 
-def _grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx):
-    """Per-channel ``sum dy`` and ``sum dy * (x - mean)``: one read of dy and x.
+def _grad_sums_rows(dy, x, chunk, coef, relu, s_dy, s_dyx):
+    """Per-channel ``sum dy`` and ``sum dy * (x - mean)``: one read of dy and x; rows family.
 
     Parameters
     ----------
-    dy, x : ndarray, shape (outer, C, inner)
+    dy, x : ndarray, shape (outer, C, 1)
     chunk : int
+        Rows per chunk.
     coef : ndarray, shape (4, C)
     relu : bool
     s_dy, s_dyx : ndarray of float64, shape (C,)
         Outputs.
     """
-    outer, C, inner = x.shape
-    if inner == 1:
-        x2 = x.reshape(outer, C)
-        dy2 = dy.reshape(outer, C)
-        n_chunks = (outer + chunk - 1) // chunk
-        part_dy = np.empty((n_chunks, C))
-        part_dyx = np.empty((n_chunks, C))
-        for k in prange(n_chunks):
-            _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu,
-                                  part_dy[k], part_dyx[k])
-    else:
-        m = outer * inner
-        n_chunks = (m + chunk - 1) // chunk
-        part_dy = np.empty((n_chunks, C))
-        part_dyx = np.empty((n_chunks, C))
-        runs = _whole_runs(chunk, inner)
-        dy1 = dy.reshape(-1)
-        x1 = x.reshape(-1)
-        for t in prange(C * n_chunks):
-            k = t // C
-            c = t - k * C
-            o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            part_dy[k, c], part_dyx[k, c] = _chunk_grad_sums_strided(
-                dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    dy2 = dy.reshape(outer, C)
+    n_chunks = (outer + chunk - 1) // chunk
+    part_dy = np.empty((n_chunks, C))
+    part_dyx = np.empty((n_chunks, C))
+    for k in prange(n_chunks):
+        _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu,
+                              part_dy[k], part_dyx[k])
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
 
 
-def _input_grad(dy, x, coef, dcoef, relu, dx):
-    """``dx = a * dy + b * (x - mean) + d``: one read of dy and x, one write of dx.
+def _grad_sums_strided(dy, x, chunk, coef, relu, s_dy, s_dyx):
+    """:func:`_grad_sums_rows` for the strided family (``chunk``: values per chunk)."""
+    outer, C, inner = x.shape
+    m = outer * inner
+    n_chunks = (m + chunk - 1) // chunk
+    part_dy = np.empty((n_chunks, C))
+    part_dyx = np.empty((n_chunks, C))
+    runs = _whole_runs(chunk, inner)
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    for t in prange(C * n_chunks):
+        k = t // C
+        c = t - k * C
+        o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
+        part_dy[k, c], part_dyx[k, c] = _chunk_grad_sums_strided(
+            dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
 
-    In memory order, like :func:`_normalize`.
+
+def _input_grad_rows(dy, x, coef, dcoef, relu, dx):
+    """``dx = a * dy + b * (x - mean) + d``: one read of dy and x, one write of dx; rows
+    family.
+
+    In memory order, like :func:`_normalize_rows`.
 
     Parameters
     ----------
-    dy, x, dx : ndarray, shape (outer, C, inner)
+    dy, x, dx : ndarray, shape (outer, C, 1)
     coef : ndarray, shape (4, C)
     dcoef : ndarray, shape (3, C)
     relu : bool
     """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    dy2 = dy.reshape(outer, C)
+    dx2 = dx.reshape(outer, C)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    a, b, d = dcoef[0], dcoef[1], dcoef[2]
+    zero = coef.dtype.type(0)
+    for r in prange(outer):  # as in _normalize_rows
+        for c in range(C):
+            dx2[r, c] = _input_grad_value(dy2[r, c], x2[r, c], hi[c], lo[c], scale[c],
+                                          shift[c], a[c], b[c], d[c], relu, zero)
+
+
+def _input_grad_strided(dy, x, coef, dcoef, relu, dx):
+    """:func:`_input_grad_rows` for the strided family, like :func:`_normalize_strided`."""
     outer, C, inner = x.shape
-    if inner == 1:
-        x2 = x.reshape(outer, C)
-        dy2 = dy.reshape(outer, C)
-        dx2 = dx.reshape(outer, C)
-        hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
-        a, b, d = dcoef[0], dcoef[1], dcoef[2]
-        zero = coef.dtype.type(0)
-        for r in prange(outer):  # as in _normalize
-            for c in range(C):
-                dx2[r, c] = _input_grad_value(dy2[r, c], x2[r, c], hi[c], lo[c], scale[c],
-                                              shift[c], a[c], b[c], d[c], relu, zero)
-    else:
-        total = outer * C * inner
-        chunk = _ELEMENTWISE_CHUNK
-        dy1 = dy.reshape(-1)
-        x1 = x.reshape(-1)
-        dx1 = dx.reshape(-1)
-        for k in prange((total + chunk - 1) // chunk):
-            e0 = k * chunk
-            e1 = min(e0 + chunk, total)
-            r0 = e0 // inner
-            c = r0 % C  # then counted, as in _normalize
-            for r in range(r0, (e1 - 1) // inner + 1):
-                start = max(e0, r * inner)
-                _input_grad_run(dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef,
-                                dcoef, c, relu)
-                c = c + 1 if c + 1 < C else 0
+    total = outer * C * inner
+    chunk = _ELEMENTWISE_CHUNK
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
+    for k in prange((total + chunk - 1) // chunk):
+        e0 = k * chunk
+        e1 = min(e0 + chunk, total)
+        r0 = e0 // inner
+        c = r0 % C  # then counted, as in _normalize_strided
+        for r in range(r0, (e1 - 1) // inner + 1):
+            start = max(e0, r * inner)
+            _input_grad_run(dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef,
+                            dcoef, c, relu)
+            c = c + 1 if c + 1 < C else 0
 
 
 def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
@@ -942,8 +993,12 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
         dbeta[c] = a
         dgamma[c] = b * invstd_c
         _fill_grad_coefficients(a, b, m, invstd_c, np.float64(gamma[c]), c, coef, dcoef)
-        _input_grad_strided(dy, x, dx, c, 0, m, coef, dcoef, relu)
+        _input_grad_channel(dy, x, dx, c, 0, m, coef, dcoef, relu)
 
+
+# The three drivers below are written once for both families: ``moments``,
+# ``normalize``, ``grad_sums`` and ``input_grad`` (at module level, the host functions of
+# the same operations) name the pass drivers of one family and build (see _two_pass).
 
 def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     """Training forward as the statistics pass then the normalize pass (x read twice).
@@ -951,11 +1006,11 @@ def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     Same arguments and results as :func:`_forward_fused`; one call from Python.
     """
     C = x.shape[1]
-    moments_parallel(x, chunk, mean, var)
+    moments(x, chunk, mean, var)
     m = x.size // C if C else 1
     for c in range(C):
         var[c], invstd[c] = _variance_invstd(var[c], m, eps)
-    normalize_parallel(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
+    normalize(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
 
 
 def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, dbeta):
@@ -968,7 +1023,7 @@ def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma
     dcoef = np.empty((3, C), x.dtype)
     s_dy = np.empty(C)
     s_dyx = np.empty(C)
-    grad_sums_parallel(dy, x, chunk, coef, relu, s_dy, s_dyx)
+    grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx)
     m = x.size // C if C else 1
     for c in range(C):
         invstd_c = np.float64(invstd[c])
@@ -976,7 +1031,7 @@ def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma
                                 coef, dcoef)
         dbeta[c] = s_dy[c]
         dgamma[c] = s_dyx[c] * invstd_c
-    input_grad_parallel(dy, x, coef, dcoef, relu, dx)
+    input_grad(dy, x, coef, dcoef, relu, dx)
 
 
 def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
@@ -990,23 +1045,98 @@ def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
         _fill_coefficients(np.float64(running_mean[c]),
                            _invstd(np.float64(running_var[c]), eps),
                            np.float64(gamma[c]), np.float64(beta[c]), c, coef)
-    normalize_parallel(x, coef, relu, y)
+    normalize(x, coef, relu, y)
 
 
-moments_parallel, moments_serial = _serial_and_parallel(_moments)
-normalize_parallel, normalize_serial = _serial_and_parallel(_normalize)
-forward_fused_parallel, forward_fused_serial = _serial_and_parallel(_forward_fused)
-grad_sums_parallel, grad_sums_serial = _serial_and_parallel(_grad_sums)
-input_grad_parallel, input_grad_serial = _serial_and_parallel(_input_grad)
-backward_fused_parallel, backward_fused_serial = _serial_and_parallel(_backward_fused)
-forward_two_pass_parallel, forward_two_pass_serial = _serial_and_parallel(
-    _forward_two_pass, {"moments_parallel": moments_serial,
-                        "normalize_parallel": normalize_serial}, has_prange=False)
-inference_parallel, inference_serial = _serial_and_parallel(
-    _inference, {"normalize_parallel": normalize_serial}, has_prange=False)
-backward_two_pass_parallel, backward_two_pass_serial = _serial_and_parallel(
-    _backward_two_pass, {"grad_sums_parallel": grad_sums_serial,
-                         "input_grad_parallel": input_grad_serial}, has_prange=False)
+class _Builds(NamedTuple):
+    """The two builds of one driver for one family (see :func:`_build`)."""
+
+    parallel: object
+    serial: object
+
+
+class _Kernels(NamedTuple):
+    """The builds of one operation for each family; :func:`_kernel` picks one."""
+
+    rows: _Builds
+    strided: _Builds
+
+
+def _builds(fn, family="", calls=({}, {}), has_prange=True):
+    """Compile ``fn`` twice: a ``parallel=True`` build and a serial build.
+
+    Each build is a copy of the function under its own qualified name (``fn``'s, plus
+    ``family`` and ``_serial`` for the serial one), so that every build has its own
+    entry in Numba's on-disk cache.
+
+    Parameters
+    ----------
+    fn : function
+        A Python function whose loops use ``prange`` (a serial build runs them in order).
+    family : str, optional
+        Suffix naming the family of a driver written for both (``"_rows"``).
+    calls : tuple of dict, optional
+        ``({global name: dispatcher}, {...})``: what the parallel and the serial build
+        call by that name.
+    has_prange : bool, optional
+        False for a driver whose parallelism is all in the drivers it calls: both builds
+        are then compiled without ``parallel=True`` (which would find nothing to do).
+
+    Returns
+    -------
+    _Builds
+    """
+    builds = []
+    for serial, suffix in ((False, family), (True, family + "_serial")):
+        scope = dict(fn.__globals__)
+        scope.update(calls[serial])
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
+                                  fn.__closure__)
+        copy.__qualname__ = fn.__qualname__ + suffix
+        copy.__doc__ = fn.__doc__
+        builds.append(njit(parallel=not serial and has_prange, **_config.JIT_OPTIONS)(copy))
+    return _Builds(*builds)
+
+
+def _two_pass(fn, calls):
+    """The builds of a driver written for both families that calls the pass drivers.
+
+    The serial build inlines the serial pass drivers (compiled as separate functions,
+    each pass was compiled twice over, once on its own and once more as part of the
+    caller). The parallel build calls the separately compiled parallel pass drivers:
+    with their prange loops inlined into it, the two-pass forward of a (32, 64, 56, 56)
+    float32 batch ran 3.3x slower.
+
+    Parameters
+    ----------
+    fn : function
+    calls : dict
+        ``{global name: _Kernels}``: the pass drivers ``fn`` calls by that name.
+
+    Returns
+    -------
+    _Kernels
+    """
+    families = []
+    for family in _Kernels._fields:
+        parallel = {name: getattr(kernels, family).parallel for name, kernels in calls.items()}
+        serial = {name: njit(inline="always", **_config.JIT_OPTIONS)(
+            getattr(kernels, family).serial.py_func) for name, kernels in calls.items()}
+        families.append(_builds(fn, "_" + family, (parallel, serial), has_prange=False))
+    return _Kernels(*families)
+
+
+moments_kernels = _Kernels(_builds(_moments_rows), _builds(_moments_strided))
+normalize_kernels = _Kernels(_builds(_normalize_rows), _builds(_normalize_strided))
+grad_sums_kernels = _Kernels(_builds(_grad_sums_rows), _builds(_grad_sums_strided))
+input_grad_kernels = _Kernels(_builds(_input_grad_rows), _builds(_input_grad_strided))
+forward_fused_kernels = _builds(_forward_fused)
+backward_fused_kernels = _builds(_backward_fused)
+forward_two_pass_kernels = _two_pass(_forward_two_pass, {"moments": moments_kernels,
+                                                         "normalize": normalize_kernels})
+backward_two_pass_kernels = _two_pass(_backward_two_pass, {"grad_sums": grad_sums_kernels,
+                                                           "input_grad": input_grad_kernels})
+inference_kernels = _two_pass(_inference, {"normalize": normalize_kernels})
 
 
 
@@ -1068,6 +1198,20 @@ def running_values(running_mean, running_var, mean, var, m, momentum, unbiased, 
     return finite
 
 
+def drivers():
+    """Every build of every driver (the dispatchers the host side calls), in a fixed order.
+
+    Returns
+    -------
+    list of numba Dispatcher
+    """
+    found = []
+    for kernels in (moments_kernels, normalize_kernels, grad_sums_kernels, input_grad_kernels,
+                    forward_two_pass_kernels, backward_two_pass_kernels, inference_kernels):
+        found += [*kernels.rows, *kernels.strided]
+    return found + [*forward_fused_kernels, *backward_fused_kernels]
+
+
 # --------------------------------------------------------------------------------------
 # Host side: pick the build (serial or parallel) and the fused or two-pass path, allocate
 # the small per-channel buffers. Arguments are checked by fastbn.api.
@@ -1114,6 +1258,16 @@ def _plan_of(shape, itemsize):
 def _plan(x3):
     """The :class:`_Plan` of ``x3``."""
     return _plan_of(x3.shape, x3.dtype.itemsize)
+
+
+def _build_of(builds, plan):
+    """The build of a driver (:class:`_Builds`) that ``plan`` asks for."""
+    return builds.serial if plan.serial else builds.parallel
+
+
+def _kernel(kernels, x3, plan):
+    """The driver of ``kernels`` (:class:`_Kernels`) for ``x3``'s family and ``plan``."""
+    return _build_of(kernels.rows if x3.shape[2] == 1 else kernels.strided, plan)
 
 
 def _chunk(shape, itemsize):
@@ -1193,8 +1347,7 @@ def moments(x3):
     mean = np.empty(C)
     m2 = np.empty(C)
     plan = _plan(x3)
-    kernel = moments_serial if plan.serial else moments_parallel
-    kernel(x3, plan.chunk, mean, m2)
+    _kernel(moments_kernels, x3, plan)(x3, plan.chunk, mean, m2)
     return mean, m2
 
 
@@ -1229,8 +1382,7 @@ def normalize(x3, coef, relu, y3):
     >>> y.ravel()
     array([-1., -1.,  1.,  1.])
     """
-    kernel = normalize_serial if _plan(x3).serial else normalize_parallel
-    kernel(x3, coef, relu, y3)
+    _kernel(normalize_kernels, x3, _plan(x3))(x3, coef, relu, y3)
 
 
 def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
@@ -1252,8 +1404,8 @@ def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
     >>> y.ravel()
     array([-1.,  1.])
     """
-    kernel = inference_serial if _plan(x3).serial else inference_parallel
-    kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y3)
+    _kernel(inference_kernels, x3, _plan(x3))(x3, running_mean, running_var, gamma, beta, eps,
+                                               relu, y3)
 
 
 def _use_fused(fuse, planned, x3):
@@ -1296,9 +1448,9 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=None):
     stats = np.empty((3, x3.shape[1]))
     plan = _plan(x3)
     if _use_fused(fuse, plan.fuse_forward, x3):
-        kernel = forward_fused_serial if plan.serial else forward_fused_parallel
+        kernel = _build_of(forward_fused_kernels, plan)
     else:
-        kernel = forward_two_pass_serial if plan.serial else forward_two_pass_parallel
+        kernel = _kernel(forward_two_pass_kernels, x3, plan)
     kernel(x3, plan.chunk, eps, gamma, beta, relu, y3, stats[0], stats[1], stats[2])
     return stats[0], stats[1], stats[2]
 
@@ -1329,8 +1481,7 @@ def grad_sums(dy3, x3, coef, relu):
     s_dy = np.empty(C)
     s_dyx = np.empty(C)
     plan = _plan(x3)
-    kernel = grad_sums_serial if plan.serial else grad_sums_parallel
-    kernel(dy3, x3, plan.chunk, coef, relu, s_dy, s_dyx)
+    _kernel(grad_sums_kernels, x3, plan)(dy3, x3, plan.chunk, coef, relu, s_dy, s_dyx)
     return s_dy, s_dyx
 
 
@@ -1360,8 +1511,7 @@ def input_grad(dy3, x3, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     """
     dcoef = np.empty((3, x3.shape[1]), x3.dtype)
     fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef)
-    kernel = input_grad_serial if _plan(x3).serial else input_grad_parallel
-    kernel(dy3, x3, coef, dcoef, relu, dx3)
+    _kernel(input_grad_kernels, x3, _plan(x3))(dy3, x3, coef, dcoef, relu, dx3)
 
 
 def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
@@ -1399,8 +1549,8 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
     grads = np.empty((2, x3.shape[1]), np.float64 if x3.dtype.char == "d" else np.float32)
     plan = _plan(x3)
     if _use_fused(fuse, plan.fuse_backward, x3):
-        kernel = backward_fused_serial if plan.serial else backward_fused_parallel
+        kernel = _build_of(backward_fused_kernels, plan)
     else:
-        kernel = backward_two_pass_serial if plan.serial else backward_two_pass_parallel
+        kernel = _kernel(backward_two_pass_kernels, x3, plan)
     kernel(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1])
     return grads[0], grads[1]

@@ -299,7 +299,7 @@ def test_every_cpu_kernel_has_a_locked_cache():
     from numba.core.registry import CPUDispatcher
 
     from fastbn import _config, cpu
-    kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)]
+    kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)] + cpu.drivers()
     assert len(kernels) > 20
     for kernel in kernels:
         assert type(kernel._cache._cache_file) is _config._LockedCacheFile, kernel
@@ -319,13 +319,13 @@ FIRST_CALL = textwrap.dedent("""
     assert not (plan.serial or plan.fuse_forward or plan.fuse_backward), plan
     if op == "inference":
         cpu.inference(x, mean, var, ones, zeros, 1e-5, False, out)
-        kernel = cpu.inference_parallel
+        kernel = cpu.inference_kernels.strided.parallel
     elif op == "forward":
         cpu.forward_training(x, ones, zeros, 1e-5, False, out)
-        kernel = cpu.forward_two_pass_parallel
+        kernel = cpu.forward_two_pass_kernels.strided.parallel
     else:
         cpu.backward(x, x, mean, inv, ones, zeros, False, out)
-        kernel = cpu.backward_two_pass_parallel
+        kernel = cpu.backward_two_pass_kernels.strided.parallel
     print(sum(kernel.stats.cache_hits.values()))
 """)
 
