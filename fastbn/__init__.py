@@ -7,9 +7,9 @@ Public names::
 """
 
 from . import _config  # noqa: F401  (sets the thread-safe threading layer first)
+from ._precompile import precompile
 from .api import batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_inference
 from .layer import BatchNorm
-from ._precompile import precompile
 
 __version__ = "0.1.0"
 
