@@ -207,7 +207,7 @@ def empty_output(x, axis, out, st=None):
 # Kernel calls
 # --------------------------------------------------------------------------------------
 
-def local_moments(x, v, st=None):
+def shard_moments(x, v, st=None):
     """``(mean, M2)`` per channel of this array (float64)."""
     return cpu.moments(_compute_view(v, x.dtype))
 
@@ -266,7 +266,7 @@ def _coefficients(x3, x, mean, invstd, gamma, beta):
     return coef, invstd64, g
 
 
-def local_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st=None):
+def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st=None):
     """``(sum dy, sum dy * (x - mean))`` per channel of this array (float64)."""
     x3 = _compute_view(v, x.dtype)
     coef, _, _ = _coefficients(x3, x, mean, invstd, gamma, beta)

@@ -12,6 +12,7 @@ Deliberate differences between devices are backend capabilities, not forks of th
 reports non-finite batches later, :func:`fastbn.cuda.check_nonfinite`).
 """
 
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -148,6 +149,19 @@ def check_finite(mean, var, on_nonfinite, new=None, stacklevel=3):
     return False
 
 
+@functools.lru_cache(maxsize=8)
+def overflow_limit(dtype):
+    """The smallest magnitude that rounds to inf in ``dtype`` (inf for float64): a running
+    statistic of that size or more would overflow its storage (the rule of
+    :func:`running_values`, for backends that update on the device)."""
+    info = np.finfo(dtype)
+    if info.bits == 64:
+        return math.inf
+    biggest = float(info.max)
+    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
+    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
+
+
 def _update_running(be, running, mean, var, m, st):
     """Apply the policy to the batch statistics ``(mean, var)`` (float64 host arrays) and
     store the new running statistics when it accepts them; returns whether it did."""
@@ -190,7 +204,7 @@ def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, 
         if comm is not None:
             outer, _, inner = v.x3.shape
             n_local = outer * inner if x.size else 0
-            mean, var = comm.moments_from_local(C, n_local, lambda: be.local_moments(x, v, st),
+            mean, var = comm.moments_from_local(C, n_local, lambda: be.shard_moments(x, v, st),
                                                 dtype=x.dtype)
             if running is not None:
                 _update_running(be, running, mean, var, comm.count, st)
@@ -203,15 +217,16 @@ def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, 
         if running is not None and be.DEFERRED_NONFINITE:  # the update on the device
             correction = m / (m - 1.0) if running.unbiased else 1.0
             mode = 0 if running.on_nonfinite == "raise" else 1
+            limits = overflow_limit(running.mean.dtype), overflow_limit(running.var.dtype)
             mean, invstd, _ = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype,
                                          (running.mean, running.var, running.factor,
-                                          correction, mode))
+                                          correction, mode, limits))
             y = dest.finish()
             if _config.CUDA_SYNC_NONFINITE:
                 be.report_nonfinite(st)
             return y, mean, invstd
         if running is not None and out is not None:  # check before out is written
-            mean, m2 = be.local_moments(x, v, st)
+            mean, m2 = be.shard_moments(x, v, st)
             var = m2 / m
             if _update_running(be, running, mean, var, m, st):
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
@@ -258,7 +273,7 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
         outer, _, inner = v.x3.shape
         n_local = outer * inner if x.size else 0
         sums = comm.grad_sums_from_local(
-            C, n_local, lambda: be.local_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu,
+            C, n_local, lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu,
                                                    st), dtype=x.dtype)
         dgamma, dbeta = be.input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums,
                                       comm.count, st, grads)

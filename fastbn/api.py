@@ -11,7 +11,7 @@ running statistics exactly as they were.
 """
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -20,7 +20,7 @@ from . import _checks, _ops, backends, cpu, distributed
 from ._checks import is_cuda_array
 from ._cpu_backend import param as _param
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
+__all__ = ["batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_norm_inference",
            "is_cuda_array"]
 
 _FLOAT32 = np.dtype(np.float32)
@@ -111,8 +111,10 @@ def _direct_options(eps, activation):
 # --------------------------------------------------------------------------------------
 
 @distributed.synchronized("batch_norm_forward")
-def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
-                       activation=None, stream=None, comm=None):
+def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None,
+                       beta: ArrayLike | None = None, *, axis: int = 1, eps: float = 1e-5,
+                       out: Any = None, activation: str | None = None, stream: Any = None,
+                       comm: Any = None) -> tuple[Any, Any, Any]:
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
@@ -198,8 +200,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
 
 
 @distributed.synchronized("batch_norm_backward")
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
-                        activation=None, stream=None, comm=None):
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                        gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+                        axis: int = 1, out: Any = None, activation: str | None = None,
+                        stream: Any = None, comm: Any = None) -> tuple[Any, Any, Any]:
     """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
@@ -277,8 +281,10 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, o
                          grads=grads, comm=comm)
 
 
-def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
-                         eps=1e-5, out=None, activation=None, stream=None):
+def batch_norm_inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
+                         gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+                         axis: int = 1, eps: float = 1e-5, out: Any = None,
+                         activation: str | None = None, stream: Any = None) -> Any:
     """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
 
     ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
@@ -334,10 +340,12 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *,
 
 
 @distributed.synchronized("batch_norm", when=lambda kwargs: bool(kwargs.get("training")))
-def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
-               training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
-               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
-               stream=None, comm=None):
+def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
+               gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+               axis: int = 1, out: Any = None, activation: str | None = None,
+               num_batches_tracked: int | None = None, running_var_unbiased: bool = True,
+               on_nonfinite: str = "raise", stream: Any = None, comm: Any = None) -> Any:
     """BatchNorm in the manner of ``torch.nn.functional.batch_norm``.
 
     In training, normalize with the batch statistics and, when running statistics are

@@ -60,8 +60,8 @@ from . import _cuda_kernels as _kernels
 
 SIMULATOR = _kernels.SIMULATOR
 
-__all__ = ["check_nonfinite", "nonfinite_count", "to_device", "to_host", "copy_into",
-           "as_device", "local_moments", "local_grad_sums", "launch_config"]
+__all__ = ["as_device", "check_nonfinite", "copy_into", "launch_config", "nonfinite_count",
+           "shard_grad_sums", "shard_moments", "to_device", "to_host"]
 
 NAME = "cuda"
 DEFERRED_NONFINITE = True  # the device updates and counts; check_nonfinite reports
@@ -198,21 +198,6 @@ def _c_strides(shape, itemsize):
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _wrap(named):
-    """Wrap the non-None arguments of ``named`` (a list of ``(name, value)``).
-
-    Raises
-    ------
-    TypeError
-        An argument is not a CUDA array (host and device arrays mixed).
-    """
-    on_host = [name for name, a in named if a is not None and not _checks.is_cuda_array(a)]
-    if on_host:
-        raise TypeError(f"arguments must all be CUDA arrays: {', '.join(on_host)} "
-                        f"{'is' if len(on_host) == 1 else 'are'} on the host")
-    return {name: (_Arg(a, name) if a is not None else None) for name, a in named}
 
 
 def _require_gpu():
@@ -620,6 +605,26 @@ def _dev(arg, device_key):
 # Operations on checked arguments
 # --------------------------------------------------------------------------------------
 
+def _setup(x, view):
+    """``(device_key, x3, launch config, kernels)`` of an operation on ``view``."""
+    device_key = _device_key()
+    x3 = view.x3
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    return device_key, x3, cfg, _kernels.build(_compute_dtype(x.dtype))
+
+
+def _moment_partials(x3, cfg, kernels, work_key, extra, stream):
+    """Launch 1 of the forward: ``(work, part, ticket)``, ``part`` the ``(3, C, nblk)``
+    partials at the start of the workspace (``extra`` more values after them)."""
+    C = x3.shape[1]
+    n_part = 3 * C * cfg.nblk
+    work, ticket = _workspace(work_key, n_part + extra, stream)
+    part = work[:n_part].reshape(3, C, cfg.nblk)
+    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
+            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
+    return work, part, ticket
+
+
 def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out, stream,
                       stream_key, running=None):
     """Two launches: statistics partials, then merge + normalize (+ running update).
@@ -639,14 +644,11 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
         ``(running_mean, running_var, factor, correction, mode)`` to update the running
         statistics on the device (mode 0: on_nonfinite="raise", 1: "warn").
     """
-    device_key = _device_key()
-    x3 = view.x3
-    outer, C, inner = x3.shape
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
+    C = x3.shape[1]
     n_part = 3 * C * cfg.nblk
-    work, ticket = _workspace((device_key, stream_key), n_part + 2 * C, stream)
-    part = work[:n_part].reshape(3, C, cfg.nblk)
+    work, part, ticket = _moment_partials(x3, cfg, kernels, (device_key, stream_key), 2 * C,
+                                          stream)
     stats = work[n_part:n_part + 2 * C].reshape(2, C)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
@@ -656,11 +658,8 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
         update, rm, rv, factor, correction, mode = False, dummy, dummy, 0.0, 1.0, 0
         limit_mean = limit_var = math.inf
     else:
-        rm_arg, rv_arg, factor, correction, mode = running
+        rm_arg, rv_arg, factor, correction, mode, (limit_mean, limit_var) = running
         update, rm, rv = True, rm_arg.dev, rv_arg.dev
-        limit_mean, limit_var = _overflow_limit(rm_arg.dtype), _overflow_limit(rv_arg.dtype)
-    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
-            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
     _launch(kernels.forward_apply, cfg.grid, cfg.threads, stream,
             x3, y3, cfg.width, cfg.nblk, cfg.chunk, part, float(eps), g, has_g, b, has_b,
             bool(relu), mean_out if write_stats else dummy,
@@ -669,24 +668,9 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
             _nonfinite_counter(device_key), mode)
 
 
-@functools.lru_cache(maxsize=8)
-def _overflow_limit(dtype):
-    """The smallest magnitude that rounds to inf in ``dtype`` (inf for float64): a running
-    statistic of that size or more would overflow its storage."""
-    info = np.finfo(dtype)
-    if info.bits == 64:
-        return math.inf
-    biggest = float(info.max)
-    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
-    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
-
-
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
     """One launch: ``y`` from the given statistics."""
-    device_key = _device_key()
-    x3 = view.x3
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     _launch(kernels.inference, cfg.grid, cfg.threads, stream, x3, y3, cfg.width, cfg.nblk,
@@ -702,11 +686,8 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     ``sum dy * (x - mean)`` already reduced elsewhere, e.g. over every rank) and ``count``
     (the values per channel they cover), one launch: dx (+ dgamma/dbeta) from them.
     """
-    device_key = _device_key()
-    x3 = view.x3
-    outer, C, inner = x3.shape
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
+    outer, _, inner = x3.shape
     if sums is None:
         part = _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream,
                                   stream_key)
@@ -718,30 +699,22 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     dummy = _dummy(device_key)
     _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
             dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part, npart, float(count),
-            _numba(mean), _numba(invstd), g, has_g, b, has_b, bool(relu),
+            mean.dev, invstd.dev, g, has_g, b, has_b, bool(relu),
             dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
             dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
 
 
-def _numba(stat):
-    """A statistics argument (``_Arg`` or Numba array) as a Numba array."""
-    return stat.dev if isinstance(stat, _Arg) else stat
-
-
 def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, stream_key):
     """Launch 1 of the backward: per-(channel, chunk) sums into the workspace ``(2, C, nblk)``."""
-    device_key = _device_key()
-    x3 = view.x3
+    device_key, x3, cfg, kernels = _setup(x, view)
     C = x3.shape[1]
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
     n_part = 2 * C * cfg.nblk
     work, _ = _workspace((device_key, stream_key), n_part, stream)
     part = work[:n_part].reshape(2, C, cfg.nblk)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     _launch(kernels.backward_partials, cfg.grid, cfg.threads, stream,
-            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, _numba(mean), _numba(invstd), g, has_g,
+            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, mean.dev, invstd.dev, g, has_g,
             b, has_b, bool(relu), part)
     return part
 
@@ -770,88 +743,6 @@ def _stage(part, moments, stream):
     return host[0].copy(), host[1].copy()
 
 
-def _local_moments(x, view, stream, stream_key):
-    """``(mean, M2)`` (float64 host arrays) of this shard: launch 1 of the forward + a merge."""
-    device_key = _device_key()
-    x3 = view.x3
-    C = x3.shape[1]
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
-    n_part = 3 * C * cfg.nblk
-    work, ticket = _workspace((device_key, stream_key), n_part, stream)
-    part = work[:n_part].reshape(3, C, cfg.nblk)
-    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
-            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
-    return _stage(part, True, stream)
-
-
-def local_moments(x, *, axis=1, stream=None):
-    """Per-channel count, mean and M2 of a CUDA array, reduced on the device.
-
-    The rank-local half of synchronized BatchNorm: the statistics partials of the
-    training forward, merged per channel in a fixed order on the device; only the
-    ``2 * C`` float64 results are copied to the host. Synchronizes ``stream``.
-
-    Parameters
-    ----------
-    x : CUDA array, ndim >= 2, float16/32/64
-    axis : int, default 1
-        The channel axis.
-    stream : stream, optional
-
-    Returns
-    -------
-    n : int
-        Values per channel.
-    mean, m2 : ndarray of float64, shape (C,)
-        Host arrays (zeros when ``n == 0``).
-    """
-    xa = _Arg(x, "x")
-    _checks.check_input("x", xa)
-    axis = _checks.normalize_axis(axis, xa.ndim)
-    C, n = _checks.check_batch(xa.shape, axis, training=False)
-    if xa.size == 0:
-        return n, np.zeros(C), np.zeros(C)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        mean, m2 = _local_moments(xa, _canonical(xa, axis, stream), stream, key)
-    return n, mean, m2
-
-
-def local_grad_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
-                    stream=None):
-    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` of CUDA arrays, on the device.
-
-    The rank-local half of the synchronized backward (``dy`` ReLU-masked with
-    ``activation="relu"``); only the ``2 * C`` float64 results are copied to the host.
-    Synchronizes ``stream``.
-
-    Returns
-    -------
-    n : int
-        Values per channel.
-    sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
-        Host arrays.
-    """
-    a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-               ("beta", beta)])
-    xa, dya = a["x"], a["dy"]
-    _, axis, C, relu = _checks.check_backward_args(dya, xa, a["mean"], a["invstd"],
-                                                   a["gamma"], a["beta"], axis, None,
-                                                   activation)
-    n = xa.size // C if C else 0
-    if xa.size == 0:
-        return n, np.zeros(C), np.zeros(C)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        view = _canonical(xa, axis, stream)
-        dy_view = _canonical(dya, axis, stream, order=view.order)
-        part = _backward_partials(xa, view, dy_view.x3, a["mean"], a["invstd"], a["gamma"],
-                                  a["beta"], relu, stream, key)
-        s_dy, s_dyx = _stage(part, False, stream)
-    return n, s_dy, s_dyx
-
-
 def _store(dst, values, stream):
     """Write host ``values`` into the device array ``dst`` (``_Arg`` or Numba, any strides)."""
     if not isinstance(dst, _Arg):
@@ -863,11 +754,6 @@ def _store(dst, values, stream):
     span, offset, strides = _span(dst)
     _launch(_kernels.scatter, _copy_grid(dst.size), _kernels.THREADS, stream, src, span,
             dst.shape, strides, offset)
-
-
-def _host64(stat):
-    """A (C,) device statistic (``_Arg`` or Numba array) as a float64 host array."""
-    return to_host(stat.obj if isinstance(stat, _Arg) else stat).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -942,9 +828,12 @@ def store(arg, values, st):
     _store(arg, values, st[0])
 
 
-def local_moments(x, v, st):
-    """``(mean, M2)`` per channel of this array (float64 host arrays; synchronizes)."""
-    return _local_moments(x, v, *st)
+def shard_moments(x, v, st):
+    """``(mean, M2)`` per channel of this array (float64 host arrays; synchronizes):
+    launch 1 of the forward, then a merge; only ``2 * C`` float64 reach the host."""
+    device_key, x3, cfg, kernels = _setup(x, v)
+    _, part, _ = _moment_partials(x3, cfg, kernels, (device_key, st[1]), 0, st[0])
+    return _stage(part, True, st[0])
 
 
 def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
@@ -993,7 +882,7 @@ def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
     return dgamma, dbeta
 
 
-def local_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
+def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
     """``(sum dy, sum dy * (x - mean))`` per channel (float64 host arrays; synchronizes)."""
     return _stage(_backward_partials(x, v, dyv.x3, mean, invstd, gamma, beta, relu, *st),
                   False, st[0])
@@ -1011,7 +900,7 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
         _backward(x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
                   dbeta_dev, stream, key, sums=sums_dev, count=count)
     elif grads is not None:
-        _store(dgamma_dev, s_dyx * _host64(invstd), stream)
+        _store(dgamma_dev, s_dyx * to_host(invstd).astype(np.float64), stream)
         _store(dbeta_dev, s_dy, stream)
     return dgamma, dbeta
 
@@ -1151,8 +1040,6 @@ def _to_kind(host, kind):
     if kind == "cupy":
         import cupy
         return cupy.asarray(host)
-    if kind != "numba":
-        raise ValueError(f"kind must be 'numba', 'cupy' or 'torch', got {kind!r}")
     return _nbcuda.to_device(host)
 
 

@@ -4,7 +4,7 @@ The layer's state machine, written once for every device: it picks the backend o
 arrays (:mod:`fastbn.backends`) and runs the shared operations of :mod:`fastbn._ops`.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -156,7 +156,7 @@ class BatchNorm:
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
                 f"activation={self.activation!r})")
 
-    def __call__(self, x: ArrayLike, training: Optional[bool] = None) -> Any:
+    def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
         return self.forward(x, training=training)
 
     def train(self, mode: bool = True) -> "BatchNorm":
@@ -197,7 +197,7 @@ class BatchNorm:
         self._saved = None
         return self
 
-    def forward(self, x: ArrayLike, training: Optional[bool] = None) -> Any:
+    def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
         """Normalize ``x``.
 
         Parameters
