@@ -55,6 +55,9 @@ def wrap_running(name, a):
     return a
 
 
+wrap_state = wrap_running  # the layer's own arrays (native host arrays) as they are
+
+
 def wrap_out(out):
     """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`)."""
     return out
@@ -66,9 +69,12 @@ def check_stream(stream):
         raise ValueError("stream= applies to CUDA arrays only; the arguments are host arrays")
 
 
+_NO_SCOPE = contextlib.nullcontext()
+
+
 def scope(x, stream):
     """Nothing to set up on the host (the CUDA backend picks the device and stream)."""
-    return contextlib.nullcontext()
+    return _NO_SCOPE
 
 
 def to_host(a):
@@ -127,7 +133,9 @@ def param(p, C, fill, dtype):
 
 def saved(a, dtype):
     """A float64 statistic in ``dtype`` (no copy when it already is); None for None."""
-    return None if dtype is None else a.astype(dtype, copy=False)
+    if dtype is None:
+        return None
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def stats(like, C, dtype, st=None, fill=0.0):

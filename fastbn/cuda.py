@@ -765,7 +765,7 @@ def wrap(name, a):
     return None if a is None else _Arg(a, name)
 
 
-wrap_running = wrap
+wrap_running = wrap_state = wrap
 
 
 def wrap_out(out):

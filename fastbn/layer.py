@@ -11,6 +11,8 @@ from numpy.typing import ArrayLike
 
 from . import _checks, _ops, api, backends, distributed
 
+_FLOAT64 = np.dtype(np.float64)  # the statistics the layer keeps for its backward
+
 
 class BatchNorm:
     """Batch Normalization layer over the channel axis ``axis``.
@@ -249,15 +251,15 @@ class BatchNorm:
                                             self.gamma, self.beta, axis=self.axis,
                                             eps=self.eps, activation=self.activation)
         x = be.wrap("x", x)
-        gamma, beta = be.wrap("gamma", self.gamma), be.wrap("beta", self.beta)
+        gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(x, gamma, beta, self.axis, self.eps, None,
                                              self.activation)
         self._check_channels(x, axis)
         running = None
         if training and self.track_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
-            running = _ops.Running(be.wrap_running("running_mean", self.running_mean),
-                                   be.wrap_running("running_var", self.running_var), factor,
+            running = _ops.Running(be.wrap_state("running_mean", self.running_mean),
+                                   be.wrap_state("running_var", self.running_var), factor,
                                    self.running_var_unbiased)
         if comm is None:  # with comm the rule applies to the global batch
             _checks.check_batch(x.shape, axis, training=True)
@@ -265,7 +267,7 @@ class BatchNorm:
                 running = None
         # float64 statistics for the backward
         y, mean, invstd = _ops.train_forward(be, x, gamma, beta, axis, self.eps, relu, None,
-                                             None, dtype=np.dtype(np.float64),
+                                             None, dtype=_FLOAT64,
                                              running=running, comm=comm)
         if running is not None:
             self.num_batches_tracked += 1
@@ -313,15 +315,15 @@ class BatchNorm:
         if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
         be = self._backend(dy)
-        dy, x = be.wrap("dy", dy), be.wrap("x", x)
+        dy, x = be.wrap("dy", dy), be.wrap_state("x", x)
         _checks.check_input("dy", dy)
         if dy.shape != x.shape or dy.dtype != x.dtype:
             raise ValueError(f"dy must have the shape and dtype of the forward's input "
                              f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
-        gamma, beta = be.wrap("gamma", self.gamma), be.wrap("beta", self.beta)
+        gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         grads = (gamma, self.dtype) if self.affine else None
-        dx, dgamma, dbeta = _ops.backward(be, dy, x, be.wrap("mean", mean),
-                                          be.wrap("invstd", invstd), gamma, beta, axis,
+        dx, dgamma, dbeta = _ops.backward(be, dy, x, be.wrap_state("mean", mean),
+                                          be.wrap_state("invstd", invstd), gamma, beta, axis,
                                           self.activation == "relu", None, None, grads=grads,
                                           comm=comm)
         if self.affine:
