@@ -84,7 +84,7 @@ def main(argv=None):
     import numba
 
     from . import _config
-    from .cli import _Interrupts
+    from .cli import Interrupts
 
     shape = (32, 64, 28, 28)
     print(f"fastbn self-check: NCHW float32 {shape}, {numba.get_num_threads()} threads "
@@ -97,7 +97,7 @@ def main(argv=None):
                   else "compiling kernels (JIT cache off)…", file=sys.stderr, flush=True)
         announced.append(time.perf_counter())
 
-    with _Interrupts("fastbn") as interrupts, _config.on_compile(announce):
+    with Interrupts("fastbn") as interrupts, _config.on_compile(announce):
         try:
             r = demo(shape)
         except KeyboardInterrupt:

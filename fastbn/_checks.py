@@ -16,6 +16,22 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 ACTIVATIONS = (None, "relu")
 
 
+def is_cuda_array(a):
+    """True when ``a`` lives on a CUDA device (it has ``__cuda_array_interface__``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_cuda_array(np.zeros(3))
+    False
+    """
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    # Device arrays of Numba's CUDA simulator have no interface of their own until
+    # fastbn.cuda gives them one; recognize them by their type.
+    return type(a).__name__ == "FakeCUDAArray" and type(a).__module__.startswith("numba")
+
+
 def check_input(name, x, min_ndim=2):
     """Check that ``x`` is a float16/32/64 array with at least ``min_ndim`` dimensions.
 

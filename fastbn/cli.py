@@ -158,7 +158,7 @@ def build_parser():
     return parser
 
 
-class _Interrupts:
+class Interrupts:
     """SIGINT while a command runs: always honoured, always reported truthfully.
 
     Outside the compiler a Ctrl-C raises KeyboardInterrupt as usual (the command reports
@@ -312,7 +312,7 @@ def _run_train(args):
     status = _check_train_options(args)
     if status is not None:
         return status
-    with _Interrupts("fastbn train", checkpoint=args.save, resume=args.resume) as interrupts:
+    with Interrupts("fastbn train", checkpoint=args.save, resume=args.resume) as interrupts:
         status = _train(args, interrupts)
     if interrupts.received and status != 130:
         # The interrupt was swallowed somewhere below: it still ends the run, truthfully.

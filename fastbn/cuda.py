@@ -1,13 +1,17 @@
-"""The GPU path: ``numba.cuda`` kernels behind the functions of :mod:`fastbn.api`.
+"""The CUDA backend: the host side of the ``numba.cuda`` kernels.
 
-:mod:`fastbn.api` sends a call here when its arrays carry ``__cuda_array_interface__``
-(Numba device arrays, CuPy arrays, PyTorch CUDA tensors). This module is imported
-lazily: ``import fastbn`` never needs a GPU or numba-cuda.
+:func:`fastbn.backends.backend_for` picks this backend when the arrays of a call carry
+``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors);
+the shared operations of :mod:`fastbn._ops` then call its backend operations (the same
+names as :mod:`fastbn._cpu_backend`). Here: array interop, devices and streams, memory,
+launch configuration and the kernel launches. This module is imported lazily:
+``import fastbn`` never needs a GPU or numba-cuda.
 
 What happens in a call
 ----------------------
-1. Every argument is checked (shape, dtype, axis, eps, momentum, ``out``) with the helpers
-   of :mod:`fastbn._checks` *before* any kernel is launched or anything is written.
+1. The public functions check every argument (shape, dtype, axis, eps, momentum, ``out``)
+   with the helpers of :mod:`fastbn._checks` *before* any kernel is launched or anything
+   is written.
 2. The input is seen as the canonical ``(outer, C, inner)`` view, as on the CPU: a
    permutation of a contiguous block (C order, Fortran order, NHWC, transposes) is viewed
    without a copy; any other strided array is gathered once into a contiguous copy.
@@ -51,14 +55,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("fastbn's GPU path needs numba-cuda: pip install 'fastbn[cuda]' "
                       "(or pip install numba-cuda)") from exc
 
-from . import _checks, _config, api
+from . import _checks, _config
 from . import _cuda_kernels as _kernels
 
 SIMULATOR = _kernels.SIMULATOR
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
-           "check_nonfinite", "nonfinite_count", "to_device", "to_host", "copy_into",
-           "move_layer", "layer_forward", "layer_backward", "local_moments", "local_grad_sums"]
+__all__ = ["as_device", "check_nonfinite", "copy_into", "launch_config", "nonfinite_count",
+           "shard_grad_sums", "shard_moments", "to_device", "to_host"]
+
+NAME = "cuda"
+DEFERRED_NONFINITE = True  # the device updates and counts; check_nonfinite reports
 
 
 # --------------------------------------------------------------------------------------
@@ -192,21 +198,6 @@ def _c_strides(shape, itemsize):
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _wrap(named):
-    """Wrap the non-None arguments of ``named`` (a list of ``(name, value)``).
-
-    Raises
-    ------
-    TypeError
-        An argument is not a CUDA array (host and device arrays mixed).
-    """
-    on_host = [name for name, a in named if a is not None and not api.is_cuda_array(a)]
-    if on_host:
-        raise TypeError(f"arguments must all be CUDA arrays: {', '.join(on_host)} "
-                        f"{'is' if len(on_host) == 1 else 'are'} on the host")
-    return {name: (_Arg(a, name) if a is not None else None) for name, a in named}
 
 
 def _require_gpu():
@@ -450,10 +441,6 @@ def _compute_dtype(dtype):
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _stats_dtype(dtype):
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 # --------------------------------------------------------------------------------------
 # The canonical view and outputs
 # --------------------------------------------------------------------------------------
@@ -618,6 +605,26 @@ def _dev(arg, device_key):
 # Operations on checked arguments
 # --------------------------------------------------------------------------------------
 
+def _setup(x, view):
+    """``(device_key, x3, launch config, kernels)`` of an operation on ``view``."""
+    device_key = _device_key()
+    x3 = view.x3
+    cfg = launch_config(x3.shape, x.dtype.str, device_key)
+    return device_key, x3, cfg, _kernels.build(_compute_dtype(x.dtype))
+
+
+def _moment_partials(x3, cfg, kernels, work_key, extra, stream):
+    """Launch 1 of the forward: ``(work, part, ticket)``, ``part`` the ``(3, C, nblk)``
+    partials at the start of the workspace (``extra`` more values after them)."""
+    C = x3.shape[1]
+    n_part = 3 * C * cfg.nblk
+    work, ticket = _workspace(work_key, n_part + extra, stream)
+    part = work[:n_part].reshape(3, C, cfg.nblk)
+    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
+            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
+    return work, part, ticket
+
+
 def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out, stream,
                       stream_key, running=None):
     """Two launches: statistics partials, then merge + normalize (+ running update).
@@ -637,14 +644,11 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
         ``(running_mean, running_var, factor, correction, mode)`` to update the running
         statistics on the device (mode 0: on_nonfinite="raise", 1: "warn").
     """
-    device_key = _device_key()
-    x3 = view.x3
-    outer, C, inner = x3.shape
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
+    C = x3.shape[1]
     n_part = 3 * C * cfg.nblk
-    work, ticket = _workspace((device_key, stream_key), n_part + 2 * C, stream)
-    part = work[:n_part].reshape(3, C, cfg.nblk)
+    work, part, ticket = _moment_partials(x3, cfg, kernels, (device_key, stream_key), 2 * C,
+                                          stream)
     stats = work[n_part:n_part + 2 * C].reshape(2, C)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
@@ -654,11 +658,8 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
         update, rm, rv, factor, correction, mode = False, dummy, dummy, 0.0, 1.0, 0
         limit_mean = limit_var = math.inf
     else:
-        rm_arg, rv_arg, factor, correction, mode = running
+        rm_arg, rv_arg, factor, correction, mode, (limit_mean, limit_var) = running
         update, rm, rv = True, rm_arg.dev, rv_arg.dev
-        limit_mean, limit_var = _overflow_limit(rm_arg.dtype), _overflow_limit(rv_arg.dtype)
-    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
-            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
     _launch(kernels.forward_apply, cfg.grid, cfg.threads, stream,
             x3, y3, cfg.width, cfg.nblk, cfg.chunk, part, float(eps), g, has_g, b, has_b,
             bool(relu), mean_out if write_stats else dummy,
@@ -667,24 +668,9 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
             _nonfinite_counter(device_key), mode)
 
 
-@functools.lru_cache(maxsize=8)
-def _overflow_limit(dtype):
-    """The smallest magnitude that rounds to inf in ``dtype`` (inf for float64): a running
-    statistic of that size or more would overflow its storage."""
-    info = np.finfo(dtype)
-    if info.bits == 64:
-        return math.inf
-    biggest = float(info.max)
-    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
-    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
-
-
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
     """One launch: ``y`` from the given statistics."""
-    device_key = _device_key()
-    x3 = view.x3
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     _launch(kernels.inference, cfg.grid, cfg.threads, stream, x3, y3, cfg.width, cfg.nblk,
@@ -700,11 +686,8 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     ``sum dy * (x - mean)`` already reduced elsewhere, e.g. over every rank) and ``count``
     (the values per channel they cover), one launch: dx (+ dgamma/dbeta) from them.
     """
-    device_key = _device_key()
-    x3 = view.x3
-    outer, C, inner = x3.shape
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
+    device_key, x3, cfg, kernels = _setup(x, view)
+    outer, _, inner = x3.shape
     if sums is None:
         part = _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream,
                                   stream_key)
@@ -716,30 +699,22 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     dummy = _dummy(device_key)
     _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
             dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part, npart, float(count),
-            _numba(mean), _numba(invstd), g, has_g, b, has_b, bool(relu),
+            mean.dev, invstd.dev, g, has_g, b, has_b, bool(relu),
             dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
             dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
 
 
-def _numba(stat):
-    """A statistics argument (``_Arg`` or Numba array) as a Numba array."""
-    return stat.dev if isinstance(stat, _Arg) else stat
-
-
 def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, stream_key):
     """Launch 1 of the backward: per-(channel, chunk) sums into the workspace ``(2, C, nblk)``."""
-    device_key = _device_key()
-    x3 = view.x3
+    device_key, x3, cfg, kernels = _setup(x, view)
     C = x3.shape[1]
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
     n_part = 2 * C * cfg.nblk
     work, _ = _workspace((device_key, stream_key), n_part, stream)
     part = work[:n_part].reshape(2, C, cfg.nblk)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     _launch(kernels.backward_partials, cfg.grid, cfg.threads, stream,
-            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, _numba(mean), _numba(invstd), g, has_g,
+            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, mean.dev, invstd.dev, g, has_g,
             b, has_b, bool(relu), part)
     return part
 
@@ -748,216 +723,6 @@ def _fill(dev, value, stream):
     n = dev.shape[0]
     if n:
         _launch(_kernels.fill, _copy_grid(n), _kernels.THREADS, stream, dev, value)
-
-
-def _check_forward(a, axis, eps, activation):
-    """The checks of every forward; returns ``(axis, C, relu)``."""
-    x = a["x"]
-    _checks.check_input("x", x)
-    axis = _checks.normalize_axis(axis, x.ndim)
-    C = x.shape[axis]
-    _checks.check_channel_param("gamma", a.get("gamma"), C, axis)
-    _checks.check_channel_param("beta", a.get("beta"), C, axis)
-    _checks.check_eps(eps)
-    _checks.check_out("out", a.get("out"), x.shape, x.dtype)
-    return axis, C, _checks.check_activation(activation)
-
-
-# --------------------------------------------------------------------------------------
-# Public functions (called by fastbn.api for CUDA arrays)
-# --------------------------------------------------------------------------------------
-
-def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, out=None,
-                       activation=None, stream=None, comm=None):
-    """GPU twin of :func:`fastbn.batch_norm_forward`: ``(y, mean, invstd)`` on the device.
-
-    Two launches on ``stream``; no host synchronization. ``y``, ``mean`` and ``invstd``
-    are arrays of ``x``'s kind (Numba, CuPy, PyTorch); the statistics are float64 for
-    float64 input, float32 otherwise.
-
-    Parameters
-    ----------
-    x, gamma, beta, axis, eps, out, activation
-        As in :func:`fastbn.batch_norm_forward`; all arrays on the GPU.
-    stream : stream, optional
-        A Numba, CuPy or PyTorch stream (or an int handle); default the current stream
-        of ``x``'s library.
-    comm : fastbn.distributed.Sync, optional
-        Synchronized BatchNorm (``fastbn.api`` passes the ``Sync`` of ``comm=``): the
-        local ``(mean, M2)`` is reduced on the device, ``2 * C`` float64 are staged on the
-        host for the collectives, then ``y`` is normalized on the device with the global
-        statistics (three launches, and the stream is synchronized).
-
-    Returns
-    -------
-    tuple
-        ``(y, mean, invstd)``.
-    """
-    a = _wrap([("x", x), ("gamma", gamma), ("beta", beta), ("out", out)])
-    xa = a["x"]
-    axis, C, relu = _check_forward(a, axis, eps, activation)
-    stats_dtype = _stats_dtype(xa.dtype)
-    if comm is not None:  # the batch rule applies to the global batch (Sync)
-        return _forward_synced(a, axis, C, relu, float(eps), comm, stream, stats_dtype)
-    _checks.check_batch(xa.shape, axis, training=True)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        if xa.size == 0:  # an empty batch (or C == 0): NaN statistics, as on the CPU
-            dest = _Output(a["out"], _empty_view(xa, axis), xa, xa.dtype, stream)
-            mean, mean_dev = _stats_output(xa, C, stats_dtype, stream)
-            invstd, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
-            _fill(mean_dev, math.nan, stream)
-            _fill(invstd_dev, math.nan, stream)
-            return dest.finish(), mean, invstd
-        view = _canonical(xa, axis, stream)
-        dest = _Output(a["out"], view, xa, xa.dtype, stream)
-        mean, mean_dev = _stats_output(xa, C, stats_dtype, stream)
-        invstd, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
-        _forward_training(xa, view, dest.y3, a["gamma"], a["beta"], float(eps), relu,
-                          mean_dev, invstd_dev, stream, key)
-        return dest.finish(), mean, invstd
-
-
-def _empty_view(xa, axis):
-    """The canonical view of an empty array (no memory, no launch)."""
-    order = tuple(range(xa.ndim))
-    shape3 = (math.prod(xa.shape[:axis]), xa.shape[axis], math.prod(xa.shape[axis + 1:]))
-    return _View(_nbcuda.device_array(shape3, xa.dtype), order, xa.shape, (0, 0))
-
-
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None,
-                        activation=None, stream=None, comm=None):
-    """GPU twin of :func:`fastbn.batch_norm_backward`: ``(dx, dgamma, dbeta)``.
-
-    Two launches on ``stream``; no host synchronization. ``dgamma`` and ``dbeta`` are
-    ``(C,)`` arrays of ``x``'s kind in the statistics dtype whenever the call is affine
-    (``gamma`` or ``beta`` given), both None otherwise. With ``comm`` (a
-    :class:`fastbn.distributed.Sync`): the local sums are reduced on the device,
-    ``2 * C`` float64 are staged on the host for the collectives, and dx is computed on
-    the device from the global sums and count.
-    """
-    a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-               ("beta", beta), ("out", out)])
-    xa, dya = a["x"], a["dy"]
-    dtype, axis, C, relu = _checks.check_backward_args(dya, xa, a["mean"], a["invstd"],
-                                                       a["gamma"], a["beta"], axis, a["out"],
-                                                       activation)
-    stats_dtype = _stats_dtype(dtype)
-    affine = gamma is not None or beta is not None  # then both gradients come back
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        dgamma = _stats_output(xa, C, stats_dtype, stream) if affine else None
-        dbeta = _stats_output(xa, C, stats_dtype, stream) if affine else None
-        if comm is not None:
-            dx = _backward_synced(xa, dya, axis, a["mean"], a["invstd"], a["gamma"],
-                                  a["beta"], relu, a["out"], dgamma[1] if dgamma else None,
-                                  dbeta[1] if dbeta else None, comm, stream, key)
-            return dx, (dgamma[0] if dgamma else None), (dbeta[0] if dbeta else None)
-        if xa.size == 0:
-            dest = _Output(a["out"], _empty_view(xa, axis), xa, dtype, stream)
-            for grad in (dgamma, dbeta):
-                if grad is not None:
-                    _fill(grad[1], 0.0, stream)
-            return (dest.finish(), dgamma[0] if dgamma else None, dbeta[0] if dbeta else None)
-        dx = _backward_call(xa, dya, axis, a["mean"], a["invstd"], a["gamma"], a["beta"], relu,
-                            a["out"], dgamma[1] if dgamma else None,
-                            dbeta[1] if dbeta else None, stream, key)
-        return dx, (dgamma[0] if dgamma else None), (dbeta[0] if dbeta else None)
-
-
-def _backward_call(xa, dya, axis, mean, invstd, gamma, beta, relu, out, dgamma_dev, dbeta_dev,
-                   stream, key):
-    """Views, output and the two backward launches; returns dx as the caller sees it."""
-    view = _canonical(xa, axis, stream)
-    dy_view = _canonical(dya, axis, stream, order=view.order)
-    dest = _Output(out, view, xa, xa.dtype, stream, inputs=(dy_view.span,))
-    _backward(xa, view, dy_view.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
-              dbeta_dev, stream, key)
-    return dest.finish()
-
-
-def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, *, axis=1,
-                         eps=1e-5, out=None, activation=None, stream=None):
-    """GPU twin of :func:`fastbn.batch_norm_inference`: one launch, one read, one write."""
-    a = _wrap([("x", x), ("running_mean", running_mean), ("running_var", running_var),
-               ("gamma", gamma), ("beta", beta), ("out", out)])
-    axis, C, relu = _check_forward(a, axis, eps, activation)
-    if a["running_mean"] is None or a["running_var"] is None:
-        raise ValueError("running_mean and running_var are required for inference")
-    _checks.check_channel_param("running_mean", a["running_mean"], C, axis)
-    _checks.check_channel_param("running_var", a["running_var"], C, axis)
-    return _inference_call(a, axis, float(eps), relu, stream)
-
-
-def _inference_call(a, axis, eps, relu, stream):
-    xa = a["x"]
-    with _device_context(xa):
-        stream, _ = _resolve_stream(stream, xa)
-        if xa.size == 0:
-            return _Output(a.get("out"), _empty_view(xa, axis), xa, xa.dtype, stream).finish()
-        view = _canonical(xa, axis, stream)
-        dest = _Output(a.get("out"), view, xa, xa.dtype, stream)
-        _inference(xa, view, dest.y3, a["running_mean"], a["running_var"], a.get("gamma"),
-                   a.get("beta"), eps, relu, stream)
-        return dest.finish()
-
-
-def batch_norm(x, running_mean=None, running_var=None, gamma=None, beta=None, *,
-               training=False, momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
-               num_batches_tracked=None, running_var_unbiased=True, on_nonfinite="raise",
-               stream=None, comm=None):
-    """GPU twin of :func:`fastbn.batch_norm`.
-
-    In training with running statistics, two launches: the second also updates
-    ``running_mean``/``running_var`` in place on the device, unless some channel's batch
-    statistics are not finite; then none is updated and the batch is reported by
-    :func:`check_nonfinite` (deferred; at once with ``FASTBN_CUDA_SYNC_NONFINITE=1``).
-    ``y`` is written either way.
-
-    With ``comm`` (a :class:`fastbn.distributed.Sync`, training only): statistics of
-    every rank's batch through host staging of ``2 * C`` float64, the running statistics
-    updated identically on every rank (staged on the host too), and non-finite statistics
-    reported at once, as on the CPU.
-    """
-    a = _wrap([("x", x), ("running_mean", running_mean), ("running_var", running_var),
-               ("gamma", gamma), ("beta", beta), ("out", out)])
-    xa = a["x"]
-    axis, C, relu = _check_forward(a, axis, eps, activation)
-    rm, rv = a["running_mean"], a["running_var"]
-    if not training:
-        if rm is None or rv is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        _checks.check_channel_param("running_mean", rm, C, axis)
-        _checks.check_channel_param("running_var", rv, C, axis)
-        return _inference_call(a, axis, float(eps), relu, stream)
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together")
-    factor = api._momentum_factor(momentum, num_batches_tracked)
-    if on_nonfinite not in ("raise", "warn"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {on_nonfinite!r}")
-    if rm is not None:
-        _checks.check_running("running_mean", rm, C, axis)
-        _checks.check_running("running_var", rv, C, axis)
-    if comm is not None:  # the batch rule applies to the global batch (Sync)
-        return _batch_norm_synced(a, axis, relu, float(eps), factor, running_var_unbiased,
-                                  on_nonfinite, comm, stream)
-    _, m = _checks.check_batch(xa.shape, axis, training=True)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        if xa.size == 0:
-            return _Output(a["out"], _empty_view(xa, axis), xa, xa.dtype, stream).finish()
-        view = _canonical(xa, axis, stream)
-        dest = _Output(a["out"], view, xa, xa.dtype, stream)
-        running = None
-        if rm is not None:
-            correction = m / (m - 1.0) if running_var_unbiased else 1.0
-            running = (rm, rv, factor, correction, 0 if on_nonfinite == "raise" else 1)
-        _forward_training(xa, view, dest.y3, a["gamma"], a["beta"], float(eps), relu, None,
-                          None, stream, key, running)
-        result = dest.finish()
-        if running is not None and _config.CUDA_SYNC_NONFINITE:
-            check_nonfinite(stream)
-        return result
 
 
 # --------------------------------------------------------------------------------------
@@ -978,88 +743,6 @@ def _stage(part, moments, stream):
     return host[0].copy(), host[1].copy()
 
 
-def _local_moments(x, view, stream, stream_key):
-    """``(mean, M2)`` (float64 host arrays) of this shard: launch 1 of the forward + a merge."""
-    device_key = _device_key()
-    x3 = view.x3
-    C = x3.shape[1]
-    cfg = launch_config(x3.shape, x.dtype.str, device_key)
-    kernels = _kernels.build(_compute_dtype(x.dtype))
-    n_part = 3 * C * cfg.nblk
-    work, ticket = _workspace((device_key, stream_key), n_part, stream)
-    part = work[:n_part].reshape(3, C, cfg.nblk)
-    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
-            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
-    return _stage(part, True, stream)
-
-
-def local_moments(x, *, axis=1, stream=None):
-    """Per-channel count, mean and M2 of a CUDA array, reduced on the device.
-
-    The rank-local half of synchronized BatchNorm: the statistics partials of the
-    training forward, merged per channel in a fixed order on the device; only the
-    ``2 * C`` float64 results are copied to the host. Synchronizes ``stream``.
-
-    Parameters
-    ----------
-    x : CUDA array, ndim >= 2, float16/32/64
-    axis : int, default 1
-        The channel axis.
-    stream : stream, optional
-
-    Returns
-    -------
-    n : int
-        Values per channel.
-    mean, m2 : ndarray of float64, shape (C,)
-        Host arrays (zeros when ``n == 0``).
-    """
-    xa = _Arg(x, "x")
-    _checks.check_input("x", xa)
-    axis = _checks.normalize_axis(axis, xa.ndim)
-    C, n = _checks.check_batch(xa.shape, axis, training=False)
-    if xa.size == 0:
-        return n, np.zeros(C), np.zeros(C)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        mean, m2 = _local_moments(xa, _canonical(xa, axis, stream), stream, key)
-    return n, mean, m2
-
-
-def local_grad_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
-                    stream=None):
-    """Per-channel ``sum dy`` and ``sum dy * (x - mean)`` of CUDA arrays, on the device.
-
-    The rank-local half of the synchronized backward (``dy`` ReLU-masked with
-    ``activation="relu"``); only the ``2 * C`` float64 results are copied to the host.
-    Synchronizes ``stream``.
-
-    Returns
-    -------
-    n : int
-        Values per channel.
-    sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
-        Host arrays.
-    """
-    a = _wrap([("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-               ("beta", beta)])
-    xa, dya = a["x"], a["dy"]
-    _, axis, C, relu = _checks.check_backward_args(dya, xa, a["mean"], a["invstd"],
-                                                   a["gamma"], a["beta"], axis, None,
-                                                   activation)
-    n = xa.size // C if C else 0
-    if xa.size == 0:
-        return n, np.zeros(C), np.zeros(C)
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        view = _canonical(xa, axis, stream)
-        dy_view = _canonical(dya, axis, stream, order=view.order)
-        part = _backward_partials(xa, view, dy_view.x3, a["mean"], a["invstd"], a["gamma"],
-                                  a["beta"], relu, stream, key)
-        s_dy, s_dyx = _stage(part, False, stream)
-    return n, s_dy, s_dyx
-
-
 def _store(dst, values, stream):
     """Write host ``values`` into the device array ``dst`` (``_Arg`` or Numba, any strides)."""
     if not isinstance(dst, _Arg):
@@ -1073,114 +756,158 @@ def _store(dst, values, stream):
             dst.shape, strides, offset)
 
 
-def _host64(stat):
-    """A (C,) device statistic (``_Arg`` or Numba array) as a float64 host array."""
-    return to_host(stat.obj if isinstance(stat, _Arg) else stat).astype(np.float64)
+# --------------------------------------------------------------------------------------
+# Backend operations (called by fastbn._ops; the same names as fastbn._cpu_backend)
+# --------------------------------------------------------------------------------------
+
+def wrap(name, a):
+    """A CUDA array argument as an :class:`_Arg` (None stays None)."""
+    return None if a is None else _Arg(a, name)
 
 
-def _sync_view(xa, axis, stream):
-    return _canonical(xa, axis, stream) if xa.size else _empty_view(xa, axis)
+wrap_running = wrap_state = wrap
 
 
-def _synced_moments(xa, view, sync, stream, key):
-    """Global ``(mean, var)`` (float64 host arrays, identical on every rank).
-
-    Device reduction of this shard, then the header and payload collectives of
-    :meth:`fastbn.distributed.Sync.moments_from_local`; sets ``sync.count``.
-    """
-    outer, C, inner = view.x3.shape
-    n_local = outer * inner if xa.size else 0
-    local = _local_moments(xa, view, stream, key) if n_local else (np.zeros(C), np.zeros(C))
-    return sync.moments_from_local(C, n_local, local, dtype=xa.dtype)
+def wrap_out(out):
+    return wrap("out", out)
 
 
-def _normalize_global(xa, view, y3, mean, var, gamma, beta, eps, relu, stream):
-    """``y`` from the global statistics: the inference kernel (one launch)."""
-    if not xa.size:
-        return
-    stats = _nbcuda.to_device(np.stack([mean, var]), stream=stream)
-    _inference(xa, view, y3, types.SimpleNamespace(dev=stats[0]),
-               types.SimpleNamespace(dev=stats[1]), gamma, beta, eps, relu, stream)
+def unwrap(arg):
+    """The caller's array of an :class:`_Arg`."""
+    return arg.obj
 
 
-def _running_values_host(rm, rv, mean, var, m, factor, unbiased):
-    """The running-statistics update of :func:`fastbn.api._running_values`, computed on the
-    host from copies of the device arrays: ``(new_mean, new_var)`` in their dtypes."""
-    return api._running_values(to_host(rm.obj), to_host(rv.obj), mean, var, m, factor,
-                               unbiased)
+def check_stream(stream):
+    """Any stream is taken (:func:`_resolve_stream` converts it)."""
 
 
-def _store_running_host(rm, rv, new, stream):
-    """Write the values of :func:`_running_values_host` into the device arrays."""
-    _store(rm, new[0], stream)
-    _store(rv, new[1], stream)
+@contextlib.contextmanager
+def scope(x, stream):
+    """Run on ``x``'s GPU; yields ``(stream, key)`` from :func:`_resolve_stream`."""
+    with _device_context(x):
+        yield _resolve_stream(stream, x)
 
 
-def _forward_synced(a, axis, C, relu, eps, sync, stream, stats_dtype):
-    """:func:`batch_norm_forward` with ``comm``: ``(y, mean, invstd)``."""
-    xa = a["x"]
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        view = _sync_view(xa, axis, stream)
-        dest = _Output(a["out"], view, xa, xa.dtype, stream)
-        mean_out, mean_dev = _stats_output(xa, C, stats_dtype, stream)
-        invstd_out, invstd_dev = _stats_output(xa, C, stats_dtype, stream)
-        mean, var = _synced_moments(xa, view, sync, stream, key)
-        invstd = 1.0 / np.sqrt(var + eps)
-        _normalize_global(xa, view, dest.y3, mean, var, a["gamma"], a["beta"], eps, relu,
-                          stream)
-        _store(mean_dev, mean, stream)
-        _store(invstd_dev, invstd, stream)
-        return dest.finish(), mean_out, invstd_out
+def view(x, axis, st, order=None):
+    """The canonical view of ``x`` (an empty one, without memory, for an empty ``x``)."""
+    if x.size == 0:
+        shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
+        return _View(_nbcuda.device_array(shape3, x.dtype), tuple(range(x.ndim)), x.shape,
+                     (0, 0))
+    return _canonical(x, axis, st[0], order)
 
 
-def _batch_norm_synced(a, axis, relu, eps, factor, unbiased, on_nonfinite, sync, stream):
-    """:func:`batch_norm` in training with ``comm``; non-finite statistics are reported
-    at once (the statistics are on the host anyway), as on the CPU."""
-    xa = a["x"]
-    rm, rv = a["running_mean"], a["running_var"]
-    with _device_context(xa):
-        stream, key = _resolve_stream(stream, xa)
-        view = _sync_view(xa, axis, stream)
-        dest = _Output(a["out"], view, xa, xa.dtype, stream)
-        mean, var = _synced_moments(xa, view, sync, stream, key)
-        if rm is not None:
-            new = _running_values_host(rm, rv, mean, var, sync.count, factor, unbiased)
-            if api._check_finite(mean, var, on_nonfinite, new):
-                _store_running_host(rm, rv, new, stream)
-        _normalize_global(xa, view, dest.y3, mean, var, a["gamma"], a["beta"], eps, relu,
-                          stream)
-        return dest.finish()
+def output(out, v, x, st, also=None):
+    """The destination of an x-shaped result (``also``: the view of another input)."""
+    return _Output(out, v, x, x.dtype, st[0], inputs=() if also is None else (also.span,))
 
 
-def _backward_synced(xa, dya, axis, mean, invstd, gamma, beta, relu, out, dgamma_dev,
-                     dbeta_dev, sync, stream, key):
-    """The backward with ``comm``: local sums on the device, global sums on the host
-    (:meth:`fastbn.distributed.Sync.grad_sums_from_local`), dx on the device."""
-    if xa.size:
-        view = _canonical(xa, axis, stream)
-        dy_view = _canonical(dya, axis, stream, order=view.order)
-        dest = _Output(out, view, xa, xa.dtype, stream, inputs=(dy_view.span,))
-        C = view.x3.shape[1]
-        local = _stage(_backward_partials(xa, view, dy_view.x3, mean, invstd, gamma, beta,
-                                          relu, stream, key), False, stream)
-        n_local = view.x3.shape[0] * view.x3.shape[2]
-    else:
-        view = _empty_view(xa, axis)
-        dest = _Output(out, view, xa, xa.dtype, stream)
-        C = view.x3.shape[1]
-        local, n_local = (np.zeros(C), np.zeros(C)), 0
-    s_dy, s_dyx = sync.grad_sums_from_local(C, n_local, local, dtype=xa.dtype)
-    if xa.size:
-        sums = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
-        _backward(xa, view, dy_view.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
-                  dbeta_dev, stream, key, sums=sums, count=sync.count)
-    else:
-        if dgamma_dev is not None:
-            _store(dgamma_dev, s_dyx * _host64(invstd), stream)
-        if dbeta_dev is not None:
-            _store(dbeta_dev, s_dy, stream)
-    return dest.finish()
+def empty_output(x, axis, out, st):
+    """The x-shaped result of a call on an empty ``x``."""
+    return output(out, view(x, axis, st), x, st).finish()
+
+
+def stats(like, C, dtype, st, fill=0.0):
+    """A ``(C,)`` array of ``fill``, of ``like``'s kind."""
+    native, dev = _stats_output(like, C, dtype, st[0])
+    _fill(dev, fill, st[0])
+    return native
+
+
+def stats_from_host(values, like, dtype, st):
+    """Float64 host statistics as a ``(C,)`` array of ``like``'s kind in ``dtype``."""
+    if dtype is None:
+        return None
+    native, dev = _stats_output(like, values.shape[0], dtype, st[0])
+    _store(dev, values, st[0])
+    return native
+
+
+def store(arg, values, st):
+    """Write host ``values`` into the device array ``arg``."""
+    _store(arg, values, st[0])
+
+
+def shard_moments(x, v, st):
+    """``(mean, M2)`` per channel of this array (float64 host arrays; synchronizes):
+    launch 1 of the forward, then a merge; only ``2 * C`` float64 reach the host."""
+    device_key, x3, cfg, kernels = _setup(x, v)
+    _, part, _ = _moment_partials(x3, cfg, kernels, (device_key, st[1]), 0, st[0])
+    return _stage(part, True, st[0])
+
+
+def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
+    """The training forward (two launches): ``(mean, invstd, None)`` in ``dtype`` (None
+    when ``dtype`` is None). ``running``: ``(running_mean, running_var, factor,
+    correction, mode)``, updated on the device (mode 0: on_nonfinite="raise", 1: "warn")."""
+    stream, key = st
+    mean = invstd = mean_dev = invstd_dev = None
+    if dtype is not None:
+        C = v.x3.shape[1]
+        mean, mean_dev = _stats_output(x, C, dtype, stream)
+        invstd, invstd_dev = _stats_output(x, C, dtype, stream)
+    _forward_training(x, v, dest.y3, gamma, beta, eps, relu, mean_dev, invstd_dev, stream, key,
+                      running)
+    return mean, invstd, None
+
+
+def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st):
+    """``y`` from given float64 host statistics: the inference kernel (one launch)."""
+    stats64 = _nbcuda.to_device(np.stack([mean, var]), stream=st[0])
+    _inference(x, v, dest.y3, types.SimpleNamespace(dev=stats64[0]),
+               types.SimpleNamespace(dev=stats64[1]), gamma, beta, eps, relu, st[0])
+
+
+def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st):
+    """``y`` from the running statistics (one launch)."""
+    if x.size:
+        _inference(x, v, dest.y3, running_mean, running_var, gamma, beta, eps, relu, st[0])
+
+
+def _grads(grads, C, stream):
+    """``(dgamma, dbeta)`` arrays of ``grads = (like, dtype)`` and their Numba views."""
+    if grads is None:
+        return None, None, None, None
+    dgamma, dgamma_dev = _stats_output(grads[0], C, grads[1], stream)
+    dbeta, dbeta_dev = _stats_output(grads[0], C, grads[1], stream)
+    return dgamma, dbeta, dgamma_dev, dbeta_dev
+
+
+def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
+    """dx (two launches); returns ``(dgamma, dbeta)`` (None, None without ``grads``)."""
+    stream, key = st
+    dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, v.x3.shape[1], stream)
+    _backward(x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev, dbeta_dev,
+              stream, key)
+    return dgamma, dbeta
+
+
+def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
+    """``(sum dy, sum dy * (x - mean))`` per channel (float64 host arrays; synchronizes)."""
+    return _stage(_backward_partials(x, v, dyv.x3, mean, invstd, gamma, beta, relu, *st),
+                  False, st[0])
+
+
+def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
+    """dx from sums over ``count`` values per channel (one launch); returns
+    ``(dgamma, dbeta)`` as :func:`backward` does."""
+    stream, key = st
+    C = v.x3.shape[1]
+    dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, C, stream)
+    s_dy, s_dyx = sums
+    if x.size:
+        sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
+        _backward(x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
+                  dbeta_dev, stream, key, sums=sums_dev, count=count)
+    elif grads is not None:
+        _store(dgamma_dev, s_dyx * to_host(invstd).astype(np.float64), stream)
+        _store(dbeta_dev, s_dy, stream)
+    return dgamma, dbeta
+
+
+def report_nonfinite(st):
+    """Report at once (``FASTBN_CUDA_SYNC_NONFINITE=1``): :func:`check_nonfinite`."""
+    check_nonfinite(st[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -1255,28 +982,35 @@ def check_nonfinite(stream=None):
 
 
 # --------------------------------------------------------------------------------------
-# The BatchNorm layer on the GPU
+# Array kinds: the layer's state, copies between host and device
 # --------------------------------------------------------------------------------------
 
-_LAYER_ARRAYS = ("gamma", "beta", "running_mean", "running_var", "dgamma", "dbeta")
+_KINDS = ("numba", "cupy", "torch")
 
 
-def _to_kind(host, kind):
-    """A device copy of a host array as a Numba, CuPy or PyTorch array."""
-    host = np.ascontiguousarray(host)
-    if kind == "torch":
-        import torch
-        return torch.as_tensor(host, device="cuda")
-    if kind == "cupy":
-        import cupy
-        return cupy.asarray(host)
-    if kind != "numba":
+def check_kind(kind):
+    """Raise unless a GPU is available and ``kind`` names a device array type."""
+    _require_gpu()
+    if kind not in _KINDS:
         raise ValueError(f"kind must be 'numba', 'cupy' or 'torch', got {kind!r}")
-    return _nbcuda.to_device(host)
+
+
+def as_device(value, kind="numba"):
+    """``value`` (host or device) as a device array of ``kind``: itself when it already
+    is one, else a copy; None stays None."""
+    if value is None:
+        return None
+    if _checks.is_cuda_array(value):
+        if _kind(value) == kind:
+            return value
+        value = to_host(value)
+    return _to_kind(np.asarray(value), kind)
 
 
 def to_device(layer, kind="numba"):
     """Put a :class:`fastbn.BatchNorm`'s parameters, statistics and gradients on the GPU.
+
+    The same as ``layer.to("cuda", kind=kind)``.
 
     Parameters
     ----------
@@ -1294,167 +1028,19 @@ def to_device(layer, kind="numba"):
     RuntimeError
         No CUDA GPU is available.
     """
-    _require_gpu()
-    if kind not in ("numba", "cupy", "torch"):
-        raise ValueError(f"kind must be 'numba', 'cupy' or 'torch', got {kind!r}")
-    for name in _LAYER_ARRAYS:
-        value = getattr(layer, name, None)
-        if value is None:
-            continue
-        if api.is_cuda_array(value):
-            if _kind(value) == kind:
-                continue
-            value = to_host(value)
-        setattr(layer, name, _to_kind(np.asarray(value), kind))
-    layer._saved = None
-    return layer
+    return layer.to("cuda", kind=kind)
 
 
-def move_layer(layer, device):
-    """``layer.to(device)``: ``"cuda"`` (Numba device arrays) or ``"cpu"`` (NumPy)."""
-    if device == "cuda":
-        return to_device(layer)
-    if device != "cpu":
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    for name in _LAYER_ARRAYS:
-        value = getattr(layer, name, None)
-        if value is not None and api.is_cuda_array(value):
-            setattr(layer, name, to_host(value))
-    layer._saved = None
-    return layer
-
-
-def _layer_state(layer):
-    """The layer's device state as wrapped arguments; a clear error if on the host."""
-    named = [(k, getattr(layer, k)) for k in ("gamma", "beta", "running_mean", "running_var")]
-    on_host = [k for k, v in named if v is not None and not api.is_cuda_array(v)]
-    if on_host:
-        raise TypeError(f"the layer's {', '.join(on_host)} are on the host but x is a CUDA "
-                        f"array: call layer.to('cuda') (or fastbn.cuda.to_device(layer)) first")
-    return {k: (_Arg(v, k) if v is not None else None) for k, v in named}
-
-
-def layer_forward(layer, x, training, comm=None):
-    """:meth:`fastbn.BatchNorm.forward` for a CUDA array ``x`` (layer state on the GPU).
-
-    In training with running statistics, the update happens on the device (two launches
-    in all) and ``layer.num_batches_tracked`` is incremented on the host; a batch with
-    non-finite statistics leaves the running statistics unchanged and is reported by
-    :func:`check_nonfinite` (at once, before anything of the layer changes, with
-    ``FASTBN_CUDA_SYNC_NONFINITE=1``).
-
-    With ``comm`` (a :class:`fastbn.distributed.Sync`; the layer passes it when it uses
-    batch statistics): the statistics of every rank's batch through host staging, the
-    running statistics updated identically on every rank, non-finite statistics raised
-    at once (before the layer changes).
-    """
-    state = _layer_state(layer)
-    xa = _Arg(x, "x")
-    if not training and layer.track_running_stats:
-        layer._saved = None
-        a = dict(state, x=xa, out=None)
-        axis, C, relu = _check_forward(a, layer.axis, layer.eps, layer.activation)
-        layer._check_channels(xa, axis)
-        return _inference_call(a, axis, layer.eps, relu, None)
-    a = dict(state, x=xa, out=None)
-    axis, C, relu = _check_forward(a, layer.axis, layer.eps, layer.activation)
-    layer._check_channels(xa, axis)
-    update = training and layer.track_running_stats
-    factor = api._momentum_factor(layer.momentum, layer.num_batches_tracked) if update else None
-    if comm is not None:  # the batch rule applies to the global batch (Sync)
-        return _layer_forward_synced(layer, x, xa, state, axis, C, relu, update, factor, comm)
-    _, m = _checks.check_batch(xa.shape, axis, training=True)
-    with _device_context(xa):
-        stream, key = _resolve_stream(None, xa)
-        if xa.size == 0:  # an empty batch: an empty output, the layer's state untouched
-            mean = _stats_output(xa, C, np.float64, stream)[1]
-            _fill(mean, math.nan, stream)
-            layer._saved = (x, axis, mean, mean)
-            return _Output(None, _empty_view(xa, axis), xa, xa.dtype, stream).finish()
-        view = _canonical(xa, axis, stream)
-        dest = _Output(None, view, xa, xa.dtype, stream)
-        # float64 statistics for backward, as the CPU layer keeps them
-        mean = _stats_output(xa, C, np.float64, stream)[1]
-        invstd = _stats_output(xa, C, np.float64, stream)[1]
-        running = None
-        if update:
-            correction = m / (m - 1.0) if layer.running_var_unbiased else 1.0
-            running = (state["running_mean"], state["running_var"], factor, correction, 0)
-        _forward_training(xa, view, dest.y3, state["gamma"], state["beta"], layer.eps, relu,
-                          mean, invstd, stream, key, running)
-        y = dest.finish()
-        if update:
-            if _config.CUDA_SYNC_NONFINITE:
-                check_nonfinite(stream)
-            layer.num_batches_tracked += 1
-        layer._saved = (x, axis, mean, invstd)
-        return y
-
-
-def _layer_forward_synced(layer, x, xa, state, axis, C, relu, update, factor, sync):
-    with _device_context(xa):
-        stream, key = _resolve_stream(None, xa)
-        view = _sync_view(xa, axis, stream)
-        dest = _Output(None, view, xa, xa.dtype, stream)
-        mean_dev = _stats_output(xa, C, np.float64, stream)[1]
-        invstd_dev = _stats_output(xa, C, np.float64, stream)[1]
-        mean, var = _synced_moments(xa, view, sync, stream, key)
-        if update:
-            rm, rv = state["running_mean"], state["running_var"]
-            new = _running_values_host(rm, rv, mean, var, sync.count, factor,
-                                       layer.running_var_unbiased)
-            api._check_finite(mean, var, "raise", new)
-            _store_running_host(rm, rv, new, stream)
-        _normalize_global(xa, view, dest.y3, mean, var, state["gamma"], state["beta"],
-                          layer.eps, relu, stream)
-        _store(mean_dev, mean, stream)
-        _store(invstd_dev, 1.0 / np.sqrt(var + layer.eps), stream)
-        y = dest.finish()
-        if update:
-            layer.num_batches_tracked += 1
-        layer._saved = (x, axis, mean_dev, invstd_dev)
-        return y
-
-
-def layer_backward(layer, dy, comm=None):
-    """:meth:`fastbn.BatchNorm.backward` for a CUDA array ``dy``.
-
-    Returns ``dx`` (``dy``'s kind); sets ``layer.dgamma``/``layer.dbeta`` (arrays of the
-    kind of ``layer.gamma``, in the layer's dtype) when the layer is affine.
-    """
-    x, axis, mean, invstd = layer._saved
-    xa = _Arg(x, "x")
-    dya = _Arg(dy, "dy")
-    _checks.check_input("dy", dya)
-    if dya.shape != xa.shape or dya.dtype != xa.dtype:
-        raise ValueError(f"dy must have the shape and dtype of the forward's input "
-                         f"{xa.shape} {xa.dtype}, got {dya.shape} {dya.dtype}")
-    state = _layer_state(layer)
-    relu = layer.activation == "relu"
-    with _device_context(xa):
-        stream, key = _resolve_stream(None, xa)
-        dgamma = dbeta = None
-        if layer.affine:
-            gamma = state["gamma"]
-            dgamma = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
-            dbeta = _empty(gamma.kind, gamma.obj, (layer.num_features,), layer.dtype, stream)
-        dgamma_dev = _Arg(dgamma, "dgamma").dev if layer.affine else None
-        dbeta_dev = _Arg(dbeta, "dbeta").dev if layer.affine else None
-        if comm is None and xa.size == 0:  # an empty batch: zero gradients, empty dx
-            for grad in (dgamma_dev, dbeta_dev):
-                if grad is not None:
-                    _fill(grad, 0.0, stream)
-            dx = _Output(None, _empty_view(xa, axis), xa, xa.dtype, stream).finish()
-        elif comm is not None:
-            dx = _backward_synced(xa, dya, axis, mean, invstd, state["gamma"], state["beta"],
-                                  relu, None, dgamma_dev, dbeta_dev, comm, stream, key)
-        else:
-            dx = _backward_call(xa, dya, axis, mean, invstd, state["gamma"], state["beta"],
-                                relu, None, dgamma_dev, dbeta_dev, stream, key)
-    if layer.affine:
-        layer.dgamma = dgamma
-        layer.dbeta = dbeta
-    return dx
+def _to_kind(host, kind):
+    """A device copy of a host array as a Numba, CuPy or PyTorch array."""
+    host = np.ascontiguousarray(host)
+    if kind == "torch":
+        import torch
+        return torch.as_tensor(host, device="cuda")
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(host)
+    return _nbcuda.to_device(host)
 
 
 def copy_into(device_array, values):
@@ -1464,7 +1050,7 @@ def copy_into(device_array, values):
     one launch on the default stream.
     """
     dst = _Arg(device_array, "device_array")
-    if api.is_cuda_array(values):
+    if _checks.is_cuda_array(values):
         src = _Arg(values, "values")
         if src.shape != dst.shape:
             raise ValueError(f"values must have shape {dst.shape}, got {src.shape}")
@@ -1493,7 +1079,7 @@ def to_host(device_array):
     >>> fastbn.cuda.to_host(numba.cuda.to_device(np.ones(3)))  # doctest: +SKIP
     array([1., 1., 1.])
     """
-    arg = _Arg(device_array, "device_array")
+    arg = device_array if isinstance(device_array, _Arg) else _Arg(device_array, "device_array")
     if arg.size == 0:
         return np.empty(arg.shape, arg.dtype)
     order = _memory_order(arg)

@@ -1,8 +1,17 @@
-"""The ``BatchNorm`` layer: parameters, running statistics, forward and backward."""
+"""The ``BatchNorm`` layer: parameters, running statistics, forward and backward.
+
+The layer's state machine, written once for every device: it picks the backend of its
+arrays (:mod:`fastbn.backends`) and runs the shared operations of :mod:`fastbn._ops`.
+"""
+
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from . import _checks, api, distributed
+from . import _checks, _ops, api, backends, distributed
+
+_FLOAT64 = np.dtype(np.float64)  # the statistics the layer keeps for its backward
 
 
 class BatchNorm:
@@ -149,23 +158,24 @@ class BatchNorm:
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
                 f"activation={self.activation!r})")
 
-    def __call__(self, x, training=None):
+    def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
         return self.forward(x, training=training)
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> "BatchNorm":
         """Set evaluation mode (running statistics); returns ``self``."""
         return self.train(False)
 
-    def to(self, device):
+    def to(self, device: str, kind: str = "numba") -> "BatchNorm":
         """Move parameters, running statistics and gradients to ``"cuda"`` or ``"cpu"``.
 
-        ``"cuda"`` makes them Numba device arrays (``fastbn.cuda.to_device(layer, kind=)``
-        gives CuPy or PyTorch ones); ``"cpu"`` makes them NumPy arrays. Returns ``self``.
+        ``"cuda"`` makes them device arrays of ``kind`` (``"numba"``, ``"cupy"`` or
+        ``"torch"``; ``fastbn.cuda.to_device(layer, kind=)`` does the same); ``"cpu"``
+        makes them NumPy arrays. A saved forward is dropped. Returns ``self``.
 
         Examples
         --------
@@ -173,14 +183,23 @@ class BatchNorm:
         >>> fastbn.BatchNorm(3).to("cpu").gamma
         array([1., 1., 1.], dtype=float32)
         """
-        if device == "cpu" and not any(api.is_cuda_array(getattr(self, k, None)) for k in
-                                       ("gamma", "beta", "running_mean", "running_var",
-                                        "dgamma", "dbeta")):
-            return self
-        from . import cuda
-        return cuda.move_layer(self, device)
+        if device == "cuda":
+            gpu = backends.cuda()
+            gpu.check_kind(kind)
+            for name in self._ARRAYS:
+                setattr(self, name, gpu.as_device(getattr(self, name, None), kind))
+        elif device == "cpu":
+            on_device = [k for k in self._ARRAYS if _checks.is_cuda_array(getattr(self, k, None))]
+            if not on_device:
+                return self
+            for name in on_device:
+                setattr(self, name, backends.cuda().to_host(getattr(self, name)))
+        else:
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self._saved = None
+        return self
 
-    def forward(self, x, training=None):
+    def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
         """Normalize ``x``.
 
         Parameters
@@ -225,54 +244,37 @@ class BatchNorm:
     @distributed.synchronized("BatchNorm.forward")
     def _forward(self, x, training, comm=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        if api.is_cuda_array(x):
-            if comm is not None:  # synchronized through host staging (fastbn.cuda)
-                from . import cuda
-                return cuda.layer_forward(self, x, training, comm=comm)
-            return self._forward_cuda(x, training)
-        x = api._as_host("x", x)
-        for a in (self.gamma, self.beta, self.running_mean, self.running_var):
-            if a is not None and type(a) is not np.ndarray:  # decided in this loop, usually
-                on_device = [k for k in self._STATE if api.is_cuda_array(getattr(self, k))]
-                break
-        else:
-            on_device = None
-        if on_device:
-            raise TypeError(f"x is a host array ({type(x).__name__}) but the layer is on the "
-                            f"GPU (its {', '.join(on_device)} are CUDA arrays): pass a CUDA "
-                            f"array, or call layer.to('cpu') first")
+        be = self._backend(x)
         if not training and self.track_running_stats:
             self._saved = None
             return api.batch_norm_inference(x, self.running_mean, self.running_var,
                                             self.gamma, self.beta, axis=self.axis,
                                             eps=self.eps, activation=self.activation)
-        axis, relu = api._check_forward_args(x, self.gamma, self.beta, self.axis, self.eps,
-                                             None, self.activation)
+        x = be.wrap("x", x)
+        gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
+        axis, relu = _ops.check_forward_args(x, gamma, beta, self.axis, self.eps, None,
+                                             self.activation)
         self._check_channels(x, axis)
-        update = training and self.track_running_stats
-        factor = (api._momentum_factor(self.momentum, self.num_batches_tracked)
-                  if update else None)
+        running = None
+        if training and self.track_running_stats:
+            factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
+            running = _ops.Running(be.wrap_state("running_mean", self.running_mean),
+                                   be.wrap_state("running_var", self.running_var), factor,
+                                   self.running_var_unbiased)
         if comm is None:  # with comm the rule applies to the global batch
-            C, m = _checks.check_batch(x.shape, axis, training=True)
+            _checks.check_batch(x.shape, axis, training=True)
             if x.size == 0:  # like PyTorch: an empty output, the layer's state untouched
-                nan = np.full(C, np.nan)
-                self._saved = (x, axis, nan, nan)
-                return np.empty(x.shape, x.dtype)
-        dest, mean, var, invstd = api._forward_training(x, axis, self.gamma, self.beta,
-                                                        self.eps, relu, None, guard=None,
-                                                        comm=comm)
-        if comm is not None:
-            m = comm.count
-        if update:
-            new = api._running_values(self.running_mean, self.running_var, mean, var, m,
-                                      factor, self.running_var_unbiased)
-            api._check_finite(mean, var, "raise", new)
-            api._store_running(self.running_mean, self.running_var, new)
+                running = None
+        # float64 statistics for the backward
+        y, mean, invstd = _ops.train_forward(be, x, gamma, beta, axis, self.eps, relu, None,
+                                             None, dtype=_FLOAT64,
+                                             running=running, comm=comm)
+        if running is not None:
             self.num_batches_tracked += 1
-        self._saved = (x, axis, mean, invstd)
-        return dest.finish()
+        self._saved = (be.unwrap(x), axis, mean, invstd)
+        return y
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> Any:
         """Gradient with respect to the last training-mode input.
 
         Parameters
@@ -310,45 +312,53 @@ class BatchNorm:
             raise RuntimeError("backward() needs a preceding forward(x, training=True) "
                                "(or a layer without running statistics)")
         x, axis, mean, invstd = self._saved
-        if api.is_cuda_array(dy) != api.is_cuda_array(x):
+        if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
-        if api.is_cuda_array(dy):
-            if comm is not None:  # synchronized through host staging (fastbn.cuda)
-                from . import cuda
-                return cuda.layer_backward(self, dy, comm=comm)
-            return self._backward_cuda(dy)
-        dy = api._as_host("dy", dy)
+        be = self._backend(dy)
+        dy, x = be.wrap("dy", dy), be.wrap_state("x", x)
         _checks.check_input("dy", dy)
         if dy.shape != x.shape or dy.dtype != x.dtype:
             raise ValueError(f"dy must have the shape and dtype of the forward's input "
                              f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
-        relu = self.activation == "relu"
-        if x.size == 0 and comm is None:  # an empty batch: no gradient to speak of
-            if self.affine:
-                self.dgamma = np.zeros(self.num_features, self.dtype)
-                self.dbeta = np.zeros(self.num_features, self.dtype)
-            return np.empty(x.shape, x.dtype)
-        dx, dgamma, dbeta = api._backward(dy, x, mean, invstd, self.gamma, self.beta, axis,
-                                          relu, None, comm)
+        gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
+        grads = (gamma, self.dtype) if self.affine else None
+        dx, dgamma, dbeta = _ops.backward(be, dy, x, be.wrap_state("mean", mean),
+                                          be.wrap_state("invstd", invstd), gamma, beta, axis,
+                                          self.activation == "relu", None, None, grads=grads,
+                                          comm=comm)
         if self.affine:
-            self.dgamma = dgamma.astype(self.dtype)
-            self.dbeta = dbeta.astype(self.dtype)
+            self.dgamma = dgamma
+            self.dbeta = dbeta
         return dx
+
+    def _backend(self, x):
+        """The backend of ``x``; a TypeError when the layer's state lives elsewhere."""
+        if not _checks.is_cuda_array(x):
+            for a in (self.gamma, self.beta, self.running_mean, self.running_var):
+                if a is not None and type(a) is not np.ndarray:  # decided here, usually
+                    break
+            else:
+                return backends.cpu
+            on_device = [k for k in self._STATE if _checks.is_cuda_array(getattr(self, k))]
+            if on_device:
+                raise TypeError(f"x is a host array ({type(x).__name__}) but the layer is on "
+                                f"the GPU (its {', '.join(on_device)} are CUDA arrays): pass a "
+                                f"CUDA array, or call layer.to('cpu') first")
+            return backends.cpu
+        on_host = [k for k in self._STATE if getattr(self, k) is not None
+                   and not _checks.is_cuda_array(getattr(self, k))]
+        if on_host:
+            raise TypeError(f"the layer's {', '.join(on_host)} are on the host but x is a CUDA "
+                            f"array: call layer.to('cuda') (or fastbn.cuda.to_device(layer)) "
+                            f"first")
+        return backends.cuda()
 
     def _check_channels(self, x, axis):
         if x.shape[axis] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels along axis "
                              f"{self.axis}, got shape {tuple(x.shape)}")
 
-    def _forward_cuda(self, x, training):
-        from . import cuda
-        return cuda.layer_forward(self, x, training)
-
-    def _backward_cuda(self, dy):
-        from . import cuda
-        return cuda.layer_backward(self, dy)
-
-    def parameters(self):
+    def parameters(self) -> list:
         """The trainable arrays and their gradients: ``[(gamma, dgamma), (beta, dbeta)]``.
 
         Empty when the layer is not affine.
@@ -364,8 +374,9 @@ class BatchNorm:
         return [(self.gamma, self.dgamma), (self.beta, self.dbeta)]
 
     _STATE = ("gamma", "beta", "running_mean", "running_var")
+    _ARRAYS = _STATE + ("dgamma", "dbeta")
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Copies of the layer's state: parameters, running statistics, batch count.
 
         Returns
@@ -384,7 +395,7 @@ class BatchNorm:
         state["num_batches_tracked"] = int(self.num_batches_tracked)
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Load a :meth:`state_dict`; checks every entry before changing anything.
 
         Parameters
@@ -426,20 +437,15 @@ class BatchNorm:
                                               "state_dict['num_batches_tracked']")
         for k, value in values.items():
             current = getattr(self, k)
-            if api.is_cuda_array(current):
-                from . import cuda
-                cuda.copy_into(current, value)
-            else:
-                current[...] = value
+            backends.backend_of(current).copy_into(current, value)
         self.num_batches_tracked = n
 
     def _state_entry(self, key, value):
         """One entry of a state dict checked and converted: a finite ``(C,)`` host array
         of the layer's dtype (no NaN, no inf, nothing that overflows that dtype)."""
         name = f"state_dict[{key!r}]"
-        if api.is_cuda_array(value):
-            from . import cuda
-            value = cuda.to_host(value)
+        if _checks.is_cuda_array(value):
+            value = backends.cuda().to_host(value)
         _checks.check_not_masked(name, value)
         try:
             a = np.asarray(value)
@@ -464,7 +470,6 @@ class BatchNorm:
 
 
 def _copy(a):
-    if api.is_cuda_array(a):
-        from . import cuda
-        return cuda.to_host(a)
+    if _checks.is_cuda_array(a):
+        return backends.cuda().to_host(a)
     return a.copy()

@@ -551,7 +551,8 @@ def test_mixed_host_and_device_arguments_raise_type_error(launches):
     with pytest.raises(TypeError, match="host"):
         fastbn.batch_norm_forward(x, dev(np.ones(3, np.float32)))
     with pytest.raises(TypeError, match="host"):
-        fcuda.batch_norm_forward(dev(x), np.ones(3, np.float32))
+        fastbn.batch_norm(dev(x), np.zeros(3, np.float32), dev(np.ones(3, np.float32)),
+                          training=True)
     with pytest.raises(ValueError, match="stream"):
         fastbn.batch_norm_forward(x, stream=cuda.default_stream())
     assert launches == []

@@ -1,0 +1,296 @@
+"""The CPU backend: NumPy arrays, the canonical view, outputs, and the calls of the
+:mod:`fastbn.cpu` kernels.
+
+It implements the backend operations that :mod:`fastbn._ops` calls (the CUDA backend,
+:mod:`fastbn.cuda`, has the same names). Arrays here are host arrays in native byte
+order (:func:`wrap`); the statistics the operations exchange are float64 host arrays.
+"""
+
+import contextlib
+import functools
+
+import numpy as np
+
+from . import _checks, cpu
+
+NAME = "cpu"
+DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call itself
+
+FLOAT32 = np.dtype(np.float32)
+FLOAT64 = np.dtype(np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Array kinds
+# --------------------------------------------------------------------------------------
+
+def wrap(name, a):
+    """Return ``a`` as a plain NumPy array in native byte order, converting once.
+
+    Lists, scalars and PyTorch CPU tensors are converted; ``np.matrix`` and other ndarray
+    subclasses are viewed as plain arrays (results are plain arrays); a non-native byte
+    order (``'>f4'``) is copied into the native one. A ``numpy.ma`` masked array is a
+    TypeError (its mask would be dropped).
+    """
+    if a is None:
+        return a
+    if type(a) is not np.ndarray:
+        _checks.check_not_masked(name, a)
+        a = np.asarray(a)
+        if type(a) is not np.ndarray:
+            a = a.view(np.ndarray)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def unwrap(a):
+    """The array as the caller sees it (the inverse of :func:`wrap`)."""
+    return a
+
+
+def wrap_running(name, a):
+    """Running statistics as they are: updated in place, whatever their dtype or byte
+    order (:func:`fastbn._checks.check_running` checks them)."""
+    return a
+
+
+wrap_state = wrap_running  # the layer's own arrays (native host arrays) as they are
+
+
+def wrap_out(out):
+    """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`)."""
+    return out
+
+
+def check_stream(stream):
+    """``stream=`` only means something for GPU arrays."""
+    if stream is not None:
+        raise ValueError("stream= applies to CUDA arrays only; the arguments are host arrays")
+
+
+_NO_SCOPE = contextlib.nullcontext()
+
+
+def scope(x, stream):
+    """Nothing to set up on the host (the CUDA backend picks the device and stream)."""
+    return _NO_SCOPE
+
+
+def to_host(a):
+    """A host array as it is."""
+    return a
+
+
+def store(a, values, st=None):
+    """Write ``values`` into the host array ``a`` in place (rounded to its dtype)."""
+    a[...] = values
+
+
+def copy_into(a, values):
+    """Copy ``values`` into the host array ``a`` in place."""
+    a[...] = values
+    return a
+
+
+# --------------------------------------------------------------------------------------
+# dtypes and per-channel arrays
+# --------------------------------------------------------------------------------------
+
+def compute_dtype(dtype):
+    """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU); the
+    kernels take native byte order only."""
+    return FLOAT32 if dtype.char in "ef" else FLOAT64
+
+
+def stats_dtype(dtype):
+    """Saved statistics: float64 for float64 input, float32 otherwise."""
+    return FLOAT64 if dtype.char == "d" else FLOAT32
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(C, value, dtype):
+    """A read-only array of ``C`` copies of ``value`` (gamma or beta left out)."""
+    a = np.full(C, value, dtype)
+    a.flags.writeable = False
+    return a
+
+
+def channel(p):
+    """A per-channel array as the kernels take it: ``p`` itself when it is native float32
+    or float64 (the kernels read either as float64), else its exact float64 copy (float16
+    and the like, which Numba cannot load on the CPU)."""
+    dtype = p.dtype
+    return p if dtype is FLOAT32 or dtype is FLOAT64 else p.astype(FLOAT64)
+
+
+def param(p, C, fill, dtype):
+    """A per-channel parameter for the kernels: ``p`` (see :func:`channel`), or ``C``
+    copies of ``fill`` in the statistics dtype of ``dtype`` (the dtype users' parameters
+    usually have, so the kernels need no other build)."""
+    return _constant(C, fill, stats_dtype(dtype)) if p is None else channel(p)
+
+
+def saved(a, dtype):
+    """A float64 statistic in ``dtype`` (no copy when it already is); None for None."""
+    if dtype is None:
+        return None
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def stats(like, C, dtype, st=None, fill=0.0):
+    """A new ``(C,)`` array of ``fill``."""
+    return np.full(C, fill, dtype)
+
+
+def stats_from_host(values, like, dtype, st=None):
+    """Float64 host statistics in ``dtype`` (None when ``dtype`` is None)."""
+    return saved(values, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The canonical view and outputs
+# --------------------------------------------------------------------------------------
+
+def view(x, axis, st=None, order=None):
+    """The canonical ``(outer, C, inner)`` view of ``x`` (see :func:`fastbn._checks.canonical_view`)."""
+    return _checks.canonical_view(x, axis, order=order)
+
+
+def _compute_view(v, dtype):
+    """The kernel input: the view itself, or its float32 copy for float16 data."""
+    compute = compute_dtype(dtype)
+    return v.x3 if v.x3.dtype == compute else v.x3.astype(compute)
+
+
+class Output:
+    """Where a kernel writes an x-shaped result, and how the caller receives it.
+
+    The kernel always writes into ``work``, a C-contiguous ``(outer, C, inner)`` array of
+    the compute dtype. When that can be ``out`` itself, nothing more happens; otherwise
+    (float16, another layout, partial overlap with an input) :meth:`finish` copies the
+    result into ``out`` or returns a fresh array in the input's layout.
+    """
+
+    __slots__ = ("out", "view", "dtype", "direct", "work")
+
+    def __init__(self, out, view, dtype, inputs=()):
+        self.out = out
+        self.view = view
+        self.dtype = dtype
+        if out is None:
+            self.direct = False
+            self.work = np.empty(view.x3.shape, compute_dtype(dtype))
+            return
+        compute = compute_dtype(dtype)
+        # out of another byte order, or an ndarray subclass, receives a copy (finish)
+        direct = (_checks.direct_output(out, view, inputs)
+                  if compute == dtype and type(out) is np.ndarray and out.dtype == compute
+                  else None)
+        self.direct = direct is not None
+        self.work = direct if self.direct else np.empty(view.x3.shape, compute)
+
+    def finish(self):
+        """Return the result as the caller sees it (``out`` when one was given)."""
+        if self.direct:
+            return self.out
+        result = _checks.restore_layout(self.work, self.view)
+        if self.out is not None:
+            np.copyto(self.out, result, casting="unsafe")
+            return self.out
+        return result.astype(self.dtype) if result.dtype != self.dtype else result
+
+
+def output(out, v, x, st=None, also=None):
+    """The destination of an x-shaped result (``also``: the view of another input)."""
+    return Output(out, v, x.dtype, inputs=() if also is None else (also.x3,))
+
+
+def empty_output(x, axis, out, st=None):
+    """The x-shaped result of a call on an empty ``x``: ``out``, or a new empty array."""
+    return out if out is not None else np.empty(x.shape, x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel calls
+# --------------------------------------------------------------------------------------
+
+def shard_moments(x, v, st=None):
+    """``(mean, M2)`` per channel of this array (float64)."""
+    return cpu.moments(_compute_view(v, x.dtype))
+
+
+def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
+    """The fused training forward: ``(mean, invstd, (mean64, var64))``; the first two in
+    ``dtype`` (None when ``dtype`` is None). ``running`` is for backends that update on
+    the device; here the caller updates from the returned float64 statistics."""
+    x3 = _compute_view(v, x.dtype)
+    C = x3.shape[1]
+    mean, var, invstd = cpu.forward_training(x3, param(gamma, C, 1.0, x.dtype),
+                                             param(beta, C, 0.0, x.dtype), eps, relu,
+                                             dest.work)
+    return saved(mean, dtype), saved(invstd, dtype), (mean, var)
+
+
+def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st=None):
+    """``y`` from given float64 statistics (the batch's, or the global batch's)."""
+    x3 = _compute_view(v, x.dtype)
+    C = x3.shape[1]
+    invstd = 1.0 / np.sqrt(var + eps)
+    coef = cpu.coefficients(mean, invstd, param(gamma, C, 1.0, x.dtype),
+                            param(beta, C, 0.0, x.dtype), x3.dtype)
+    cpu.normalize(x3, coef, relu, dest.work)
+
+
+def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st=None):
+    """``y`` from the running statistics."""
+    x3 = _compute_view(v, x.dtype)
+    C = x3.shape[1]
+    cpu.inference(x3, channel(running_mean), channel(running_var),
+                  param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), eps, relu,
+                  dest.work)
+
+
+def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
+    """dx into ``dest``; returns ``(dgamma, dbeta)`` in ``grads[1]`` (None, None without
+    ``grads``)."""
+    x3 = _compute_view(v, x.dtype)
+    dy3 = _compute_view(dyv, x.dtype)
+    C = x3.shape[1]
+    dgamma, dbeta = cpu.backward(dy3, x3, channel(mean), channel(invstd),
+                                 param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype),
+                                 relu, dest.work)
+    if grads is None:
+        return None, None
+    return dgamma.astype(grads[1], copy=False), dbeta.astype(grads[1], copy=False)
+
+
+def _coefficients(x3, x, mean, invstd, gamma, beta):
+    C = x3.shape[1]
+    g = param(gamma, C, 1.0, x.dtype)
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    coef = cpu.coefficients(channel(mean), invstd64, g, param(beta, C, 0.0, x.dtype),
+                            x3.dtype)
+    return coef, invstd64, g
+
+
+def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st=None):
+    """``(sum dy, sum dy * (x - mean))`` per channel of this array (float64)."""
+    x3 = _compute_view(v, x.dtype)
+    coef, _, _ = _coefficients(x3, x, mean, invstd, gamma, beta)
+    return cpu.grad_sums(_compute_view(dyv, x.dtype), x3, coef, relu)
+
+
+def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
+    """dx from sums over ``count`` values per channel (every rank's); returns
+    ``(dgamma, dbeta)`` as :func:`backward` does."""
+    x3 = _compute_view(v, x.dtype)
+    coef, invstd64, g = _coefficients(x3, x, mean, invstd, gamma, beta)
+    s_dy, s_dyx = sums
+    if x3.size:
+        cpu.input_grad(_compute_view(dyv, x.dtype), x3, coef, s_dy, s_dyx, count, invstd64,
+                       np.asarray(g, dtype=np.float64), relu, dest.work)
+    if grads is None:
+        return None, None
+    return ((s_dyx * invstd64).astype(grads[1], copy=False),
+            s_dy.astype(grads[1], copy=False))

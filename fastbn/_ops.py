@@ -1,0 +1,289 @@
+"""Shared operations: written once, above the backends.
+
+The training forward (with the running-statistics update, the momentum rule and the
+non-finite policy), the backward and the inference, each with or without synchronized
+BatchNorm (:class:`fastbn.distributed.Sync`). Every function takes a backend ``be``
+(:mod:`fastbn._cpu_backend` or :mod:`fastbn.cuda`) and arrays it has wrapped and the
+public functions have checked; it calls the backend's operations (canonical view, output,
+kernels) and never looks at the array kind itself.
+
+Deliberate differences between devices are backend capabilities, not forks of the logic:
+``be.DEFERRED_NONFINITE`` (the GPU updates the running statistics on the device and
+reports non-finite batches later, :func:`fastbn.cuda.check_nonfinite`).
+"""
+
+import functools
+import math
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _checks, _config, cpu
+
+ON_NONFINITE = ("raise", "warn")
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def stats_dtype(dtype):
+    """Saved statistics and parameter gradients: float64 for float64 data, else float32."""
+    return _FLOAT64 if dtype.char == "d" else _FLOAT32
+
+
+# --------------------------------------------------------------------------------------
+# Checks shared by the public functions and the layer
+# --------------------------------------------------------------------------------------
+
+def check_forward_args(x, gamma, beta, axis, eps, out, activation):
+    """Checks shared by every forward; returns ``(axis, relu)``."""
+    _checks.check_input("x", x)
+    axis = _checks.normalize_axis(axis, x.ndim)
+    C = x.shape[axis]
+    _checks.check_channel_param("gamma", gamma, C, axis)
+    _checks.check_channel_param("beta", beta, C, axis)
+    _checks.check_eps(eps)
+    _checks.check_out("out", out, x.shape, np.dtype(x.dtype))
+    return axis, _checks.check_activation(activation)
+
+
+def check_on_nonfinite(on_nonfinite):
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {on_nonfinite!r}")
+
+
+def momentum_factor(momentum, num_batches_tracked):
+    """The weight of the new batch: ``momentum``, or ``1 / (n + 1)`` for a cumulative average."""
+    momentum = _checks.check_momentum(momentum)
+    if num_batches_tracked is not None:  # checked whenever given, used for momentum=None
+        n = _checks.check_num_batches_tracked(num_batches_tracked)
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, the "
+                         "number of batches the running statistics already average")
+    return 1.0 / (n + 1)
+
+
+# --------------------------------------------------------------------------------------
+# The running statistics
+# --------------------------------------------------------------------------------------
+
+class Running(NamedTuple):
+    """A running-statistics update to make: the arrays (a backend's), the weight of the
+    new batch (:func:`momentum_factor`), the variance rule and the non-finite policy."""
+
+    mean: object
+    var: object
+    factor: float
+    unbiased: bool
+    on_nonfinite: str = "raise"
+
+
+def running_values(running_mean, running_var, mean, var, m, factor, unbiased):
+    """The updated running statistics, rounded to their storage dtypes, not yet stored.
+
+    ``running = (1 - factor) * running + factor * batch`` (the unbiased batch variance
+    ``var * m / (m - 1)`` when ``unbiased``), in float64, then rounded once to each
+    array's own dtype (float16 and any byte order included): see
+    :func:`fastbn.cpu.running_values`. A value too large for the storage dtype comes back
+    as inf, for :func:`check_finite` to refuse.
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray, shape (C,)
+        Host arrays (read only here).
+    mean, var : ndarray of float64, shape (C,)
+        Batch mean and biased variance.
+
+    Returns
+    -------
+    tuple
+        ``(new_mean, new_var, finite)``: arrays of the dtypes of ``running_mean`` and
+        ``running_var``, and whether the batch statistics and the new values are all
+        finite.
+    """
+    C = mean.shape[0]
+    rm_dtype, rv_dtype = running_mean.dtype, running_var.dtype
+    if rm_dtype.char in "fd" and rv_dtype.char in "fd" and rm_dtype.isnative and rv_dtype.isnative:
+        new_mean, new_var = np.empty(C, rm_dtype), np.empty(C, rv_dtype)
+        finite = cpu.running_values(running_mean, running_var, mean, var, m, factor, unbiased,
+                                    new_mean, new_var)
+        return new_mean, new_var, finite
+    # float16 or another byte order, which Numba cannot load: float64 copies in, the same
+    # arithmetic, then one rounding to the storage dtype by NumPy
+    new64 = np.empty(C), np.empty(C)
+    cpu.running_values(running_mean.astype(np.float64), running_var.astype(np.float64), mean,
+                       var, m, factor, unbiased, *new64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_mean, new_var = new64[0].astype(rm_dtype), new64[1].astype(rv_dtype)
+    finite = bool(np.isfinite(mean).all() and np.isfinite(var).all()
+                  and np.isfinite(new_mean).all() and np.isfinite(new_var).all())
+    return new_mean, new_var, finite
+
+
+def check_finite(mean, var, on_nonfinite, new=None, stacklevel=3):
+    """Raise (or warn) when batch statistics are not finite, or when the running
+    statistics would not be finite after the update (``new``, from
+    :func:`running_values`: the batch statistics overflow the storage dtype, say
+    float32 data of std 1e20); return whether the update may be stored."""
+    if new is not None:
+        if new[2]:
+            return True
+    elif np.isfinite(mean).all() and np.isfinite(var).all():
+        return True
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    if bad.size:
+        message = (f"batch statistics are not finite in {bad.size} channel(s) (first: "
+                   f"{bad[:5].tolist()}); the running statistics were left unchanged")
+    else:
+        bad = np.flatnonzero(~(np.isfinite(new[0]) & np.isfinite(new[1])))
+        message = (f"the running statistics (running_mean {new[0].dtype}, running_var "
+                   f"{new[1].dtype}) would not be finite after this batch's update in "
+                   f"{bad.size} channel(s) (first: {bad[:5].tolist()}): the batch "
+                   f"statistics overflow their dtype (or they were not finite already); "
+                   f"the running statistics were left unchanged")
+    if on_nonfinite == "raise":
+        raise FloatingPointError(message + " (pass on_nonfinite='warn' to get the output anyway)")
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    return False
+
+
+@functools.lru_cache(maxsize=8)
+def overflow_limit(dtype):
+    """The smallest magnitude that rounds to inf in ``dtype`` (inf for float64): a running
+    statistic of that size or more would overflow its storage (the rule of
+    :func:`running_values`, for backends that update on the device)."""
+    info = np.finfo(dtype)
+    if info.bits == 64:
+        return math.inf
+    biggest = float(info.max)
+    ulp = biggest - float(np.nextafter(info.max, info.max.dtype.type(0)))
+    return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
+
+
+def _update_running(be, running, mean, var, m, st):
+    """Apply the policy to the batch statistics ``(mean, var)`` (float64 host arrays) and
+    store the new running statistics when it accepts them; returns whether it did."""
+    new = running_values(be.to_host(running.mean), be.to_host(running.var), mean, var, m,
+                         running.factor, running.unbiased)
+    if check_finite(mean, var, running.on_nonfinite, new, stacklevel=5):
+        be.store(running.mean, new[0], st)
+        be.store(running.var, new[1], st)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# Operations
+# --------------------------------------------------------------------------------------
+
+def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None,
+                  comm=None):
+    """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype or None
+        The dtype of the returned ``mean`` and ``invstd`` (None: not needed, None returned).
+    running : Running, optional
+        Update these running statistics from the batch's (refused when not finite, by
+        ``running.on_nonfinite``); nothing is written to ``out`` before the check.
+    comm : fastbn.distributed.Sync, optional
+        The statistics are those of every rank's ``x`` (two collectives).
+    """
+    C = x.shape[axis]
+    with be.scope(x, stream) as st:
+        if comm is None and x.size == 0:  # an empty output; NaN statistics (no values)
+            y = be.empty_output(x, axis, out, st)
+            if dtype is None:
+                return y, None, None
+            return y, be.stats(x, C, dtype, st, math.nan), be.stats(x, C, dtype, st, math.nan)
+        v = be.view(x, axis, st)
+        dest = be.output(out, v, x, st)
+        if comm is not None:
+            outer, _, inner = v.x3.shape
+            n_local = outer * inner if x.size else 0
+            mean, var = comm.moments_from_local(C, n_local, lambda: be.shard_moments(x, v, st),
+                                                dtype=x.dtype)
+            if running is not None:
+                _update_running(be, running, mean, var, comm.count, st)
+            if x.size:
+                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
+            invstd = 1.0 / np.sqrt(var + eps)
+            return (dest.finish(), be.stats_from_host(mean, x, dtype, st),
+                    be.stats_from_host(invstd, x, dtype, st))
+        m = x.size // C
+        if running is not None and be.DEFERRED_NONFINITE:  # the update on the device
+            correction = m / (m - 1.0) if running.unbiased else 1.0
+            mode = 0 if running.on_nonfinite == "raise" else 1
+            limits = overflow_limit(running.mean.dtype), overflow_limit(running.var.dtype)
+            mean, invstd, _ = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype,
+                                         (running.mean, running.var, running.factor,
+                                          correction, mode, limits))
+            y = dest.finish()
+            if _config.CUDA_SYNC_NONFINITE:
+                be.report_nonfinite(st)
+            return y, mean, invstd
+        if running is not None and out is not None:  # check before out is written
+            mean, m2 = be.shard_moments(x, v, st)
+            var = m2 / m
+            if _update_running(be, running, mean, var, m, st):
+                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
+                invstd = 1.0 / np.sqrt(var + eps)
+                return (dest.finish(), be.stats_from_host(mean, x, dtype, st),
+                        be.stats_from_host(invstd, x, dtype, st))
+            # refused with on_nonfinite="warn": the output all the same
+            mean, invstd, _ = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype)
+            return dest.finish(), mean, invstd
+        mean, invstd, host = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype)
+        if running is not None:
+            _update_running(be, running, host[0], host[1], m, st)
+        return dest.finish(), mean, invstd
+
+
+def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None,
+             comm=None):
+    """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``.
+
+    Parameters
+    ----------
+    grads : tuple, optional
+        ``(like, dtype)``: return ``dgamma`` and ``dbeta`` in ``dtype``, as arrays of
+        ``like``'s kind; None: neither (both None).
+    comm : fastbn.distributed.Sync, optional
+        ``dgamma`` and ``dbeta`` are sums over every rank's batch and ``dx`` uses the
+        global count (two collectives).
+    """
+    C = x.shape[axis]
+    with be.scope(x, stream) as st:
+        if comm is None and x.size == 0:  # zero gradients, an empty dx
+            dx = be.empty_output(x, axis, out, st)
+            if grads is None:
+                return dx, None, None
+            like, dtype = grads
+            return dx, be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+        v = be.view(x, axis, st)
+        dyv = be.view(dy, axis, st, order=v.order)
+        dest = be.output(out, v, x, st, also=dyv)
+        if comm is None:
+            dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st,
+                                        grads)
+            return dest.finish(), dgamma, dbeta
+        outer, _, inner = v.x3.shape
+        n_local = outer * inner if x.size else 0
+        sums = comm.grad_sums_from_local(
+            C, n_local, lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu,
+                                                   st), dtype=x.dtype)
+        dgamma, dbeta = be.input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums,
+                                      comm.count, st, grads)
+        return dest.finish(), dgamma, dbeta
+
+
+def inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream):
+    """The inference on checked, wrapped arguments: ``y``."""
+    with be.scope(x, stream) as st:
+        v = be.view(x, axis, st)
+        dest = be.output(out, v, x, st)
+        be.inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st)
+        return dest.finish()
