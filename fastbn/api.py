@@ -1,7 +1,8 @@
 """The public functions: check every argument, pick the backend, call the shared operations.
 
-Each function first tries the CPU's direct path (:func:`_direct_view`), which serves the
-common NumPy call in a few operations. Every other call checks its arguments once
+Each function first tries the CPU's direct path
+(:func:`fastbn._cpu_backend.direct_view`), which serves the common NumPy call in a few
+operations. Every other call checks its arguments once
 (:mod:`fastbn._checks`), picks the backend of its arrays (:func:`fastbn.backends.backend_for`:
 the CPU one for host arrays, :mod:`fastbn.cuda` for GPU arrays) and runs the operation of
 :mod:`fastbn._ops`, written once for every backend.
@@ -10,7 +11,6 @@ All checks run before anything is written: a call that raises leaves ``out`` and
 running statistics exactly as they were.
 """
 
-import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,11 @@ from numpy.typing import ArrayLike
 
 from . import _checks, _ops, backends, cpu, distributed
 from ._checks import is_cuda_array
+from ._cpu_backend import direct_backward as _direct_backward
+from ._cpu_backend import direct_options as _direct_options
+from ._cpu_backend import direct_out as _direct_out
+from ._cpu_backend import direct_train as _direct_train
+from ._cpu_backend import direct_view as _direct_view
 from ._cpu_backend import param as _param
 
 __all__ = ["batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_norm_inference",
@@ -26,84 +31,6 @@ __all__ = ["batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_nor
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 _NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
-
-
-# --------------------------------------------------------------------------------------
-# The direct path (CPU)
-# --------------------------------------------------------------------------------------
-
-def _direct_view(x, axis, stream, *params):
-    """``x`` as its ``(outer, C, inner)`` view when the call may take the direct path.
-
-    The direct path serves the most common call, small ones included, in a few
-    operations: ``x`` a C-contiguous float32 or float64 NumPy array, ``axis`` a valid
-    ``int``, no ``stream``, every per-channel argument None or a native float32 or
-    float64 NumPy array of shape ``(C,)``, which the kernels take as it is (and, checked
-    by :func:`_direct_out`, no ``out`` or a plain one).
-    These conditions imply that every check of the general path passes; they are
-    sufficient, not necessary: any other call (None returned) takes the general path,
-    whose checks raise the errors. Both paths run the same kernels on the same view, so
-    their results are bitwise identical (tested).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> _direct_view(np.zeros((8, 3, 5), np.float32), 1, None, np.ones(3)).shape
-    (8, 3, 5)
-    >>> _direct_view(np.zeros((8, 3, 5), np.float16), 1, None) is None
-    True
-    """
-    if (type(x) is not np.ndarray or stream is not None or type(axis) is not int
-            or (x.dtype is not _FLOAT32 and x.dtype is not _FLOAT64)
-            or not x.flags.c_contiguous):
-        return None
-    shape = x.shape
-    ndim = len(shape)
-    if ndim < 2 or not -ndim <= axis < ndim:
-        return None
-    axis %= ndim
-    C = shape[axis]
-    channels = (C,)
-    for p in params:
-        if p is not None and (type(p) is not np.ndarray or p.shape != channels
-                              or (p.dtype is not _FLOAT32 and p.dtype is not _FLOAT64)):
-            return None
-    if ndim == 2:  # the most common call: spare the tuple slices (~0.8 us of ~10)
-        return x.reshape(shape[0], C, 1) if axis else x.reshape(1, C, shape[1])
-    return x.reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1:]))
-
-
-def _direct_out(out, x, *inputs):
-    """Where the direct path writes: a new array, or ``out``; None when it cannot.
-
-    ``out`` qualifies when it is a writable C-contiguous NumPy array of x's shape and
-    dtype that is one of the inputs or shares no memory with them (the general path
-    handles every other ``out``).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> x = np.zeros((4, 2))
-    >>> _direct_out(x, x, x) is x
-    True
-    >>> _direct_out(x[::-1], x, x) is None
-    True
-    """
-    if out is None:
-        return np.empty(x.shape, x.dtype)
-    if not (type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype
-            and out.flags.c_contiguous and out.flags.writeable):
-        return None
-    for a in inputs:
-        if out is not a and np.may_share_memory(out, a):
-            return None
-    return out
-
-
-def _direct_options(eps, activation):
-    """True when ``eps`` and ``activation`` need no conversion (see :func:`_direct_view`)."""
-    return type(eps) is float and 0.0 < eps < math.inf and (activation is None
-                                                            or activation == "relu")
 
 
 # --------------------------------------------------------------------------------------
@@ -259,10 +186,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
             and type(dy) is np.ndarray and dy.shape == x.shape and dy.dtype == x.dtype
             and dy.flags.c_contiguous and x.size and _direct_options(1.0, activation)
             and (dx := _direct_out(out, x, x, dy)) is not None):
-        C = x3.shape[1]
-        dgamma, dbeta = cpu.backward(dy.reshape(x3.shape), x3, mean, invstd,
-                                     _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype),
-                                     activation == "relu", dx.reshape(x3.shape))
+        dgamma, dbeta = _direct_backward(dy.reshape(x3.shape), x3, mean, invstd, gamma, beta,
+                                         activation == "relu", dx.reshape(x3.shape))
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta
@@ -410,6 +335,20 @@ def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
+    if training and comm is None and out is None and running_mean is not None:
+        # the direct path of training with running statistics (see batch_norm_forward)
+        x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
+        if (x3 is not None and running_var is not None and _direct_options(eps, activation)
+                and x3.shape[0] * x3.shape[2] >= 2 and x3.shape[1]
+                and running_mean.flags.writeable and running_var.flags.writeable):
+            factor = _ops.momentum_factor(momentum, num_batches_tracked)
+            _ops.check_on_nonfinite(on_nonfinite)
+            y = np.empty(x.shape, x.dtype)
+            # a warning points where the general path's does (distributed's wrapper)
+            _direct_train(x3, y.reshape(x3.shape), gamma, beta, eps, activation == "relu",
+                          running_mean, running_var, factor, running_var_unbiased,
+                          on_nonfinite, stacklevel=2)
+            return y
     be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)

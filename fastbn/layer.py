@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _checks, _ops, api, backends, distributed
+from . import _checks, _cpu_backend, _ops, api, backends, distributed
 
 _FLOAT64 = np.dtype(np.float64)  # the statistics the layer keeps for its backward
 
@@ -244,6 +244,26 @@ class BatchNorm:
     @distributed.synchronized("BatchNorm.forward")
     def _forward(self, x, training, comm=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
+        if training or not self.track_running_stats:
+            update = training and self.track_running_stats
+            x3 = _cpu_backend.direct_view(x, self.axis, None, self.gamma, self.beta,
+                                          self.running_mean, self.running_var)
+            if (x3 is not None and comm is None and x3.shape[1] == self.num_features
+                    and x3.shape[0] * x3.shape[2] >= 2
+                    and _cpu_backend.direct_options(self.eps, self.activation)):
+                # the direct path (see fastbn.api): the kernels and the rules of the
+                # general one below, on the same view
+                factor = (_ops.momentum_factor(self.momentum, self.num_batches_tracked)
+                          if update else None)
+                y = np.empty(x.shape, x.dtype)
+                mean, _, invstd = _cpu_backend.direct_train(
+                    x3, y.reshape(x3.shape), self.gamma, self.beta, self.eps,
+                    self.activation == "relu", self.running_mean if update else None,
+                    self.running_var, factor, self.running_var_unbiased, "raise", 2)
+                if update:
+                    self.num_batches_tracked += 1
+                self._saved = (x, self.axis % x.ndim, mean, invstd)
+                return y
         be = self._backend(x)
         if not training and self.track_running_stats:
             self._saved = None
@@ -312,6 +332,18 @@ class BatchNorm:
             raise RuntimeError("backward() needs a preceding forward(x, training=True) "
                                "(or a layer without running statistics)")
         x, axis, mean, invstd = self._saved
+        if (comm is None and type(dy) is np.ndarray and dy.shape == x.shape
+                and dy.dtype == x.dtype and dy.flags.c_contiguous):
+            x3 = _cpu_backend.direct_view(x, axis, None, mean, invstd, self.gamma, self.beta)
+            if x3 is not None and x.size:  # the direct path (see fastbn.api)
+                dx = np.empty(x.shape, x.dtype)
+                dgamma, dbeta = _cpu_backend.direct_backward(
+                    dy.reshape(x3.shape), x3, mean, invstd, self.gamma, self.beta,
+                    self.activation == "relu", dx.reshape(x3.shape))
+                if self.affine:
+                    self.dgamma = dgamma.astype(self.dtype, copy=False)
+                    self.dbeta = dbeta.astype(self.dtype, copy=False)
+                return dx
         if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
         be = self._backend(dy)
