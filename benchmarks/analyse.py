@@ -103,34 +103,38 @@ def rows_from_json(data):
         if large is not None:
             large = max(large, best_copy.get((info["device"], int(info["copy_large_bytes"])), 0.0))
         case_order.setdefault((info["device"], info["case"]), len(case_order))
-        rows.append({
-            "name": bench.get("name", ""),
-            "device": info["device"],
-            "op": info["op"],
-            "case": info["case"],
-            "shape": tuple(info["shape"]),
-            "dtype": info["dtype"],
-            "layout": info["layout"],
-            "provider": info["provider"],
-            "median_s": median,
-            "gbps": gbps,
-            "gbps_best": moved / best / 1e9 if best else None,
-            "frac_copy": gbps / same if same else None,
-            "frac_copy_large": gbps / large if large else None,
-            "copy_gbps_same_size": same,
-            "copy_gbps_large": large,
-            "bytes_moved": moved,
-            "x_bytes": info.get("x_bytes"),
-            "threads": info.get("threads"),
-            "host_overhead_us": info.get("host_overhead_us"),
-            "other_cpu": info.get("other_processes_cpu"),
-        })
+        rows.append(
+            {
+                "name": bench.get("name", ""),
+                "device": info["device"],
+                "op": info["op"],
+                "case": info["case"],
+                "shape": tuple(info["shape"]),
+                "dtype": info["dtype"],
+                "layout": info["layout"],
+                "provider": info["provider"],
+                "median_s": median,
+                "gbps": gbps,
+                "gbps_best": moved / best / 1e9 if best else None,
+                "frac_copy": gbps / same if same else None,
+                "frac_copy_large": gbps / large if large else None,
+                "copy_gbps_same_size": same,
+                "copy_gbps_large": large,
+                "bytes_moved": moved,
+                "x_bytes": info.get("x_bytes"),
+                "threads": info.get("threads"),
+                "host_overhead_us": info.get("host_overhead_us"),
+                "other_cpu": info.get("other_processes_cpu"),
+            }
+        )
 
     def key(row):
-        return (DEVICE_ORDER.index(row["device"]) if row["device"] in DEVICE_ORDER else 9,
-                case_order[(row["device"], row["case"])],
-                OPS.index(row["op"]) if row["op"] in OPS else 9,
-                PROVIDER_ORDER.index(row["provider"]) if row["provider"] in PROVIDER_ORDER else 9)
+        return (
+            DEVICE_ORDER.index(row["device"]) if row["device"] in DEVICE_ORDER else 9,
+            case_order[(row["device"], row["case"])],
+            OPS.index(row["op"]) if row["op"] in OPS else 9,
+            PROVIDER_ORDER.index(row["provider"]) if row["provider"] in PROVIDER_ORDER else 9,
+        )
 
     return sorted(rows, key=key)
 
@@ -157,34 +161,50 @@ def summarize(rows):
     """
     groups = {}
     for row in rows:
-        group = groups.setdefault((row["device"], row["case"], row["op"]), {
-            "device": row["device"], "case": row["case"], "op": row["op"],
-            "shape": row["shape"], "dtype": row["dtype"], "layout": row["layout"],
-            "times": {}, "gbps": None, "frac_copy": None, "frac_copy_large": None,
-            "bytes_moved": row["bytes_moved"], "x_bytes": row.get("x_bytes"),
-            "copy_gbps": (row["copy_gbps_same_size"], row["copy_gbps_large"]),
-        })
+        group = groups.setdefault(
+            (row["device"], row["case"], row["op"]),
+            {
+                "device": row["device"],
+                "case": row["case"],
+                "op": row["op"],
+                "shape": row["shape"],
+                "dtype": row["dtype"],
+                "layout": row["layout"],
+                "times": {},
+                "gbps": None,
+                "frac_copy": None,
+                "frac_copy_large": None,
+                "bytes_moved": row["bytes_moved"],
+                "x_bytes": row.get("x_bytes"),
+                "copy_gbps": (row["copy_gbps_same_size"], row["copy_gbps_large"]),
+            },
+        )
         group["times"][row["provider"]] = row["median_s"]
         group.setdefault("disturbed", set())
         if disturbed(row):
             group["disturbed"].add(row["provider"])
         if row["provider"] == "fastbn":
-            group.update(gbps=row["gbps"], frac_copy=row["frac_copy"],
-                         frac_copy_large=row["frac_copy_large"])
+            group.update(
+                gbps=row["gbps"], frac_copy=row["frac_copy"], frac_copy_large=row["frac_copy_large"]
+            )
     for group in groups.values():
         fastbn_time = group["times"].get("fastbn")
         for other in ("torch", "numpy"):
             other_time = group["times"].get(other)
-            group[f"speedup_vs_{other}"] = (other_time / fastbn_time
-                                            if fastbn_time and other_time else None)
+            group[f"speedup_vs_{other}"] = (
+                other_time / fastbn_time if fastbn_time and other_time else None
+            )
         torch_time = group["times"].get("torch")
         same, large = group.pop("copy_gbps")
         copy = max((c for c in (same, large) if c), default=None)
-        group["torch_frac_copy"] = (group["bytes_moved"] / torch_time / 1e9 / same
-                                    if torch_time and same else None)
+        group["torch_frac_copy"] = (
+            group["bytes_moved"] / torch_time / 1e9 / same if torch_time and same else None
+        )
         group["ceiling_vs_torch"] = (
             torch_time * copy * 1e9 / bytes_moved(group["op"], group["x_bytes"], MIN_TRAFFIC)
-            if torch_time and copy and group["x_bytes"] else None)
+            if torch_time and copy and group["x_bytes"]
+            else None
+        )
     return list(groups.values())
 
 

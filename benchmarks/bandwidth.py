@@ -160,23 +160,34 @@ def copy_bandwidth(nbytes=LARGE_BYTES, *, threads=None, target_seconds=0.4):
     slices = [(src[lo:hi], dst[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     by_method = {}
-    by_method["np.copyto"] = copied / _best_seconds(
-        lambda: np.copyto(dst, src), src.nbytes, target_seconds) / 1e9
+    by_method["np.copyto"] = (
+        copied / _best_seconds(lambda: np.copyto(dst, src), src.nbytes, target_seconds) / 1e9
+    )
     if threads > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
+
             def threaded_copyto():
                 for future in [pool.submit(np.copyto, d, s) for s, d in slices]:
                     future.result()
 
-            by_method[f"np.copyto x{threads}"] = copied / _best_seconds(
-                threaded_copyto, src.nbytes, target_seconds) / 1e9
+            by_method[f"np.copyto x{threads}"] = (
+                copied / _best_seconds(threaded_copyto, src.nbytes, target_seconds) / 1e9
+            )
     _parallel_copy_kernel(dst[:1], src[:1])  # compile outside the timing
-    by_method[f"numba prange x{threads}"] = copied / _best_seconds(
-        lambda: _parallel_copy_kernel(dst, src), src.nbytes, target_seconds) / 1e9
+    by_method[f"numba prange x{threads}"] = (
+        copied
+        / _best_seconds(lambda: _parallel_copy_kernel(dst, src), src.nbytes, target_seconds)
+        / 1e9
+    )
 
     method = max(by_method, key=by_method.get)
-    return CopyBandwidth(nbytes=int(src.nbytes), gbps=float(by_method[method]), method=method,
-                         threads=int(threads), by_method={k: float(v) for k, v in by_method.items()})
+    return CopyBandwidth(
+        nbytes=int(src.nbytes),
+        gbps=float(by_method[method]),
+        method=method,
+        threads=int(threads),
+        by_method={k: float(v) for k, v in by_method.items()},
+    )
 
 
 def cuda_copy_bandwidth(nbytes=LARGE_BYTES, *, target_seconds=0.4):
@@ -210,8 +221,13 @@ def cuda_copy_bandwidth(nbytes=LARGE_BYTES, *, target_seconds=0.4):
         cuda.synchronize()
 
     gbps = 2 * n * 4 / _best_seconds(copy, n * 4, target_seconds) / 1e9
-    return CopyBandwidth(nbytes=n * 4, gbps=float(gbps), method="cuda memcpy d2d", threads=0,
-                         by_method={"cuda memcpy d2d": float(gbps)})
+    return CopyBandwidth(
+        nbytes=n * 4,
+        gbps=float(gbps),
+        method="cuda memcpy d2d",
+        threads=0,
+        by_method={"cuda memcpy d2d": float(gbps)},
+    )
 
 
 class CopyBandwidthCache:

@@ -35,8 +35,12 @@ ROOT = os.path.dirname(HERE)
 
 def _machine_info():
     """CPU model, core count and library versions of this machine."""
-    info = {"node": platform.node(), "platform": platform.platform(),
-            "python": platform.python_version(), "cores": os.cpu_count()}
+    info = {
+        "node": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -47,9 +51,11 @@ def _machine_info():
         pass
     import numba
     import numpy
+
     info["numpy"], info["numba"] = numpy.__version__, numba.__version__
     try:
         import torch
+
         info["torch"] = torch.__version__
     except ImportError:
         info["torch"] = None
@@ -60,21 +66,48 @@ def _run(provider, args, workdir):
     """Train ``args.epochs`` epochs with one provider in a fresh process; return its records."""
     out = os.path.join(workdir, f"{provider}.json")
     if provider == "fastbn":
-        cmd = [sys.executable, "-m", "fastbn", "train", "--dataset", args.dataset,
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads), "--seed", str(args.seed), "--quiet",
-               "--metrics-out", out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "train",
+            "--dataset",
+            args.dataset,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+            "--quiet",
+            "--metrics-out",
+            out,
+        ]
         if args.data:
             cmd += ["--data", args.data]
     else:
-        cmd = [sys.executable, os.path.join(HERE, "torch_mlp.py"), "--dataset", args.dataset,
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads), "--seed", str(args.seed), "--json", out]
+        cmd = [
+            sys.executable,
+            os.path.join(HERE, "torch_mlp.py"),
+            "--dataset",
+            args.dataset,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+            "--json",
+            out,
+        ]
         if args.data:
             cmd += ["--data", args.data]
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(args.threads)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
@@ -96,10 +129,14 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--machine", default=None,
-                        help="name in the output file (default: the host name)")
-    parser.add_argument("--out", default=None, help="output JSON (default "
-                        "benchmarks/results/trainer_<machine>.json)")
+    parser.add_argument(
+        "--machine", default=None, help="name in the output file (default: the host name)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output JSON (default benchmarks/results/trainer_<machine>.json)",
+    )
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -108,6 +145,7 @@ def main(argv=None):
     if not args.skip_torch:
         try:
             import torch  # noqa: F401
+
             providers.append("torch")
         except ImportError:
             print("PyTorch not installed: timing fastbn only", file=sys.stderr)
@@ -121,10 +159,13 @@ def main(argv=None):
                 records, wall = _run(provider, args, workdir)
                 runs[provider].append({"epochs": records, "process_seconds": wall})
                 steady = [r["seconds"] for r in records[1:]]
-                print(f"round {round_ + 1}/{args.repeats}  {provider:7s}  first epoch "
-                      f"{records[0]['seconds']:6.2f}s  then median "
-                      f"{statistics.median(steady):6.3f}s/epoch  test_acc "
-                      f"{records[-1]['test_acc']:.4f}", flush=True)
+                print(
+                    f"round {round_ + 1}/{args.repeats}  {provider:7s}  first epoch "
+                    f"{records[0]['seconds']:6.2f}s  then median "
+                    f"{statistics.median(steady):6.3f}s/epoch  test_acc "
+                    f"{records[-1]['test_acc']:.4f}",
+                    flush=True,
+                )
 
     results = {}
     for provider, provider_runs in runs.items():
@@ -133,8 +174,9 @@ def main(argv=None):
         results[provider] = {
             "seconds_per_epoch": statistics.median(steady),
             "best_seconds_per_epoch": min(steady),
-            "samples_per_s": provider_runs[0]["epochs"][0]["samples_per_s"] *
-            provider_runs[0]["epochs"][0]["seconds"] / statistics.median(steady),
+            "samples_per_s": provider_runs[0]["epochs"][0]["samples_per_s"]
+            * provider_runs[0]["epochs"][0]["seconds"]
+            / statistics.median(steady),
             "first_epoch_seconds": statistics.median(first),
             "steady_epoch_seconds": steady,
             "final_test_acc": [run["epochs"][-1]["test_acc"] for run in provider_runs],
@@ -143,26 +185,37 @@ def main(argv=None):
     report = {
         "benchmark": "trainer epoch time, fastbn vs PyTorch CPU",
         "machine": _machine_info(),
-        "config": {"dataset": args.dataset, "epochs": args.epochs, "repeats": args.repeats,
-                   "batch_size": args.batch_size, "threads": args.threads,
-                   "seed": args.seed, "model": "Dense(64,relu)-BN-Dense(32,relu)-BN-Dense(10)",
-                   "optimizer": "Adam lr 1e-3"},
+        "config": {
+            "dataset": args.dataset,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "seed": args.seed,
+            "model": "Dense(64,relu)-BN-Dense(32,relu)-BN-Dense(10)",
+            "optimizer": "Adam lr 1e-3",
+        },
         "results": results,
     }
     if "torch" in results:
-        report["speedup_vs_torch"] = (results["torch"]["seconds_per_epoch"] /
-                                      results["fastbn"]["seconds_per_epoch"])
+        report["speedup_vs_torch"] = (
+            results["torch"]["seconds_per_epoch"] / results["fastbn"]["seconds_per_epoch"]
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
     print(f"\n{'provider':8s} {'s/epoch (median)':>17s} {'best':>7s} {'first epoch':>12s}")
     for provider, r in results.items():
-        print(f"{provider:8s} {r['seconds_per_epoch']:17.3f} {r['best_seconds_per_epoch']:7.3f} "
-              f"{r['first_epoch_seconds']:12.2f}")
+        print(
+            f"{provider:8s} {r['seconds_per_epoch']:17.3f} {r['best_seconds_per_epoch']:7.3f} "
+            f"{r['first_epoch_seconds']:12.2f}"
+        )
     if "speedup_vs_torch" in report:
-        print(f"fastbn is {report['speedup_vs_torch']:.2f}x faster per epoch than PyTorch "
-              f"({args.threads} threads, batch {args.batch_size})")
+        print(
+            f"fastbn is {report['speedup_vs_torch']:.2f}x faster per epoch than PyTorch "
+            f"({args.threads} threads, batch {args.batch_size})"
+        )
     print(f"written to {out_path}")
     return 0
 

@@ -245,9 +245,17 @@ def make_inputs(case):
     stats_dtype = np.float64 if dtype == np.float64 else np.float32
     mean64 = x.mean(axis=axes, dtype=np.float64)
     var64 = x.var(axis=axes, dtype=np.float64)
-    return Inputs(case=case, x=x, dy=dy, gamma=gamma, beta=beta, running_mean=running_mean,
-                  running_var=running_var, mean=mean64.astype(stats_dtype),
-                  invstd=(1 / np.sqrt(var64 + EPS)).astype(stats_dtype))
+    return Inputs(
+        case=case,
+        x=x,
+        dy=dy,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
+        mean=mean64.astype(stats_dtype),
+        invstd=(1 / np.sqrt(var64 + EPS)).astype(stats_dtype),
+    )
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -422,12 +430,14 @@ def torch_provider(op, inputs):
     if op == "forward":
         return lambda: functional.batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
     if op == "inference":
-        return lambda: functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                             training=False, eps=EPS)
+        return lambda: functional.batch_norm(
+            x, running_mean, running_var, weight, bias, training=False, eps=EPS
+        )
     if op == "backward":
         _, save_mean, save_invstd = native_forward(x, weight, bias, None, None, True, 0.1, EPS)
-        return lambda: native_backward(dy, x, weight, None, None, save_mean, save_invstd,
-                                       True, EPS, mask)
+        return lambda: native_backward(
+            dy, x, weight, None, None, save_mean, save_invstd, True, EPS, mask
+        )
 
     def forward_backward():
         _, save_mean, save_invstd = native_forward(x, weight, bias, None, None, True, 0.1, EPS)
@@ -479,11 +489,13 @@ def fastbn_provider(op, inputs):
     if op == "forward":
         return lambda: fastbn.batch_norm_forward(d.x, d.gamma, d.beta, axis=axis, eps=EPS)
     if op == "inference":
-        return lambda: fastbn.batch_norm_inference(d.x, d.running_mean, d.running_var, d.gamma,
-                                                   d.beta, axis=axis, eps=EPS)
+        return lambda: fastbn.batch_norm_inference(
+            d.x, d.running_mean, d.running_var, d.gamma, d.beta, axis=axis, eps=EPS
+        )
     if op == "backward":
-        return lambda: fastbn.batch_norm_backward(d.dy, d.x, d.mean, d.invstd, d.gamma, d.beta,
-                                                  axis=axis)
+        return lambda: fastbn.batch_norm_backward(
+            d.dy, d.x, d.mean, d.invstd, d.gamma, d.beta, axis=axis
+        )
 
     def forward_backward():
         _, mean, invstd = fastbn.batch_norm_forward(d.x, d.gamma, d.beta, axis=axis, eps=EPS)

@@ -98,6 +98,7 @@ print(json.dumps({"import_s": import_s, "import_cpu_s": import_cpu_s,
                   "compiles": compiles}))
 """
 
+
 def run_child(cache_dir, shape, axis, dtype):
     """Run the first calls of forward + backward in a fresh Python process.
 
@@ -132,8 +133,13 @@ def run_child(cache_dir, shape, axis, dtype):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     start_cpu = _children_cpu_s()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([list(shape), axis, dtype])],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps([list(shape), axis, dtype])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     process_s = time.perf_counter() - start
     process_cpu_s = _children_cpu_s() - start_cpu
     if proc.returncode != 0:
@@ -169,11 +175,16 @@ def _median_of(runs):
     dict
         Same keys, median values (per function for ``compile_cpu_s``).
     """
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]
-              if key != "compile_cpu_s"}
+    median = {
+        key: statistics.median(run[key] for run in runs)
+        for key in runs[0]
+        if key != "compile_cpu_s"
+    }
     names = sorted({name for run in runs for name in run["compile_cpu_s"]})
-    median["compile_cpu_s"] = {name: statistics.median(run["compile_cpu_s"].get(name, 0.0)
-                                                       for run in runs) for name in names}
+    median["compile_cpu_s"] = {
+        name: statistics.median(run["compile_cpu_s"].get(name, 0.0) for run in runs)
+        for name in names
+    }
     return median
 
 
@@ -212,11 +223,23 @@ def measure(cases=CASES, repeats=3, progress=print):
                     progress(f"compile time {name}: warm run {i + 1}/{repeats} (same cache)")
                 warm_runs.append(run_child(cache_dir, shape, axis, dtype))
         cold, warm = _median_of(cold_runs), _median_of(warm_runs)
-        results.append({"case": name, "shape": list(shape), "axis": axis, "dtype": dtype,
-                        "cold": cold, "warm": warm,
-                        "warm_first_call_under_target": warm["first_call_s"] < WARM_TARGET_S})
-    return {"warm_target_s": WARM_TARGET_S, "repeats": repeats, "cases": results,
-            "other_processes_cpu": monitor.fraction()}
+        results.append(
+            {
+                "case": name,
+                "shape": list(shape),
+                "axis": axis,
+                "dtype": dtype,
+                "cold": cold,
+                "warm": warm,
+                "warm_first_call_under_target": warm["first_call_s"] < WARM_TARGET_S,
+            }
+        )
+    return {
+        "warm_target_s": WARM_TARGET_S,
+        "repeats": repeats,
+        "cases": results,
+        "other_processes_cpu": monitor.fraction(),
+    }
 
 
 def format_table(compile_times):
@@ -232,18 +255,22 @@ def format_table(compile_times):
     str
         One row per case and cache state.
     """
-    lines = ["| case | cache | import | first forward | first backward | first fwd+bwd "
-             "| second fwd+bwd | whole process | whole process, CPU | compiled |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | cache | import | first forward | first backward | first fwd+bwd "
+        "| second fwd+bwd | whole process | whole process, CPU | compiled |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for entry in compile_times["cases"]:
         for state in ("cold", "warm"):
             r = entry[state]
             second = r["second_forward_s"] + r["second_backward_s"]
-            lines.append(f"| {entry['case']} | {state} | {r['import_s']:.2f} s "
-                         f"| {r['first_forward_s']:.2f} s | {r['first_backward_s']:.2f} s "
-                         f"| **{r['first_call_s']:.2f} s** | {second * 1e3:.1f} ms "
-                         f"| {r['process_s']:.2f} s | {_seconds(r.get('process_cpu_s'))} "
-                         f"| {r.get('compiles', '-')} |")
+            lines.append(
+                f"| {entry['case']} | {state} | {r['import_s']:.2f} s "
+                f"| {r['first_forward_s']:.2f} s | {r['first_backward_s']:.2f} s "
+                f"| **{r['first_call_s']:.2f} s** | {second * 1e3:.1f} ms "
+                f"| {r['process_s']:.2f} s | {_seconds(r.get('process_cpu_s'))} "
+                f"| {r.get('compiles', '-')} |"
+            )
     return "\n".join(lines)
 
 
@@ -272,8 +299,13 @@ def format_breakdown(compile_times, top=25):
     for entry in compile_times["cases"]:
         per_function = entry["cold"].get("compile_cpu_s", {})
         total = sum(per_function.values())
-        lines += [f"{entry['case']}: {entry['cold'].get('compiles', 0):.0f} compilations, "
-                  f"{total:.2f} s CPU", "", "| function | CPU s |", "|---|---:|"]
+        lines += [
+            f"{entry['case']}: {entry['cold'].get('compiles', 0):.0f} compilations, "
+            f"{total:.2f} s CPU",
+            "",
+            "| function | CPU s |",
+            "|---|---:|",
+        ]
         for name, seconds in sorted(per_function.items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"| `{name}` | {seconds:.2f} |")
         lines.append("")

@@ -225,5 +225,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json : dict
         The JSON document, updated in place under ``"copy_bandwidth"``.
     """
-    output_json["copy_bandwidth"] = {device: cache.measured()
-                                     for device, cache in _COPY_CACHES.items()}
+    output_json["copy_bandwidth"] = {
+        device: cache.measured() for device, cache in _COPY_CACHES.items()
+    }

@@ -108,8 +108,9 @@ def fastbn_cuda_provider(op, inputs):
         return result
 
     def inference():
-        result = fastbn.batch_norm_inference(x, running_mean, running_var, gamma, beta,
-                                             axis=axis, eps=EPS, out=y)
+        result = fastbn.batch_norm_inference(
+            x, running_mean, running_var, gamma, beta, axis=axis, eps=EPS, out=y
+        )
         cuda.synchronize()
         return result
 
@@ -119,15 +120,21 @@ def fastbn_cuda_provider(op, inputs):
         return result
 
     def forward_backward():
-        _, saved_mean, saved_invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis,
-                                                                eps=EPS, out=y)
-        result = fastbn.batch_norm_backward(dy, x, saved_mean, saved_invstd, gamma, beta,
-                                            axis=axis, out=dx)
+        _, saved_mean, saved_invstd = fastbn.batch_norm_forward(
+            x, gamma, beta, axis=axis, eps=EPS, out=y
+        )
+        result = fastbn.batch_norm_backward(
+            dy, x, saved_mean, saved_invstd, gamma, beta, axis=axis, out=dx
+        )
         cuda.synchronize()
         return result
 
-    return {"forward": forward, "inference": inference, "backward": backward,
-            "forward_backward": forward_backward}[op]
+    return {
+        "forward": forward,
+        "inference": inference,
+        "backward": backward,
+        "forward_backward": forward_backward,
+    }[op]
 
 
 def torch_cuda_provider(op, inputs):
@@ -167,17 +174,22 @@ def torch_cuda_provider(op, inputs):
 
     def inference():
         with torch.no_grad():
-            y = functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                      training=False, eps=EPS)
+            y = functional.batch_norm(
+                x, running_mean, running_var, weight, bias, training=False, eps=EPS
+            )
         synchronize()
         return y
 
-    leaves = (x.detach().requires_grad_(), weight.detach().requires_grad_(),
-              bias.detach().requires_grad_())
+    leaves = (
+        x.detach().requires_grad_(),
+        weight.detach().requires_grad_(),
+        bias.detach().requires_grad_(),
+    )
 
     def forward_graph():
-        return functional.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True,
-                                     eps=EPS)
+        return functional.batch_norm(
+            leaves[0], None, None, leaves[1], leaves[2], training=True, eps=EPS
+        )
 
     saved_graph = forward_graph() if op == "backward" else None
 
@@ -191,8 +203,12 @@ def torch_cuda_provider(op, inputs):
         synchronize()
         return grads
 
-    return {"forward": forward, "inference": inference, "backward": backward,
-            "forward_backward": forward_backward}[op]
+    return {
+        "forward": forward,
+        "inference": inference,
+        "backward": backward,
+        "forward_backward": forward_backward,
+    }[op]
 
 
 GPU_PROVIDERS = {

@@ -29,8 +29,11 @@ def format_time(seconds):
         return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}" if seconds / scale < 100 else \
-                f"{seconds / scale:.0f} {unit}"
+            return (
+                f"{seconds / scale:.3g} {unit}"
+                if seconds / scale < 100
+                else f"{seconds / scale:.0f} {unit}"
+            )
     return f"{seconds * 1e9:.0f} ns"
 
 
@@ -87,14 +90,17 @@ def table(headers, body, markdown=True):
     right = [h.startswith(">") for h in headers]
     headers = [h.lstrip(">") for h in headers]
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---:" if r else "---" for r in right) + "|",
+        ]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *body)]
 
     def line(cells):
-        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w)
-                         for c, w, r in zip(cells, widths, right))
+        return "  ".join(
+            str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right)
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in body])

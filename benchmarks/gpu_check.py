@@ -54,9 +54,14 @@ TESTS_TIMEOUT_S = 200
 BENCH_TIMEOUT_S = 220
 
 #: Environment variables of the simulator tests that must not reach a real-GPU run.
-SIMULATOR_VARIABLES = ("NUMBA_ENABLE_CUDASIM", "FASTBN_CUDA_THREADS",
-                       "FASTBN_CUDA_MIN_VALUES_PER_THREAD", "FASTBN_CUDA_TARGET_BLOCKS",
-                       "FASTBN_CUDA_TEST_CHILD", "FASTBN_CUDA_TEST_SHARD")
+SIMULATOR_VARIABLES = (
+    "NUMBA_ENABLE_CUDASIM",
+    "FASTBN_CUDA_THREADS",
+    "FASTBN_CUDA_MIN_VALUES_PER_THREAD",
+    "FASTBN_CUDA_TARGET_BLOCKS",
+    "FASTBN_CUDA_TEST_CHILD",
+    "FASTBN_CUDA_TEST_SHARD",
+)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -69,21 +74,43 @@ def _parser():
     -------
     argparse.ArgumentParser
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
-                                     description="Python side of benchmarks/gpu_check.sh.")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description="Python side of benchmarks/gpu_check.sh."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="check the script's arguments, print them for eval")
-    plan.add_argument("outdir", nargs="?", default=DEFAULT_OUTDIR,
-                      help=f"where the results JSON goes (default {DEFAULT_OUTDIR})")
-    plan.add_argument("--install", action="store_true",
-                      help='first pip install -e ".[test,cuda]" torch==TORCH (see the script)')
-    plan.add_argument("--torch", default=TORCH_VERSION, metavar="VERSION",
-                      help=f"the PyTorch version --install pins (default {TORCH_VERSION})")
-    plan.add_argument("--tests-timeout", type=int, default=TESTS_TIMEOUT_S, metavar="S",
-                      help=f"seconds for the CUDA tests (default {TESTS_TIMEOUT_S})")
-    plan.add_argument("--bench-timeout", type=int, default=BENCH_TIMEOUT_S, metavar="S",
-                      help=f"seconds for the GPU benchmarks (default {BENCH_TIMEOUT_S})")
+    plan.add_argument(
+        "outdir",
+        nargs="?",
+        default=DEFAULT_OUTDIR,
+        help=f"where the results JSON goes (default {DEFAULT_OUTDIR})",
+    )
+    plan.add_argument(
+        "--install",
+        action="store_true",
+        help='first pip install -e ".[test,cuda]" torch==TORCH (see the script)',
+    )
+    plan.add_argument(
+        "--torch",
+        default=TORCH_VERSION,
+        metavar="VERSION",
+        help=f"the PyTorch version --install pins (default {TORCH_VERSION})",
+    )
+    plan.add_argument(
+        "--tests-timeout",
+        type=int,
+        default=TESTS_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds for the CUDA tests (default {TESTS_TIMEOUT_S})",
+    )
+    plan.add_argument(
+        "--bench-timeout",
+        type=int,
+        default=BENCH_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds for the GPU benchmarks (default {BENCH_TIMEOUT_S})",
+    )
     plan.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
     plan.add_argument("--skip-bench", action="store_true", help="do not run the benchmarks")
 
@@ -124,11 +151,14 @@ def parse_args(argv):
         for name in ("tests_timeout", "bench_timeout"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1 s")
-        used = (0 if args.skip_tests else args.tests_timeout) + \
-            (0 if args.skip_bench else args.bench_timeout)
+        used = (0 if args.skip_tests else args.tests_timeout) + (
+            0 if args.skip_bench else args.bench_timeout
+        )
         if used + OVERHEAD_S > BUDGET_S:
-            parser.error(f"--tests-timeout + --bench-timeout = {used} s leaves less than "
-                         f"{OVERHEAD_S} s of the {BUDGET_S} s budget for the rest")
+            parser.error(
+                f"--tests-timeout + --bench-timeout = {used} s leaves less than "
+                f"{OVERHEAD_S} s of the {BUDGET_S} s budget for the rest"
+            )
         if not re.fullmatch(r"[0-9A-Za-z.+-]+", args.torch):
             parser.error(f"--torch must be a version, got {args.torch!r}")
     return args
@@ -203,8 +233,13 @@ def query_nvidia_smi(run=_run_text):
     >>> query_nvidia_smi(lambda c: fake["--query-gpu" if len(c) > 1 else "banner"])["cuda"]
     '12.8'
     """
-    csv = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
-               "--format=csv,noheader"])
+    csv = run(
+        [
+            "nvidia-smi",
+            "--query-gpu=name,driver_version,memory.total,compute_cap",
+            "--format=csv,noheader",
+        ]
+    )
     if not csv:
         return {}
     fields = [f.strip() for f in csv.strip().splitlines()[0].split(",")]
@@ -270,8 +305,11 @@ def query_torch():
         import torch
     except ImportError:
         return {}
-    info = {"version": torch.__version__, "cuda": torch.version.cuda,
-            "available": bool(torch.cuda.is_available())}
+    info = {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "available": bool(torch.cuda.is_available()),
+    }
     try:
         info["cudnn"] = torch.backends.cudnn.version()
         if info["available"]:
@@ -329,12 +367,16 @@ def device_line(device):
     '**NVIDIA H200** (compute capability 9.0), driver 570.86.15, CUDA 12.8; PyTorch 2.13.0 (CUDA 12.8, cuDNN 91000)'
     """
     numba_info, torch_info = device.get("numba") or {}, device.get("torch") or {}
-    line = (f"**{device.get('name')}** (compute capability "
-            f"{numba_info.get('compute_capability') or (device.get('nvidia_smi') or {}).get('compute_cap')}), "
-            f"driver {device.get('driver')}, CUDA {device.get('cuda')}")
+    line = (
+        f"**{device.get('name')}** (compute capability "
+        f"{numba_info.get('compute_capability') or (device.get('nvidia_smi') or {}).get('compute_cap')}), "
+        f"driver {device.get('driver')}, CUDA {device.get('cuda')}"
+    )
     if torch_info:
-        line += (f"; PyTorch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
-                 f"cuDNN {torch_info.get('cudnn')})")
+        line += (
+            f"; PyTorch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
+            f"cuDNN {torch_info.get('cudnn')})"
+        )
     return line
 
 
@@ -367,17 +409,32 @@ def outcome_of_tests(log_text, rc):
     if rc is None:
         return {"ran": False, "rc": None, "timed_out": False, "ok": None, "summary": None}
     lines = [line.strip(" =") for line in (log_text or "").splitlines() if line.strip()]
-    summary = next((line for line in reversed(lines)
-                    if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b", line)),
-                   None)
+    summary = next(
+        (
+            line
+            for line in reversed(lines)
+            if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b", line)
+        ),
+        None,
+    )
     counts = {}
-    for key, pattern in (("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
-                         ("errors", "errors?")):
+    for key, pattern in (
+        ("passed", "passed"),
+        ("failed", "failed"),
+        ("skipped", "skipped"),
+        ("errors", "errors?"),
+    ):
         match = re.search(rf"(\d+) {pattern}\b", summary or "")
         counts[key] = int(match.group(1)) if match else 0
     timed_out = rc in (124, 137)
-    return {"ran": True, "rc": rc, "timed_out": timed_out,
-            "ok": rc == 0 and counts["passed"] > 0, "summary": summary, **counts}
+    return {
+        "ran": True,
+        "rc": rc,
+        "timed_out": timed_out,
+        "ok": rc == 0 and counts["passed"] > 0,
+        "summary": summary,
+        **counts,
+    }
 
 
 def results_path(outdir, device):
@@ -389,9 +446,11 @@ def results_path(outdir, device):
     ...                      "date": "2026-12-03T20:00:00+00:00"}).as_posix()
     'out/cuda_nvidia-h200_node-7_2026-12-03.json'
     """
-    return Path(outdir) / (f"cuda_{machine.slug(str(device.get('name')))}_"
-                           f"{machine.slug(str(device.get('hostname')))}_"
-                           f"{str(device.get('date'))[:10]}.json")
+    return Path(outdir) / (
+        f"cuda_{machine.slug(str(device.get('name')))}_"
+        f"{machine.slug(str(device.get('hostname')))}_"
+        f"{str(device.get('date'))[:10]}.json"
+    )
 
 
 def assemble(device, tests, bench, bench_rc):
@@ -424,11 +483,25 @@ def assemble(device, tests, bench, bench_rc):
     rows = [r for r in analyse.rows_from_json(data) if r["device"] == "cuda"]
     providers = sorted({r["provider"] for r in rows})
     ran = bench_rc is not None
-    bench_outcome = {"ran": ran, "rc": bench_rc, "timed_out": bench_rc in (124, 137),
-                     "ok": (bench_rc == 0 and "fastbn" in providers) if ran else None,
-                     "count": len(rows), "providers": providers}
-    keys = ("case", "op", "provider", "median_s", "gbps", "frac_copy", "frac_copy_large",
-            "copy_gbps_same_size", "copy_gbps_large")
+    bench_outcome = {
+        "ran": ran,
+        "rc": bench_rc,
+        "timed_out": bench_rc in (124, 137),
+        "ok": (bench_rc == 0 and "fastbn" in providers) if ran else None,
+        "count": len(rows),
+        "providers": providers,
+    }
+    keys = (
+        "case",
+        "op",
+        "provider",
+        "median_s",
+        "gbps",
+        "frac_copy",
+        "frac_copy_large",
+        "copy_gbps_same_size",
+        "copy_gbps_large",
+    )
     data["gpu_check"] = {
         "device": device,
         "tests": tests,
@@ -455,14 +528,24 @@ def summary_text(data):
     """
     check = data["gpu_check"]
     tests, bench = check["tests"], check["benchmarks"]
-    lines = [f"device: {data['machine_info']['gpu']}",
-             "CUDA tests: " + ("not run" if not tests["ran"] else
-                               f"{tests['summary']} (exit {tests['rc']}"
-                               + (", timed out" if tests["timed_out"] else "") + ")"),
-             "benchmarks: " + ("not run" if not bench["ran"] else
-                               f"{bench['count']} timed, providers {bench['providers']} "
-                               f"(exit {bench['rc']}"
-                               + (", timed out" if bench["timed_out"] else "") + ")")]
+    lines = [
+        f"device: {data['machine_info']['gpu']}",
+        "CUDA tests: "
+        + (
+            "not run"
+            if not tests["ran"]
+            else f"{tests['summary']} (exit {tests['rc']}"
+            + (", timed out" if tests["timed_out"] else "")
+            + ")"
+        ),
+        "benchmarks: "
+        + (
+            "not run"
+            if not bench["ran"]
+            else f"{bench['count']} timed, providers {bench['providers']} "
+            f"(exit {bench['rc']}" + (", timed out" if bench["timed_out"] else "") + ")"
+        ),
+    ]
     rows = analyse.rows_from_json(data)
     if rows:
         lines += ["", render.summary_table(analyse.summarize(rows), markdown=False)]
@@ -494,19 +577,29 @@ def main(argv=None):
         Path(args.path).write_text(json.dumps(device, indent=1) + "\n", encoding="utf-8")
         print(f"device: {device_line(device)}")
         if device["numba"].get("simulator"):
-            print("NUMBA_ENABLE_CUDASIM=1: a GPU check never runs under the simulator",
-                  file=sys.stderr)
+            print(
+                "NUMBA_ENABLE_CUDASIM=1: a GPU check never runs under the simulator",
+                file=sys.stderr,
+            )
             return 3
         if not device["numba"].get("available"):
-            print("Numba sees no CUDA GPU: " + str(device["numba"].get("error", "")),
-                  file=sys.stderr)
+            print(
+                "Numba sees no CUDA GPU: " + str(device["numba"].get("error", "")), file=sys.stderr
+            )
             return 2
         return 0
     device = _read_json(args.device) or {}
-    log = args.tests_log.read_text(encoding="utf-8", errors="replace") \
-        if args.tests_log and args.tests_log.exists() else None
-    data = assemble(device, outcome_of_tests(log, args.tests_rc),
-                    _read_json(args.bench_json) if args.bench_json else None, args.bench_rc)
+    log = (
+        args.tests_log.read_text(encoding="utf-8", errors="replace")
+        if args.tests_log and args.tests_log.exists()
+        else None
+    )
+    data = assemble(
+        device,
+        outcome_of_tests(log, args.tests_rc),
+        _read_json(args.bench_json) if args.bench_json else None,
+        args.bench_rc,
+    )
     out = results_path(args.outdir, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

@@ -37,8 +37,9 @@ SMALL = next(case for case in CPU_CASES if case.tag == "small")
 PROVIDERS = {"fastbn": fastbn_provider, "torch": torch_provider}
 
 #: ``(case, rounds, iterations)`` measured by :func:`measure_all`.
-CASES = ((SMALL, 200, 50),) + tuple((case, 40, 1) for case in CPU_CASES
-                                    if not case.tag and case.dtype == "float32")
+CASES = ((SMALL, 200, 50),) + tuple(
+    (case, 40, 1) for case in CPU_CASES if not case.tag and case.dtype == "float32"
+)
 
 
 def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
@@ -75,8 +76,13 @@ def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
         return None
     threads = _set_threads()
     inputs = make_inputs(case)
-    result = {"case": case.id, "rounds": rounds, "iterations": iterations, "threads": threads,
-              "ops": {}}
+    result = {
+        "case": case.id,
+        "rounds": rounds,
+        "iterations": iterations,
+        "threads": threads,
+        "ops": {},
+    }
     for op in ops:
         calls = {name: make(op, inputs) for name, make in PROVIDERS.items()}
         for call in calls.values():  # compile, and fault the outputs in
@@ -85,7 +91,7 @@ def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
         times = {name: [] for name in calls}
         names = list(calls)
         for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 call = calls[name]
                 start = time.perf_counter()
                 for _ in range(iterations):
@@ -99,8 +105,7 @@ def measure(case=SMALL, ops=OPS, rounds=200, iterations=50, progress=print):
             "fastbn_faster": sum(q > 1 for q in ratios) / len(ratios),
         }
         if progress:
-            progress(f"interleaved {case.id} {op}: "
-                     f"{result['ops'][op]['speedup']:.2f}x PyTorch")
+            progress(f"interleaved {case.id} {op}: {result['ops'][op]['speedup']:.2f}x PyTorch")
     return result
 
 
@@ -112,8 +117,10 @@ def measure_all(cases=CASES, progress=print):
     list of dict or None
         One result per case; None when PyTorch is not installed.
     """
-    results = [measure(case, rounds=rounds, iterations=iterations, progress=progress)
-               for case, rounds, iterations in cases]
+    results = [
+        measure(case, rounds=rounds, iterations=iterations, progress=progress)
+        for case, rounds, iterations in cases
+    ]
     return None if None in results else results
 
 
@@ -138,23 +145,28 @@ def format_table(results):
     |---|---|---:|---:|---:|---:|---:|
     | small-NC-256x64-float32 | inference | 200 x 50 | 10 us | 15 us | 1.50x | 90% |
     """
-    lines = ["| case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) "
-             "| rounds fastbn faster |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | op | rounds x calls | fastbn | torch | vs torch (median of rounds) "
+        "| rounds fastbn faster |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for result in results:
         for op, r in result["ops"].items():
-            lines.append(f"| {result['case']} | {op} | {result['rounds']} x "
-                         f"{result['iterations']} | {format_time(r['fastbn_s'])} | "
-                         f"{format_time(r['torch_s'])} | {r['speedup']:.2f}x | "
-                         f"{r['fastbn_faster']:.0%} |")
+            lines.append(
+                f"| {result['case']} | {op} | {result['rounds']} x "
+                f"{result['iterations']} | {format_time(r['fastbn_s'])} | "
+                f"{format_time(r['torch_s'])} | {r['speedup']:.2f}x | "
+                f"{r['fastbn_faster']:.0%} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     """Command line: measure every case of :data:`CASES`, print the table, optionally
     save the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.interleaved",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.interleaved", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     results = measure_all()

@@ -102,6 +102,7 @@ def cpu_busy_fraction(seconds=1.0):
         Fraction of all CPUs' time that was not idle (0 to 1); ``None`` without
         ``/proc/stat``.
     """
+
     def sample():
         with open("/proc/stat", encoding="utf-8") as f:
             fields = [int(v) for v in f.readline().split()[1:]]

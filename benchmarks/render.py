@@ -54,19 +54,44 @@ def summary_table(summary, markdown=True):
         (``*``: other processes took more than :data:`BUSY_WARNING` of the CPUs during
         it), fastbn's GB/s and fractions of copy bandwidth, fastbn's speed-ups.
     """
-    headers = ["device", "op", "shape", "dtype", "layout", ">fastbn", ">torch", ">numpy",
-               ">fastbn GB/s", ">% copy (same size)", ">% copy (large)",
-               ">vs torch", ">vs numpy"]
+    headers = [
+        "device",
+        "op",
+        "shape",
+        "dtype",
+        "layout",
+        ">fastbn",
+        ">torch",
+        ">numpy",
+        ">fastbn GB/s",
+        ">% copy (same size)",
+        ">% copy (large)",
+        ">vs torch",
+        ">vs numpy",
+    ]
+
     def cell(group, provider):
         mark = "*" if provider in group.get("disturbed", ()) else ""
         return format_time(group["times"].get(provider)) + mark
 
-    body = [[g["device"], g["op"], format_shape(g["shape"]), g["dtype"], g["layout"],
-             cell(g, "fastbn"), cell(g, "torch"), cell(g, "numpy"),
-             "-" if g["gbps"] is None else f"{g['gbps']:.1f}",
-             format_pct(g["frac_copy"]), format_pct(g["frac_copy_large"]),
-             format_ratio(g["speedup_vs_torch"]), format_ratio(g["speedup_vs_numpy"])]
-            for g in summary]
+    body = [
+        [
+            g["device"],
+            g["op"],
+            format_shape(g["shape"]),
+            g["dtype"],
+            g["layout"],
+            cell(g, "fastbn"),
+            cell(g, "torch"),
+            cell(g, "numpy"),
+            "-" if g["gbps"] is None else f"{g['gbps']:.1f}",
+            format_pct(g["frac_copy"]),
+            format_pct(g["frac_copy_large"]),
+            format_ratio(g["speedup_vs_torch"]),
+            format_ratio(g["speedup_vs_numpy"]),
+        ]
+        for g in summary
+    ]
     return table(headers, body, markdown)
 
 
@@ -88,18 +113,41 @@ def full_table(rows, markdown=True):
         bandwidth (from the median), both copy bandwidths, and the share of the CPUs
         other processes took during the benchmark.
     """
-    headers = ["device", "op", "shape", "dtype", "layout", "provider", ">median", ">GB/s",
-               ">GB/s (best round)", ">% copy (same size)", ">% copy (large)",
-               ">copy GB/s (same size)", ">copy GB/s (large)", ">other processes"]
-    body = [[r["device"], r["op"], format_shape(r["shape"]), r["dtype"], r["layout"], r["provider"],
-             format_time(r["median_s"]), f"{r['gbps']:.2f}",
-             "-" if r.get("gbps_best") is None else f"{r['gbps_best']:.2f}",
-             format_pct(r["frac_copy"]),
-             format_pct(r["frac_copy_large"]),
-             "-" if r["copy_gbps_same_size"] is None else f"{r['copy_gbps_same_size']:.1f}",
-             "-" if r["copy_gbps_large"] is None else f"{r['copy_gbps_large']:.1f}",
-             format_pct(r.get("other_cpu"))]
-            for r in rows]
+    headers = [
+        "device",
+        "op",
+        "shape",
+        "dtype",
+        "layout",
+        "provider",
+        ">median",
+        ">GB/s",
+        ">GB/s (best round)",
+        ">% copy (same size)",
+        ">% copy (large)",
+        ">copy GB/s (same size)",
+        ">copy GB/s (large)",
+        ">other processes",
+    ]
+    body = [
+        [
+            r["device"],
+            r["op"],
+            format_shape(r["shape"]),
+            r["dtype"],
+            r["layout"],
+            r["provider"],
+            format_time(r["median_s"]),
+            f"{r['gbps']:.2f}",
+            "-" if r.get("gbps_best") is None else f"{r['gbps_best']:.2f}",
+            format_pct(r["frac_copy"]),
+            format_pct(r["frac_copy_large"]),
+            "-" if r["copy_gbps_same_size"] is None else f"{r['copy_gbps_same_size']:.1f}",
+            "-" if r["copy_gbps_large"] is None else f"{r['copy_gbps_large']:.1f}",
+            format_pct(r.get("other_cpu")),
+        ]
+        for r in rows
+    ]
     return table(headers, body, markdown)
 
 
@@ -142,8 +190,12 @@ def plot(rows, device, path):
     providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]
     colors = {"fastbn": "#1f77b4", "torch": "#ff7f0e", "numpy": "#2ca02c"}
     columns = 2 if len(ops) > 1 else 1
-    fig, axes = plt.subplots(math.ceil(len(ops) / columns), columns, squeeze=False,
-                             figsize=(7 * columns, 3.6 * math.ceil(len(ops) / columns)))
+    fig, axes = plt.subplots(
+        math.ceil(len(ops) / columns),
+        columns,
+        squeeze=False,
+        figsize=(7 * columns, 3.6 * math.ceil(len(ops) / columns)),
+    )
     width = 0.8 / max(len(providers), 1)
     for ax, op in zip(axes.flat, ops):
         by_key = {(r["case"], r["provider"]): r for r in rows if r["op"] == op}
@@ -153,17 +205,33 @@ def plot(rows, device, path):
                 row = by_key.get((case, provider))
                 if row is None:
                     continue
-                ax.bar(i - 0.4 + width * (j + 0.5), row["gbps"], width,
-                       color=colors.get(provider), label=provider)
+                ax.bar(
+                    i - 0.4 + width * (j + 0.5),
+                    row["gbps"],
+                    width,
+                    color=colors.get(provider),
+                    label=provider,
+                )
                 large = row["copy_gbps_large"] or large
-            same = next((by_key[(case, p)]["copy_gbps_same_size"] for p in providers
-                         if (case, p) in by_key), None)
+            same = next(
+                (
+                    by_key[(case, p)]["copy_gbps_same_size"]
+                    for p in providers
+                    if (case, p) in by_key
+                ),
+                None,
+            )
             if same:
-                ax.hlines(same, i - 0.45, i + 0.45, colors="black", linewidth=2,
-                          label="copy, same size" if i == 0 else None)
+                ax.hlines(
+                    same,
+                    i - 0.45,
+                    i + 0.45,
+                    colors="black",
+                    linewidth=2,
+                    label="copy, same size" if i == 0 else None,
+                )
         if large:
-            ax.axhline(large, color="gray", linestyle="--", linewidth=1,
-                       label="copy, large array")
+            ax.axhline(large, color="gray", linestyle="--", linewidth=1, label="copy, large array")
         ax.set_title(f"{device}: {op} ({'+'.join(map(str, TRAFFIC[op]))} R+W of x)")
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c.replace("-", "\n") for c in cases], fontsize=7)
@@ -172,7 +240,7 @@ def plot(rows, device, path):
     for ax in axes.flat:
         handles, labels = ax.get_legend_handles_labels()
         legend.update(zip(labels, handles))
-    for ax in list(axes.flat)[len(ops):]:
+    for ax in list(axes.flat)[len(ops) :]:
         ax.set_visible(False)
     fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -241,12 +309,18 @@ def _copy_section(data):
     for device, entries in measured.items():
         for entry in entries:
             others = ", ".join(f"{k} {v:.1f}" for k, v in entry["by_method"].items())
-            body.append([device, f"{entry['nbytes'] / 1e6:.2f} MB", f"{entry['gbps']:.1f}",
-                         entry["method"], others])
+            body.append(
+                [
+                    device,
+                    f"{entry['nbytes'] / 1e6:.2f} MB",
+                    f"{entry['gbps']:.1f}",
+                    entry["method"],
+                    others,
+                ]
+            )
     if not body:
         return "No copy bandwidth was recorded in this run."
-    return table(["device", ">array size", ">best GB/s", "best method", "all methods (GB/s)"],
-                 body)
+    return table(["device", ">array size", ">best GB/s", "best method", "all methods (GB/s)"], body)
 
 
 def _interleaved_observation(results, label="interleaved rounds"):
@@ -269,13 +343,19 @@ def _interleaved_observation(results, label="interleaved rounds"):
     large = [r for r in results if not r["case"].startswith("small")]
     parts = []
     if small:
-        parts.append("small call " + ", ".join(
-            f"{op} {format_ratio(v['speedup'])}" for op, v in small[0]["ops"].items()))
+        parts.append(
+            "small call "
+            + ", ".join(f"{op} {format_ratio(v['speedup'])}" for op, v in small[0]["ops"].items())
+        )
     if large:
         ops = [op for op in OPS if all(op in r["ops"] for r in large)]
-        parts.append("large cases (geometric mean) " + ", ".join(
-            f"{op} {format_ratio(geometric_mean(r['ops'][op]['speedup'] for r in large))}"
-            for op in ops))
+        parts.append(
+            "large cases (geometric mean) "
+            + ", ".join(
+                f"{op} {format_ratio(geometric_mean(r['ops'][op]['speedup'] for r in large))}"
+                for op in ops
+            )
+        )
     return f"\n- cpu, **{label}** against PyTorch: " + "; ".join(parts)
 
 
@@ -311,11 +391,16 @@ def _observations(summary):
             if numpy_gm:
                 parts.append(f"{format_ratio(numpy_gm)} the speed of NumPy")
             if fracs:
-                parts.append(f"{format_pct(min(fracs))} to {format_pct(max(fracs))} of the same-size "
-                             f"copy bandwidth")
+                parts.append(
+                    f"{format_pct(min(fracs))} to {format_pct(max(fracs))} of the same-size "
+                    f"copy bandwidth"
+                )
             if parts:
-                lines.append(f"- {device} **{op}**: fastbn runs at " + ", ".join(parts) +
-                             " (speed-ups: geometric mean over the large cases)")
+                lines.append(
+                    f"- {device} **{op}**: fastbn runs at "
+                    + ", ".join(parts)
+                    + " (speed-ups: geometric mean over the large cases)"
+                )
     return "\n".join(lines) if lines else "- no fastbn results on the large cases in this run"
 
 
@@ -339,11 +424,14 @@ def _headroom_observation(summary):
                 parts.append(
                     f"{op} {format_ratio(geometric_mean(g['ceiling_vs_torch'] for g in chosen))} "
                     f"PyTorch (fastbn "
-                    f"{format_ratio(geometric_mean(g['speedup_vs_torch'] for g in chosen))})")
+                    f"{format_ratio(geometric_mean(g['speedup_vs_torch'] for g in chosen))})"
+                )
         if parts:
-            lines.append(f"\n- {device} **headroom**: no implementation can run faster than "
-                         + ", ".join(parts)
-                         + ", geometric means over the large cases (see *Headroom*)")
+            lines.append(
+                f"\n- {device} **headroom**: no implementation can run faster than "
+                + ", ".join(parts)
+                + ", geometric means over the large cases (see *Headroom*)"
+            )
     return "".join(lines)
 
 
@@ -366,16 +454,39 @@ def _headroom_section(summary, blocks):
     if not groups:
         return ""
     reads_writes = ", ".join(f"{op} {r} + {w}" for op, (r, w) in MIN_TRAFFIC.items())
-    body = [[g["device"], g["op"], format_shape(g["shape"]), g["dtype"], g["layout"],
-             format_pct(g["torch_frac_copy"]), format_ratio(g["ceiling_vs_torch"]),
-             format_ratio(g["speedup_vs_torch"]),
-             format_pct(g["speedup_vs_torch"] / g["ceiling_vs_torch"]
-                        if g["speedup_vs_torch"] else None)]
-            for g in groups]
+    body = [
+        [
+            g["device"],
+            g["op"],
+            format_shape(g["shape"]),
+            g["dtype"],
+            g["layout"],
+            format_pct(g["torch_frac_copy"]),
+            format_ratio(g["ceiling_vs_torch"]),
+            format_ratio(g["speedup_vs_torch"]),
+            format_pct(
+                g["speedup_vs_torch"] / g["ceiling_vs_torch"] if g["speedup_vs_torch"] else None
+            ),
+        ]
+        for g in groups
+    ]
     return blocks["headroom"].substitute(
         reads_writes=reads_writes,
-        table=table(["device", "op", "shape", "dtype", "layout", ">torch % copy (same size)",
-                     ">ceiling vs torch", ">fastbn vs torch", ">of ceiling"], body))
+        table=table(
+            [
+                "device",
+                "op",
+                "shape",
+                "dtype",
+                "layout",
+                ">torch % copy (same size)",
+                ">ceiling vs torch",
+                ">fastbn vs torch",
+                ">of ceiling",
+            ],
+            body,
+        ),
+    )
 
 
 def template_blocks(path=TEMPLATE_PATH):
@@ -406,13 +517,18 @@ def _compile_time_section(data, blocks):
     compile_times = data.get("compile_time")
     if not compile_times:
         return blocks["compile_time_missing"].substitute()
-    verdict = ("met" if all(e["warm_first_call_under_target"] for e in compile_times["cases"])
-               else "**not met**")
+    verdict = (
+        "met"
+        if all(e["warm_first_call_under_target"] for e in compile_times["cases"])
+        else "**not met**"
+    )
     return blocks["compile_time"].substitute(
         repeats=compile_times["repeats"],
         other_processes=format_pct(compile_times.get("other_processes_cpu")),
         table=compile_time.format_table(compile_times),
-        target_s=f"{compile_times['warm_target_s']:g}", verdict=verdict)
+        target_s=f"{compile_times['warm_target_s']:g}",
+        verdict=verdict,
+    )
 
 
 def _interleaved_sections(data, blocks):
@@ -421,12 +537,20 @@ def _interleaved_sections(data, blocks):
     text = ""
     paired = data.get("interleaved")
     if paired:
-        text += blocks["interleaved"].substitute(
-            threads=paired[0]["threads"], table=interleaved.format_table(paired)) + "\n\n"
+        text += (
+            blocks["interleaved"].substitute(
+                threads=paired[0]["threads"], table=interleaved.format_table(paired)
+            )
+            + "\n\n"
+        )
     default_malloc = data.get("interleaved_default_malloc")
     if default_malloc:
-        text += blocks["interleaved_default_malloc"].substitute(
-            table=interleaved.format_table(default_malloc)) + "\n\n"
+        text += (
+            blocks["interleaved_default_malloc"].substitute(
+                table=interleaved.format_table(default_malloc)
+            )
+            + "\n\n"
+        )
     return text
 
 
@@ -452,32 +576,47 @@ def render_markdown(data, rows, summary, images, json_name=None):
         Markdown: the blocks of ``benchmarks/report_template.md`` filled in.
     """
     blocks = template_blocks()
-    traffic = table(["op", ">reads", ">writes", "passes"], [
-        ["forward", "2", "1", "pass 1 reads x (mean, variance); pass 2 reads x, writes y"],
-        ["inference", "1", "1", "reads x, writes y (running statistics)"],
-        ["backward", "4", "1", "pass 1 reads dy, x (dbeta, dgamma); pass 2 reads dy, x, writes dx"],
-        ["forward_backward", "6", "2", "the sum"],
-    ])
+    traffic = table(
+        ["op", ">reads", ">writes", "passes"],
+        [
+            ["forward", "2", "1", "pass 1 reads x (mean, variance); pass 2 reads x, writes y"],
+            ["inference", "1", "1", "reads x, writes y (running statistics)"],
+            [
+                "backward",
+                "4",
+                "1",
+                "pass 1 reads dy, x (dbeta, dgamma); pass 2 reads dy, x, writes dx",
+            ],
+            ["forward_backward", "6", "2", "the sum"],
+        ],
+    )
     observations = (
-        _observations(summary) + _interleaved_observation(data.get("interleaved"))
-        + _interleaved_observation(data.get("interleaved_default_malloc"),
-                                   "interleaved rounds, glibc's default allocator")
-        + _headroom_observation(summary))
+        _observations(summary)
+        + _interleaved_observation(data.get("interleaved"))
+        + _interleaved_observation(
+            data.get("interleaved_default_malloc"), "interleaved rounds, glibc's default allocator"
+        )
+        + _headroom_observation(summary)
+    )
     headroom = _headroom_section(summary, blocks)
-    text = blocks["page"].substitute(
-        machine=_machine_section(data),
-        observations=observations,
-        busy_pct=f"{100 * BUSY_WARNING:.0f}",
-        summary_table=summary_table(summary),
-        figures="".join(f"![GB/s per provider against the copy bandwidth]({image})\n\n"
-                        for image in images),
-        headroom=headroom + "\n\n" if headroom else "",
-        traffic=traffic,
-        copy_bandwidth=_copy_section(data),
-        compile_time=_compile_time_section(data, blocks),
-        interleaved=_interleaved_sections(data, blocks),
-        full_table=full_table(rows),
-    ) + "\n"
+    text = (
+        blocks["page"].substitute(
+            machine=_machine_section(data),
+            observations=observations,
+            busy_pct=f"{100 * BUSY_WARNING:.0f}",
+            summary_table=summary_table(summary),
+            figures="".join(
+                f"![GB/s per provider against the copy bandwidth]({image})\n\n" for image in images
+            ),
+            headroom=headroom + "\n\n" if headroom else "",
+            traffic=traffic,
+            copy_bandwidth=_copy_section(data),
+            compile_time=_compile_time_section(data, blocks),
+            interleaved=_interleaved_sections(data, blocks),
+            full_table=full_table(rows),
+        )
+        + "\n"
+    )
     if json_name:
         text += "\n" + blocks["raw_json"].substitute(json_name=json_name) + "\n"
     return text

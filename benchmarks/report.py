@@ -68,11 +68,15 @@ def report(data, *, doc_path=DOC_PATH, img_dir=IMG_DIR, json_name=None, write=Tr
     print()
     print(render.summary_table(summary, markdown=False))
     print()
-    busy = [data.get("machine_info", {}).get("fastbn", {}).get(k)
-            for k in ("cpu_busy_before", "cpu_busy_after")]
+    busy = [
+        data.get("machine_info", {}).get("fastbn", {}).get(k)
+        for k in ("cpu_busy_before", "cpu_busy_after")
+    ]
     if any(b is not None and b > analyse.BUSY_WARNING for b in busy):
-        print(f"WARNING: other processes used more than {100 * analyse.BUSY_WARNING:.0f}% of the CPUs "
-              "around this run; its numbers may be low.")
+        print(
+            f"WARNING: other processes used more than {100 * analyse.BUSY_WARNING:.0f}% of the CPUs "
+            "around this run; its numbers may be low."
+        )
     if not write:
         return rows, summary
     images = []
@@ -81,8 +85,9 @@ def report(data, *, doc_path=DOC_PATH, img_dir=IMG_DIR, json_name=None, write=Tr
         if path is not None:
             images.append(os.path.relpath(path, Path(doc_path).parent))
     Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(doc_path).write_text(render.render_markdown(data, rows, summary, images, json_name),
-                              encoding="utf-8")
+    Path(doc_path).write_text(
+        render.render_markdown(data, rows, summary, images, json_name), encoding="utf-8"
+    )
     print(f"wrote {doc_path}" + "".join(f", {Path(doc_path).parent / i}" for i in images))
     return rows, summary
 
@@ -100,29 +105,63 @@ def main(argv=None):
     int
         0 on success, pytest's exit code when the suite failed.
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
-                                     description="Run fastbn's benchmarks and write docs/benchmarks.md.")
-    parser.add_argument("--json", type=Path,
-                        help="report on this pytest-benchmark JSON instead of running the suite")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Run fastbn's benchmarks and write docs/benchmarks.md.",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="report on this pytest-benchmark JSON instead of running the suite",
+    )
     parser.add_argument("-k", dest="keyword", help="pytest -k expression selecting benchmarks")
-    parser.add_argument("--no-compile-time", action="store_true",
-                        help="do not measure the first-call (JIT) and import times")
-    parser.add_argument("--compile-time", action="store_true",
-                        help="with --json: measure compile times now (else taken from the JSON)")
-    parser.add_argument("--no-interleaved", action="store_true",
-                        help="do not time fastbn and PyTorch in interleaved rounds")
-    parser.add_argument("--compile-repeats", type=int, default=3,
-                        help="fresh processes per compile-time measurement")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for other processes to leave the CPUs")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="rounds of reruns of the benchmarks disturbed by other processes")
+    parser.add_argument(
+        "--no-compile-time",
+        action="store_true",
+        help="do not measure the first-call (JIT) and import times",
+    )
+    parser.add_argument(
+        "--compile-time",
+        action="store_true",
+        help="with --json: measure compile times now (else taken from the JSON)",
+    )
+    parser.add_argument(
+        "--no-interleaved",
+        action="store_true",
+        help="do not time fastbn and PyTorch in interleaved rounds",
+    )
+    parser.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=3,
+        help="fresh processes per compile-time measurement",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPUs",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="rounds of reruns of the benchmarks disturbed by other processes",
+    )
     parser.add_argument("--doc", type=Path, default=DOC_PATH, help="Markdown page to write")
     parser.add_argument("--img-dir", type=Path, default=IMG_DIR, help="directory of the plots")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="directory of the raw JSON of a new run")
-    parser.add_argument("--print-only", action="store_true",
-                        help="print the tables, write no page, plot or results JSON")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="directory of the raw JSON of a new run",
+    )
+    parser.add_argument(
+        "--print-only",
+        action="store_true",
+        help="print the tables, write no page, plot or results JSON",
+    )
     args = parser.parse_args(argv)
 
     json_name = None
@@ -152,15 +191,17 @@ def main(argv=None):
         if args.wait_idle > 0:
             run.wait_until_idle(args.wait_idle)
         data["compile_time"] = compile_time.measure(
-            repeats=args.compile_repeats, progress=lambda line: print(line, flush=True))
+            repeats=args.compile_repeats, progress=lambda line: print(line, flush=True)
+        )
         print(compile_time.format_table(data["compile_time"]))
     if not args.json and not args.no_interleaved:
         data["interleaved"] = run.run_interleaved()
         data["interleaved_default_malloc"] = run.run_interleaved(steady=False)
     if not args.json and not args.print_only:
         info = (data.get("machine_info") or {}).get("fastbn") or machine.describe()
-        has_gpu = any(b.get("extra_info", {}).get("device") == "cuda"
-                      for b in data.get("benchmarks", []))
+        has_gpu = any(
+            b.get("extra_info", {}).get("device") == "cuda" for b in data.get("benchmarks", [])
+        )
         out = Path(args.results_dir) / machine.results_name("cuda" if has_gpu else "cpu", info)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -171,8 +212,13 @@ def main(argv=None):
             json_name = str(out)
     elif args.compile_time:
         args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    report(data, doc_path=args.doc, img_dir=args.img_dir, json_name=json_name,
-           write=not args.print_only)
+    report(
+        data,
+        doc_path=args.doc,
+        img_dir=args.img_dir,
+        json_name=json_name,
+        write=not args.print_only,
+    )
     return 0
 
 

@@ -43,8 +43,10 @@ def wait_until_idle(max_wait_s, threshold=BUSY_WARNING):
         busy = machine.cpu_busy_fraction(1.0)
         if busy is None or busy < threshold or time.monotonic() >= deadline:
             return busy
-        print(f"waiting for an idle machine: other processes use {100 * busy:.0f}% of the CPUs",
-              flush=True)
+        print(
+            f"waiting for an idle machine: other processes use {100 * busy:.0f}% of the CPUs",
+            flush=True,
+        )
         time.sleep(4.0)
 
 
@@ -74,9 +76,19 @@ def run_suite(json_path, keyword=None, targets=None):
         pytest's exit code. Its output (one line per benchmark, then pytest-benchmark's
         tables) goes to this process's stdout as the run's progress.
     """
-    command = [sys.executable, "-m", "pytest", *(targets or ["benchmarks"]), "--benchmark-only",
-               f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-v",
-               "--benchmark-columns=min,median,max,rounds,iterations", "--benchmark-sort=name"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *(targets or ["benchmarks"]),
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "--benchmark-columns=min,median,max,rounds,iterations",
+        "--benchmark-sort=name",
+    ]
     if keyword:
         command += ["-k", keyword]
     shown = command if len(command) < 20 else command[:4] + ["..."] + command[-8:]
@@ -108,8 +120,9 @@ def run_interleaved(steady=True):
         env.update(STEADY_MALLOC)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "interleaved.json"
-        code = subprocess.call([sys.executable, "-m", "benchmarks.interleaved", "--json",
-                                str(out)], cwd=ROOT, env=env)
+        code = subprocess.call(
+            [sys.executable, "-m", "benchmarks.interleaved", "--json", str(out)], cwd=ROOT, env=env
+        )
         if code != 0 or not out.exists():
             print("the interleaved timings did not run", file=sys.stderr)
             return None
@@ -134,17 +147,24 @@ def rerun_disturbed(data, retries=2, wait_s=300.0):
     list of str
         Full names of the benchmarks still disturbed after the last round.
     """
+
     def still_disturbed():
-        return [b["fullname"] for b in data.get("benchmarks", [])
-                if (b.get("extra_info") or {}).get("other_processes_cpu") is not None
-                and b["extra_info"]["other_processes_cpu"] > BUSY_WARNING]
+        return [
+            b["fullname"]
+            for b in data.get("benchmarks", [])
+            if (b.get("extra_info") or {}).get("other_processes_cpu") is not None
+            and b["extra_info"]["other_processes_cpu"] > BUSY_WARNING
+        ]
 
     for attempt in range(retries):
         names = still_disturbed()
         if not names:
             return []
-        print(f"rerun {attempt + 1}/{retries}: {len(names)} benchmark(s) ran while other "
-              "processes took the CPUs", flush=True)
+        print(
+            f"rerun {attempt + 1}/{retries}: {len(names)} benchmark(s) ran while other "
+            "processes took the CPUs",
+            flush=True,
+        )
         wait_until_idle(wait_s)
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "rerun.json"

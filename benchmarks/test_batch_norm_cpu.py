@@ -40,5 +40,6 @@ def test_cpu(benchmark, record_result, cpu_copy_bandwidth, case, op, provider):
     call()
     benchmark.group = f"{op} {case.id}"
     benchmark.pedantic(call, rounds=case.rounds, iterations=case.iterations, warmup_rounds=2)
-    record_result(benchmark, provider=provider, op=op, case=case, device="cpu",
-                  copy_cache=cpu_copy_bandwidth)
+    record_result(
+        benchmark, provider=provider, op=op, case=case, device="cpu", copy_cache=cpu_copy_bandwidth
+    )

@@ -49,8 +49,9 @@ def _run(benchmark, record_result, gpu_copy_bandwidth, case, op, provider):
     call()  # JIT compilation, cuDNN plan selection: not timed
     benchmark.group = f"cuda {op} {case.id}"
     benchmark.pedantic(call, rounds=case.rounds, iterations=case.iterations, warmup_rounds=3)
-    record_result(benchmark, provider=provider, op=op, case=case, device="cuda",
-                  copy_cache=gpu_copy_bandwidth)
+    record_result(
+        benchmark, provider=provider, op=op, case=case, device="cuda", copy_cache=gpu_copy_bandwidth
+    )
 
 
 @pytest.mark.parametrize("provider", list(GPU_PROVIDERS))

@@ -24,8 +24,9 @@ import time
 import numpy as np
 
 
-def build_torch_mlp(num_features=784, num_classes=10, hidden=(64, 32), batch_norm=True,
-                    init_from=None):
+def build_torch_mlp(
+    num_features=784, num_classes=10, hidden=(64, 32), batch_norm=True, init_from=None
+):
     """The PyTorch twin of :func:`fastbn.nn.build_mlp`.
 
     Parameters
@@ -57,6 +58,7 @@ def build_torch_mlp(num_features=784, num_classes=10, hidden=(64, 32), batch_nor
     model = nn.Sequential(*layers)
     if init_from is not None:
         from fastbn.nn import Dense
+
         dense = [layer for layer in init_from.layers if isinstance(layer, Dense)]
         linear = [layer for layer in model if isinstance(layer, nn.Linear)]
         with torch.no_grad():
@@ -66,8 +68,19 @@ def build_torch_mlp(num_features=784, num_classes=10, hidden=(64, 32), batch_nor
     return model
 
 
-def train(dataset="fashion-mnist", data_dir=None, epochs=1, batch_size=128, lr=1e-3,
-          hidden=(64, 32), batch_norm=True, threads=None, seed=0, same_init=False, log=print):
+def train(
+    dataset="fashion-mnist",
+    data_dir=None,
+    epochs=1,
+    batch_size=128,
+    lr=1e-3,
+    hidden=(64, 32),
+    batch_norm=True,
+    threads=None,
+    seed=0,
+    same_init=False,
+    log=print,
+):
     """Train the PyTorch model; per-epoch metrics and times like ``fastbn.nn.fit``.
 
     Parameters
@@ -102,8 +115,17 @@ def train(dataset="fashion-mnist", data_dir=None, epochs=1, batch_size=128, lr=1
     torch.manual_seed(seed)
     ds = load_dataset(dataset, data_dir, seed=seed)
     init_seed, shuffle_seed = np.random.SeedSequence(seed).spawn(2)
-    init_from = (build_mlp(ds.num_features, ds.num_classes, hidden, batch_norm=batch_norm,
-                           rng=np.random.default_rng(init_seed)) if same_init else None)
+    init_from = (
+        build_mlp(
+            ds.num_features,
+            ds.num_classes,
+            hidden,
+            batch_norm=batch_norm,
+            rng=np.random.default_rng(init_seed),
+        )
+        if same_init
+        else None
+    )
     model = build_torch_mlp(ds.num_features, ds.num_classes, hidden, batch_norm, init_from)
     try:
         opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-7, fused=True)
@@ -123,7 +145,7 @@ def train(dataset="fashion-mnist", data_dir=None, epochs=1, batch_size=128, lr=1
         correct = torch.zeros((), dtype=torch.int64)
         t0 = time.perf_counter()
         for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -139,17 +161,34 @@ def train(dataset="fashion-mnist", data_dir=None, epochs=1, batch_size=128, lr=1
             logits = model(x_test)
             test_loss = float(F.cross_entropy(logits, y_test))
             test_acc = float((logits.argmax(1) == y_test).double().mean())
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / n,
-                  "train_acc": float(correct) / n, "test_loss": test_loss,
-                  "test_acc": test_acc, "seconds": t1 - t0, "samples_per_s": n / (t1 - t0)}
+        record = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / n,
+            "train_acc": float(correct) / n,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "seconds": t1 - t0,
+            "samples_per_s": n / (t1 - t0),
+        }
         records.append(record)
         if log is not None:
-            log(f"torch epoch {epoch:3d}/{epochs}  loss {record['train_loss']:.4f}  "
-                f"acc {record['train_acc']:.4f}  test_acc {test_acc:.4f}  {t1 - t0:6.2f}s")
-    config = {"dataset": dataset, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "hidden": list(hidden), "batch_norm": batch_norm, "seed": seed,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "adam": adam_impl, "same_init": same_init}
+            log(
+                f"torch epoch {epoch:3d}/{epochs}  loss {record['train_loss']:.4f}  "
+                f"acc {record['train_acc']:.4f}  test_acc {test_acc:.4f}  {t1 - t0:6.2f}s"
+            )
+    config = {
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "hidden": list(hidden),
+        "batch_norm": batch_norm,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "adam": adam_impl,
+        "same_init": same_init,
+    }
     return {"config": config, "epochs": records}
 
 
@@ -173,9 +212,18 @@ def main(argv=None):
     except ImportError:
         print("torch_mlp.py needs PyTorch: pip install torch (CPU build)", file=sys.stderr)
         return 2
-    result = train(args.dataset, args.data, args.epochs, args.batch_size, args.lr,
-                   [int(h) for h in args.hidden.split(",") if h], not args.no_bn,
-                   args.threads, args.seed, args.same_init)
+    result = train(
+        args.dataset,
+        args.data,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        [int(h) for h in args.hidden.split(",") if h],
+        not args.no_bn,
+        args.threads,
+        args.seed,
+        args.same_init,
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -27,10 +27,19 @@ def cuda_available():
     """
     try:
         from numba import cuda
+
         return bool(cuda.is_available())
     except Exception:  # no numba-cuda, no driver: no GPU
         return False
 
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
-           "BatchNorm", "cuda_available", "precompile", "__version__"]
+__all__ = [
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_inference",
+    "batch_norm",
+    "BatchNorm",
+    "cuda_available",
+    "precompile",
+    "__version__",
+]

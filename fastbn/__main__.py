@@ -69,8 +69,9 @@ def demo(shape=(32, 64, 28, 28), seed=0):
         "forward_error": float(np.abs(y - y_ref).max() / np.abs(y_ref).max()),
         "backward_error": float(np.abs(dx - dx_ref).max() / np.abs(dx_ref).max()),
         "forward_s": median_time(lambda: fastbn.batch_norm_forward(x, gamma, beta, out=out_y)),
-        "backward_s": median_time(lambda: fastbn.batch_norm_backward(
-            dy, x, mean, invstd, gamma, beta, out=out_dx)),
+        "backward_s": median_time(
+            lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, out=out_dx)
+        ),
         "bytes": x.nbytes,
     }
 
@@ -80,6 +81,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv:
         from .cli import main as cli_main
+
         return cli_main(argv)
     import numba
 
@@ -87,14 +89,22 @@ def main(argv=None):
     from .cli import Interrupts
 
     shape = (32, 64, 28, 28)
-    print(f"fastbn self-check: NCHW float32 {shape}, {numba.get_num_threads()} threads "
-          f"({numba.config.THREADING_LAYER} threading layer)", flush=True)
+    print(
+        f"fastbn self-check: NCHW float32 {shape}, {numba.get_num_threads()} threads "
+        f"({numba.config.THREADING_LAYER} threading layer)",
+        flush=True,
+    )
     announced = []
 
     def announce():
         if not announced:
-            print("compiling kernels, first run only…" if _config.CACHE
-                  else "compiling kernels (JIT cache off)…", file=sys.stderr, flush=True)
+            print(
+                "compiling kernels, first run only…"
+                if _config.CACHE
+                else "compiling kernels (JIT cache off)…",
+                file=sys.stderr,
+                flush=True,
+            )
         announced.append(time.perf_counter())
 
     with Interrupts("fastbn") as interrupts, _config.on_compile(announce):
@@ -107,13 +117,20 @@ def main(argv=None):
         print(interrupts.report(), file=sys.stderr)
         return 130
     if announced:
-        print(f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s "
-              "(not in the times below)", file=sys.stderr)
+        print(
+            f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s "
+            "(not in the times below)",
+            file=sys.stderr,
+        )
     gb = r["bytes"] / 1e9
-    print(f"  forward  max rel. error vs float64 NumPy: {r['forward_error']:.2e}   "
-          f"{r['forward_s'] * 1e3:7.2f} ms  ({3 * gb / r['forward_s']:.1f} GB/s of 2R+1W)")
-    print(f"  backward max rel. error vs float64 NumPy: {r['backward_error']:.2e}   "
-          f"{r['backward_s'] * 1e3:7.2f} ms  ({5 * gb / r['backward_s']:.1f} GB/s of 4R+1W)")
+    print(
+        f"  forward  max rel. error vs float64 NumPy: {r['forward_error']:.2e}   "
+        f"{r['forward_s'] * 1e3:7.2f} ms  ({3 * gb / r['forward_s']:.1f} GB/s of 2R+1W)"
+    )
+    print(
+        f"  backward max rel. error vs float64 NumPy: {r['backward_error']:.2e}   "
+        f"{r['backward_s'] * 1e3:7.2f} ms  ({5 * gb / r['backward_s']:.1f} GB/s of 4R+1W)"
+    )
     ok = r["forward_error"] < 1e-5 and r["backward_error"] < 1e-5
     print("  OK" if ok else "  FAILED")
     return 0 if ok else 1

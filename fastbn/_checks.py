@@ -67,8 +67,10 @@ def check_input(name, x, min_ndim=2):
     if dtype.char not in "efd" or dtype.kind != "f":
         raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
     if len(x.shape) < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions (batch and "
-                         f"channel), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions (batch and "
+            f"channel), got shape {tuple(x.shape)}"
+        )
     return dtype
 
 
@@ -81,9 +83,11 @@ def check_not_masked(name, a):
     >>> check_not_masked("x", np.zeros(3))
     """
     if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} must be a plain array, got a numpy.ma.MaskedArray: masked "
-                        f"statistics are not supported yet; pass {name}.filled(value) or "
-                        f"{name}.data to drop the mask explicitly")
+        raise TypeError(
+            f"{name} must be a plain array, got a numpy.ma.MaskedArray: masked "
+            f"statistics are not supported yet; pass {name}.filled(value) or "
+            f"{name}.data to drop the mask explicitly"
+        )
 
 
 def normalize_axis(axis, ndim):
@@ -108,8 +112,9 @@ def normalize_axis(axis, ndim):
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis must be in [-{ndim}, {ndim - 1}] for an array of {ndim} "
-                         f"dimensions, got {axis}")
+        raise ValueError(
+            f"axis must be in [-{ndim}, {ndim - 1}] for an array of {ndim} dimensions, got {axis}"
+        )
     return int(axis) % ndim
 
 
@@ -238,8 +243,9 @@ def check_channel_param(name, p, C, axis):
     if np.dtype(p.dtype).kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {np.dtype(p.dtype)}")
     if tuple(p.shape) != (C,):
-        raise ValueError(f"{name} must have shape ({C},) to match x.shape[{axis}], "
-                         f"got {tuple(p.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({C},) to match x.shape[{axis}], got {tuple(p.shape)}"
+        )
 
 
 def check_running(name, p, C, axis):
@@ -266,8 +272,12 @@ def check_out(name, out, shape, dtype):
     """
     if out is None:
         return
-    if (type(out) is np.ndarray and out.shape == shape and out.dtype == dtype
-            and out.flags.writeable):
+    if (
+        type(out) is np.ndarray
+        and out.shape == shape
+        and out.dtype == dtype
+        and out.flags.writeable
+    ):
         return  # the common case
     check_not_masked(name, out)
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
@@ -311,8 +321,10 @@ def check_batch(shape, axis, training):
         # An empty batch (m == 0) is not an error: like PyTorch, training on it gives an
         # empty output and leaves the running statistics untouched.
         if m == 1:
-            raise ValueError(f"training needs more than 1 value per channel, got x of shape "
-                             f"{tuple(shape)} (1 value per channel along axis {axis})")
+            raise ValueError(
+                f"training needs more than 1 value per channel, got x of shape "
+                f"{tuple(shape)} (1 value per channel along axis {axis})"
+            )
     return C, m
 
 
@@ -337,8 +349,9 @@ def check_backward_args(dy, x, mean, invstd, gamma, beta, axis, out, activation)
     for name, p in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
         check_channel_param(name, p, C, axis)
     if mean is None or invstd is None:
-        raise TypeError("mean and invstd are required: pass the statistics returned by "
-                        "batch_norm_forward")
+        raise TypeError(
+            "mean and invstd are required: pass the statistics returned by batch_norm_forward"
+        )
     check_out("out", out, x.shape, dtype)
     return dtype, axis, C, check_activation(activation)
 
@@ -421,8 +434,11 @@ def canonical_view(x, axis, order=None):
     """
     if order is None and x.flags.c_contiguous:  # the common case, in a few operations
         shape = x.shape
-        return View(x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])),
-                    _identity(len(shape)), shape)
+        return View(
+            x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])),
+            _identity(len(shape)),
+            shape,
+        )
     if order is None:
         order = memory_order(x)
         if order is None:
@@ -437,7 +453,7 @@ def canonical_view(x, axis, order=None):
     p = order.index(axis)
     shape_t = xt.shape
     outer = math.prod(shape_t[:p])
-    inner = math.prod(shape_t[p + 1:])
+    inner = math.prod(shape_t[p + 1 :])
     return View(xt.reshape(outer, shape_t[p], inner), order, shape_t)
 
 
@@ -486,6 +502,7 @@ def direct_output(out, view, inputs=()):
     out3 = out_t.reshape(view.x3.shape)
     for a in (view.x3,) + tuple(inputs):
         if np.may_share_memory(out3, a) and not (
-                out3.ctypes.data == a.ctypes.data and out3.strides == a.strides):
+            out3.ctypes.data == a.ctypes.data and out3.strides == a.strides
+        ):
             return None
     return out3

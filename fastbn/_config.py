@@ -99,7 +99,7 @@ def _last_level_cache_bytes(default=32 * 1024 * 1024):
             with contextlib.suppress(OSError, ValueError):
                 with open(os.path.join(root, entry, "size")) as f:
                     text = f.read().strip().upper()
-                scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+                scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
                 sizes.append(int(text.rstrip("KMG")) * scale)
     return max(sizes, default=default)
 
@@ -165,6 +165,7 @@ def _tbb_candidates(name):
                 yield path
     with contextlib.suppress(Exception):  # a broken or missing distribution record
         from importlib import metadata
+
         for file in metadata.files("tbb") or ():
             if file.name == name:
                 path = str(file.locate())
@@ -198,8 +199,7 @@ _USER_LAYER = os.environ.get("NUMBA_THREADING_LAYER")
 
 # The TBB library fastbn loaded (a path), or None: not found (Numba may still find a
 # system-wide TBB), or NUMBA_THREADING_LAYER names a layer that is not TBB.
-TBB_LIBRARY = (_load_tbb() if _USER_LAYER is None or _USER_LAYER.lower() in _TBB_LAYERS
-               else None)
+TBB_LIBRARY = _load_tbb() if _USER_LAYER is None or _USER_LAYER.lower() in _TBB_LAYERS else None
 
 if _USER_LAYER is None:
     # TBB when it loads, else OpenMP: both thread-safe; OpenMP (GNU) is not fork-safe.
@@ -255,8 +255,9 @@ def _private_cache_dir():
     """
     uid = os.getuid() if hasattr(os, "getuid") else None
     try:
-        path = os.path.join(tempfile.gettempdir(),
-                            f"fastbn-jit-cache-{uid if uid is not None else 'user'}")
+        path = os.path.join(
+            tempfile.gettempdir(), f"fastbn-jit-cache-{uid if uid is not None else 'user'}"
+        )
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
@@ -266,8 +267,12 @@ def _private_cache_dir():
         info = os.lstat(path)
     except OSError:
         return None
-    if (not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o022
-            or (uid is not None and info.st_uid != uid) or not os.access(path, os.W_OK)):
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_mode & 0o022
+        or (uid is not None and info.st_uid != uid)
+        or not os.access(path, os.W_OK)
+    ):
         return None
     return path
 
@@ -305,11 +310,17 @@ def _jit_with_fallback(fn, options):
             raise
     if _fallback["dir"] == "unset":
         _fallback["dir"] = _private_cache_dir()
-        where = (f"caching compiled kernels in {_fallback['dir']}" if _fallback["dir"]
-                 else "compiling without a cache (every process compiles again)")
-        warnings.warn(f"fastbn: no writable JIT cache location; {where} (set "
-                      f"NUMBA_CACHE_DIR to choose one, FASTBN_CACHE=0 for none)",
-                      RuntimeWarning, stacklevel=4)
+        where = (
+            f"caching compiled kernels in {_fallback['dir']}"
+            if _fallback["dir"]
+            else "compiling without a cache (every process compiles again)"
+        )
+        warnings.warn(
+            f"fastbn: no writable JIT cache location; {where} (set "
+            f"NUMBA_CACHE_DIR to choose one, FASTBN_CACHE=0 for none)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if _fallback["dir"] is not None:
         with _numba_cache_dir(_fallback["dir"]):
             try:
@@ -337,12 +348,14 @@ def njit(**options):
     >>> type(cpu.moments_kernels.rows.parallel._cache._cache_file).__name__
     '_LockedCacheFile'
     """
+
     def decorate(fn):
         dispatcher = _jit_with_fallback(fn, options)
         cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
         if fcntl is not None and type(cache_file) is caching.IndexDataCacheFile:
             cache_file.__class__ = _LockedCacheFile
         return dispatcher
+
     return decorate
 
 
@@ -400,6 +413,7 @@ def on_compile(callback):
         yield
     finally:
         _COMPILE_WATCH.callbacks.remove(callback)
+
 
 # --- CUDA kernels (fastbn/cuda.py, fastbn/_cuda_kernels.py) ---------------------------
 # Options of every numba.cuda kernel. No fastmath: it would flush denormals, approximate

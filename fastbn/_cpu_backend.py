@@ -25,6 +25,7 @@ FLOAT64 = np.dtype(np.float64)
 # Array kinds
 # --------------------------------------------------------------------------------------
 
+
 def wrap(name, a):
     """Return ``a`` as a plain NumPy array in native byte order, converting once.
 
@@ -98,6 +99,7 @@ def copy_into(a, values):
 # dtypes and per-channel arrays
 # --------------------------------------------------------------------------------------
 
+
 def compute_dtype(dtype):
     """float16 is computed in float32 (Numba has no float16 arithmetic on the CPU); the
     kernels take native byte order only."""
@@ -153,8 +155,12 @@ def stats_from_host(values, like, dtype, st=None):
 # The canonical view and outputs
 # --------------------------------------------------------------------------------------
 
+
 def view(x, axis, st=None, order=None):
-    """The canonical ``(outer, C, inner)`` view of ``x`` (see :func:`fastbn._checks.canonical_view`)."""
+    """The canonical ``(outer, C, inner)`` view of ``x``.
+
+    See :func:`fastbn._checks.canonical_view`.
+    """
     return _checks.canonical_view(x, axis, order=order)
 
 
@@ -185,9 +191,11 @@ class Output:
             return
         compute = compute_dtype(dtype)
         # out of another byte order, or an ndarray subclass, receives a copy (finish)
-        direct = (_checks.direct_output(out, view, inputs)
-                  if compute == dtype and type(out) is np.ndarray and out.dtype == compute
-                  else None)
+        direct = (
+            _checks.direct_output(out, view, inputs)
+            if compute == dtype and type(out) is np.ndarray and out.dtype == compute
+            else None
+        )
         self.direct = direct is not None
         self.work = direct if self.direct else np.empty(view.x3.shape, compute)
 
@@ -216,6 +224,7 @@ def empty_output(x, axis, out, st=None):
 # The direct path (CPU)
 # --------------------------------------------------------------------------------------
 
+
 def direct_view(x, axis, stream, *params):
     """``x`` as its ``(outer, C, inner)`` view when the call may take the direct path.
 
@@ -237,9 +246,13 @@ def direct_view(x, axis, stream, *params):
     >>> direct_view(np.zeros((8, 3, 5), np.float16), 1, None) is None
     True
     """
-    if (type(x) is not np.ndarray or stream is not None or type(axis) is not int
-            or (x.dtype is not FLOAT32 and x.dtype is not FLOAT64)
-            or not x.flags.c_contiguous):
+    if (
+        type(x) is not np.ndarray
+        or stream is not None
+        or type(axis) is not int
+        or (x.dtype is not FLOAT32 and x.dtype is not FLOAT64)
+        or not x.flags.c_contiguous
+    ):
         return None
     shape = x.shape
     ndim = len(shape)
@@ -249,12 +262,15 @@ def direct_view(x, axis, stream, *params):
     C = shape[axis]
     channels = (C,)
     for p in params:
-        if p is not None and (type(p) is not np.ndarray or p.shape != channels
-                              or (p.dtype is not FLOAT32 and p.dtype is not FLOAT64)):
+        if p is not None and (
+            type(p) is not np.ndarray
+            or p.shape != channels
+            or (p.dtype is not FLOAT32 and p.dtype is not FLOAT64)
+        ):
             return None
     if ndim == 2:  # the most common call: spare the tuple slices (~0.8 us of ~10)
         return x.reshape(shape[0], C, 1) if axis else x.reshape(1, C, shape[1])
-    return x.reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1:]))
+    return x.reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1 :]))
 
 
 def direct_out(out, x, *inputs):
@@ -275,8 +291,13 @@ def direct_out(out, x, *inputs):
     """
     if out is None:
         return np.empty(x.shape, x.dtype)
-    if not (type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype
-            and out.flags.c_contiguous and out.flags.writeable):
+    if not (
+        type(out) is np.ndarray
+        and out.shape == x.shape
+        and out.dtype == x.dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
         return None
     for a in inputs:
         if out is not a and np.may_share_memory(out, a):
@@ -286,12 +307,25 @@ def direct_out(out, x, *inputs):
 
 def direct_options(eps, activation):
     """True when ``eps`` and ``activation`` need no conversion (see :func:`direct_view`)."""
-    return type(eps) is float and 0.0 < eps < math.inf and (activation is None
-                                                            or activation == "relu")
+    return (
+        type(eps) is float and 0.0 < eps < math.inf and (activation is None or activation == "relu")
+    )
 
 
-def direct_train(x3, y3, gamma, beta, eps, relu, running_mean, running_var, factor,
-                 unbiased, on_nonfinite, stacklevel):
+def direct_train(
+    x3,
+    y3,
+    gamma,
+    beta,
+    eps,
+    relu,
+    running_mean,
+    running_var,
+    factor,
+    unbiased,
+    on_nonfinite,
+    stacklevel,
+):
     """The training forward of the direct path: ``y3`` written from ``x3`` (the views of
     :func:`direct_view` and :func:`direct_out`), the running statistics (None: none)
     updated by the rules of :func:`fastbn._ops.running_values` and
@@ -302,11 +336,13 @@ def direct_train(x3, y3, gamma, beta, eps, relu, running_mean, running_var, fact
     of a warning, seen from the caller of this function.
     """
     C = x3.shape[1]
-    mean, var, invstd = cpu.forward_training(x3, param(gamma, C, 1.0, x3.dtype),
-                                             param(beta, C, 0.0, x3.dtype), eps, relu, y3)
+    mean, var, invstd = cpu.forward_training(
+        x3, param(gamma, C, 1.0, x3.dtype), param(beta, C, 0.0, x3.dtype), eps, relu, y3
+    )
     if running_mean is not None:
-        new = _ops.running_values(running_mean, running_var, mean, var,
-                                  x3.shape[0] * x3.shape[2], factor, unbiased)
+        new = _ops.running_values(
+            running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], factor, unbiased
+        )
         if _ops.check_finite(mean, var, on_nonfinite, new, stacklevel=stacklevel + 2):
             running_mean[...] = new[0]
             running_var[...] = new[1]
@@ -317,13 +353,22 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     """The backward of the direct path: ``dx3`` written; returns the float64
     ``(dgamma, dbeta)`` (the kernels of :func:`backward`, on the same views)."""
     C = x3.shape[1]
-    return cpu.backward(dy3, x3, mean, invstd, param(gamma, C, 1.0, x3.dtype),
-                        param(beta, C, 0.0, x3.dtype), relu, dx3)
+    return cpu.backward(
+        dy3,
+        x3,
+        mean,
+        invstd,
+        param(gamma, C, 1.0, x3.dtype),
+        param(beta, C, 0.0, x3.dtype),
+        relu,
+        dx3,
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Kernel calls
 # --------------------------------------------------------------------------------------
+
 
 def shard_moments(x, v, st=None):
     """``(mean, M2)`` per channel of this array (float64)."""
@@ -336,9 +381,9 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
     the device; here the caller updates from the returned float64 statistics."""
     x3 = _compute_view(v, x.dtype)
     C = x3.shape[1]
-    mean, var, invstd = cpu.forward_training(x3, param(gamma, C, 1.0, x.dtype),
-                                             param(beta, C, 0.0, x.dtype), eps, relu,
-                                             dest.work)
+    mean, var, invstd = cpu.forward_training(
+        x3, param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), eps, relu, dest.work
+    )
     return saved(mean, dtype), saved(invstd, dtype), (mean, var)
 
 
@@ -347,8 +392,9 @@ def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st=None):
     x3 = _compute_view(v, x.dtype)
     C = x3.shape[1]
     invstd = 1.0 / np.sqrt(var + eps)
-    coef = cpu.coefficients(mean, invstd, param(gamma, C, 1.0, x.dtype),
-                            param(beta, C, 0.0, x.dtype), x3.dtype)
+    coef = cpu.coefficients(
+        mean, invstd, param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), x3.dtype
+    )
     cpu.normalize(x3, coef, relu, dest.work)
 
 
@@ -356,9 +402,16 @@ def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st=
     """``y`` from the running statistics."""
     x3 = _compute_view(v, x.dtype)
     C = x3.shape[1]
-    cpu.inference(x3, channel(running_mean), channel(running_var),
-                  param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), eps, relu,
-                  dest.work)
+    cpu.inference(
+        x3,
+        channel(running_mean),
+        channel(running_var),
+        param(gamma, C, 1.0, x.dtype),
+        param(beta, C, 0.0, x.dtype),
+        eps,
+        relu,
+        dest.work,
+    )
 
 
 def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
@@ -367,9 +420,16 @@ def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
     x3 = _compute_view(v, x.dtype)
     dy3 = _compute_view(dyv, x.dtype)
     C = x3.shape[1]
-    dgamma, dbeta = cpu.backward(dy3, x3, channel(mean), channel(invstd),
-                                 param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype),
-                                 relu, dest.work)
+    dgamma, dbeta = cpu.backward(
+        dy3,
+        x3,
+        channel(mean),
+        channel(invstd),
+        param(gamma, C, 1.0, x.dtype),
+        param(beta, C, 0.0, x.dtype),
+        relu,
+        dest.work,
+    )
     if grads is None:
         return None, None
     return dgamma.astype(grads[1], copy=False), dbeta.astype(grads[1], copy=False)
@@ -379,8 +439,7 @@ def _coefficients(x3, x, mean, invstd, gamma, beta):
     C = x3.shape[1]
     g = param(gamma, C, 1.0, x.dtype)
     invstd64 = np.asarray(invstd, dtype=np.float64)
-    coef = cpu.coefficients(channel(mean), invstd64, g, param(beta, C, 0.0, x.dtype),
-                            x3.dtype)
+    coef = cpu.coefficients(channel(mean), invstd64, g, param(beta, C, 0.0, x.dtype), x3.dtype)
     return coef, invstd64, g
 
 
@@ -398,9 +457,18 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     coef, invstd64, g = _coefficients(x3, x, mean, invstd, gamma, beta)
     s_dy, s_dyx = sums
     if x3.size:
-        cpu.input_grad(_compute_view(dyv, x.dtype), x3, coef, s_dy, s_dyx, count, invstd64,
-                       np.asarray(g, dtype=np.float64), relu, dest.work)
+        cpu.input_grad(
+            _compute_view(dyv, x.dtype),
+            x3,
+            coef,
+            s_dy,
+            s_dyx,
+            count,
+            invstd64,
+            np.asarray(g, dtype=np.float64),
+            relu,
+            dest.work,
+        )
     if grads is None:
         return None, None
-    return ((s_dyx * invstd64).astype(grads[1], copy=False),
-            s_dy.astype(grads[1], copy=False))
+    return ((s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False))

@@ -63,10 +63,13 @@ from . import _config
 
 try:  # numba-cuda >= 0.20
     from numba.cuda.core import config as _cuda_config
+
     SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 except ImportError:  # pragma: no cover - older numba with the built-in CUDA target
-    SIMULATOR = bool(getattr(numba.config, "ENABLE_CUDASIM", 0)) or \
-        os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+    SIMULATOR = (
+        bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
+        or os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+    )
 
 # Threads per block: every launch uses exactly this many, so shared arrays have a
 # compile-time size. Warp shuffles need whole warps.
@@ -86,6 +89,7 @@ _DEVICE = dict(_JIT, device=True)
 # --------------------------------------------------------------------------------------
 # Device functions shared by every kernel
 # --------------------------------------------------------------------------------------
+
 
 @cuda.jit(**_DEVICE)
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -110,6 +114,7 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 if SIMULATOR:
+
     @cuda.jit(**_DEVICE)
     def _warp_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2):
         """The warp-shuffle tree of :func:`_block_merge`, emulated for the simulator.
@@ -137,8 +142,9 @@ if SIMULATOR:
             delta = 16
             while delta >= width:
                 for j in range(delta):
-                    vn[j], vmean[j], vm2[j] = _chan_merge(vn[j], vmean[j], vm2[j], vn[j + delta],
-                                                          vmean[j + delta], vm2[j + delta])
+                    vn[j], vmean[j], vm2[j] = _chan_merge(
+                        vn[j], vmean[j], vm2[j], vn[j + delta], vmean[j + delta], vm2[j + delta]
+                    )
                 delta //= 2
             n = vn[lane]
             mean = vmean[lane]
@@ -172,6 +178,7 @@ if SIMULATOR:
         cuda.syncthreads()
         return a, b
 else:
+
     @cuda.jit(**_DEVICE)
     def _warp_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2):
         """Shuffle tree within each warp: offsets 16, 8, ..., ``width``.
@@ -227,8 +234,9 @@ def _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2):
     cuda.syncthreads()
     if tid < width:
         for w in range(1, cuda.blockDim.x // 32):
-            n, mean, m2 = _chan_merge(n, mean, m2, sh_n[w * 32 + tid], sh_mean[w * 32 + tid],
-                                      sh_m2[w * 32 + tid])
+            n, mean, m2 = _chan_merge(
+                n, mean, m2, sh_n[w * 32 + tid], sh_mean[w * 32 + tid], sh_m2[w * 32 + tid]
+            )
     cuda.syncthreads()
     return n, mean, m2
 
@@ -354,6 +362,7 @@ def _param(p, c, present, default):
 # Device functions in the compute dtype
 # --------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _compute_functions(compute):
     """The device functions whose arithmetic is in the ``compute`` dtype.
@@ -431,8 +440,9 @@ def _compute_functions(compute):
         return s_dy, s_dyx
 
     @cuda.jit(**_DEVICE)
-    def _thread_input_grad(dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale, shift,
-                           a, b, d, relu):
+    def _thread_input_grad(
+        dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale, shift, a, b, d, relu
+    ):
         """``dx = a * dy + b * ((x - hi) - lo) + d`` (ReLU-masked dy) over this thread's values."""
         inner = x.shape[2]
         zero = CT(0)
@@ -448,15 +458,28 @@ def _compute_functions(compute):
                 i -= inner
                 o += 1
 
-    return types.SimpleNamespace(affine=_affine, coefficients=_coefficients,
-                                 thread_normalize=_thread_normalize,
-                                 thread_grad_sums=_thread_grad_sums,
-                                 thread_input_grad=_thread_input_grad)
+    return types.SimpleNamespace(
+        affine=_affine,
+        coefficients=_coefficients,
+        thread_normalize=_thread_normalize,
+        thread_grad_sums=_thread_grad_sums,
+        thread_input_grad=_thread_input_grad,
+    )
 
 
 @cuda.jit(**_DEVICE)
-def _update_running_last_block(stats, running_mean, running_var, factor, correction,
-                               limit_mean, limit_var, counter, nonfinite, mode):
+def _update_running_last_block(
+    stats,
+    running_mean,
+    running_var,
+    factor,
+    correction,
+    limit_mean,
+    limit_var,
+    counter,
+    nonfinite,
+    mode,
+):
     """The last block to finish updates the running statistics of every channel.
 
     Classic threadfence reduction: each block fences its writes of ``stats`` and takes
@@ -484,12 +507,16 @@ def _update_running_last_block(stats, running_mean, running_var, factor, correct
         C = stats.shape[1]
         bad = 0
         for c in range(tid, C, T):
-            new_mean = ((1.0 - factor) * np.float64(running_mean[c])
-                        + factor * stats[0, c])
-            new_var = ((1.0 - factor) * np.float64(running_var[c])
-                       + factor * stats[1, c] * correction)
-            if not (math.isfinite(stats[0, c]) and math.isfinite(stats[1, c])
-                    and abs(new_mean) < limit_mean and abs(new_var) < limit_var):
+            new_mean = (1.0 - factor) * np.float64(running_mean[c]) + factor * stats[0, c]
+            new_var = (1.0 - factor) * np.float64(running_var[c]) + factor * stats[
+                1, c
+            ] * correction
+            if not (
+                math.isfinite(stats[0, c])
+                and math.isfinite(stats[1, c])
+                and abs(new_mean) < limit_mean
+                and abs(new_var) < limit_var
+            ):
                 bad = 1
         bad = cuda.syncthreads_or(bad)
         if bad:
@@ -497,15 +524,18 @@ def _update_running_last_block(stats, running_mean, running_var, factor, correct
                 cuda.atomic.add(nonfinite, mode, 1)
         else:
             for c in range(tid, C, T):
-                running_mean[c] = ((1.0 - factor) * np.float64(running_mean[c])
-                                   + factor * stats[0, c])
-                running_var[c] = ((1.0 - factor) * np.float64(running_var[c])
-                                  + factor * stats[1, c] * correction)
+                running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * stats[
+                    0, c
+                ]
+                running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * stats[
+                    1, c
+                ] * correction
 
 
 # --------------------------------------------------------------------------------------
 # Statistics kernels: one factory per kernel of a compute dtype, assembled by build()
 # --------------------------------------------------------------------------------------
+
 
 @cuda.jit(**_JIT)
 def forward_partials(x, width, nblk, chunk, part, counter):
@@ -546,10 +576,34 @@ def _forward_apply_kernel(compute):
     _thread_normalize = dev.thread_normalize
 
     @cuda.jit(**_JIT)
-    def forward_apply(x, y, width, nblk, chunk, part, eps, gamma, has_gamma, beta, has_beta,
-                      relu, mean_out, invstd_out, write_stats, stats, update, running_mean,
-                      running_var, factor, correction, limit_mean, limit_var, counter,
-                      nonfinite, mode):
+    def forward_apply(
+        x,
+        y,
+        width,
+        nblk,
+        chunk,
+        part,
+        eps,
+        gamma,
+        has_gamma,
+        beta,
+        has_beta,
+        relu,
+        mean_out,
+        invstd_out,
+        write_stats,
+        stats,
+        update,
+        running_mean,
+        running_var,
+        factor,
+        correction,
+        limit_mean,
+        limit_var,
+        counter,
+        nonfinite,
+        mode,
+    ):
         """Launch 2 of the training forward: merge the partials, normalize this chunk.
 
         Every block merges its channel's ``nblk`` partials in a fixed order, computes
@@ -571,8 +625,7 @@ def _forward_apply_kernel(compute):
         if c < C:
             p = tid // width
             while p < nblk:
-                n, mean, m2 = _chan_merge(n, mean, m2, part[0, c, p], part[1, c, p],
-                                          part[2, c, p])
+                n, mean, m2 = _chan_merge(n, mean, m2, part[0, c, p], part[1, c, p], part[2, c, p])
                 p += cuda.blockDim.x // width
         n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
         if tid < width and c < C:
@@ -591,12 +644,23 @@ def _forward_apply_kernel(compute):
             lane = tid % width
             invstd = sh_m2[lane]
             g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(sh_mean[lane], g * invstd,
-                                                 _param(beta, c, has_beta, 0.0))
+            hi, lo, scale, shift = _coefficients(
+                sh_mean[lane], g * invstd, _param(beta, c, has_beta, 0.0)
+            )
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
         if update:
-            _update_running_last_block(stats, running_mean, running_var, factor, correction,
-                                       limit_mean, limit_var, counter, nonfinite, mode)
+            _update_running_last_block(
+                stats,
+                running_mean,
+                running_var,
+                factor,
+                correction,
+                limit_mean,
+                limit_var,
+                counter,
+                nonfinite,
+                mode,
+            )
 
     return forward_apply
 
@@ -619,15 +683,29 @@ def _inference_kernel(compute):
     _thread_normalize = dev.thread_normalize
 
     @cuda.jit(**_JIT)
-    def inference(x, y, width, nblk, chunk, running_mean, running_var, eps, gamma, has_gamma,
-                  beta, has_beta, relu):
+    def inference(
+        x,
+        y,
+        width,
+        nblk,
+        chunk,
+        running_mean,
+        running_var,
+        eps,
+        gamma,
+        has_gamma,
+        beta,
+        has_beta,
+        relu,
+    ):
         """Inference: ``y`` from given statistics. One read of x, one write of y."""
         c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
         if count > 0:
             invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
             g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(np.float64(running_mean[c]), g * invstd,
-                                                 _param(beta, c, has_beta, 0.0))
+            hi, lo, scale, shift = _coefficients(
+                np.float64(running_mean[c]), g * invstd, _param(beta, c, has_beta, 0.0)
+            )
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
 
     return inference
@@ -651,8 +729,9 @@ def _backward_partials_kernel(compute):
     _thread_grad_sums = dev.thread_grad_sums
 
     @cuda.jit(**_JIT)
-    def backward_partials(dy, x, width, nblk, chunk, mean, invstd, gamma, has_gamma, beta,
-                          has_beta, relu, part):
+    def backward_partials(
+        dy, x, width, nblk, chunk, mean, invstd, gamma, has_gamma, beta, has_beta, relu, part
+    ):
         """Launch 1 of the backward: per-(channel, chunk) ``sum dy`` and ``sum dy (x - mean)``.
 
         One read of dy and x. Writes ``part[:, c, k]`` (float64, shape ``(2, C, nblk)``).
@@ -664,11 +743,14 @@ def _backward_partials_kernel(compute):
         s_dyx = 0.0
         if count > 0:
             inv = np.float64(invstd[c])
-            hi, lo, scale, shift = _coefficients(np.float64(mean[c]),
-                                                 _param(gamma, c, has_gamma, 1.0) * inv,
-                                                 _param(beta, c, has_beta, 0.0))
-            s_dy, s_dyx = _thread_grad_sums(dy, x, c, o, i, count, step_o, step_i, hi, lo,
-                                            scale, shift, relu)
+            hi, lo, scale, shift = _coefficients(
+                np.float64(mean[c]),
+                _param(gamma, c, has_gamma, 1.0) * inv,
+                _param(beta, c, has_beta, 0.0),
+            )
+            s_dy, s_dyx = _thread_grad_sums(
+                dy, x, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu
+            )
         s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
         if cuda.threadIdx.x < width and c < x.shape[1]:
             part[0, c, k] = s_dy
@@ -696,9 +778,28 @@ def _backward_apply_kernel(compute):
     _thread_input_grad = dev.thread_input_grad
 
     @cuda.jit(**_JIT)
-    def backward_apply(dy, x, dx, width, nblk, chunk, part, npart, m, mean, invstd, gamma,
-                       has_gamma, beta, has_beta, relu, dgamma_out, write_dgamma, dbeta_out,
-                       write_dbeta):
+    def backward_apply(
+        dy,
+        x,
+        dx,
+        width,
+        nblk,
+        chunk,
+        part,
+        npart,
+        m,
+        mean,
+        invstd,
+        gamma,
+        has_gamma,
+        beta,
+        has_beta,
+        relu,
+        dgamma_out,
+        write_dgamma,
+        dbeta_out,
+        write_dbeta,
+    ):
         """Launch 2 of the backward: merge the partial sums, write dx for this chunk.
 
         ``dx = a * dy + b * (x - mean) + d`` with ``a = gamma * invstd``,
@@ -739,15 +840,17 @@ def _backward_apply_kernel(compute):
             s_dyx = sh_b[lane]
             inv = np.float64(invstd[c])
             g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(np.float64(mean[c]), g * inv,
-                                                 _param(beta, c, has_beta, 0.0))
+            hi, lo, scale, shift = _coefficients(
+                np.float64(mean[c]), g * inv, _param(beta, c, has_beta, 0.0)
+            )
             kk = g * inv
             dgamma = inv * s_dyx
             a = CT(kk)
             b = CT(-kk * inv * dgamma / m)
             d = CT(-kk * s_dy / m)
-            _thread_input_grad(dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale,
-                               shift, a, b, d, relu)
+            _thread_input_grad(
+                dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale, shift, a, b, d, relu
+            )
 
     return backward_apply
 
@@ -770,16 +873,19 @@ def build(compute):
         ``forward_partials``, ``forward_apply``, ``backward_partials``,
         ``backward_apply``, ``inference``.
     """
-    return types.SimpleNamespace(forward_partials=forward_partials,
-                                 forward_apply=_forward_apply_kernel(compute),
-                                 inference=_inference_kernel(compute),
-                                 backward_partials=_backward_partials_kernel(compute),
-                                 backward_apply=_backward_apply_kernel(compute))
+    return types.SimpleNamespace(
+        forward_partials=forward_partials,
+        forward_apply=_forward_apply_kernel(compute),
+        inference=_inference_kernel(compute),
+        backward_partials=_backward_partials_kernel(compute),
+        backward_apply=_backward_apply_kernel(compute),
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Layout and bookkeeping kernels (any dtype; no statistics)
 # --------------------------------------------------------------------------------------
+
 
 @cuda.jit(**_DEVICE)
 def _strided_position(k, shape, strides, offset):

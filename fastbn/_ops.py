@@ -35,6 +35,7 @@ def stats_dtype(dtype):
 # Checks shared by the public functions and the layer
 # --------------------------------------------------------------------------------------
 
+
 def check_forward_args(x, gamma, beta, axis, eps, out, activation):
     """Checks shared by every forward; returns ``(axis, relu)``."""
     _checks.check_input("x", x)
@@ -60,14 +61,17 @@ def momentum_factor(momentum, num_batches_tracked):
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, the "
-                         "number of batches the running statistics already average")
+        raise ValueError(
+            "momentum=None (cumulative average) needs num_batches_tracked, the "
+            "number of batches the running statistics already average"
+        )
     return 1.0 / (n + 1)
 
 
 # --------------------------------------------------------------------------------------
 # The running statistics
 # --------------------------------------------------------------------------------------
+
 
 class Running(NamedTuple):
     """A running-statistics update to make: the arrays (a backend's), the weight of the
@@ -107,18 +111,31 @@ def running_values(running_mean, running_var, mean, var, m, factor, unbiased):
     rm_dtype, rv_dtype = running_mean.dtype, running_var.dtype
     if rm_dtype.char in "fd" and rv_dtype.char in "fd" and rm_dtype.isnative and rv_dtype.isnative:
         new_mean, new_var = np.empty(C, rm_dtype), np.empty(C, rv_dtype)
-        finite = cpu.running_values(running_mean, running_var, mean, var, m, factor, unbiased,
-                                    new_mean, new_var)
+        finite = cpu.running_values(
+            running_mean, running_var, mean, var, m, factor, unbiased, new_mean, new_var
+        )
         return new_mean, new_var, finite
     # float16 or another byte order, which Numba cannot load: float64 copies in, the same
     # arithmetic, then one rounding to the storage dtype by NumPy
     new64 = np.empty(C), np.empty(C)
-    cpu.running_values(running_mean.astype(np.float64), running_var.astype(np.float64), mean,
-                       var, m, factor, unbiased, *new64)
+    cpu.running_values(
+        running_mean.astype(np.float64),
+        running_var.astype(np.float64),
+        mean,
+        var,
+        m,
+        factor,
+        unbiased,
+        *new64,
+    )
     with np.errstate(over="ignore", invalid="ignore"):
         new_mean, new_var = new64[0].astype(rm_dtype), new64[1].astype(rv_dtype)
-    finite = bool(np.isfinite(mean).all() and np.isfinite(var).all()
-                  and np.isfinite(new_mean).all() and np.isfinite(new_var).all())
+    finite = bool(
+        np.isfinite(mean).all()
+        and np.isfinite(var).all()
+        and np.isfinite(new_mean).all()
+        and np.isfinite(new_var).all()
+    )
     return new_mean, new_var, finite
 
 
@@ -134,15 +151,19 @@ def check_finite(mean, var, on_nonfinite, new=None, stacklevel=3):
         return True
     bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
     if bad.size:
-        message = (f"batch statistics are not finite in {bad.size} channel(s) (first: "
-                   f"{bad[:5].tolist()}); the running statistics were left unchanged")
+        message = (
+            f"batch statistics are not finite in {bad.size} channel(s) (first: "
+            f"{bad[:5].tolist()}); the running statistics were left unchanged"
+        )
     else:
         bad = np.flatnonzero(~(np.isfinite(new[0]) & np.isfinite(new[1])))
-        message = (f"the running statistics (running_mean {new[0].dtype}, running_var "
-                   f"{new[1].dtype}) would not be finite after this batch's update in "
-                   f"{bad.size} channel(s) (first: {bad[:5].tolist()}): the batch "
-                   f"statistics overflow their dtype (or they were not finite already); "
-                   f"the running statistics were left unchanged")
+        message = (
+            f"the running statistics (running_mean {new[0].dtype}, running_var "
+            f"{new[1].dtype}) would not be finite after this batch's update in "
+            f"{bad.size} channel(s) (first: {bad[:5].tolist()}): the batch "
+            f"statistics overflow their dtype (or they were not finite already); "
+            f"the running statistics were left unchanged"
+        )
     if on_nonfinite == "raise":
         raise FloatingPointError(message + " (pass on_nonfinite='warn' to get the output anyway)")
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
@@ -165,8 +186,15 @@ def overflow_limit(dtype):
 def _update_running(be, running, mean, var, m, st):
     """Apply the policy to the batch statistics ``(mean, var)`` (float64 host arrays) and
     store the new running statistics when it accepts them; returns whether it did."""
-    new = running_values(be.to_host(running.mean), be.to_host(running.var), mean, var, m,
-                         running.factor, running.unbiased)
+    new = running_values(
+        be.to_host(running.mean),
+        be.to_host(running.var),
+        mean,
+        var,
+        m,
+        running.factor,
+        running.unbiased,
+    )
     if check_finite(mean, var, running.on_nonfinite, new, stacklevel=5):
         be.store(running.mean, new[0], st)
         be.store(running.var, new[1], st)
@@ -178,8 +206,10 @@ def _update_running(be, running, mean, var, m, st):
 # Operations
 # --------------------------------------------------------------------------------------
 
-def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None,
-                  comm=None):
+
+def train_forward(
+    be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None, comm=None
+):
     """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
 
     Parameters
@@ -204,23 +234,36 @@ def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, 
         if comm is not None:
             outer, _, inner = v.x3.shape
             n_local = outer * inner if x.size else 0
-            mean, var = comm.moments_from_local(C, n_local, lambda: be.shard_moments(x, v, st),
-                                                dtype=x.dtype)
+            mean, var = comm.moments_from_local(
+                C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
+            )
             if running is not None:
                 _update_running(be, running, mean, var, comm.count, st)
             if x.size:
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
             invstd = 1.0 / np.sqrt(var + eps)
-            return (dest.finish(), be.stats_from_host(mean, x, dtype, st),
-                    be.stats_from_host(invstd, x, dtype, st))
+            return (
+                dest.finish(),
+                be.stats_from_host(mean, x, dtype, st),
+                be.stats_from_host(invstd, x, dtype, st),
+            )
         m = x.size // C
         if running is not None and be.DEFERRED_NONFINITE:  # the update on the device
             correction = m / (m - 1.0) if running.unbiased else 1.0
             mode = 0 if running.on_nonfinite == "raise" else 1
             limits = overflow_limit(running.mean.dtype), overflow_limit(running.var.dtype)
-            mean, invstd, _ = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype,
-                                         (running.mean, running.var, running.factor,
-                                          correction, mode, limits))
+            mean, invstd, _ = be.forward(
+                x,
+                v,
+                dest,
+                gamma,
+                beta,
+                eps,
+                relu,
+                st,
+                dtype,
+                (running.mean, running.var, running.factor, correction, mode, limits),
+            )
             y = dest.finish()
             if _config.CUDA_SYNC_NONFINITE:
                 be.report_nonfinite(st)
@@ -231,8 +274,11 @@ def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, 
             if _update_running(be, running, mean, var, m, st):
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
                 invstd = 1.0 / np.sqrt(var + eps)
-                return (dest.finish(), be.stats_from_host(mean, x, dtype, st),
-                        be.stats_from_host(invstd, x, dtype, st))
+                return (
+                    dest.finish(),
+                    be.stats_from_host(mean, x, dtype, st),
+                    be.stats_from_host(invstd, x, dtype, st),
+                )
             # refused with on_nonfinite="warn": the output all the same
             mean, invstd, _ = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype)
             return dest.finish(), mean, invstd
@@ -242,8 +288,7 @@ def train_forward(be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, 
         return dest.finish(), mean, invstd
 
 
-def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None,
-             comm=None):
+def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None):
     """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``.
 
     Parameters
@@ -267,16 +312,19 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
         dyv = be.view(dy, axis, st, order=v.order)
         dest = be.output(out, v, x, st, also=dyv)
         if comm is None:
-            dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st,
-                                        grads)
+            dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
             return dest.finish(), dgamma, dbeta
         outer, _, inner = v.x3.shape
         n_local = outer * inner if x.size else 0
         sums = comm.grad_sums_from_local(
-            C, n_local, lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu,
-                                                   st), dtype=x.dtype)
-        dgamma, dbeta = be.input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums,
-                                      comm.count, st, grads)
+            C,
+            n_local,
+            lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st),
+            dtype=x.dtype,
+        )
+        dgamma, dbeta = be.input_grad(
+            x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, comm.count, st, grads
+        )
         return dest.finish(), dgamma, dbeta
 
 

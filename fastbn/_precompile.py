@@ -32,8 +32,7 @@ _BUILDS = ("serial", "parallel")
 # separate passes of the guarded and synchronized paths (statistics, normalize, gradient
 # sums, input gradient) and the running-statistics update; the fused drivers exist for
 # the strided family only.
-_OPERATIONS = ("forward", "backward", "inference", "passes", "forward_fused",
-               "backward_fused")
+_OPERATIONS = ("forward", "backward", "inference", "passes", "forward_fused", "backward_fused")
 
 
 class Job(NamedTuple):
@@ -128,27 +127,45 @@ def run_job(job):
         a.flags.writeable = False
     for g, b in ((gamma, beta), constant):
         if job.operation in ("forward", "forward_fused"):
-            cpu.forward_training(x3, g, b, 1e-5, False, out,
-                                 fuse=job.operation == "forward_fused")
+            cpu.forward_training(x3, g, b, 1e-5, False, out, fuse=job.operation == "forward_fused")
         elif job.operation in ("backward", "backward_fused"):
-            cpu.backward(x3, x3, mean, invstd, g, b, False, out,
-                         fuse=job.operation == "backward_fused")
+            cpu.backward(
+                x3, x3, mean, invstd, g, b, False, out, fuse=job.operation == "backward_fused"
+            )
             if g is gamma:  # the layer saves float64 statistics whatever the data's dtype
-                cpu.backward(x3, x3, mean.astype(np.float64), invstd.astype(np.float64), g, b,
-                             False, out, fuse=job.operation == "backward_fused")
+                cpu.backward(
+                    x3,
+                    x3,
+                    mean.astype(np.float64),
+                    invstd.astype(np.float64),
+                    g,
+                    b,
+                    False,
+                    out,
+                    fuse=job.operation == "backward_fused",
+                )
         elif job.operation == "inference":
-            cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False,
-                          out)
+            cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False, out)
     if job.operation == "passes":  # of the guarded and synchronized paths
         mean64, m2 = cpu.moments(x3)
         invstd64 = 1.0 / np.sqrt(m2 / (x3.size // C) + 1e-5)
         coef = cpu.coefficients(mean64, invstd64, gamma, beta, compute)
         cpu.normalize(x3, coef, False, out)
         s_dy, s_dyx = cpu.grad_sums(x3, x3, coef, False)
-        cpu.input_grad(x3, x3, coef, s_dy, s_dyx, x3.size // C, invstd64,
-                       gamma.astype(np.float64), False, out)
-        cpu.running_values(np.zeros(C, channel), np.ones(C, channel), mean64, m2, 2, 0.1, True,
-                           np.empty(C, channel), np.empty(C, channel))
+        cpu.input_grad(
+            x3, x3, coef, s_dy, s_dyx, x3.size // C, invstd64, gamma.astype(np.float64), False, out
+        )
+        cpu.running_values(
+            np.zeros(C, channel),
+            np.ones(C, channel),
+            mean64,
+            m2,
+            2,
+            0.1,
+            True,
+            np.empty(C, channel),
+            np.empty(C, channel),
+        )
     return time.perf_counter() - start
 
 
@@ -213,7 +230,8 @@ def precompile(dtypes=DTYPES, *, processes=None, progress=True):
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
                 for future in concurrent.futures.as_completed(
-                        [pool.submit(run_job, job) for job in todo]):
+                    [pool.submit(run_job, job) for job in todo]
+                ):
                     future.result()
                     if bar is not None:
                         bar.update()
@@ -226,14 +244,20 @@ def precompile(dtypes=DTYPES, *, processes=None, progress=True):
 def add_parser(subparsers):
     """Add the ``precompile`` subcommand to the ``fastbn`` command's ``subparsers``."""
     p = subparsers.add_parser(
-        "precompile", help="compile the CPU kernels ahead of use (into Numba's disk cache)",
+        "precompile",
+        help="compile the CPU kernels ahead of use (into Numba's disk cache)",
         description=__doc__.split("\n\n")[0] + " Run it once per cache directory "
-        "(NUMBA_CACHE_DIR): every later process loads the kernels instead of compiling them.")
-    p.add_argument("--dtypes", default=",".join(DTYPES), metavar="D1,D2",
-                   help="data dtypes, comma-separated (float16, float32, float64; "
-                   "default %(default)s)")
-    p.add_argument("--processes", type=int, default=None,
-                   help="worker processes (default: the CPU count)")
+        "(NUMBA_CACHE_DIR): every later process loads the kernels instead of compiling them.",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=",".join(DTYPES),
+        metavar="D1,D2",
+        help="data dtypes, comma-separated (float16, float32, float64; default %(default)s)",
+    )
+    p.add_argument(
+        "--processes", type=int, default=None, help="worker processes (default: the CPU count)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_cli)
 
@@ -247,6 +271,8 @@ def _run_cli(args):
         print(f"fastbn precompile: {exc}")
         return 2
     if not args.quiet:
-        print(f"compiled {result['jobs']} kernel sets in {result['seconds']:.1f} s "
-              f"with {result['processes']} processes")
+        print(
+            f"compiled {result['jobs']} kernel sets in {result['seconds']:.1f} s "
+            f"with {result['processes']} processes"
+        )
     return 0

@@ -25,8 +25,13 @@ from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
 from ._cpu_backend import param as _param
 
-__all__ = ["batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_norm_inference",
-           "is_cuda_array"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "is_cuda_array",
+]
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
@@ -37,11 +42,20 @@ _NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
 # Public functions
 # --------------------------------------------------------------------------------------
 
+
 @distributed.synchronized("batch_norm_forward")
-def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None,
-                       beta: ArrayLike | None = None, *, axis: int = 1, eps: float = 1e-5,
-                       out: Any = None, activation: str | None = None, stream: Any = None,
-                       comm: Any = None) -> tuple[Any, Any, Any]:
+def batch_norm_forward(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    out: Any = None,
+    activation: str | None = None,
+    stream: Any = None,
+    comm: Any = None,
+) -> tuple[Any, Any, Any]:
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
@@ -106,13 +120,23 @@ def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None,
     array([ 2., 20.], dtype=float32)
     """
     x3 = _direct_view(x, axis, stream, gamma, beta)
-    if (x3 is not None and comm is None and _direct_options(eps, activation)
-            and x3.shape[0] * x3.shape[2] >= 2 and x3.shape[1]
-            and (y := _direct_out(out, x, x)) is not None):
+    if (
+        x3 is not None
+        and comm is None
+        and _direct_options(eps, activation)
+        and x3.shape[0] * x3.shape[2] >= 2
+        and x3.shape[1]
+        and (y := _direct_out(out, x, x)) is not None
+    ):
         C = x3.shape[1]
         mean, _, invstd = cpu.forward_training(
-            x3, _param(gamma, C, 1.0, x.dtype), _param(beta, C, 0.0, x.dtype), eps,
-            activation == "relu", y.reshape(x3.shape))
+            x3,
+            _param(gamma, C, 1.0, x.dtype),
+            _param(beta, C, 0.0, x.dtype),
+            eps,
+            activation == "relu",
+            y.reshape(x3.shape),
+        )
         stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
         return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
     be = backends.backend_for(("x", "gamma", "beta", "out"), x, gamma, beta, out)
@@ -122,15 +146,36 @@ def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None = None,
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
-    return _ops.train_forward(be, x, gamma, beta, axis, float(eps), relu, out, stream,
-                              dtype=_ops.stats_dtype(x.dtype), comm=comm)
+    return _ops.train_forward(
+        be,
+        x,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        dtype=_ops.stats_dtype(x.dtype),
+        comm=comm,
+    )
 
 
 @distributed.synchronized("batch_norm_backward")
-def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-                        gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
-                        axis: int = 1, out: Any = None, activation: str | None = None,
-                        stream: Any = None, comm: Any = None) -> tuple[Any, Any, Any]:
+def batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: int = 1,
+    out: Any = None,
+    activation: str | None = None,
+    stream: Any = None,
+    comm: Any = None,
+) -> tuple[Any, Any, Any]:
     """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
@@ -182,34 +227,63 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     (array([0., 0.]), array([2.]))
     """
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
-    if (x3 is not None and comm is None and mean is not None and invstd is not None
-            and type(dy) is np.ndarray and dy.shape == x.shape and dy.dtype == x.dtype
-            and dy.flags.c_contiguous and x.size and _direct_options(1.0, activation)
-            and (dx := _direct_out(out, x, x, dy)) is not None):
-        dgamma, dbeta = _direct_backward(dy.reshape(x3.shape), x3, mean, invstd, gamma, beta,
-                                         activation == "relu", dx.reshape(x3.shape))
+    if (
+        x3 is not None
+        and comm is None
+        and mean is not None
+        and invstd is not None
+        and type(dy) is np.ndarray
+        and dy.shape == x.shape
+        and dy.dtype == x.dtype
+        and dy.flags.c_contiguous
+        and x.size
+        and _direct_options(1.0, activation)
+        and (dx := _direct_out(out, x, x, dy)) is not None
+    ):
+        dgamma, dbeta = _direct_backward(
+            dy.reshape(x3.shape),
+            x3,
+            mean,
+            invstd,
+            gamma,
+            beta,
+            activation == "relu",
+            dx.reshape(x3.shape),
+        )
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta
-    be = backends.backend_for(("dy", "x", "mean", "invstd", "gamma", "beta", "out"),
-                              dy, x, mean, invstd, gamma, beta, out)
+    be = backends.backend_for(
+        ("dy", "x", "mean", "invstd", "gamma", "beta", "out"), dy, x, mean, invstd, gamma, beta, out
+    )
     be.check_stream(stream)
     dy, x = be.wrap("dy", dy), be.wrap("x", x)
     mean, invstd = be.wrap("mean", mean), be.wrap("invstd", invstd)
     gamma, beta = be.wrap("gamma", gamma), be.wrap("beta", beta)
     out = be.wrap_out(out)
-    dtype, axis, C, relu = _checks.check_backward_args(dy, x, mean, invstd, gamma, beta, axis,
-                                                       out, activation)
+    dtype, axis, C, relu = _checks.check_backward_args(
+        dy, x, mean, invstd, gamma, beta, axis, out, activation
+    )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    return _ops.backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream,
-                         grads=grads, comm=comm)
+    return _ops.backward(
+        be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+    )
 
 
-def batch_norm_inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
-                         gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
-                         axis: int = 1, eps: float = 1e-5, out: Any = None,
-                         activation: str | None = None, stream: Any = None) -> Any:
+def batch_norm_inference(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    out: Any = None,
+    activation: str | None = None,
+    stream: Any = None,
+) -> Any:
     """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
 
     ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
@@ -240,13 +314,24 @@ def batch_norm_inference(x: ArrayLike, running_mean: ArrayLike, running_var: Arr
            [ 1.,  1.]])
     """
     x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
-    if (x3 is not None and running_mean is not None and running_var is not None
-            and _direct_options(eps, activation)
-            and (y := _direct_out(out, x, x)) is not None):
+    if (
+        x3 is not None
+        and running_mean is not None
+        and running_var is not None
+        and _direct_options(eps, activation)
+        and (y := _direct_out(out, x, x)) is not None
+    ):
         C = x3.shape[1]
-        cpu.inference(x3, running_mean, running_var, _param(gamma, C, 1.0, x.dtype),
-                      _param(beta, C, 0.0, x.dtype), eps, activation == "relu",
-                      y.reshape(x3.shape))
+        cpu.inference(
+            x3,
+            running_mean,
+            running_var,
+            _param(gamma, C, 1.0, x.dtype),
+            _param(beta, C, 0.0, x.dtype),
+            eps,
+            activation == "relu",
+            y.reshape(x3.shape),
+        )
         return y
     be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
     be.check_stream(stream)
@@ -260,17 +345,31 @@ def batch_norm_inference(x: ArrayLike, running_mean: ArrayLike, running_var: Arr
         raise ValueError("running_mean and running_var are required for inference")
     _checks.check_channel_param("running_mean", running_mean, C, axis)
     _checks.check_channel_param("running_var", running_var, C, axis)
-    return _ops.inference(be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu,
-                          out, stream)
+    return _ops.inference(
+        be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+    )
 
 
 @distributed.synchronized("batch_norm", when=lambda kwargs: bool(kwargs.get("training")))
-def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
-               gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
-               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
-               axis: int = 1, out: Any = None, activation: str | None = None,
-               num_batches_tracked: int | None = None, running_var_unbiased: bool = True,
-               on_nonfinite: str = "raise", stream: Any = None, comm: Any = None) -> Any:
+def batch_norm(
+    x: ArrayLike,
+    running_mean: Any = None,
+    running_var: Any = None,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Any = None,
+    activation: str | None = None,
+    num_batches_tracked: int | None = None,
+    running_var_unbiased: bool = True,
+    on_nonfinite: str = "raise",
+    stream: Any = None,
+    comm: Any = None,
+) -> Any:
     """BatchNorm in the manner of ``torch.nn.functional.batch_norm``.
 
     In training, normalize with the batch statistics and, when running statistics are
@@ -338,16 +437,33 @@ def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
     if training and comm is None and out is None and running_mean is not None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
-        if (x3 is not None and running_var is not None and _direct_options(eps, activation)
-                and x3.shape[0] * x3.shape[2] >= 2 and x3.shape[1]
-                and running_mean.flags.writeable and running_var.flags.writeable):
+        if (
+            x3 is not None
+            and running_var is not None
+            and _direct_options(eps, activation)
+            and x3.shape[0] * x3.shape[2] >= 2
+            and x3.shape[1]
+            and running_mean.flags.writeable
+            and running_var.flags.writeable
+        ):
             factor = _ops.momentum_factor(momentum, num_batches_tracked)
             _ops.check_on_nonfinite(on_nonfinite)
             y = np.empty(x.shape, x.dtype)
             # a warning points where the general path's does (distributed's wrapper)
-            _direct_train(x3, y.reshape(x3.shape), gamma, beta, eps, activation == "relu",
-                          running_mean, running_var, factor, running_var_unbiased,
-                          on_nonfinite, stacklevel=2)
+            _direct_train(
+                x3,
+                y.reshape(x3.shape),
+                gamma,
+                beta,
+                eps,
+                activation == "relu",
+                running_mean,
+                running_var,
+                factor,
+                running_var_unbiased,
+                on_nonfinite,
+                stacklevel=2,
+            )
             return y
     be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
     be.check_stream(stream)
@@ -362,8 +478,9 @@ def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
             raise ValueError("running_mean and running_var are required when training=False")
         _checks.check_channel_param("running_mean", running_mean, C, axis)
         _checks.check_channel_param("running_var", running_var, C, axis)
-        return _ops.inference(be, x, running_mean, running_var, gamma, beta, axis, float(eps),
-                              relu, out, stream)
+        return _ops.inference(
+            be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     factor = _ops.momentum_factor(momentum, num_batches_tracked)
@@ -372,9 +489,11 @@ def batch_norm(x: ArrayLike, running_mean: Any = None, running_var: Any = None,
     if running_mean is not None:
         _checks.check_running("running_mean", running_mean, C, axis)
         _checks.check_running("running_var", running_var, C, axis)
-        running = _ops.Running(running_mean, running_var, factor, running_var_unbiased,
-                               on_nonfinite)
+        running = _ops.Running(
+            running_mean, running_var, factor, running_var_unbiased, on_nonfinite
+        )
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
-    return _ops.train_forward(be, x, gamma, beta, axis, float(eps), relu, out, stream,
-                              running=running, comm=comm)[0]
+    return _ops.train_forward(
+        be, x, gamma, beta, axis, float(eps), relu, out, stream, running=running, comm=comm
+    )[0]

@@ -15,6 +15,7 @@ cpu = _cpu_backend
 def cuda():
     """The CUDA backend, :mod:`fastbn.cuda` (imported on first use)."""
     from . import cuda as backend
+
     return backend
 
 
@@ -49,8 +50,10 @@ def backend_for(names, *arrays):
         return cpu
     if len(on_device) != len(named):
         on_host = [name for name, a in named if not _checks.is_cuda_array(a)]
-        raise TypeError(f"arguments must all be CUDA arrays or all host arrays: "
-                        f"{', '.join(on_device)} on the GPU, {', '.join(on_host)} on the host")
+        raise TypeError(
+            f"arguments must all be CUDA arrays or all host arrays: "
+            f"{', '.join(on_device)} on the GPU, {', '.join(on_host)} on the host"
+        )
     return cuda()
 
 

@@ -25,7 +25,8 @@ def _hidden(text):
         widths = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--hidden must be comma-separated positive integers, got {text!r}") from None
+            f"--hidden must be comma-separated positive integers, got {text!r}"
+        ) from None
     if any(w < 1 for w in widths):
         raise argparse.ArgumentTypeError(f"--hidden widths must be positive, got {text!r}")
     return widths
@@ -56,80 +57,158 @@ def _positive_int(text):
 def _add_train_parser(subparsers):
     """Add the ``train`` subcommand and its options."""
     p = subparsers.add_parser(
-        "train", help="train the MLP (Dense -> BatchNorm -> ...) on Fashion-MNIST",
+        "train",
+        help="train the MLP (Dense -> BatchNorm -> ...) on Fashion-MNIST",
         description="Train Dense(64, relu) -> BatchNorm -> Dense(32, relu) -> BatchNorm -> "
-                    "Dense(10, softmax) with Adam, BatchNorm running on fastbn's kernels.")
+        "Dense(10, softmax) with Adam, BatchNorm running on fastbn's kernels.",
+    )
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=["fashion-mnist", "mnist", "synthetic"],
-                      default=None, help="dataset (default: fashion-mnist, or the "
-                      "checkpoint's when resuming)")
-    data.add_argument("--data", metavar="DIR", default=None,
-                      help="directory searched first for the IDX .gz files (it must "
-                      "exist; then "
-                      "$FASTBN_DATA, ~/.cache/fastbn/<dataset>, /usr/share/datasets/"
-                      "fashion-mnist, ~/.keras/datasets/fashion-mnist, then download)")
-    data.add_argument("--no-download", action="store_true",
-                      help="never download; fail when the files are not found")
-    model = p.add_argument_group("model and optimizer (default: the checkpoint's when "
-                                 "resuming, else the Keras example)")
-    model.add_argument("--hidden", type=_hidden, default=None, metavar="W1,W2,...",
-                       help="hidden layer widths (default 64,32)")
+    data.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "mnist", "synthetic"],
+        default=None,
+        help="dataset (default: fashion-mnist, or the checkpoint's when resuming)",
+    )
+    data.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="directory searched first for the IDX .gz files (it must "
+        "exist; then "
+        "$FASTBN_DATA, ~/.cache/fastbn/<dataset>, /usr/share/datasets/"
+        "fashion-mnist, ~/.keras/datasets/fashion-mnist, then download)",
+    )
+    data.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never download; fail when the files are not found",
+    )
+    model = p.add_argument_group(
+        "model and optimizer (default: the checkpoint's when resuming, else the Keras example)"
+    )
+    model.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=None,
+        metavar="W1,W2,...",
+        help="hidden layer widths (default 64,32)",
+    )
     model.add_argument("--no-bn", action="store_true", help="no BatchNorm layers")
-    model.add_argument("--bn-before-relu", action="store_true",
-                       help="Dense -> BatchNorm+ReLU (fused) instead of Keras's "
-                       "Dense(relu) -> BatchNorm")
-    model.add_argument("--bn-convention", choices=["keras", "torch"], default=None,
-                       help="BatchNorm momentum/epsilon: keras (0.99 / 1e-3) or torch "
-                       "(0.1 / 1e-5) (default keras)")
-    model.add_argument("--bn-momentum", type=float, default=None,
-                       help="BatchNorm momentum in the convention's meaning (keras: weight "
-                       "of the old running value; torch: weight of the new batch). Default "
-                       "0.9 (keras) / 0.1 (torch); Keras's own layer default 0.99 lags "
-                       "in 10-epoch runs (docs/trainer.md)")
-    model.add_argument("--init", default=None,
-                       choices=["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
-                                "torch"],
-                       help="Dense weight initialization (default glorot_uniform, Keras's)")
-    model.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                       help="adam (Keras defaults) or sgd with momentum 0.9 (default adam)")
+    model.add_argument(
+        "--bn-before-relu",
+        action="store_true",
+        help="Dense -> BatchNorm+ReLU (fused) instead of Keras's Dense(relu) -> BatchNorm",
+    )
+    model.add_argument(
+        "--bn-convention",
+        choices=["keras", "torch"],
+        default=None,
+        help="BatchNorm momentum/epsilon: keras (0.99 / 1e-3) or torch "
+        "(0.1 / 1e-5) (default keras)",
+    )
+    model.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help="BatchNorm momentum in the convention's meaning (keras: weight "
+        "of the old running value; torch: weight of the new batch). Default "
+        "0.9 (keras) / 0.1 (torch); Keras's own layer default 0.99 lags "
+        "in 10-epoch runs (docs/trainer.md)",
+    )
+    model.add_argument(
+        "--init",
+        default=None,
+        choices=["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "torch"],
+        help="Dense weight initialization (default glorot_uniform, Keras's)",
+    )
+    model.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default=None,
+        help="adam (Keras defaults) or sgd with momentum 0.9 (default adam)",
+    )
     model.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    model.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                       help="dtype of the model (default float32)")
+    model.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="dtype of the model (default float32)",
+    )
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=_epochs, default=10,
-                     help="total epochs, those of a resumed checkpoint included (default 10)")
-    run.add_argument("--batch-size", type=_positive_int, default=None,
-                     help="mini-batch size (default 128)")
-    run.add_argument("--seed", type=int, default=None, help="seed of weights and shuffles "
-                     "(default 0)")
-    run.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                     help="cpu: NumPy BLAS + Numba kernels; cuda: CuPy cuBLAS + fastbn's "
-                     "CUDA kernels (default cpu)")
-    run.add_argument("--threads", type=_positive_int, default=None,
-                     help="threads for fastbn's Numba kernels (default: all cores)")
-    run.add_argument("--blas-threads", type=_positive_int, default=1,
-                     help="threads for the BLAS matrix products while training (default "
-                     "1, the fastest at this model's sizes; see docs/trainer.md)")
-    run.add_argument("--distributed", action="store_true",
-                     help="data-parallel over MPI: run under `mpiexec -n P fastbn train "
-                     "--distributed`; each global batch is split among the P ranks, "
-                     "BatchNorm is synchronized, gradients are summed with Allreduce; "
-                     "rank 0 alone prints and writes files (needs mpi4py and an MPI "
-                     "library: " + install_hint("mpi").replace("%", "%%") + "; CPU only)")
+    run.add_argument(
+        "--epochs",
+        type=_epochs,
+        default=10,
+        help="total epochs, those of a resumed checkpoint included (default 10)",
+    )
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="mini-batch size (default 128)"
+    )
+    run.add_argument(
+        "--seed", type=int, default=None, help="seed of weights and shuffles (default 0)"
+    )
+    run.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: NumPy BLAS + Numba kernels; cuda: CuPy cuBLAS + fastbn's "
+        "CUDA kernels (default cpu)",
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="threads for fastbn's Numba kernels (default: all cores)",
+    )
+    run.add_argument(
+        "--blas-threads",
+        type=_positive_int,
+        default=1,
+        help="threads for the BLAS matrix products while training (default "
+        "1, the fastest at this model's sizes; see docs/trainer.md)",
+    )
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over MPI: run under `mpiexec -n P fastbn train "
+        "--distributed`; each global batch is split among the P ranks, "
+        "BatchNorm is synchronized, gradients are summed with Allreduce; "
+        "rank 0 alone prints and writes files (needs mpi4py and an MPI "
+        "library: " + install_hint("mpi").replace("%", "%%") + "; CPU only)",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--metrics-out", metavar="FILE.json", default=None,
-                     help="per-epoch metrics as JSON (rewritten after every epoch)")
-    out.add_argument("--save", metavar="FILE.npz", default=None,
-                     help="checkpoint written atomically after every epoch")
-    out.add_argument("--resume", metavar="FILE.npz", default=None,
-                     help="continue a run from its checkpoint (up to --epochs in total)")
-    out.add_argument("--plot", metavar="FILE.png", default=None,
-                     help="loss and accuracy curves (needs matplotlib: checked before "
-                     "training)")
-    out.add_argument("--compare-no-bn", action="store_true",
-                     help="also train the model without BatchNorm and plot both")
-    out.add_argument("--quiet", "-q", action="store_true",
-                     help="no progress bar and no per-epoch lines")
+    out.add_argument(
+        "--metrics-out",
+        metavar="FILE.json",
+        default=None,
+        help="per-epoch metrics as JSON (rewritten after every epoch)",
+    )
+    out.add_argument(
+        "--save",
+        metavar="FILE.npz",
+        default=None,
+        help="checkpoint written atomically after every epoch",
+    )
+    out.add_argument(
+        "--resume",
+        metavar="FILE.npz",
+        default=None,
+        help="continue a run from its checkpoint (up to --epochs in total)",
+    )
+    out.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="loss and accuracy curves (needs matplotlib: checked before training)",
+    )
+    out.add_argument(
+        "--compare-no-bn",
+        action="store_true",
+        help="also train the model without BatchNorm and plot both",
+    )
+    out.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar and no per-epoch lines"
+    )
     p.set_defaults(handler=_run_train)
     return p
 
@@ -148,12 +227,15 @@ def build_parser():
     ('train', 2, [16, 8])
     """
     parser = argparse.ArgumentParser(
-        prog="fastbn", description="fastbn: Numba-compiled BatchNorm kernels, and a trainer "
-        "that uses them. Without arguments, `python -m fastbn` runs a self-check.")
+        prog="fastbn",
+        description="fastbn: Numba-compiled BatchNorm kernels, and a trainer "
+        "that uses them. Without arguments, `python -m fastbn` runs a self-check.",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_train_parser(subparsers)
     from ._precompile import add_parser as _add_precompile_parser
+
     _add_precompile_parser(subparsers)  # fastbn precompile (fastbn/_precompile.py)
     return parser
 
@@ -188,8 +270,7 @@ class Interrupts:
 
     def report(self, during_compile=False):
         """The line printed on an interrupt."""
-        line = f"{self.prog}: interrupted" + (" while compiling kernels" if during_compile
-                                              else "")
+        line = f"{self.prog}: interrupted" + (" while compiling kernels" if during_compile else "")
         if self.checkpoint is not None:
             if self._checkpoint_is_current():
                 line += f"; the last completed epoch is in {self.checkpoint}"
@@ -269,26 +350,32 @@ def _check_train_options(args):
     from .nn import checkpoint as _checkpoint
 
     if args.compare_no_bn and (args.save or args.resume or args.no_bn):
-        print("fastbn train: --compare-no-bn cannot be combined with --save, --resume or "
-              "--no-bn", file=sys.stderr)
+        print(
+            "fastbn train: --compare-no-bn cannot be combined with --save, --resume or --no-bn",
+            file=sys.stderr,
+        )
         return 2
     if args.data is not None:
         try:
             _data.check_data_dir(args.data)
         except _data.DatasetError as exc:
             return _error(f"--data: {exc}")
-    for option, path in (("--save", args.save), ("--metrics-out", args.metrics_out),
-                         ("--plot", args.plot)):
+    for option, path in (
+        ("--save", args.save),
+        ("--metrics-out", args.metrics_out),
+        ("--plot", args.plot),
+    ):
         problem = path is not None and _check_output_file(option, path)
         if problem:
             return _error(problem)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        return _error(f"--plot needs matplotlib, which is not installed: "
-                      f"{install_hint('plot')}")
+        return _error(f"--plot needs matplotlib, which is not installed: {install_hint('plot')}")
     if args.distributed and args.device != "cpu":
         # fastbn.nn.DataParallel would refuse the model after the data is loaded
-        return _error(f"--distributed trains on the CPU only (--device cpu), got --device "
-                      f"{args.device}: the gradient Allreduce works on host arrays")
+        return _error(
+            f"--distributed trains on the CPU only (--device cpu), got --device "
+            f"{args.device}: the gradient Allreduce works on host arrays"
+        )
     if args.distributed and importlib.util.find_spec("mpi4py") is None:
         return _error(f"--distributed needs mpi4py and an MPI library: {install_hint('mpi')}")
     if args.resume is not None:
@@ -297,9 +384,12 @@ def _check_train_options(args):
         except _checkpoint.CheckpointError as exc:
             return _error(exc)
         if done >= args.epochs:
-            print(f"fastbn train: nothing to train: {args.resume} already holds {done} "
-                  f"epoch{'s' * (done != 1)} (--epochs {args.epochs} in total); pass "
-                  f"--epochs {done + 1} or more to continue", file=sys.stderr)
+            print(
+                f"fastbn train: nothing to train: {args.resume} already holds {done} "
+                f"epoch{'s' * (done != 1)} (--epochs {args.epochs} in total); pass "
+                f"--epochs {done + 1} or more to continue",
+                file=sys.stderr,
+            )
             return 0
     elif args.epochs == 0:
         print("fastbn train: nothing to train: --epochs 0", file=sys.stderr)
@@ -332,49 +422,74 @@ def _train(args, interrupts):
         try:
             from mpi4py import MPI
         except ImportError as exc:
-            return _error(f"--distributed needs mpi4py and an MPI library: "
-                          f"{install_hint('mpi')} ({exc})")
+            return _error(
+                f"--distributed needs mpi4py and an MPI library: {install_hint('mpi')} ({exc})"
+            )
         comm = MPI.COMM_WORLD
     root = comm is None or comm.Get_rank() == 0
     log = None if args.quiet or not root else print
-    common = dict(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, hidden=args.hidden, bn_convention=args.bn_convention,
-                  bn_momentum=args.bn_momentum,
-                  bn_position="before_relu" if args.bn_before_relu else None,
-                  init=args.init, optimizer=args.optimizer, device=args.device,
-                  seed=args.seed, dtype=args.dtype, threads=args.threads,
-                  blas_threads=args.blas_threads,
-                  progress=False if args.quiet else None, log=log,
-                  download=not args.no_download, comm=comm)
+    common = dict(
+        data_dir=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        bn_convention=args.bn_convention,
+        bn_momentum=args.bn_momentum,
+        bn_position="before_relu" if args.bn_before_relu else None,
+        init=args.init,
+        optimizer=args.optimizer,
+        device=args.device,
+        seed=args.seed,
+        dtype=args.dtype,
+        threads=args.threads,
+        blas_threads=args.blas_threads,
+        progress=False if args.quiet else None,
+        log=log,
+        download=not args.no_download,
+        comm=comm,
+    )
     try:
         dataset = args.dataset
         if args.compare_no_bn:
             # Load once, train twice on the same data.
-            dataset = _data.load_dataset(args.dataset or "fashion-mnist", args.data,
-                                         seed=0 if args.seed is None else args.seed,
-                                         download=not args.no_download)
+            dataset = _data.load_dataset(
+                args.dataset or "fashion-mnist",
+                args.data,
+                seed=0 if args.seed is None else args.seed,
+                download=not args.no_download,
+            )
             if log:
                 log("== with BatchNorm ==")
-        history = fit(dataset, batch_norm=False if args.no_bn else None, save=args.save,
-                      resume=args.resume,
-                      metrics_out=None if args.compare_no_bn else args.metrics_out, **common)
+        history = fit(
+            dataset,
+            batch_norm=False if args.no_bn else None,
+            save=args.save,
+            resume=args.resume,
+            metrics_out=None if args.compare_no_bn else args.metrics_out,
+            **common,
+        )
         runs = {("without BatchNorm" if args.no_bn else "with BatchNorm"): history}
         if args.compare_no_bn:
             if log:
                 log("== without BatchNorm ==")
             runs["without BatchNorm"] = fit(dataset, batch_norm=False, **common)
             if args.metrics_out:
-                record = dict(history.to_dict(),
-                              compare_no_bn=runs["without BatchNorm"].to_dict())
+                record = dict(history.to_dict(), compare_no_bn=runs["without BatchNorm"].to_dict())
                 if root:
                     _checkpoint.atomic_write_bytes(
-                        args.metrics_out, (json.dumps(record, indent=2) + "\n").encode())
+                        args.metrics_out, (json.dumps(record, indent=2) + "\n").encode()
+                    )
         if args.plot and root:
             from .nn.plot import plot_histories
+
             config = history.config
-            plot_histories(runs, args.plot,
-                           title=f"{config['dataset']}, MLP {config['hidden']}, "
-                                 f"batch {config['batch_size']}, seed {config['seed']}")
+            plot_histories(
+                runs,
+                args.plot,
+                title=f"{config['dataset']}, MLP {config['hidden']}, "
+                f"batch {config['batch_size']}, seed {config['seed']}",
+            )
             if log:
                 log(f"curves written to {args.plot}")
     except KeyboardInterrupt:
@@ -401,8 +516,11 @@ def _train(args, interrupts):
 
 def _abort(comm, exc):
     """End every rank of a distributed run: the others may be waiting in a collective."""
-    print(f"fastbn train: rank {comm.Get_rank()} of {comm.Get_size()} failed "
-          f"({type(exc).__name__}); aborting all ranks", file=sys.stderr)
+    print(
+        f"fastbn train: rank {comm.Get_rank()} of {comm.Get_size()} failed "
+        f"({type(exc).__name__}); aborting all ranks",
+        file=sys.stderr,
+    )
     sys.stderr.flush()
     comm.Abort(1)
 

@@ -76,6 +76,7 @@ def _inlined(helper, options):
     """
     return njit(inline="always", **options)(helper.py_func)
 
+
 # Values per work item of the strided elementwise passes (normalize, dx): enough to
 # amortize the loop overhead, small enough to balance threads. Partition does not affect
 # results.
@@ -92,6 +93,7 @@ MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3
 # --------------------------------------------------------------------------------------
 # Per-item helpers (one thread, one chunk). Shared by every driver below.
 # --------------------------------------------------------------------------------------
+
 
 @njit(**_INLINE_INTEGER)
 def _chunk_span(k, chunk, runs, outer, inner):
@@ -136,8 +138,11 @@ def _chunk_run(o, o0, o1, i_first, i_last, C, c, inner):
     """Row ``o`` of a strided chunk (see :func:`_chunk_span`) in the flat array:
     ``(base, i0, i1)``, the flat offset of the run of channel ``c`` and the range of
     its values in the chunk, as unsigned integers (no wraparound checks in the loops)."""
-    return (np.uint64((o * C + c) * inner), np.uint64(i_first if o == o0 else 0),
-            np.uint64(i_last if o == o1 - 1 else inner))
+    return (
+        np.uint64((o * C + c) * inner),
+        np.uint64(i_first if o == o0 else 0),
+        np.uint64(i_last if o == o1 - 1 else inner),
+    )
 
 
 @njit(**_REDUCE)
@@ -419,8 +424,14 @@ def _coefficient_table(mean, invstd, gamma, beta, dtype):
     """
     coef = np.empty((4, mean.shape[0]), dtype)
     for c in range(mean.shape[0]):
-        _fill_coefficients_inline(np.float64(mean[c]), np.float64(invstd[c]),
-                                  np.float64(gamma[c]), np.float64(beta[c]), c, coef)
+        _fill_coefficients_inline(
+            np.float64(mean[c]),
+            np.float64(invstd[c]),
+            np.float64(gamma[c]),
+            np.float64(beta[c]),
+            c,
+            coef,
+        )
     return coef
 
 
@@ -498,7 +509,8 @@ _normalize_run_inline = _inlined(_normalize_run, _ELEMENTWISE)
 
 @njit(**_ELEMENTWISE)
 def _normalize_channel(x, y, c, j0, j1, coef, relu):
-    """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over flat values ``[j0, j1)`` of channel ``c``.
+    """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over flat values ``[j0, j1)``
+    of channel ``c``.
 
     Parameters
     ----------
@@ -513,8 +525,9 @@ def _normalize_channel(x, y, c, j0, j1, coef, relu):
     y1 = y.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        _normalize_run_inline(x1, y1, (o * C + c) * inner + i0,
-                              min(j1 - o * inner, inner) - i0, coef, c, relu)
+        _normalize_run_inline(
+            x1, y1, (o * C + c) * inner + i0, min(j1 - o * inner, inner) - i0, coef, c, relu
+        )
 
 
 @njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
@@ -565,8 +578,11 @@ def _grad_terms(dy, x, r, c, coef, mean, relu):
     """``(dy, dy * (x - mean))`` at row ``r``, channel ``c``, in float64; with ``relu``,
     ``dy`` is 0 where the output recomputed by :func:`_affine` is not positive."""
     g = np.float64(dy[r, c])
-    if relu and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c], coef[SCALE, c],
-                        coef[SHIFT, c]) <= 0:
+    if (
+        relu
+        and _affine(x[r, c], coef[MEAN_HI, c], coef[MEAN_LO, c], coef[SCALE, c], coef[SHIFT, c])
+        <= 0
+    ):
         g = 0.0
     return g, g * (np.float64(x[r, c]) - mean)
 
@@ -676,8 +692,9 @@ def _input_grad_run(dy1, x1, dx1, start, n, coef, dcoef, c, relu):
     zero = coef.dtype.type(0)
     base = np.uint64(start)
     for i in range(np.uint64(n)):
-        dx1[base + i] = _input_grad_value_inline(dy1[base + i], x1[base + i], hi, lo, scale,
-                                                 shift, a, b, d, relu, zero)
+        dx1[base + i] = _input_grad_value_inline(
+            dy1[base + i], x1[base + i], hi, lo, scale, shift, a, b, d, relu, zero
+        )
 
 
 _input_grad_run_inline = _inlined(_input_grad_run, _ELEMENTWISE)
@@ -702,8 +719,17 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
     dx1 = dx.reshape(-1)
     for o in range(j0 // inner, (j1 - 1) // inner + 1):
         i0 = max(j0 - o * inner, 0)
-        _input_grad_run_inline(dy1, x1, dx1, (o * C + c) * inner + i0,
-                               min(j1 - o * inner, inner) - i0, coef, dcoef, c, relu)
+        _input_grad_run_inline(
+            dy1,
+            x1,
+            dx1,
+            (o * C + c) * inner + i0,
+            min(j1 - o * inner, inner) - i0,
+            coef,
+            dcoef,
+            c,
+            relu,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -711,6 +737,7 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
 # written for one family (rows or strided), so that a call compiles the code of its own
 # layout only (docs/cpu.md, "Compile time").
 # --------------------------------------------------------------------------------------
+
 
 def _moments_rows(x, chunk, mean, m2):
     """Per-channel mean and M2 (sum of squared deviations) of ``x``, rows family.
@@ -733,12 +760,14 @@ def _moments_rows(x, chunk, mean, m2):
     part_dev = np.empty((n_chunks, C))
     part_m2 = np.empty((n_chunks, C))
     for k in prange(n_chunks):
-        _chunk_moments_rows(x2, k * chunk, min((k + 1) * chunk, outer), part_shift[k],
-                            part_dev[k], part_m2[k])
+        _chunk_moments_rows(
+            x2, k * chunk, min((k + 1) * chunk, outer), part_shift[k], part_dev[k], part_m2[k]
+        )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
-        _merge_chunks(part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk,
-                      outer, mean, m2)
+        _merge_chunks(
+            part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk, outer, mean, m2
+        )
 
 
 def _moments_strided(x, chunk, mean, m2):
@@ -766,11 +795,13 @@ def _moments_strided(x, chunk, mean, m2):
         c = t - k * C
         o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
         part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
-            x1, C, inner, c, o0, o1, i0, i1)
+            x1, C, inner, c, o0, o1, i0, i1
+        )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
-        _merge_chunks(part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk, m,
-                      mean, m2)
+        _merge_chunks(
+            part_shift, part_dev, part_m2, c0, min(c0 + _MERGE_BLOCK, C), chunk, m, mean, m2
+        )
 
 
 def _normalize_rows(x, coef, relu, y):
@@ -851,11 +882,11 @@ def _forward_fused(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
             part_shift[k, c], part_dev[k, c], part_m2[k, c] = _chunk_moments_strided(
-                x1, C, inner, c, o0, o1, i0, i1)
+                x1, C, inner, c, o0, o1, i0, i1
+            )
         _merge_chunks(part_shift, part_dev, part_m2, c, c + 1, chunk, m, mean, var)
         var[c], invstd[c] = _variance_invstd(var[c], m, eps)
-        _fill_coefficients(mean[c], invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c,
-                           coef)
+        _fill_coefficients(mean[c], invstd[c], np.float64(gamma[c]), np.float64(beta[c]), c, coef)
         _normalize_channel(x, y, c, 0, m, coef, relu)
 
 
@@ -879,8 +910,9 @@ def _grad_sums_rows(dy, x, chunk, coef, relu, s_dy, s_dyx):
     part_dy = np.empty((n_chunks, C))
     part_dyx = np.empty((n_chunks, C))
     for k in prange(n_chunks):
-        _chunk_grad_sums_rows(dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu,
-                              part_dy[k], part_dyx[k])
+        _chunk_grad_sums_rows(
+            dy2, x2, k * chunk, min((k + 1) * chunk, outer), coef, relu, part_dy[k], part_dyx[k]
+        )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
@@ -901,7 +933,8 @@ def _grad_sums_strided(dy, x, chunk, coef, relu, s_dy, s_dyx):
         c = t - k * C
         o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
         part_dy[k, c], part_dyx[k, c] = _chunk_grad_sums_strided(
-            dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
+            dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu
+        )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
@@ -929,8 +962,9 @@ def _input_grad_rows(dy, x, coef, dcoef, relu, dx):
     zero = coef.dtype.type(0)
     for r in prange(outer):  # as in _normalize_rows
         for c in range(C):
-            dx2[r, c] = _input_grad_value(dy2[r, c], x2[r, c], hi[c], lo[c], scale[c],
-                                          shift[c], a[c], b[c], d[c], relu, zero)
+            dx2[r, c] = _input_grad_value(
+                dy2[r, c], x2[r, c], hi[c], lo[c], scale[c], shift[c], a[c], b[c], d[c], relu, zero
+            )
 
 
 def _input_grad_strided(dy, x, coef, dcoef, relu, dx):
@@ -948,8 +982,9 @@ def _input_grad_strided(dy, x, coef, dcoef, relu, dx):
         c = r0 % C  # then counted, as in _normalize_strided
         for r in range(r0, (e1 - 1) // inner + 1):
             start = max(e0, r * inner)
-            _input_grad_run(dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef,
-                            dcoef, c, relu)
+            _input_grad_run(
+                dy1, x1, dx1, start, min(e1, (r + 1) * inner) - start, coef, dcoef, c, relu
+            )
             c = c + 1 if c + 1 < C else 0
 
 
@@ -985,8 +1020,7 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
         b = 0.0
         for k in range(n_chunks):
             o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-            a_k, b_k = _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i0, i1, coef,
-                                                relu)
+            a_k, b_k = _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
             a += a_k
             b += b_k
         invstd_c = np.float64(invstd[c])
@@ -999,6 +1033,7 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
 # The three drivers below are written once for both families: ``moments``,
 # ``normalize``, ``grad_sums`` and ``input_grad`` (at module level, the host functions of
 # the same operations) name the pass drivers of one family and build (see _two_pass).
+
 
 def _forward_two_pass(x, chunk, eps, gamma, beta, relu, y, mean, var, invstd):
     """Training forward as the statistics pass then the normalize pass (x read twice).
@@ -1027,8 +1062,9 @@ def _backward_two_pass(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma
     m = x.size // C if C else 1
     for c in range(C):
         invstd_c = np.float64(invstd[c])
-        _fill_grad_coefficients(s_dy[c], s_dyx[c], m, invstd_c, np.float64(gamma[c]), c,
-                                coef, dcoef)
+        _fill_grad_coefficients(
+            s_dy[c], s_dyx[c], m, invstd_c, np.float64(gamma[c]), c, coef, dcoef
+        )
         dbeta[c] = s_dy[c]
         dgamma[c] = s_dyx[c] * invstd_c
     input_grad(dy, x, coef, dcoef, relu, dx)
@@ -1042,9 +1078,14 @@ def _inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
     """
     coef = np.empty((4, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
-        _fill_coefficients(np.float64(running_mean[c]),
-                           _invstd(np.float64(running_var[c]), eps),
-                           np.float64(gamma[c]), np.float64(beta[c]), c, coef)
+        _fill_coefficients(
+            np.float64(running_mean[c]),
+            _invstd(np.float64(running_var[c]), eps),
+            np.float64(gamma[c]),
+            np.float64(beta[c]),
+            c,
+            coef,
+        )
     normalize(x, coef, relu, y)
 
 
@@ -1090,8 +1131,9 @@ def _builds(fn, family="", calls=({}, {}), has_prange=True):
     for serial, suffix in ((False, family), (True, family + "_serial")):
         scope = dict(fn.__globals__)
         scope.update(calls[serial])
-        copy = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
-                                  fn.__closure__)
+        copy = types.FunctionType(
+            fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__, fn.__closure__
+        )
         copy.__qualname__ = fn.__qualname__ + suffix
         copy.__doc__ = fn.__doc__
         builds.append(njit(parallel=not serial and has_prange, **_config.JIT_OPTIONS)(copy))
@@ -1120,8 +1162,12 @@ def _two_pass(fn, calls):
     families = []
     for family in _Kernels._fields:
         parallel = {name: getattr(kernels, family).parallel for name, kernels in calls.items()}
-        serial = {name: njit(inline="always", **_config.JIT_OPTIONS)(
-            getattr(kernels, family).serial.py_func) for name, kernels in calls.items()}
+        serial = {
+            name: njit(inline="always", **_config.JIT_OPTIONS)(
+                getattr(kernels, family).serial.py_func
+            )
+            for name, kernels in calls.items()
+        }
         families.append(_builds(fn, "_" + family, (parallel, serial), has_prange=False))
     return _Kernels(*families)
 
@@ -1132,13 +1178,13 @@ grad_sums_kernels = _Kernels(_builds(_grad_sums_rows), _builds(_grad_sums_stride
 input_grad_kernels = _Kernels(_builds(_input_grad_rows), _builds(_input_grad_strided))
 forward_fused_kernels = _builds(_forward_fused)
 backward_fused_kernels = _builds(_backward_fused)
-forward_two_pass_kernels = _two_pass(_forward_two_pass, {"moments": moments_kernels,
-                                                         "normalize": normalize_kernels})
-backward_two_pass_kernels = _two_pass(_backward_two_pass, {"grad_sums": grad_sums_kernels,
-                                                           "input_grad": input_grad_kernels})
+forward_two_pass_kernels = _two_pass(
+    _forward_two_pass, {"moments": moments_kernels, "normalize": normalize_kernels}
+)
+backward_two_pass_kernels = _two_pass(
+    _backward_two_pass, {"grad_sums": grad_sums_kernels, "input_grad": input_grad_kernels}
+)
 inference_kernels = _two_pass(_inference, {"normalize": normalize_kernels})
-
-
 
 
 @njit(**_EXACT)
@@ -1159,8 +1205,7 @@ def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
 
 
 @njit(**_EXACT)
-def running_values(running_mean, running_var, mean, var, m, momentum, unbiased, new_mean,
-                   new_var):
+def running_values(running_mean, running_var, mean, var, m, momentum, unbiased, new_mean, new_var):
     """``new = (1 - momentum) * running + momentum * batch``, into ``new_mean``/``new_var``.
 
     The running statistics themselves are not written: the caller stores the new values
@@ -1192,8 +1237,12 @@ def running_values(running_mean, running_var, mean, var, m, momentum, unbiased, 
     for c in range(mean.shape[0]):
         new_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
         new_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
-        if not (np.isfinite(mean[c]) and np.isfinite(var[c]) and np.isfinite(new_mean[c])
-                and np.isfinite(new_var[c])):
+        if not (
+            np.isfinite(mean[c])
+            and np.isfinite(var[c])
+            and np.isfinite(new_mean[c])
+            and np.isfinite(new_var[c])
+        ):
             finite = False
     return finite
 
@@ -1206,8 +1255,15 @@ def drivers():
     list of numba Dispatcher
     """
     found = []
-    for kernels in (moments_kernels, normalize_kernels, grad_sums_kernels, input_grad_kernels,
-                    forward_two_pass_kernels, backward_two_pass_kernels, inference_kernels):
+    for kernels in (
+        moments_kernels,
+        normalize_kernels,
+        grad_sums_kernels,
+        input_grad_kernels,
+        forward_two_pass_kernels,
+        backward_two_pass_kernels,
+        inference_kernels,
+    ):
         found += [*kernels.rows, *kernels.strided]
     return found + [*forward_fused_kernels, *backward_fused_kernels]
 
@@ -1216,6 +1272,7 @@ def drivers():
 # Host side: pick the build (serial or parallel) and the fused or two-pass path, allocate
 # the small per-channel buffers. Arguments are checked by fastbn.api.
 # --------------------------------------------------------------------------------------
+
 
 class _Plan(NamedTuple):
     """How a shape is computed: a function of the shape and dtype only.
@@ -1251,8 +1308,9 @@ def _plan_of(shape, itemsize):
         # start it, and when one of them was the first parallel call of a process, the
         # process crashed (numba/numba#8578). numba.get_num_threads() starts it.
         numba.get_num_threads()
-    return _Plan(_chunk(shape, itemsize), serial, _fusable(shape, itemsize, 1),
-                 _fusable(shape, itemsize, 2))
+    return _Plan(
+        _chunk(shape, itemsize), serial, _fusable(shape, itemsize, 1), _fusable(shape, itemsize, 2)
+    )
 
 
 def _plan(x3):
@@ -1294,8 +1352,9 @@ def _chunk(shape, itemsize):
     run_bytes = inner * itemsize
     if run_bytes > _config.CHUNK_BYTES:
         return _config.CHUNK_BYTES // itemsize
-    return inner * max(_config.CHUNK_BYTES // (C * run_bytes),
-                       -(-_config.CHUNK_MIN_CHANNEL_BYTES // run_bytes))
+    return inner * max(
+        _config.CHUNK_BYTES // (C * run_bytes), -(-_config.CHUNK_MIN_CHANNEL_BYTES // run_bytes)
+    )
 
 
 def _fusable(shape, itemsize, arrays):
@@ -1318,10 +1377,12 @@ def _fusable(shape, itemsize, arrays):
     """
     outer, C, inner = shape
     channel = outer * inner * itemsize
-    return (inner > 1  # the fused kernels are of the strided family
-            and inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
-            and channel <= _config.FUSE_BYTES
-            and arrays * C * channel > _config.LLC_BYTES)
+    return (
+        inner > 1  # the fused kernels are of the strided family
+        and inner * itemsize >= _config.FUSE_MIN_RUN_BYTES
+        and channel <= _config.FUSE_BYTES
+        and arrays * C * channel > _config.LLC_BYTES
+    )
 
 
 def moments(x3):
@@ -1378,7 +1439,8 @@ def normalize(x3, coef, relu, y3):
     >>> import numpy as np
     >>> x = np.arange(4.0).reshape(2, 2, 1)
     >>> y = np.empty_like(x)
-    >>> normalize(x, coefficients(np.array([1.0, 2.0]), np.ones(2), np.ones(2), np.zeros(2), x.dtype), False, y)
+    >>> coef = coefficients(np.array([1.0, 2.0]), np.ones(2), np.ones(2), np.zeros(2), x.dtype)
+    >>> normalize(x, coef, False, y)
     >>> y.ravel()
     array([-1., -1.,  1.,  1.])
     """
@@ -1404,8 +1466,9 @@ def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
     >>> y.ravel()
     array([-1.,  1.])
     """
-    _kernel(inference_kernels, x3, _plan(x3))(x3, running_mean, running_var, gamma, beta, eps,
-                                               relu, y3)
+    _kernel(inference_kernels, x3, _plan(x3))(
+        x3, running_mean, running_var, gamma, beta, eps, relu, y3
+    )
 
 
 def _use_fused(fuse, planned, x3):
@@ -1474,7 +1537,8 @@ def grad_sums(dy3, x3, coef, relu):
     --------
     >>> import numpy as np
     >>> x = np.array([[[0.0]], [[2.0]]])
-    >>> grad_sums(np.ones_like(x), x, coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype), False)
+    >>> coef = coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
+    >>> grad_sums(np.ones_like(x), x, coef, False)
     (array([2.]), array([0.]))
     """
     C = x3.shape[1]
@@ -1505,7 +1569,8 @@ def input_grad(dy3, x3, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     >>> x = np.array([[[0.0]], [[2.0]]])
     >>> dx = np.empty_like(x)
     >>> coef = coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
-    >>> input_grad(np.ones_like(x), x, coef, np.array([2.0]), np.array([0.0]), 2, np.ones(1), np.ones(1), False, dx)
+    >>> s_dy, s_dyx = np.array([2.0]), np.array([0.0])
+    >>> input_grad(np.ones_like(x), x, coef, s_dy, s_dyx, 2, np.ones(1), np.ones(1), False, dx)
     >>> dx.ravel()
     array([0., 0.])
     """
@@ -1543,7 +1608,8 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
     >>> import numpy as np
     >>> x = np.array([[[0.0]], [[2.0]]])
     >>> dx = np.empty_like(x)
-    >>> backward(np.array([[[1.0]], [[3.0]]]), x, np.ones(1), np.ones(1), np.ones(1), np.zeros(1), False, dx)
+    >>> dy = np.array([[[1.0]], [[3.0]]])
+    >>> backward(dy, x, np.ones(1), np.ones(1), np.ones(1), np.zeros(1), False, dx)
     (array([2.]), array([4.]))
     """
     grads = np.empty((2, x3.shape[1]), np.float64 if x3.dtype.char == "d" else np.float32)

@@ -52,16 +52,26 @@ import numpy as np
 try:
     from numba import cuda as _nbcuda
 except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError("fastbn's GPU path needs numba-cuda: pip install 'fastbn[cuda]' "
-                      "(or pip install numba-cuda)") from exc
+    raise ImportError(
+        "fastbn's GPU path needs numba-cuda: pip install 'fastbn[cuda]' (or pip install numba-cuda)"
+    ) from exc
 
 from . import _checks, _config
 from . import _cuda_kernels as _kernels
 
 SIMULATOR = _kernels.SIMULATOR
 
-__all__ = ["as_device", "check_nonfinite", "copy_into", "launch_config", "nonfinite_count",
-           "shard_grad_sums", "shard_moments", "to_device", "to_host"]
+__all__ = [
+    "as_device",
+    "check_nonfinite",
+    "copy_into",
+    "launch_config",
+    "nonfinite_count",
+    "shard_grad_sums",
+    "shard_moments",
+    "to_device",
+    "to_host",
+]
 
 NAME = "cuda"
 DEFERRED_NONFINITE = True  # the device updates and counts; check_nonfinite reports
@@ -77,11 +87,14 @@ if SIMULATOR:
     def _simulated_interface(self):
         """``__cuda_array_interface__`` of a simulator array (its memory is host memory)."""
         a = self._ary
-        return {"shape": tuple(a.shape),
-                "strides": None if a.flags.c_contiguous else tuple(a.strides),
-                "typestr": a.dtype.str,
-                "data": (a.ctypes.data if a.size else 0, not a.flags.writeable),
-                "version": 3, "stream": None}
+        return {
+            "shape": tuple(a.shape),
+            "strides": None if a.flags.c_contiguous else tuple(a.strides),
+            "typestr": a.dtype.str,
+            "data": (a.ctypes.data if a.size else 0, not a.flags.writeable),
+            "version": 3,
+            "stream": None,
+        }
 
     # Numba's simulator arrays lack the interface that real device arrays have, so that
     # fastbn.api would take them for host arrays. Give them one: in the simulator, device
@@ -94,10 +107,13 @@ class _HostInterface:
     """An ``__array_interface__`` holder (simulator: a device pointer is a host pointer)."""
 
     def __init__(self, desc, owner):
-        self.__array_interface__ = {"shape": tuple(desc["shape"]),
-                                    "strides": desc.get("strides"),
-                                    "typestr": desc["typestr"],
-                                    "data": (desc["data"][0], False), "version": 3}
+        self.__array_interface__ = {
+            "shape": tuple(desc["shape"]),
+            "strides": desc.get("strides"),
+            "typestr": desc["typestr"],
+            "data": (desc["data"][0], False),
+            "version": 3,
+        }
         self.owner = owner
 
 
@@ -119,6 +135,7 @@ def _from_interface(desc, owner):
 # Arguments
 # --------------------------------------------------------------------------------------
 
+
 class _Arg:
     """A CUDA array argument: its interface, shape, dtype, kind and Numba view.
 
@@ -135,8 +152,9 @@ class _Arg:
     def __init__(self, obj, name):
         desc = getattr(obj, "__cuda_array_interface__", None)
         if desc is None:
-            raise TypeError(f"{name} must be a CUDA array (Numba, CuPy or PyTorch), got "
-                            f"{type(obj).__name__}")
+            raise TypeError(
+                f"{name} must be a CUDA array (Numba, CuPy or PyTorch), got {type(obj).__name__}"
+            )
         self.obj = obj
         self.name = name
         self.desc = desc
@@ -149,12 +167,16 @@ class _Arg:
         self._dev = None
         if not self.dtype.isnative:
             # the kernels read native floats; CuPy and PyTorch have no other byte order
-            raise TypeError(f"{name} must be in native byte order on the GPU, got dtype "
-                            f"{self.dtype.str!r}: convert it with "
-                            f"a.view(a.dtype.newbyteorder()).byteswap() (or on the host)")
+            raise TypeError(
+                f"{name} must be in native byte order on the GPU, got dtype "
+                f"{self.dtype.str!r}: convert it with "
+                f"a.view(a.dtype.newbyteorder()).byteswap() (or on the host)"
+            )
         if any(s % self.dtype.itemsize for s in self.strides):
-            raise ValueError(f"{name} has strides {self.strides} that are not multiples of "
-                             f"its item size {self.dtype.itemsize}")
+            raise ValueError(
+                f"{name} has strides {self.strides} that are not multiples of "
+                f"its item size {self.dtype.itemsize}"
+            )
 
     @property
     def ptr(self):
@@ -180,8 +202,13 @@ class _Arg:
 
     def view(self, shape, strides=None, offset=0):
         """A Numba view of this argument's memory with another shape/strides (bytes)."""
-        desc = {"shape": tuple(shape), "strides": strides, "typestr": self.desc["typestr"],
-                "data": (self.ptr + offset, False), "version": 3}
+        desc = {
+            "shape": tuple(shape),
+            "strides": strides,
+            "typestr": self.desc["typestr"],
+            "data": (self.ptr + offset, False),
+            "version": 3,
+        }
         return _from_interface(desc, self.obj)
 
 
@@ -207,14 +234,17 @@ def _require_gpu():
     except Exception:  # noqa: BLE001 - a broken driver is "no GPU" too
         available = False
     if not available:
-        raise RuntimeError("no CUDA GPU is available (numba.cuda.is_available() is False); "
-                           "use NumPy arrays for the CPU kernels, or set "
-                           "NUMBA_ENABLE_CUDASIM=1 for Numba's (slow) CUDA simulator")
+        raise RuntimeError(
+            "no CUDA GPU is available (numba.cuda.is_available() is False); "
+            "use NumPy arrays for the CPU kernels, or set "
+            "NUMBA_ENABLE_CUDASIM=1 for Numba's (slow) CUDA simulator"
+        )
 
 
 # --------------------------------------------------------------------------------------
 # Devices, streams, memory
 # --------------------------------------------------------------------------------------
+
 
 def _device_index(arg):
     """The GPU of a CuPy/PyTorch array, or None (Numba arrays: the current device)."""
@@ -260,8 +290,10 @@ def _resolve_stream(stream, arg):
             return _nbcuda.default_stream(), 0
         if arg.kind == "torch":
             import torch
+
             return _external(torch.cuda.current_stream(arg.obj.device).cuda_stream)
         import cupy
+
         return _external(cupy.cuda.get_current_stream().ptr)
     if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
         return _external(stream.cuda_stream)
@@ -279,8 +311,10 @@ def _resolve_stream(stream, arg):
         return stream, id(stream)
     if hasattr(stream, "__cuda_stream__"):  # the CUDA stream protocol of other libraries
         return _external(stream.__cuda_stream__()[1])
-    raise TypeError(f"stream must be a Numba, CuPy or PyTorch CUDA stream or an int "
-                    f"handle, got {type(stream).__name__}")
+    raise TypeError(
+        f"stream must be a Numba, CuPy or PyTorch CUDA stream or an int "
+        f"handle, got {type(stream).__name__}"
+    )
 
 
 _TORCH_DTYPES = {}
@@ -295,14 +329,20 @@ def _empty(kind, like, shape, dtype, stream):
     dtype = np.dtype(dtype)
     if kind == "torch":
         import torch
+
         if not _TORCH_DTYPES:
-            _TORCH_DTYPES.update({np.dtype(np.float16): torch.float16,
-                                  np.dtype(np.float32): torch.float32,
-                                  np.dtype(np.float64): torch.float64,
-                                  np.dtype(np.int32): torch.int32})
+            _TORCH_DTYPES.update(
+                {
+                    np.dtype(np.float16): torch.float16,
+                    np.dtype(np.float32): torch.float32,
+                    np.dtype(np.float64): torch.float64,
+                    np.dtype(np.int32): torch.int32,
+                }
+            )
         return torch.empty(tuple(shape), dtype=_TORCH_DTYPES[dtype], device=like.device)
     if kind == "cupy":
         import cupy
+
         with cupy.cuda.Device(like.device.id):
             return cupy.empty(tuple(shape), dtype)
     return _nbcuda.device_array(tuple(shape), dtype, stream=stream)
@@ -353,6 +393,7 @@ def _dummy(device_key):
 # --------------------------------------------------------------------------------------
 # Launch configuration and launches
 # --------------------------------------------------------------------------------------
+
 
 class LaunchConfig(NamedTuple):
     """One partition of ``(outer, C, inner)`` shared by every kernel of an operation.
@@ -411,8 +452,14 @@ def launch_config(shape3, dtype, device_key=0):
     per_thread = _config.CUDA_MIN_VALUES_PER_THREAD
     if inner > 1:
         m = outer * inner
-        nblk = max(1, min(-(-_config.CUDA_TARGET_BLOCKS // C), -(-m // (T * per_thread)),
-                          _config.CUDA_MAX_PARTIALS))
+        nblk = max(
+            1,
+            min(
+                -(-_config.CUDA_TARGET_BLOCKS // C),
+                -(-m // (T * per_thread)),
+                _config.CUDA_MAX_PARTIALS,
+            ),
+        )
         chunk = max(1, -(-m // nblk))
         nblk = max(1, -(-m // chunk))
         return LaunchConfig(1, nblk, chunk, C * nblk, T)
@@ -421,8 +468,14 @@ def launch_config(shape3, dtype, device_key=0):
         width *= 2
     tiles = -(-C // width)
     rows_per_pass = T // width
-    nblk = max(1, min(-(-_config.CUDA_TARGET_BLOCKS // tiles),
-                      -(-outer // (rows_per_pass * per_thread)), _config.CUDA_MAX_PARTIALS))
+    nblk = max(
+        1,
+        min(
+            -(-_config.CUDA_TARGET_BLOCKS // tiles),
+            -(-outer // (rows_per_pass * per_thread)),
+            _config.CUDA_MAX_PARTIALS,
+        ),
+    )
     chunk = max(1, -(-outer // nblk))
     nblk = max(1, -(-outer // chunk))
     return LaunchConfig(width, nblk, chunk, tiles * nblk, T)
@@ -444,6 +497,7 @@ def _compute_dtype(dtype):
 # --------------------------------------------------------------------------------------
 # The canonical view and outputs
 # --------------------------------------------------------------------------------------
+
 
 class _View(NamedTuple):
     """``x3`` (Numba, C-contiguous ``(outer, C, inner)``), the memory order, its shape."""
@@ -499,8 +553,17 @@ def _gather(arg, order, stream):
     buf = _Arg(_empty(arg.kind, arg.obj, shape_t, arg.dtype, stream), arg.name)
     src, offset, strides = _span(arg)
     n = arg.size
-    _launch(_kernels.gather, _copy_grid(n), _kernels.THREADS, stream, src, buf.view((n,)),
-            shape_t, tuple(strides[d] for d in order), offset)
+    _launch(
+        _kernels.gather,
+        _copy_grid(n),
+        _kernels.THREADS,
+        stream,
+        src,
+        buf.view((n,)),
+        shape_t,
+        tuple(strides[d] for d in order),
+        offset,
+    )
     return buf
 
 
@@ -516,7 +579,7 @@ def _canonical(arg, axis, stream, order=None):
             order = tuple(range(arg.ndim))
     shape_t = tuple(arg.shape[d] for d in order)
     p = order.index(axis)
-    shape3 = (math.prod(shape_t[:p]), shape_t[p], math.prod(shape_t[p + 1:]))
+    shape3 = (math.prod(shape_t[:p]), shape_t[p], math.prod(shape_t[p + 1 :]))
     nbytes = arg.size * arg.dtype.itemsize
     if _contiguous_in_order(arg.shape, arg.strides, arg.dtype.itemsize, order):
         return _View(arg.view(shape3), order, shape_t, (arg.ptr, nbytes))
@@ -560,8 +623,9 @@ class _Output:
             self.result = buf.transpose(inverse)
         else:
             strides = buf_arg.strides
-            self.result = buf_arg.view(tuple(view.shape_t[a] for a in inverse),
-                                       tuple(strides[a] for a in inverse))
+            self.result = buf_arg.view(
+                tuple(view.shape_t[a] for a in inverse), tuple(strides[a] for a in inverse)
+            )
 
     @staticmethod
     def _direct(out, view, inputs):
@@ -582,9 +646,17 @@ class _Output:
         if not self.direct:
             dst, offset, strides = _span(self.out)
             n = self.out.size
-            _launch(_kernels.scatter, _copy_grid(n), _kernels.THREADS, self.stream,
-                    self.y3.reshape(n), dst, self.view.shape_t,
-                    tuple(strides[d] for d in self.view.order), offset)
+            _launch(
+                _kernels.scatter,
+                _copy_grid(n),
+                _kernels.THREADS,
+                self.stream,
+                self.y3.reshape(n),
+                dst,
+                self.view.shape_t,
+                tuple(strides[d] for d in self.view.order),
+                offset,
+            )
         return self.out.obj
 
 
@@ -605,6 +677,7 @@ def _dev(arg, device_key):
 # Operations on checked arguments
 # --------------------------------------------------------------------------------------
 
+
 def _setup(x, view):
     """``(device_key, x3, launch config, kernels)`` of an operation on ``view``."""
     device_key = _device_key()
@@ -620,13 +693,24 @@ def _moment_partials(x3, cfg, kernels, work_key, extra, stream):
     n_part = 3 * C * cfg.nblk
     work, ticket = _workspace(work_key, n_part + extra, stream)
     part = work[:n_part].reshape(3, C, cfg.nblk)
-    _launch(kernels.forward_partials, cfg.grid, cfg.threads, stream,
-            x3, cfg.width, cfg.nblk, cfg.chunk, part, ticket)
+    _launch(
+        kernels.forward_partials,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        x3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        part,
+        ticket,
+    )
     return work, part, ticket
 
 
-def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out, stream,
-                      stream_key, running=None):
+def _forward_training(
+    x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out, stream, stream_key, running=None
+):
     """Two launches: statistics partials, then merge + normalize (+ running update).
 
     Parameters
@@ -647,9 +731,8 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
     device_key, x3, cfg, kernels = _setup(x, view)
     C = x3.shape[1]
     n_part = 3 * C * cfg.nblk
-    work, part, ticket = _moment_partials(x3, cfg, kernels, (device_key, stream_key), 2 * C,
-                                          stream)
-    stats = work[n_part:n_part + 2 * C].reshape(2, C)
+    work, part, ticket = _moment_partials(x3, cfg, kernels, (device_key, stream_key), 2 * C, stream)
+    stats = work[n_part : n_part + 2 * C].reshape(2, C)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     dummy = _dummy(device_key)
@@ -660,12 +743,38 @@ def _forward_training(x, view, y3, gamma, beta, eps, relu, mean_out, invstd_out,
     else:
         rm_arg, rv_arg, factor, correction, mode, (limit_mean, limit_var) = running
         update, rm, rv = True, rm_arg.dev, rv_arg.dev
-    _launch(kernels.forward_apply, cfg.grid, cfg.threads, stream,
-            x3, y3, cfg.width, cfg.nblk, cfg.chunk, part, float(eps), g, has_g, b, has_b,
-            bool(relu), mean_out if write_stats else dummy,
-            invstd_out if write_stats else dummy, write_stats, stats, update, rm, rv,
-            float(factor), float(correction), limit_mean, limit_var, ticket,
-            _nonfinite_counter(device_key), mode)
+    _launch(
+        kernels.forward_apply,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        x3,
+        y3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        part,
+        float(eps),
+        g,
+        has_g,
+        b,
+        has_b,
+        bool(relu),
+        mean_out if write_stats else dummy,
+        invstd_out if write_stats else dummy,
+        write_stats,
+        stats,
+        update,
+        rm,
+        rv,
+        float(factor),
+        float(correction),
+        limit_mean,
+        limit_var,
+        ticket,
+        _nonfinite_counter(device_key),
+        mode,
+    )
 
 
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
@@ -673,13 +782,44 @@ def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, s
     device_key, x3, cfg, kernels = _setup(x, view)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
-    _launch(kernels.inference, cfg.grid, cfg.threads, stream, x3, y3, cfg.width, cfg.nblk,
-            cfg.chunk, running_mean.dev, running_var.dev, float(eps), g, has_g, b, has_b,
-            bool(relu))
+    _launch(
+        kernels.inference,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        x3,
+        y3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        running_mean.dev,
+        running_var.dev,
+        float(eps),
+        g,
+        has_g,
+        b,
+        has_b,
+        bool(relu),
+    )
 
 
-def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, dbeta_out,
-              stream, stream_key, sums=None, count=None):
+def _backward(
+    x,
+    view,
+    dy3,
+    dx3,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    relu,
+    dgamma_out,
+    dbeta_out,
+    stream,
+    stream_key,
+    sums=None,
+    count=None,
+):
     """Two launches: partial sums, then merge + dx (+ dgamma/dbeta).
 
     With ``sums`` (float64 device array ``(2, C, 1)``: ``sum dy`` and
@@ -689,19 +829,39 @@ def _backward(x, view, dy3, dx3, mean, invstd, gamma, beta, relu, dgamma_out, db
     device_key, x3, cfg, kernels = _setup(x, view)
     outer, _, inner = x3.shape
     if sums is None:
-        part = _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream,
-                                  stream_key)
+        part = _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, stream_key)
         npart, count = cfg.nblk, outer * inner
     else:
         part, npart = sums, 1
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
     dummy = _dummy(device_key)
-    _launch(kernels.backward_apply, cfg.grid, cfg.threads, stream,
-            dy3, x3, dx3, cfg.width, cfg.nblk, cfg.chunk, part, npart, float(count),
-            mean.dev, invstd.dev, g, has_g, b, has_b, bool(relu),
-            dummy if dgamma_out is None else dgamma_out, dgamma_out is not None,
-            dummy if dbeta_out is None else dbeta_out, dbeta_out is not None)
+    _launch(
+        kernels.backward_apply,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        dy3,
+        x3,
+        dx3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        part,
+        npart,
+        float(count),
+        mean.dev,
+        invstd.dev,
+        g,
+        has_g,
+        b,
+        has_b,
+        bool(relu),
+        dummy if dgamma_out is None else dgamma_out,
+        dgamma_out is not None,
+        dummy if dbeta_out is None else dbeta_out,
+        dbeta_out is not None,
+    )
 
 
 def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, stream_key):
@@ -713,9 +873,25 @@ def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, st
     part = work[:n_part].reshape(2, C, cfg.nblk)
     g, has_g = _dev(gamma, device_key)
     b, has_b = _dev(beta, device_key)
-    _launch(kernels.backward_partials, cfg.grid, cfg.threads, stream,
-            dy3, x3, cfg.width, cfg.nblk, cfg.chunk, mean.dev, invstd.dev, g, has_g,
-            b, has_b, bool(relu), part)
+    _launch(
+        kernels.backward_partials,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        dy3,
+        x3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        mean.dev,
+        invstd.dev,
+        g,
+        has_g,
+        b,
+        has_b,
+        bool(relu),
+        part,
+    )
     return part
 
 
@@ -729,6 +905,7 @@ def _fill(dev, value, stream):
 # Synchronized BatchNorm (comm=): reductions on the device, 2 * C float64 staged on the host
 # --------------------------------------------------------------------------------------
 
+
 def _stage(part, moments, stream):
     """Merge ``part`` per channel on the device and copy the ``(2, C)`` result to the host.
 
@@ -736,8 +913,15 @@ def _stage(part, moments, stream):
     """
     C = part.shape[1]
     out = _nbcuda.device_array((2, C), np.float64, stream=stream)
-    _launch(_kernels.merge_partials, max(1, -(-C // _kernels.THREADS)), _kernels.THREADS,
-            stream, part, bool(moments), out)
+    _launch(
+        _kernels.merge_partials,
+        max(1, -(-C // _kernels.THREADS)),
+        _kernels.THREADS,
+        stream,
+        part,
+        bool(moments),
+        out,
+    )
     host = out.copy_to_host(stream=stream)
     stream.synchronize()
     return host[0].copy(), host[1].copy()
@@ -749,16 +933,25 @@ def _store(dst, values, stream):
         dst = _Arg(dst, "stat")
     if dst.size == 0:
         return
-    src = _nbcuda.to_device(np.ascontiguousarray(values, dtype=dst.dtype).ravel(),
-                            stream=stream)
+    src = _nbcuda.to_device(np.ascontiguousarray(values, dtype=dst.dtype).ravel(), stream=stream)
     span, offset, strides = _span(dst)
-    _launch(_kernels.scatter, _copy_grid(dst.size), _kernels.THREADS, stream, src, span,
-            dst.shape, strides, offset)
+    _launch(
+        _kernels.scatter,
+        _copy_grid(dst.size),
+        _kernels.THREADS,
+        stream,
+        src,
+        span,
+        dst.shape,
+        strides,
+        offset,
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Backend operations (called by fastbn._ops; the same names as fastbn._cpu_backend)
 # --------------------------------------------------------------------------------------
+
 
 def wrap(name, a):
     """A CUDA array argument as an :class:`_Arg` (None stays None)."""
@@ -791,9 +984,8 @@ def scope(x, stream):
 def view(x, axis, st, order=None):
     """The canonical view of ``x`` (an empty one, without memory, for an empty ``x``)."""
     if x.size == 0:
-        shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:]))
-        return _View(_nbcuda.device_array(shape3, x.dtype), tuple(range(x.ndim)), x.shape,
-                     (0, 0))
+        shape3 = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :]))
+        return _View(_nbcuda.device_array(shape3, x.dtype), tuple(range(x.ndim)), x.shape, (0, 0))
     return _canonical(x, axis, st[0], order)
 
 
@@ -846,16 +1038,27 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
         C = v.x3.shape[1]
         mean, mean_dev = _stats_output(x, C, dtype, stream)
         invstd, invstd_dev = _stats_output(x, C, dtype, stream)
-    _forward_training(x, v, dest.y3, gamma, beta, eps, relu, mean_dev, invstd_dev, stream, key,
-                      running)
+    _forward_training(
+        x, v, dest.y3, gamma, beta, eps, relu, mean_dev, invstd_dev, stream, key, running
+    )
     return mean, invstd, None
 
 
 def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st):
     """``y`` from given float64 host statistics: the inference kernel (one launch)."""
     stats64 = _nbcuda.to_device(np.stack([mean, var]), stream=st[0])
-    _inference(x, v, dest.y3, types.SimpleNamespace(dev=stats64[0]),
-               types.SimpleNamespace(dev=stats64[1]), gamma, beta, eps, relu, st[0])
+    _inference(
+        x,
+        v,
+        dest.y3,
+        types.SimpleNamespace(dev=stats64[0]),
+        types.SimpleNamespace(dev=stats64[1]),
+        gamma,
+        beta,
+        eps,
+        relu,
+        st[0],
+    )
 
 
 def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st):
@@ -877,15 +1080,17 @@ def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
     """dx (two launches); returns ``(dgamma, dbeta)`` (None, None without ``grads``)."""
     stream, key = st
     dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, v.x3.shape[1], stream)
-    _backward(x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev, dbeta_dev,
-              stream, key)
+    _backward(
+        x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev, dbeta_dev, stream, key
+    )
     return dgamma, dbeta
 
 
 def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
     """``(sum dy, sum dy * (x - mean))`` per channel (float64 host arrays; synchronizes)."""
-    return _stage(_backward_partials(x, v, dyv.x3, mean, invstd, gamma, beta, relu, *st),
-                  False, st[0])
+    return _stage(
+        _backward_partials(x, v, dyv.x3, mean, invstd, gamma, beta, relu, *st), False, st[0]
+    )
 
 
 def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
@@ -897,8 +1102,23 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     s_dy, s_dyx = sums
     if x.size:
         sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
-        _backward(x, v, dyv.x3, dest.y3, mean, invstd, gamma, beta, relu, dgamma_dev,
-                  dbeta_dev, stream, key, sums=sums_dev, count=count)
+        _backward(
+            x,
+            v,
+            dyv.x3,
+            dest.y3,
+            mean,
+            invstd,
+            gamma,
+            beta,
+            relu,
+            dgamma_dev,
+            dbeta_dev,
+            stream,
+            key,
+            sums=sums_dev,
+            count=count,
+        )
     elif grads is not None:
         _store(dgamma_dev, s_dyx * to_host(invstd).astype(np.float64), stream)
         _store(dbeta_dev, s_dy, stream)
@@ -913,6 +1133,7 @@ def report_nonfinite(st):
 # --------------------------------------------------------------------------------------
 # Non-finite reporting
 # --------------------------------------------------------------------------------------
+
 
 def _take_counts(stream):
     """Read and reset the device's skipped-update counters.
@@ -970,15 +1191,20 @@ def check_nonfinite(stream=None):
     """
     raised, warned = _take_counts(stream)
     if warned:
-        warnings.warn(f"batch statistics were not finite in {warned} GPU training call(s) "
-                      f"(or would overflow the running statistics' dtype); the running "
-                      f"statistics were left unchanged", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"batch statistics were not finite in {warned} GPU training call(s) "
+            f"(or would overflow the running statistics' dtype); the running "
+            f"statistics were left unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if raised:
-        raise FloatingPointError(f"batch statistics were not finite in {raised} GPU training "
-                                 f"call(s) (or would overflow the running statistics' "
-                                 f"dtype); the running statistics were left unchanged "
-                                 f"(pass on_nonfinite='warn' to be warned instead)")
+        raise FloatingPointError(
+            f"batch statistics were not finite in {raised} GPU training "
+            f"call(s) (or would overflow the running statistics' "
+            f"dtype); the running statistics were left unchanged "
+            f"(pass on_nonfinite='warn' to be warned instead)"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -1036,9 +1262,11 @@ def _to_kind(host, kind):
     host = np.ascontiguousarray(host)
     if kind == "torch":
         import torch
+
         return torch.as_tensor(host, device="cuda")
     if kind == "cupy":
         import cupy
+
         return cupy.asarray(host)
     return _nbcuda.to_device(host)
 
@@ -1054,14 +1282,24 @@ def copy_into(device_array, values):
         src = _Arg(values, "values")
         if src.shape != dst.shape:
             raise ValueError(f"values must have shape {dst.shape}, got {src.shape}")
-        if not _contiguous_in_order(dst.shape, dst.strides, dst.dtype.itemsize,
-                                    tuple(range(dst.ndim))):
+        if not _contiguous_in_order(
+            dst.shape, dst.strides, dst.dtype.itemsize, tuple(range(dst.ndim))
+        ):
             raise ValueError("copy_into needs a C-contiguous destination")
         stream = _nbcuda.default_stream()
         if src.size:
             span, offset, strides = _span(src)
-            _launch(_kernels.gather, _copy_grid(src.size), _kernels.THREADS, stream, span,
-                    dst.dev.reshape(dst.size), src.shape, strides, offset)
+            _launch(
+                _kernels.gather,
+                _copy_grid(src.size),
+                _kernels.THREADS,
+                stream,
+                span,
+                dst.dev.reshape(dst.size),
+                src.shape,
+                strides,
+                offset,
+            )
         return device_array
     host = np.ascontiguousarray(np.asarray(values), dtype=dst.dtype)
     if host.shape != dst.shape:

@@ -39,8 +39,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Dataset", "DatasetError", "DATASETS", "load_dataset", "load_idx",
-           "make_synthetic", "search_dirs", "fetch_file", "check_data_dir", "IDX_FILES"]
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "DATASETS",
+    "load_dataset",
+    "load_idx",
+    "make_synthetic",
+    "search_dirs",
+    "fetch_file",
+    "check_data_dir",
+    "IDX_FILES",
+]
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -66,8 +76,10 @@ DATASETS = {
         "sizes": {"train": 60000, "test": 10000},
     },
     "mnist": {
-        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-                    "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        "mirrors": [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ],
         "checksums": {
             "train-images-idx3-ubyte.gz": ("md5", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
             "train-labels-idx1-ubyte.gz": ("md5", "d53e105ee54ea40749a09fcbcd1e9432"),
@@ -233,8 +245,9 @@ def _dataset_info(dataset):
     try:
         return DATASETS[dataset]
     except KeyError:
-        raise ValueError(f"dataset must be one of {sorted(DATASETS) + ['synthetic']}, "
-                         f"got {dataset!r}") from None
+        raise ValueError(
+            f"dataset must be one of {sorted(DATASETS) + ['synthetic']}, got {dataset!r}"
+        ) from None
 
 
 def _read_gzip(path):
@@ -254,13 +267,16 @@ def _read_gzip(path):
         with gzip.open(path, "rb") as f:
             return f.read()
     except PermissionError as exc:
-        raise DatasetError(f"{path}: permission denied (the file exists but this account "
-                           "cannot read it)") from exc
+        raise DatasetError(
+            f"{path}: permission denied (the file exists but this account cannot read it)"
+        ) from exc
     except (OSError, EOFError, zlib.error) as exc:
         # gzip raises BadGzipFile (an OSError) for a wrong header, EOFError for a truncated
         # stream, and zlib.error or OSError for a CRC/length mismatch.
-        raise DatasetError(f"{path}: not a valid gzip file or truncated ({exc}); "
-                           "delete it and let fastbn fetch it again") from exc
+        raise DatasetError(
+            f"{path}: not a valid gzip file or truncated ({exc}); "
+            "delete it and let fastbn fetch it again"
+        ) from exc
 
 
 def load_idx(path, expected_ndim=None):
@@ -300,19 +316,23 @@ def load_idx(path, expected_ndim=None):
         raise DatasetError(f"{path}: IDX header truncated ({len(raw)} bytes)")
     zero0, zero1, type_code, ndim = struct.unpack(">BBBB", raw[:4])
     if zero0 != 0 or zero1 != 0 or type_code != _IDX_UNSIGNED_BYTE or ndim == 0:
-        raise DatasetError(f"{path}: bad IDX magic number {raw[:4].hex()} "
-                           "(expected 000008xx: unsigned bytes)")
+        raise DatasetError(
+            f"{path}: bad IDX magic number {raw[:4].hex()} (expected 000008xx: unsigned bytes)"
+        )
     if expected_ndim is not None and ndim != expected_ndim:
-        raise DatasetError(f"{path}: expected an IDX file with {expected_ndim} dimension(s), "
-                           f"got {ndim}")
+        raise DatasetError(
+            f"{path}: expected an IDX file with {expected_ndim} dimension(s), got {ndim}"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetError(f"{path}: IDX header truncated ({len(raw)} bytes)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     count = int(np.prod(shape, dtype=np.int64))
     if len(raw) - header != count:
-        raise DatasetError(f"{path}: IDX header says shape {shape} ({count} bytes of data), "
-                           f"file holds {len(raw) - header} bytes: truncated or corrupt")
+        raise DatasetError(
+            f"{path}: IDX header says shape {shape} ({count} bytes of data), "
+            f"file holds {len(raw) - header} bytes: truncated or corrupt"
+        )
     return np.frombuffer(raw, dtype=np.uint8, count=count, offset=header).reshape(shape)
 
 
@@ -398,8 +418,9 @@ def fetch_file(filename, dest_dir, base_urls, checksum=None, timeout=30.0):
                 algorithm, expected = checksum
                 got = _checksum(tmp, algorithm)
                 if got != expected.lower():
-                    problems.append(f"{url}: {algorithm} checksum mismatch "
-                                    f"(expected {expected}, got {got})")
+                    problems.append(
+                        f"{url}: {algorithm} checksum mismatch (expected {expected}, got {got})"
+                    )
                     continue
             os.replace(tmp, final)
             return final
@@ -435,8 +456,17 @@ def _locate(dataset, filename, dirs):
     return None
 
 
-def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_urls=None,
-                 checksums=None, cache_dir=None, seed=0, timeout=30.0):
+def load_dataset(
+    name="fashion-mnist",
+    data_dir=None,
+    *,
+    download=True,
+    base_urls=None,
+    checksums=None,
+    cache_dir=None,
+    seed=0,
+    timeout=30.0,
+):
     """Load a dataset as float32 features in ``[0, 1]`` and int64 labels.
 
     Parameters
@@ -471,8 +501,9 @@ def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_url
         Unknown dataset name.
     DatasetError
         ``data_dir`` does not exist, is not a directory or cannot be read; a file cannot
-        be read (permission denied), is corrupt or truncated (the message names it), or a file is missing and
-        could not be downloaded (the message lists every place tried and how to get it).
+        be read (permission denied), is corrupt or truncated (the message names it), or a
+        file is missing and could not be downloaded (the message lists every place tried
+        and how to get it).
 
     Examples
     --------
@@ -486,7 +517,9 @@ def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_url
     if data_dir is not None:
         check_data_dir(data_dir)
     dirs = search_dirs(name, data_dir)
-    cache = os.fspath(cache_dir) if cache_dir is not None else os.path.join(_user_cache_root(), name)
+    cache = (
+        os.fspath(cache_dir) if cache_dir is not None else os.path.join(_user_cache_root(), name)
+    )
     if cache not in dirs:
         # A custom cache takes the default cache's place in the search order.
         dirs.insert(dirs.index(os.path.join(_user_cache_root(), name)), cache)
@@ -509,16 +542,21 @@ def load_dataset(name="fashion-mnist", data_dir=None, *, download=True, base_url
     if missing:
         raise DatasetError(_not_found_message(name, dirs, missing, mirrors, download, info))
 
-    arrays = {key: load_idx(path, 3 if key.endswith("images") else 1)
-              for key, path in paths.items()}
+    arrays = {
+        key: load_idx(path, 3 if key.endswith("images") else 1) for key, path in paths.items()
+    }
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.shape[0] != labels.shape[0]:
-            raise DatasetError(f"{paths[split + '_images']} holds {images.shape[0]} images but "
-                               f"{paths[split + '_labels']} holds {labels.shape[0]} labels")
+            raise DatasetError(
+                f"{paths[split + '_images']} holds {images.shape[0]} images but "
+                f"{paths[split + '_labels']} holds {labels.shape[0]} labels"
+            )
         if labels.size and labels.max() > 9:
-            raise DatasetError(f"{paths[split + '_labels']}: label {int(labels.max())} out of "
-                               "range [0, 9]: corrupt file")
+            raise DatasetError(
+                f"{paths[split + '_labels']}: label {int(labels.max())} out of "
+                "range [0, 9]: corrupt file"
+            )
     dirs_used = sorted({os.path.dirname(p) for p in paths.values()})
     return Dataset(
         name=name,
@@ -567,10 +605,15 @@ def _not_found_message(name, dirs, missing, mirrors, download, info):
         lines.append("Downloading was disabled.")
     options = []
     if info["install_hint"]:
-        options.append(f"{info['install_hint']}   (Debian/Ubuntu; installs the files to "
-                       f"{info['system_dirs'][0]})")
-    options.append("put the four IDX .gz files (" + ", ".join(IDX_FILES.values()) +
-                   ") in a directory and pass it with --data DIR (or set FASTBN_DATA)")
+        options.append(
+            f"{info['install_hint']}   (Debian/Ubuntu; installs the files to "
+            f"{info['system_dirs'][0]})"
+        )
+    options.append(
+        "put the four IDX .gz files ("
+        + ", ".join(IDX_FILES.values())
+        + ") in a directory and pass it with --data DIR (or set FASTBN_DATA)"
+    )
     options.append("use --dataset synthetic for an offline run")
     lines.append("To get the data:")
     lines += [("  " if i == 0 else "  or ") + option for i, option in enumerate(options)]
@@ -625,8 +668,12 @@ def make_synthetic(n_train=6000, n_test=1000, num_features=784, num_classes=10, 
     >>> bool((a.x_train == b.x_train).all()), a.x_train.shape
     (True, (100, 784))
     """
-    for arg, value in (("n_train", n_train), ("n_test", n_test),
-                       ("num_features", num_features), ("num_classes", num_classes)):
+    for arg, value in (
+        ("n_train", n_train),
+        ("n_test", n_test),
+        ("num_features", num_features),
+        ("num_classes", num_classes),
+    ):
         if int(value) < 1:
             raise ValueError(f"{arg} must be >= 1, got {value}")
     rng = np.random.default_rng(seed)

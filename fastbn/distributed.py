@@ -69,7 +69,7 @@ _STATUS, _OPERATION, _KIND, _CHANNELS, _DTYPE, _COUNT = range(6)
 _HEADER = 6
 
 # What a call's payload holds (the kind of statistics it exchanges)
-MOMENTS = 1    # per channel (mean, M2) of x: the training forward
+MOMENTS = 1  # per channel (mean, M2) of x: the training forward
 GRAD_SUMS = 2  # per channel (sum dy, sum dy * (x - mean)): the backward
 _KIND_NAMES = {MOMENTS: "batch moments", GRAD_SUMS: "gradient sums"}
 
@@ -133,8 +133,10 @@ def _on_ranks(table, name_of):
     groups = {}
     for r, row in enumerate(table):
         groups.setdefault(name_of(row), []).append(r)
-    return "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} "
-                     f"{', '.join(map(str, ranks))}" for value, ranks in groups.items())
+    return "; ".join(
+        f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+        for value, ranks in groups.items()
+    )
 
 
 def _operation_name(row):
@@ -160,9 +162,11 @@ def _disagreements(table):
     """
     first = table[0]
     found = []
-    fields = (("the operation", (_OPERATION, _KIND), _operation_name),
-              ("the number of channels", (_CHANNELS,), lambda row: f"C={row[_CHANNELS]}"),
-              ("the dtype", (_DTYPE,), lambda row: _dtype_name(row[_DTYPE])))
+    fields = (
+        ("the operation", (_OPERATION, _KIND), _operation_name),
+        ("the number of channels", (_CHANNELS,), lambda row: f"C={row[_CHANNELS]}"),
+        ("the dtype", (_DTYPE,), lambda row: _dtype_name(row[_DTYPE])),
+    )
     for what, columns, name_of in fields:
         if any(row[c] != first[c] for row in table for c in columns):
             found.append(f"{what} ({_on_ranks(table, name_of)})")
@@ -201,8 +205,10 @@ class EmptyGlobalBatch(Exception):
     """
 
     def __init__(self, where, ranks):
-        super().__init__(f"{where}: the global batch is empty: every one of the {ranks} "
-                         f"ranks holds 0 values per channel")
+        super().__init__(
+            f"{where}: the global batch is empty: every one of the {ranks} "
+            f"ranks holds 0 values per channel"
+        )
         self.ranks = ranks
 
 
@@ -228,13 +234,16 @@ def check_comm(comm):
     TypeError: comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), got object
     """
     if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allgather", "allgather")):
-        raise TypeError(f"comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), "
-                        f"got {type(comm).__name__}")
+        raise TypeError(
+            f"comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD), "
+            f"got {type(comm).__name__}"
+        )
 
 
 # --------------------------------------------------------------------------------------
 # Fixed-order combination of gathered per-rank summaries (pure NumPy, no MPI)
 # --------------------------------------------------------------------------------------
+
 
 def merge_moments(counts, means, m2s):
     """Merge per-rank ``(count, mean, M2)`` summaries in rank order (Chan et al.).
@@ -327,6 +336,7 @@ def sum_in_order(parts):
 # --------------------------------------------------------------------------------------
 # One synchronized call
 # --------------------------------------------------------------------------------------
+
 
 class Sync:
     """A communicator seen by one synchronized call: its collectives and error agreement.
@@ -421,8 +431,9 @@ class Sync:
             Every rank holds 0 values per channel (raised on every rank; no payload
             follows, :func:`synchronized` runs the call without ``comm``).
         """
-        header = np.array([_OK, self.operation, kind, channels, _dtype_code(dtype), count],
-                          dtype=np.int64)
+        header = np.array(
+            [_OK, self.operation, kind, channels, _dtype_code(dtype), count], dtype=np.int64
+        )
         # Python lists: for the few ranks of a typical job, cheaper than NumPy calls
         # (from here until the payload, errors are raised alike: abort() does nothing)
         table = self._allgather_header(header).tolist()
@@ -433,10 +444,12 @@ class Sync:
         if disagreements:
             # the same text on every rank: named after the operation only when all agree
             where = "synchronized BatchNorm" if _differ_in_operation(table) else self.where
-            raise ValueError(f"{where}: the {self.size} ranks of a synchronized call "
-                             f"must make the same call on the same kind of data; they "
-                             f"disagree on {'; '.join(disagreements)} (every rank raises "
-                             f"this error)")
+            raise ValueError(
+                f"{where}: the {self.size} ranks of a synchronized call "
+                f"must make the same call on the same kind of data; they "
+                f"disagree on {'; '.join(disagreements)} (every rank raises "
+                f"this error)"
+            )
         counts = [row[_COUNT] for row in table]
         if not any(counts):  # every rank sees it: none enters the payload
             raise EmptyGlobalBatch(self.where, self.size)
@@ -459,8 +472,7 @@ class Sync:
         exc : BaseException
         """
         if self._next == _NEXT_HEADER:
-            self._allgather_header(np.array([_FAILED, self.operation, 0, -1, 0, 0],
-                                            dtype=np.int64))
+            self._allgather_header(np.array([_FAILED, self.operation, 0, -1, 0, 0], dtype=np.int64))
         elif self._next == _NEXT_PAYLOAD:
             self._allgather_payload(np.zeros(2 * self._channels), _FAILED)
         else:
@@ -496,7 +508,9 @@ class Sync:
             f"{self.where} failed on rank{'s' if len(ranks) > 1 else ''} "
             f"{', '.join(map(str, ranks))} of {self.size} {when} ({details}); rank "
             f"{self.rank} raises too, so that no rank waits forever in a collective",
-            ranks, [errors[r] for r in ranks])
+            ranks,
+            [errors[r] for r in ranks],
+        )
 
     def _exchange(self, kind, C, n_local, local, dtype):
         """Header, this rank's summary, payload: the ``(P, 2, C)`` table and the counts.
@@ -507,8 +521,10 @@ class Sync:
         """
         if self._result is not None:
             if self._result[0] != kind or self._result[1] != C:
-                raise RuntimeError(f"{self.where}: a synchronized call exchanges once; "
-                                   f"it cannot ask for another reduction")
+                raise RuntimeError(
+                    f"{self.where}: a synchronized call exchanges once; "
+                    f"it cannot ask for another reduction"
+                )
             return self._result[2]
         counts = self.agree(C, n_local, kind, dtype)
         values = np.zeros(2 * C)
@@ -548,8 +564,9 @@ class Sync:
             The global batch has no value per channel (on every rank).
         """
         outer, C, inner = x3.shape
-        return self.moments_from_local(C, outer * inner, lambda: cpu.moments(x3),
-                                       dtype=x3.dtype if dtype is None else dtype)
+        return self.moments_from_local(
+            C, outer * inner, lambda: cpu.moments(x3), dtype=x3.dtype if dtype is None else dtype
+        )
 
     def moments_from_local(self, C, n_local, local, dtype=None):
         """:meth:`moments` from this rank's own summary, wherever it was computed.
@@ -602,9 +619,12 @@ class Sync:
             Bitwise identical on every rank. Sets :attr:`count`.
         """
         outer, C, inner = x3.shape
-        return self.grad_sums_from_local(C, outer * inner,
-                                         lambda: cpu.grad_sums(dy3, x3, coef, relu),
-                                         dtype=x3.dtype if dtype is None else dtype)
+        return self.grad_sums_from_local(
+            C,
+            outer * inner,
+            lambda: cpu.grad_sums(dy3, x3, coef, relu),
+            dtype=x3.dtype if dtype is None else dtype,
+        )
 
     def grad_sums_from_local(self, C, n_local, local, dtype=None):
         """:meth:`grad_sums` from this rank's own sums, wherever they were computed.
@@ -633,9 +653,11 @@ class Sync:
     def _check_global_count(self, counts):
         m = sum(counts)
         if m == 1:
-            raise ValueError(f"{self.where}: training needs more than 1 value per channel "
-                             f"in the global batch, got 1 (values per channel on ranks "
-                             f"0..{self.size - 1}: {counts})")
+            raise ValueError(
+                f"{self.where}: training needs more than 1 value per channel "
+                f"in the global batch, got 1 (values per channel on ranks "
+                f"0..{self.size - 1}: {counts})"
+            )
         return m
 
 
@@ -691,5 +713,7 @@ def synchronized(where, when=None):
                 sync.abort(exc)
                 raise
             return fn(*args, comm=None, **kwargs)
+
         return wrapper
+
     return decorate

@@ -70,9 +70,20 @@ class BatchNorm:
     1
     """
 
-    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, activation=None,
-                 running_var_unbiased=True, comm=None):
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=1,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+        activation=None,
+        running_var_unbiased=True,
+        comm=None,
+    ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -112,8 +123,18 @@ class BatchNorm:
         self._saved = None
 
     @classmethod
-    def keras(cls, num_features, *, axis=-1, momentum=0.99, epsilon=1e-3, center=True,
-              scale=True, dtype=np.float32, activation=None):
+    def keras(
+        cls,
+        num_features,
+        *,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        dtype=np.float32,
+        activation=None,
+    ):
         """A layer with the conventions of ``keras.layers.BatchNormalization``.
 
         Keras's ``momentum`` weighs the *old* running value
@@ -145,18 +166,29 @@ class BatchNorm:
         (0.01, 0.001, -1, False)
         """
         if bool(center) != bool(scale):
-            raise ValueError("center and scale must both be True or both False, got "
-                             f"center={center}, scale={scale}")
+            raise ValueError(
+                "center and scale must both be True or both False, got "
+                f"center={center}, scale={scale}"
+            )
         keras_momentum = _checks.check_momentum(momentum, allow_none=False)
-        return cls(num_features, axis=axis, eps=epsilon, momentum=1.0 - keras_momentum,
-                   affine=bool(center), dtype=dtype, activation=activation,
-                   running_var_unbiased=False)
+        return cls(
+            num_features,
+            axis=axis,
+            eps=epsilon,
+            momentum=1.0 - keras_momentum,
+            affine=bool(center),
+            dtype=dtype,
+            activation=activation,
+            running_var_unbiased=False,
+        )
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
-                f"activation={self.activation!r})")
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
+            f"activation={self.activation!r})"
+        )
 
     def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
         return self.forward(x, training=training)
@@ -246,20 +278,38 @@ class BatchNorm:
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         if training or not self.track_running_stats:
             update = training and self.track_running_stats
-            x3 = _cpu_backend.direct_view(x, self.axis, None, self.gamma, self.beta,
-                                          self.running_mean, self.running_var)
-            if (x3 is not None and comm is None and x3.shape[1] == self.num_features
-                    and x3.shape[0] * x3.shape[2] >= 2
-                    and _cpu_backend.direct_options(self.eps, self.activation)):
+            x3 = _cpu_backend.direct_view(
+                x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
+            )
+            if (
+                x3 is not None
+                and comm is None
+                and x3.shape[1] == self.num_features
+                and x3.shape[0] * x3.shape[2] >= 2
+                and _cpu_backend.direct_options(self.eps, self.activation)
+            ):
                 # the direct path (see fastbn.api): the kernels and the rules of the
                 # general one below, on the same view
-                factor = (_ops.momentum_factor(self.momentum, self.num_batches_tracked)
-                          if update else None)
+                factor = (
+                    _ops.momentum_factor(self.momentum, self.num_batches_tracked)
+                    if update
+                    else None
+                )
                 y = np.empty(x.shape, x.dtype)
                 mean, _, invstd = _cpu_backend.direct_train(
-                    x3, y.reshape(x3.shape), self.gamma, self.beta, self.eps,
-                    self.activation == "relu", self.running_mean if update else None,
-                    self.running_var, factor, self.running_var_unbiased, "raise", 2)
+                    x3,
+                    y.reshape(x3.shape),
+                    self.gamma,
+                    self.beta,
+                    self.eps,
+                    self.activation == "relu",
+                    self.running_mean if update else None,
+                    self.running_var,
+                    factor,
+                    self.running_var_unbiased,
+                    "raise",
+                    2,
+                )
                 if update:
                     self.num_batches_tracked += 1
                 self._saved = (x, self.axis % x.ndim, mean, invstd)
@@ -267,28 +317,50 @@ class BatchNorm:
         be = self._backend(x)
         if not training and self.track_running_stats:
             self._saved = None
-            return api.batch_norm_inference(x, self.running_mean, self.running_var,
-                                            self.gamma, self.beta, axis=self.axis,
-                                            eps=self.eps, activation=self.activation)
+            return api.batch_norm_inference(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.gamma,
+                self.beta,
+                axis=self.axis,
+                eps=self.eps,
+                activation=self.activation,
+            )
         x = be.wrap("x", x)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
-        axis, relu = _ops.check_forward_args(x, gamma, beta, self.axis, self.eps, None,
-                                             self.activation)
+        axis, relu = _ops.check_forward_args(
+            x, gamma, beta, self.axis, self.eps, None, self.activation
+        )
         self._check_channels(x, axis)
         running = None
         if training and self.track_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
-            running = _ops.Running(be.wrap_state("running_mean", self.running_mean),
-                                   be.wrap_state("running_var", self.running_var), factor,
-                                   self.running_var_unbiased)
+            running = _ops.Running(
+                be.wrap_state("running_mean", self.running_mean),
+                be.wrap_state("running_var", self.running_var),
+                factor,
+                self.running_var_unbiased,
+            )
         if comm is None:  # with comm the rule applies to the global batch
             _checks.check_batch(x.shape, axis, training=True)
             if x.size == 0:  # like PyTorch: an empty output, the layer's state untouched
                 running = None
         # float64 statistics for the backward
-        y, mean, invstd = _ops.train_forward(be, x, gamma, beta, axis, self.eps, relu, None,
-                                             None, dtype=_FLOAT64,
-                                             running=running, comm=comm)
+        y, mean, invstd = _ops.train_forward(
+            be,
+            x,
+            gamma,
+            beta,
+            axis,
+            self.eps,
+            relu,
+            None,
+            None,
+            dtype=_FLOAT64,
+            running=running,
+            comm=comm,
+        )
         if running is not None:
             self.num_batches_tracked += 1
         self._saved = (be.unwrap(x), axis, mean, invstd)
@@ -329,17 +401,31 @@ class BatchNorm:
     def _backward(self, dy, comm=None):
         """:meth:`backward`; ``comm`` a Sync or None."""
         if self._saved is None:
-            raise RuntimeError("backward() needs a preceding forward(x, training=True) "
-                               "(or a layer without running statistics)")
+            raise RuntimeError(
+                "backward() needs a preceding forward(x, training=True) "
+                "(or a layer without running statistics)"
+            )
         x, axis, mean, invstd = self._saved
-        if (comm is None and type(dy) is np.ndarray and dy.shape == x.shape
-                and dy.dtype == x.dtype and dy.flags.c_contiguous):
+        if (
+            comm is None
+            and type(dy) is np.ndarray
+            and dy.shape == x.shape
+            and dy.dtype == x.dtype
+            and dy.flags.c_contiguous
+        ):
             x3 = _cpu_backend.direct_view(x, axis, None, mean, invstd, self.gamma, self.beta)
             if x3 is not None and x.size:  # the direct path (see fastbn.api)
                 dx = np.empty(x.shape, x.dtype)
                 dgamma, dbeta = _cpu_backend.direct_backward(
-                    dy.reshape(x3.shape), x3, mean, invstd, self.gamma, self.beta,
-                    self.activation == "relu", dx.reshape(x3.shape))
+                    dy.reshape(x3.shape),
+                    x3,
+                    mean,
+                    invstd,
+                    self.gamma,
+                    self.beta,
+                    self.activation == "relu",
+                    dx.reshape(x3.shape),
+                )
                 if self.affine:
                     self.dgamma = dgamma.astype(self.dtype, copy=False)
                     self.dbeta = dbeta.astype(self.dtype, copy=False)
@@ -350,14 +436,27 @@ class BatchNorm:
         dy, x = be.wrap("dy", dy), be.wrap_state("x", x)
         _checks.check_input("dy", dy)
         if dy.shape != x.shape or dy.dtype != x.dtype:
-            raise ValueError(f"dy must have the shape and dtype of the forward's input "
-                             f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
+            raise ValueError(
+                f"dy must have the shape and dtype of the forward's input "
+                f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}"
+            )
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         grads = (gamma, self.dtype) if self.affine else None
-        dx, dgamma, dbeta = _ops.backward(be, dy, x, be.wrap_state("mean", mean),
-                                          be.wrap_state("invstd", invstd), gamma, beta, axis,
-                                          self.activation == "relu", None, None, grads=grads,
-                                          comm=comm)
+        dx, dgamma, dbeta = _ops.backward(
+            be,
+            dy,
+            x,
+            be.wrap_state("mean", mean),
+            be.wrap_state("invstd", invstd),
+            gamma,
+            beta,
+            axis,
+            self.activation == "relu",
+            None,
+            None,
+            grads=grads,
+            comm=comm,
+        )
         if self.affine:
             self.dgamma = dgamma
             self.dbeta = dbeta
@@ -373,22 +472,31 @@ class BatchNorm:
                 return backends.cpu
             on_device = [k for k in self._STATE if _checks.is_cuda_array(getattr(self, k))]
             if on_device:
-                raise TypeError(f"x is a host array ({type(x).__name__}) but the layer is on "
-                                f"the GPU (its {', '.join(on_device)} are CUDA arrays): pass a "
-                                f"CUDA array, or call layer.to('cpu') first")
+                raise TypeError(
+                    f"x is a host array ({type(x).__name__}) but the layer is on "
+                    f"the GPU (its {', '.join(on_device)} are CUDA arrays): pass a "
+                    f"CUDA array, or call layer.to('cpu') first"
+                )
             return backends.cpu
-        on_host = [k for k in self._STATE if getattr(self, k) is not None
-                   and not _checks.is_cuda_array(getattr(self, k))]
+        on_host = [
+            k
+            for k in self._STATE
+            if getattr(self, k) is not None and not _checks.is_cuda_array(getattr(self, k))
+        ]
         if on_host:
-            raise TypeError(f"the layer's {', '.join(on_host)} are on the host but x is a CUDA "
-                            f"array: call layer.to('cuda') (or fastbn.cuda.to_device(layer)) "
-                            f"first")
+            raise TypeError(
+                f"the layer's {', '.join(on_host)} are on the host but x is a CUDA "
+                f"array: call layer.to('cuda') (or fastbn.cuda.to_device(layer)) "
+                f"first"
+            )
         return backends.cuda()
 
     def _check_channels(self, x, axis):
         if x.shape[axis] != self.num_features:
-            raise ValueError(f"x must have {self.num_features} channels along axis "
-                             f"{self.axis}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have {self.num_features} channels along axis "
+                f"{self.axis}, got shape {tuple(x.shape)}"
+            )
 
     def parameters(self) -> list:
         """The trainable arrays and their gradients: ``[(gamma, dgamma), (beta, dbeta)]``.
@@ -461,12 +569,14 @@ class BatchNorm:
         missing = expected - set(state)
         unexpected = set(state) - expected
         if missing or unexpected:
-            raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
+            raise KeyError(
+                f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         # Validate and convert every entry first (in a fixed order), assign only then.
         values = {k: self._state_entry(k, state[k]) for k in self._STATE if k in expected}
-        n = _checks.check_num_batches_tracked(state["num_batches_tracked"],
-                                              "state_dict['num_batches_tracked']")
+        n = _checks.check_num_batches_tracked(
+            state["num_batches_tracked"], "state_dict['num_batches_tracked']"
+        )
         for k, value in values.items():
             current = getattr(self, k)
             backends.backend_of(current).copy_into(current, value)
@@ -482,11 +592,15 @@ class BatchNorm:
         try:
             a = np.asarray(value)
         except Exception as exc:  # noqa: BLE001 - any unconvertible object
-            raise TypeError(f"{name} must be an array of shape ({self.num_features},), got "
-                            f"{type(value).__name__} ({exc})") from None
-        if a.dtype.kind == "O" and all(isinstance(v, (int, float, np.integer, np.floating))
-                                       and not isinstance(v, (bool, np.bool_))
-                                       for v in a.ravel()):
+            raise TypeError(
+                f"{name} must be an array of shape ({self.num_features},), got "
+                f"{type(value).__name__} ({exc})"
+            ) from None
+        if a.dtype.kind == "O" and all(
+            isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_))
+            for v in a.ravel()
+        ):
             a = a.astype(np.float64)
         if a.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be an array of real numbers, got dtype {a.dtype}")
@@ -496,8 +610,10 @@ class BatchNorm:
             converted = a.astype(self.dtype)
         if not np.isfinite(converted).all():
             bad = np.flatnonzero(~np.isfinite(converted))
-            raise ValueError(f"{name} must be finite in {self.dtype}, got {a[bad[0]]!r} at "
-                             f"index {int(bad[0])} ({bad.size} non-finite value(s))")
+            raise ValueError(
+                f"{name} must be finite in {self.dtype}, got {a[bad[0]]!r} at "
+                f"index {int(bad[0])} ({bad.size} non-finite value(s))"
+            )
         return converted
 
 

@@ -34,8 +34,13 @@ def assert_close(actual, expected, rtol, atol, name="result"):
     bad = ~(np.abs(actual - expected) <= atol + rtol * np.abs(expected)) & ~both_nan
     if bad.any():
         idx = np.argwhere(bad)[:8]
-        rows = "\n".join(f"  {tuple(int(i) for i in ix)}: got {actual[tuple(ix)]!r}, "
-                         f"expected {expected[tuple(ix)]!r}" for ix in idx)
+        rows = "\n".join(
+            f"  {tuple(int(i) for i in ix)}: got {actual[tuple(ix)]!r}, "
+            f"expected {expected[tuple(ix)]!r}"
+            for ix in idx
+        )
         err = np.nanmax(np.abs(actual - expected))
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} values differ "
-                             f"(rtol={rtol}, atol={atol}, max abs err {err:.3g}); first:\n{rows}")
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.size} values differ "
+            f"(rtol={rtol}, atol={atol}, max abs err {err:.3g}); first:\n{rows}"
+        )

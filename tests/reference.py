@@ -37,8 +37,9 @@ def forward(x, gamma=None, beta=None, axis=1, eps=1e-5, activation=None):
     return y, mean, invstd, var
 
 
-def inference(x, running_mean, running_var, gamma=None, beta=None, axis=1, eps=1e-5,
-              activation=None):
+def inference(
+    x, running_mean, running_var, gamma=None, beta=None, axis=1, eps=1e-5, activation=None
+):
     """Inference with given statistics, float64."""
     x = np.asarray(x, dtype=np.float64)
     C = x.shape[axis % x.ndim]
@@ -67,8 +68,11 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, axis=1, activation=None
         dy = np.where(pre > 0, dy, 0.0)
     dbeta = dy.sum(axis=red)
     dgamma = (dy * xhat).sum(axis=red)
-    dx = (_bcast(g * np.asarray(invstd, dtype=np.float64), x, axis) / m
-          * (m * dy - _bcast(dbeta, x, axis) - xhat * _bcast(dgamma, x, axis)))
+    dx = (
+        _bcast(g * np.asarray(invstd, dtype=np.float64), x, axis)
+        / m
+        * (m * dy - _bcast(dbeta, x, axis) - xhat * _bcast(dgamma, x, axis))
+    )
     return dx, dgamma, dbeta
 
 

@@ -28,11 +28,11 @@ SHAPES = [
     ((2, 1, 1), 1),
 ]
 MEDIUM = [
-    ((2, 3, 70001), 1),      # strided, channel larger than the fusion limit: 3 chunks
-    ((16, 8, 1001), 1),      # strided, parallel build (fused with kernel_path "fused")
-    ((40001, 5), 1),         # rows, several chunks
-    ((64, 3, 33, 33), -2),   # NHWC-like view of an NCHW block, axis in the middle
-    ((64, 1024, 7), 1),      # strided, short runs, many channels: chunks of 1 KiB per channel
+    ((2, 3, 70001), 1),  # strided, channel larger than the fusion limit: 3 chunks
+    ((16, 8, 1001), 1),  # strided, parallel build (fused with kernel_path "fused")
+    ((40001, 5), 1),  # rows, several chunks
+    ((64, 3, 33, 33), -2),  # NHWC-like view of an NCHW block, axis in the middle
+    ((64, 1024, 7), 1),  # strided, short runs, many channels: chunks of 1 KiB per channel
 ]
 
 
@@ -68,9 +68,12 @@ def test_forward_matches_reference(shape, axis, dtype, kernel_path):
     stats_dtype = np.float64 if dtype == np.float64 else np.float32
     assert mean.dtype == stats_dtype and invstd.dtype == stats_dtype
     assert_close(y, y_ref, **tol(dtype), name="y")
-    assert_close(mean, mean_ref, **tol(np.float64 if dtype == np.float64 else np.float32), name="mean")
-    assert_close(invstd, invstd_ref, **tol(np.float64 if dtype == np.float64 else np.float32),
-                 name="invstd")
+    assert_close(
+        mean, mean_ref, **tol(np.float64 if dtype == np.float64 else np.float32), name="mean"
+    )
+    assert_close(
+        invstd, invstd_ref, **tol(np.float64 if dtype == np.float64 else np.float32), name="invstd"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,7 +115,9 @@ def test_every_layout_gives_the_same_answer(shape, axis):
         # mixed layouts: dy C-ordered, x in this layout
         dx2 = fastbn.batch_norm_backward(dy, xl, mean, invstd, gamma, beta, axis=axis)[0]
         assert_close(dx2, dx_ref, **tol(np.float64), name=f"dx mixed ({name})")
-        yi = fastbn.batch_norm_inference(xl, mean_ref, 1 / invstd_ref**2 - 1e-5, gamma, beta, axis=axis)
+        yi = fastbn.batch_norm_inference(
+            xl, mean_ref, 1 / invstd_ref**2 - 1e-5, gamma, beta, axis=axis
+        )
         assert_close(yi, y_ref, rtol=1e-8, atol=1e-8, name=f"inference ({name})")
 
 
@@ -137,8 +142,12 @@ def test_inference_matches_reference(shape, axis, dtype):
     for activation in (None, "relu"):
         y = fastbn.batch_norm_inference(x, rm, rv, gamma, beta, axis=axis, activation=activation)
         assert y.dtype == x.dtype
-        assert_close(y, ref.inference(x, rm, rv, gamma, beta, axis, activation=activation),
-                     **tol(dtype), name="y")
+        assert_close(
+            y,
+            ref.inference(x, rm, rv, gamma, beta, axis, activation=activation),
+            **tol(dtype),
+            name="y",
+        )
 
 
 def test_inference_of_an_empty_batch():
@@ -148,8 +157,10 @@ def test_inference_of_an_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape,axis", [((6, 4, 5), 1), ((50, 3), 1), ((4, 3, 3, 5), -1),
-                                        ((16, 8, 1001), 1), ((40001, 5), 1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((6, 4, 5), 1), ((50, 3), 1), ((4, 3, 3, 5), -1), ((16, 8, 1001), 1), ((40001, 5), 1)],
+)
 def test_fused_relu_forward_and_backward(shape, axis, dtype, kernel_path):
     rng = np.random.default_rng(4)
     x = make(shape, dtype, rng)
@@ -159,10 +170,12 @@ def test_fused_relu_forward_and_backward(shape, axis, dtype, kernel_path):
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, activation="relu")
     assert_close(y, ref.forward(x, gamma, beta, axis, activation="relu")[0], **tol(dtype), name="y")
     assert (y >= 0).all()
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis,
-                                                   activation="relu")
-    dx_ref, dgamma_ref, dbeta_ref = ref.backward(dy, x, mean, invstd, gamma, beta, axis,
-                                                 activation="relu")
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dy, x, mean, invstd, gamma, beta, axis=axis, activation="relu"
+    )
+    dx_ref, dgamma_ref, dbeta_ref = ref.backward(
+        dy, x, mean, invstd, gamma, beta, axis, activation="relu"
+    )
     assert_close(dx, dx_ref, **tol(dtype), name="dx")
     scale = np.sqrt(x.size // C)
     assert_close(dgamma, dgamma_ref, **tol(dtype, scale), name="dgamma")
@@ -213,8 +226,11 @@ def test_statistics_keep_float64_accuracy(shape, axis, case):
         flat = np.moveaxis(x, axis, 0).reshape(C, -1) if inner > 1 else x.T
         assert chunk < flat.shape[1]
         flat[:, ::chunk] = 1e6
-        x = np.moveaxis(flat.reshape((C, outer, inner)), 0, 1).reshape(shape) if inner > 1 \
+        x = (
+            np.moveaxis(flat.reshape((C, outer, inner)), 0, 1).reshape(shape)
+            if inner > 1
             else flat.T.copy()
+        )
     _, mean, invstd = fastbn.batch_norm_forward(x, axis=axis, eps=1e-300)
     # exact means (rational arithmetic), then the float64 variance around them
     cols = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
@@ -310,10 +326,13 @@ class TestBatchNormFunction:
         rng = np.random.default_rng(14)
         x = make((10, 4), np.float64, rng)
         rm, rv = np.zeros(4), np.ones(4)
-        fastbn.batch_norm(x, rm, rv, training=True, momentum=1 - 0.99, eps=1e-3,
-                          running_var_unbiased=False)
+        fastbn.batch_norm(
+            x, rm, rv, training=True, momentum=1 - 0.99, eps=1e-3, running_var_unbiased=False
+        )
         _, mean, _, var = ref.forward(x, eps=1e-3)
-        exp_m, exp_v = ref.update_running(np.zeros(4), np.ones(4), mean, var, 10, 0.01, unbiased=False)
+        exp_m, exp_v = ref.update_running(
+            np.zeros(4), np.ones(4), mean, var, 10, 0.01, unbiased=False
+        )
         assert_close(rm, exp_m, **tol(np.float64))
         assert_close(rv, exp_v, **tol(np.float64))
 
@@ -345,8 +364,14 @@ def test_cpu_results_bitwise_identical_for_any_thread_count(kernel_path):
 
     rng = np.random.default_rng(18)
     # (64, 1024, 7): short runs and many channels, chunks at _config.CHUNK_MIN_CHANNEL_BYTES
-    cases = [((4, 6, 40001), 1), ((16, 8, 1001), 1), ((50001, 7), 1), ((8, 3, 64, 64), 1),
-             ((30, 20, 20, 9), -1), ((64, 1024, 7), 1)]
+    cases = [
+        ((4, 6, 40001), 1),
+        ((16, 8, 1001), 1),
+        ((50001, 7), 1),
+        ((8, 3, 64, 64), 1),
+        ((30, 20, 20, 9), -1),
+        ((64, 1024, 7), 1),
+    ]
     default = numba.get_num_threads()
     try:
         for shape, axis in cases:
@@ -357,8 +382,9 @@ def test_cpu_results_bitwise_identical_for_any_thread_count(kernel_path):
                 numba.set_num_threads(threads)
                 for _ in range(2):
                     y, mean, invstd = fastbn.batch_norm_forward(x, axis=axis)
-                    dx, dg, db = fastbn.batch_norm_backward(dy, x, mean, invstd, np.ones(shape[axis]),
-                                                            np.zeros(shape[axis]), axis=axis)
+                    dx, dg, db = fastbn.batch_norm_backward(
+                        dy, x, mean, invstd, np.ones(shape[axis]), np.zeros(shape[axis]), axis=axis
+                    )
                     results.append((y, mean, invstd, dx, dg, db))
             for r in results[1:]:
                 for a, b in zip(results[0], r):
@@ -390,13 +416,27 @@ def test_fused_and_two_pass_paths_agree(shape):
     names = ("y", "mean", "var", "invstd", "dx", "dgamma", "dbeta")
     for name, a, b in zip(names, *results):
         # float64 statistics: a few ulps; float32 outputs: one float32 rounding
-        assert_close(a, b, rtol=1e-6 if a.dtype == np.float32 else 1e-12,
-                     atol=1e-6 if a.dtype == np.float32 else 1e-9, name=name)
+        assert_close(
+            a,
+            b,
+            rtol=1e-6 if a.dtype == np.float32 else 1e-12,
+            atol=1e-6 if a.dtype == np.float32 else 1e-9,
+            name=name,
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,axis", [((2, 3), 1), ((7, 3), -1), ((4, 5, 6, 3), -1),
-                                        ((3, 5, 7), 1), ((16, 8, 1001), 1), ((40001, 5), 1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((2, 3), 1),
+        ((7, 3), -1),
+        ((4, 5, 6, 3), -1),
+        ((3, 5, 7), 1),
+        ((16, 8, 1001), 1),
+        ((40001, 5), 1),
+    ],
+)
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_direct_and_general_host_paths_agree_bitwise(shape, axis, dtype, activation):
     """Plain NumPy calls take a direct host path (fastbn.api._direct_view); a NumPy
@@ -416,8 +456,9 @@ def test_direct_and_general_host_paths_agree_bitwise(shape, axis, dtype, activat
         results = []
         for ax in (axis, np.int64(axis)):
             y, mean, invstd = fastbn.batch_norm_forward(x, *gb, axis=ax, activation=activation)
-            grads = fastbn.batch_norm_backward(dy, x, mean, invstd, *gb, axis=ax,
-                                               activation=activation)
+            grads = fastbn.batch_norm_backward(
+                dy, x, mean, invstd, *gb, axis=ax, activation=activation
+            )
             inf = fastbn.batch_norm_inference(x, rm, rv, *gb, axis=ax, activation=activation)
             out = np.empty_like(x)
             fastbn.batch_norm_forward(x, *gb, axis=ax, activation=activation, out=out)
@@ -451,8 +492,10 @@ def test_other_parameter_dtypes_take_the_general_path(param_dtype):
     results = []
     for gamma, beta, rm, rv in (native, other):
         y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
-        results.append((y, mean, invstd, fastbn.batch_norm_inference(x, rm, rv, gamma, beta))
-                       + fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta))
+        results.append(
+            (y, mean, invstd, fastbn.batch_norm_inference(x, rm, rv, gamma, beta))
+            + fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta)
+        )
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
@@ -471,7 +514,7 @@ def test_direct_path_in_place_and_aliasing_out():
     assert y is inplace
     np.testing.assert_array_equal(y, expected)
     buf = np.concatenate([x.ravel(), np.zeros(24, np.float32)])
-    xs, shifted = buf[:x.size].reshape(x.shape), buf[24:].reshape(x.shape)
+    xs, shifted = buf[: x.size].reshape(x.shape), buf[24:].reshape(x.shape)
     assert api._direct_out(shifted, xs, xs) is None
     y, _, _ = fastbn.batch_norm_forward(xs, out=shifted)
     np.testing.assert_array_equal(y, expected)
@@ -488,17 +531,30 @@ def test_per_channel_arrays_of_any_float_dtype():
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
     y64, _, _ = fastbn.batch_norm_forward(x, gamma.astype(np.float64), beta.astype(np.float64))
     np.testing.assert_array_equal(y, y64)
-    grads = fastbn.batch_norm_backward(dy, x, mean.astype(np.float16), invstd.astype(">f8"),
-                                       gamma, beta)
-    grads64 = fastbn.batch_norm_backward(dy, x, mean.astype(np.float16).astype(np.float64),
-                                         invstd.astype(np.float64), gamma.astype(np.float64),
-                                         beta.astype(np.float64))
+    grads = fastbn.batch_norm_backward(
+        dy, x, mean.astype(np.float16), invstd.astype(">f8"), gamma, beta
+    )
+    grads64 = fastbn.batch_norm_backward(
+        dy,
+        x,
+        mean.astype(np.float16).astype(np.float64),
+        invstd.astype(np.float64),
+        gamma.astype(np.float64),
+        beta.astype(np.float64),
+    )
     for a, b in zip(grads, grads64):
         np.testing.assert_array_equal(a, b)
     inf = fastbn.batch_norm_inference(x, rm, rv, gamma, beta)
-    np.testing.assert_array_equal(inf, fastbn.batch_norm_inference(
-        x, rm.astype(np.float64), rv.astype(np.float64), gamma.astype(np.float64),
-        beta.astype(np.float64)))
+    np.testing.assert_array_equal(
+        inf,
+        fastbn.batch_norm_inference(
+            x,
+            rm.astype(np.float64),
+            rv.astype(np.float64),
+            gamma.astype(np.float64),
+            beta.astype(np.float64),
+        ),
+    )
 
 
 def test_kernel_path_fixture_reaches_the_fused_kernels(kernel_path):

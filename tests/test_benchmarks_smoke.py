@@ -56,12 +56,24 @@ def _bench(provider, op, median, case="NCHW-2x3x4x4-float32", device="cpu"):
         "name": f"test_cpu[{case}-{op}-{provider}]",
         "stats": {"median": median, "min": median, "max": median, "rounds": 3},
         "extra_info": {
-            "provider": provider, "op": op, "case": case, "shape": [2, 3, 4, 4],
-            "dtype": "float32", "layout": "NCHW", "axis": 1, "device": device, "threads": 2,
-            "x_bytes": x_bytes, "bytes_moved": moved, "median_s": median,
-            "gbps": moved / median / 1e9, "copy_gbps_same_size": 40.0,
-            "copy_method_same_size": "np.copyto", "copy_gbps_large": 20.0,
-            "copy_method_large": "numba prange x2", "copy_large_bytes": 2**28,
+            "provider": provider,
+            "op": op,
+            "case": case,
+            "shape": [2, 3, 4, 4],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "axis": 1,
+            "device": device,
+            "threads": 2,
+            "x_bytes": x_bytes,
+            "bytes_moved": moved,
+            "median_s": median,
+            "gbps": moved / median / 1e9,
+            "copy_gbps_same_size": 40.0,
+            "copy_method_same_size": "np.copyto",
+            "copy_gbps_large": 20.0,
+            "copy_method_large": "numba prange x2",
+            "copy_large_bytes": 2**28,
         },
     }
 
@@ -76,26 +88,62 @@ def _synthetic():
         ``compile_time`` as ``benchmarks/conftest.py`` and the report add them.
     """
     benchmarks = [
-        _bench("numpy", "forward", 4e-6), _bench("fastbn", "forward", 1e-6),
-        _bench("torch", "forward", 2e-6), _bench("fastbn", "backward", 2e-6),
+        _bench("numpy", "forward", 4e-6),
+        _bench("fastbn", "forward", 1e-6),
+        _bench("torch", "forward", 2e-6),
+        _bench("fastbn", "backward", 2e-6),
         _bench("numpy", "backward", 8e-6),
         {"name": "test_other", "stats": {"median": 1.0}, "extra_info": {}},
     ]
-    warm = {"import_s": 0.4, "first_forward_s": 0.3, "first_backward_s": 0.1,
-            "first_call_s": 0.4, "second_forward_s": 0.001, "second_backward_s": 0.001,
-            "process_s": 1.2}
+    warm = {
+        "import_s": 0.4,
+        "first_forward_s": 0.3,
+        "first_backward_s": 0.1,
+        "first_call_s": 0.4,
+        "second_forward_s": 0.001,
+        "second_backward_s": 0.001,
+        "process_s": 1.2,
+    }
     cold = dict(warm, first_forward_s=5.0, first_backward_s=4.0, first_call_s=9.0)
     return {
-        "machine_info": {"fastbn": {"cpu_model": "Test CPU", "cpu_count": 2, "threads": 2,
-                                    "hostname": "h", "date": "2024-01-01T00:00:00+00:00",
-                                    "cpu_busy_before": 0.0, "cpu_busy_after": 0.0}},
+        "machine_info": {
+            "fastbn": {
+                "cpu_model": "Test CPU",
+                "cpu_count": 2,
+                "threads": 2,
+                "hostname": "h",
+                "date": "2024-01-01T00:00:00+00:00",
+                "cpu_busy_before": 0.0,
+                "cpu_busy_after": 0.0,
+            }
+        },
         "benchmarks": benchmarks,
-        "copy_bandwidth": {"cpu": [{"nbytes": 384, "gbps": 40.0, "method": "np.copyto",
-                                    "threads": 2, "by_method": {"np.copyto": 40.0}}]},
-        "compile_time": {"warm_target_s": 1.0, "repeats": 1, "cases": [
-            {"case": "NCHW-2x3x4x4-float32", "shape": [2, 3, 4, 4], "axis": 1,
-             "dtype": "float32", "cold": cold, "warm": warm,
-             "warm_first_call_under_target": True}]},
+        "copy_bandwidth": {
+            "cpu": [
+                {
+                    "nbytes": 384,
+                    "gbps": 40.0,
+                    "method": "np.copyto",
+                    "threads": 2,
+                    "by_method": {"np.copyto": 40.0},
+                }
+            ]
+        },
+        "compile_time": {
+            "warm_target_s": 1.0,
+            "repeats": 1,
+            "cases": [
+                {
+                    "case": "NCHW-2x3x4x4-float32",
+                    "shape": [2, 3, 4, 4],
+                    "axis": 1,
+                    "dtype": "float32",
+                    "cold": cold,
+                    "warm": warm,
+                    "warm_first_call_under_target": True,
+                }
+            ],
+        },
     }
 
 
@@ -106,8 +154,12 @@ def test_report_tables_from_synthetic_json(report_module, tmp_path):
     data = _synthetic()
     rows = analyse.rows_from_json(data)
     assert [(r["op"], r["provider"]) for r in rows] == [
-        ("forward", "fastbn"), ("forward", "torch"), ("forward", "numpy"),
-        ("backward", "fastbn"), ("backward", "numpy")]
+        ("forward", "fastbn"),
+        ("forward", "torch"),
+        ("forward", "numpy"),
+        ("backward", "fastbn"),
+        ("backward", "numpy"),
+    ]
     forward = rows[0]
     assert forward["gbps"] == pytest.approx(3 * 384 / 1e-6 / 1e9)
     assert forward["frac_copy"] == pytest.approx(forward["gbps"] / 40.0)
@@ -143,9 +195,22 @@ def test_report_cli_reads_json(tmp_path):
     source = tmp_path / "run.json"
     source.write_text(json.dumps(_synthetic()))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", "--json", str(source),
-         "--doc", str(tmp_path / "page.md"), "--img-dir", str(tmp_path / "img")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.report",
+            "--json",
+            str(source),
+            "--doc",
+            str(tmp_path / "page.md"),
+            "--img-dir",
+            str(tmp_path / "img"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "forward" in proc.stdout
     assert (tmp_path / "page.md").exists()
@@ -169,9 +234,25 @@ def test_small_benchmarks_run_untimed(tmp_path):
     """
     env = dict(os.environ, FASTBN_BENCH_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks", "-k", "small or host_overhead",
-         "--benchmark-disable", "-q", "-p", "no:cacheprovider", "-rs"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-k",
+            "small or host_overhead",
+            "--benchmark-disable",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout
     assert "failed" not in proc.stdout
@@ -203,9 +284,10 @@ def _as_numpy(result, axis):
     return tuple(arrays)
 
 
-@pytest.mark.parametrize("layout, shape, axis", [("NCHW", (4, 3, 5, 5), 1),
-                                                 ("NHWC", (4, 5, 5, 3), -1),
-                                                 ("NC", (37, 6), 1)])
+@pytest.mark.parametrize(
+    "layout, shape, axis",
+    [("NCHW", (4, 3, 5, 5), 1), ("NHWC", (4, 5, 5, 3), -1), ("NC", (37, 6), 1)],
+)
 def test_providers_compute_the_same(report_module, layout, shape, axis):
     """fastbn, NumPy and PyTorch providers agree: the suite compares like with like."""
     from benchmarks.cases import CPU_PROVIDERS, OPS, Case, make_inputs
@@ -213,6 +295,7 @@ def test_providers_compute_the_same(report_module, layout, shape, axis):
     providers = ["fastbn", "numpy"]
     try:
         import torch  # noqa: F401
+
         providers.append("torch")
     except ImportError:
         pass
@@ -222,8 +305,9 @@ def test_providers_compute_the_same(report_module, layout, shape, axis):
         outputs = 1 if op in ("forward", "inference") else 3  # y, or (dx, dgamma, dbeta)
         for provider in providers[1:]:
             for mine, theirs in zip(results["fastbn"][:outputs], results[provider][:outputs]):
-                np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=1e-9,
-                                           err_msg=f"{op}: fastbn vs {provider}")
+                np.testing.assert_allclose(
+                    mine, theirs, rtol=1e-9, atol=1e-9, err_msg=f"{op}: fastbn vs {provider}"
+                )
 
 
 def test_interleaved_rounds(report_module, tmp_path):
@@ -232,8 +316,9 @@ def test_interleaved_rounds(report_module, tmp_path):
     pytest.importorskip("torch")
     from benchmarks import interleaved
 
-    result = interleaved.measure(rounds=5, iterations=2, ops=("inference", "backward"),
-                                 progress=None)
+    result = interleaved.measure(
+        rounds=5, iterations=2, ops=("inference", "backward"), progress=None
+    )
     assert list(result["ops"]) == ["inference", "backward"]
     for r in result["ops"].values():
         assert r["fastbn_s"] > 0 and r["torch_s"] > 0 and r["speedup"] > 0

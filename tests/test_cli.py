@@ -26,14 +26,19 @@ FAST = ["--dataset", "synthetic", "--hidden", "8", "--quiet"]
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if the command gets as far as training."""
+
     def fit(*args, **kwargs):
         raise AssertionError("training started although an option is wrong")
+
     monkeypatch.setattr(train_module, "fit", fit)
 
 
 def _child_env(**extra):
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     env.update(extra)
     return env
 
@@ -41,6 +46,7 @@ def _child_env(**extra):
 # --------------------------------------------------------------------------------------
 # Every option is checked before training
 # --------------------------------------------------------------------------------------
+
 
 def test_a_missing_data_dir_is_an_error_before_training(tmp_path, capsys, no_training):
     missing = tmp_path / "missing" / "dir"
@@ -58,17 +64,23 @@ def test_a_data_path_that_is_a_file_or_unreadable(tmp_path, capsys, monkeypatch,
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(data.os, "access",
-                        lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    monkeypatch.setattr(
+        data.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode)
+    )
     assert cli.main(["train", "--data", str(locked)]) == 1
     assert f"{locked}: permission denied" in capsys.readouterr().err
 
 
 def test_missing_data_dir_from_the_command_line(tmp_path):
     missing = tmp_path / "missing" / "dir"
-    result = subprocess.run([sys.executable, "-m", "fastbn", "train", "--data", str(missing)],
-                            capture_output=True, text=True, timeout=120, env=_child_env(),
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastbn", "train", "--data", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_child_env(),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr
     assert str(missing) in result.stderr and "epoch" not in result.stdout
 
@@ -79,11 +91,13 @@ def test_the_dataset_used_is_printed(tmp_path, capsys):
     assert out.splitlines()[0] == "data: synthetic generated (6,000 training, 1,000 test samples)"
 
 
-def test_plot_without_matplotlib_fails_before_training(tmp_path, capsys, monkeypatch,
-                                                       no_training):
+def test_plot_without_matplotlib_fails_before_training(tmp_path, capsys, monkeypatch, no_training):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
     assert cli.main(["train", *FAST, "--plot", str(tmp_path / "c.png")]) == 1
     err = capsys.readouterr().err
     assert "--plot needs matplotlib" in err and _install.install_hint("plot") in err
@@ -134,7 +148,9 @@ def test_help_shows_each_default_once(capsys):
 
 def test_install_hints_follow_the_installation(monkeypatch, tmp_path):
     assert _install.install_hint("plot") in (
-        'pip install -e ".[plot]"', f'pip install -e "{ROOT}[plot]"')
+        'pip install -e ".[plot]"',
+        f'pip install -e "{ROOT}[plot]"',
+    )
     monkeypatch.chdir(tmp_path)
     assert _install.install_hint("mpi") == f'pip install -e "{ROOT}[mpi]"'
     monkeypatch.setattr(_install, "_source_root", lambda: None)
@@ -144,8 +160,11 @@ def test_install_hints_follow_the_installation(monkeypatch, tmp_path):
 
 def test_no_hint_names_a_package_index_fastbn():
     pattern = re.compile(r"""pip install ['"]?fastbn\[""")
-    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-             *sorted((ROOT / "fastbn").rglob("*.py"))]
+    files = [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "fastbn").rglob("*.py")),
+    ]
     offenders = [str(f.relative_to(ROOT)) for f in files if pattern.search(f.read_text())]
     # fastbn/cuda.py belongs to another change; everything else must be clean.
     assert [f for f in offenders if f != "fastbn/cuda.py"] == []
@@ -155,11 +174,17 @@ def test_no_hint_names_a_package_index_fastbn():
 # Checkpoints
 # --------------------------------------------------------------------------------------
 
+
 def _save_small(path):
-    checkpoint.save_checkpoint(path, model_state={"w": np.ones(3)},
-                               optimizer_state={"t": np.array(1)}, epoch=1,
-                               rng_state=np.random.default_rng(0).bit_generator.state,
-                               history=[], config={"seed": 0})
+    checkpoint.save_checkpoint(
+        path,
+        model_state={"w": np.ones(3)},
+        optimizer_state={"t": np.array(1)},
+        epoch=1,
+        rng_state=np.random.default_rng(0).bit_generator.state,
+        history=[],
+        config={"seed": 0},
+    )
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
@@ -188,7 +213,7 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_save(tmp_path):
     gone.wait()
     host = socket.gethostname().replace(".", "_")
     stale = tmp_path / f".ck.npz.{host}.{gone.pid}.abc123.tmp"
-    live = tmp_path / f".ck.npz.{host}.{os.getppid()}.def456.tmp"   # a writer still running
+    live = tmp_path / f".ck.npz.{host}.{os.getppid()}.def456.tmp"  # a writer still running
     other_host = tmp_path / f".ck.npz.elsewhere.{gone.pid}.x.tmp"
     for f in (stale, live, other_host):
         f.write_bytes(b"\0" * 1000)
@@ -199,12 +224,15 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_save(tmp_path):
 
 def test_a_write_killed_by_sigkill_is_cleaned_up(tmp_path):
     ck = tmp_path / "ck.npz"
-    code = (f"import time\nfrom fastbn.nn import checkpoint\n"
-            f"def write(f):\n    f.write(b'x' * 1000)\n    f.flush()\n"
-            f"    print('writing', flush=True)\n    time.sleep(60)\n"
-            f"checkpoint._atomic_replace({str(ck)!r}, write)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             env=_child_env())
+    code = (
+        f"import time\nfrom fastbn.nn import checkpoint\n"
+        f"def write(f):\n    f.write(b'x' * 1000)\n    f.flush()\n"
+        f"    print('writing', flush=True)\n    time.sleep(60)\n"
+        f"checkpoint._atomic_replace({str(ck)!r}, write)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_child_env()
+    )
     assert child.stdout.readline().strip() == "writing"
     child.kill()
     child.wait()
@@ -231,8 +259,9 @@ def real_checkpoint(tmp_path_factory):
     return ck
 
 
-@pytest.mark.parametrize("case", ["number", "no_epoch", "bad_epoch", "no_parameter",
-                                  "bad_rng", "bad_config", "not_npz"])
+@pytest.mark.parametrize(
+    "case", ["number", "no_epoch", "bad_epoch", "no_parameter", "bad_rng", "bad_config", "not_npz"]
+)
 def test_a_malformed_checkpoint_is_a_one_line_error(real_checkpoint, tmp_path, capsys, case):
     with np.load(real_checkpoint, allow_pickle=False) as f:
         meta = json.loads(str(f["meta"]))
@@ -249,8 +278,7 @@ def test_a_malformed_checkpoint_is_a_one_line_error(real_checkpoint, tmp_path, c
     elif case == "bad_rng":
         _rewrite(real_checkpoint, bad, meta=dict(meta, rng_state={"bit_generator": "?"}))
     elif case == "bad_config":
-        _rewrite(real_checkpoint, bad, meta=dict(meta, config=dict(meta["config"],
-                                                                   hidden="x")))
+        _rewrite(real_checkpoint, bad, meta=dict(meta, config=dict(meta["config"], hidden="x")))
     else:
         bad.write_bytes(b"not a zip file")
     assert cli.main(["train", "--resume", str(bad), "--epochs", "3", "--quiet"]) == 1
@@ -259,10 +287,10 @@ def test_a_malformed_checkpoint_is_a_one_line_error(real_checkpoint, tmp_path, c
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_an_unreadable_checkpoint_says_permission_denied(real_checkpoint, capsys,
-                                                         monkeypatch):
+def test_an_unreadable_checkpoint_says_permission_denied(real_checkpoint, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(real_checkpoint))
+
     monkeypatch.setattr(checkpoint.np, "load", refuse)
     assert cli.main(["train", "--resume", str(real_checkpoint), "--epochs", "3"]) == 1
     err = capsys.readouterr().err
@@ -273,13 +301,29 @@ def test_an_unreadable_checkpoint_says_permission_denied(real_checkpoint, capsys
 # The compile notice and Ctrl-C
 # --------------------------------------------------------------------------------------
 
+
 def test_cold_cache_says_compiling_once_and_times_only_training(tmp_path):
     metrics = tmp_path / "m.json"
     result = subprocess.run(
-        [sys.executable, "-m", "fastbn", "train", "--dataset", "synthetic", "--epochs", "1",
-         "--hidden", "8", "--metrics-out", str(metrics)],
-        capture_output=True, text=True, timeout=600,
-        env=_child_env(NUMBA_CACHE_DIR=str(tmp_path / "jit")))
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "--metrics-out",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_child_env(NUMBA_CACHE_DIR=str(tmp_path / "jit")),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(train_module.COMPILE_NOTICE) == 1
     assert re.search(r"kernels compiled in \d+\.\d s", result.stderr)
@@ -290,22 +334,25 @@ def test_cold_cache_says_compiling_once_and_times_only_training(tmp_path):
 
 def test_warm_kernels_are_not_announced(capsys):
     for _ in range(2):
-        assert cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--hidden",
-                         "8"]) == 0
+        assert cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--hidden", "8"]) == 0
     assert train_module.COMPILE_NOTICE not in capsys.readouterr().err
 
 
 def _start_training(tmp_path, *args, cache=None):
     env = _child_env(NUMBA_CACHE_DIR=str(cache)) if cache else _child_env()
-    return subprocess.Popen([sys.executable, "-m", "fastbn", "train", "--dataset", "synthetic",
-                             "--hidden", "8", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastbn", "train", "--dataset", "synthetic", "--hidden", "8", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def test_ctrl_c_while_compiling_exits_130_and_claims_nothing(tmp_path):
     ck = tmp_path / "ck.npz"
-    child = _start_training(tmp_path, "--epochs", "3", "--save", str(ck),
-                            cache=tmp_path / "jit")
+    child = _start_training(tmp_path, "--epochs", "3", "--save", str(ck), cache=tmp_path / "jit")
     try:
         seen = ""
         while train_module.COMPILE_NOTICE not in seen:
@@ -321,8 +368,11 @@ def test_ctrl_c_while_compiling_exits_130_and_claims_nothing(tmp_path):
     assert child.returncode == 130, err
     # The signal lands inside the compiler, or between two of its compilations (the
     # warm-up also runs NumPy code): both end the run at once with a truthful line.
-    assert re.search(r"fastbn train: interrupted( while compiling kernels)?; no checkpoint "
-                     r"was written to " + re.escape(str(ck)), err), err
+    assert re.search(
+        r"fastbn train: interrupted( while compiling kernels)?; no checkpoint "
+        r"was written to " + re.escape(str(ck)),
+        err,
+    ), err
     assert "last completed epoch" not in err and "error" not in err
     assert "Traceback" not in err and "epoch   1/" not in out
     assert not ck.exists()
@@ -351,8 +401,9 @@ def test_a_swallowed_interrupt_still_ends_the_run(monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         except KeyboardInterrupt:
-            pass   # what a library that catches too much does
+            pass  # what a library that catches too much does
         return train_module.History([], {})
+
     monkeypatch.setattr(train_module, "fit", fit)
     assert cli.main(["train", *FAST, "--epochs", "1"]) == 130
     assert capsys.readouterr().err.strip() == "fastbn train: interrupted"
@@ -364,8 +415,10 @@ def test_an_error_caused_by_an_interrupt_is_reported_as_the_interrupt(monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         except KeyboardInterrupt as interrupt:
-            raise RuntimeError("no compiled object yet for <Library '_normalize_serial'>") \
-                from interrupt
+            raise RuntimeError(
+                "no compiled object yet for <Library '_normalize_serial'>"
+            ) from interrupt
+
     monkeypatch.setattr(train_module, "fit", fit)
     assert cli.main(["train", *FAST, "--epochs", "1"]) == 130
     err = capsys.readouterr().err
@@ -379,7 +432,7 @@ def test_self_check_says_compiling_only_when_it_compiles(monkeypatch, capsys):
 
     real_demo = self_check.demo
 
-    def demo(shape, **kwargs):   # a cold cache, in miniature: something really compiles
+    def demo(shape, **kwargs):  # a cold cache, in miniature: something really compiles
         numba.njit(lambda v: v + 1)(1)
         numba.njit(lambda v: v + 2)(1)
         return real_demo((4, 3, 5, 5))

@@ -38,17 +38,25 @@ from helpers import assert_close, tol
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("FASTBN_CONTRACT_CUDA_CHILD") == "1"
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "FASTBN_CUDA_THREADS": "64",
-           "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4", "FASTBN_CUDA_TARGET_BLOCKS": "8",
-           "FASTBN_CUDA_SYNC_NONFINITE": "0"}
+SIM_ENV = {
+    "NUMBA_ENABLE_CUDASIM": "1",
+    "FASTBN_CUDA_THREADS": "64",
+    "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4",
+    "FASTBN_CUDA_TARGET_BLOCKS": "8",
+    "FASTBN_CUDA_SYNC_NONFINITE": "0",
+}
 RUN_CUDA_HERE = CHILD or (not SIMULATED and fastbn.cuda_available())
-needs_cuda = pytest.mark.skipif(not RUN_CUDA_HERE, reason="runs on a GPU or in the "
-                                                          "simulator subprocess")
+needs_cuda = pytest.mark.skipif(
+    not RUN_CUDA_HERE, reason="runs on a GPU or in the simulator subprocess"
+)
 cpu_only = pytest.mark.skipif(CHILD, reason="CPU test: run by the parent process")
 
 DTYPES = [np.float16, np.float32, np.float64]
-SWAPPED = [np.dtype(">f4"), np.dtype(">f8")] if sys.byteorder == "little" else [
-    np.dtype("<f4"), np.dtype("<f8")]
+SWAPPED = (
+    [np.dtype(">f4"), np.dtype(">f8")]
+    if sys.byteorder == "little"
+    else [np.dtype("<f4"), np.dtype("<f8")]
+)
 
 
 def data(shape, dtype, seed=0, offset=3.0, scale=2.0):
@@ -58,8 +66,10 @@ def data(shape, dtype, seed=0, offset=3.0, scale=2.0):
 
 def params(C, dtype, seed=1):
     rng = np.random.default_rng(seed)
-    return ((1.0 + 0.5 * rng.standard_normal(C)).astype(dtype),
-            rng.standard_normal(C).astype(dtype))
+    return (
+        (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype),
+        rng.standard_normal(C).astype(dtype),
+    )
 
 
 def native(dtype):
@@ -70,8 +80,12 @@ def native(dtype):
 # The backward contract: dgamma and dbeta whenever the call is affine
 # --------------------------------------------------------------------------------------
 
-AFFINE_CASES = [("gamma", True, False), ("beta", False, True), ("both", True, True),
-                ("neither", False, False)]
+AFFINE_CASES = [
+    ("gamma", True, False),
+    ("beta", False, True),
+    ("both", True, True),
+    ("neither", False, False),
+]
 
 
 @cpu_only
@@ -122,6 +136,7 @@ def test_layer_gradients_follow_affine(affine):
 # float16 running statistics
 # --------------------------------------------------------------------------------------
 
+
 @cpu_only
 @pytest.mark.parametrize("x_dtype", DTYPES)
 def test_float16_running_statistics_are_updated(x_dtype):
@@ -158,6 +173,7 @@ def test_float16_layer_trains():
 # Byte order, masked arrays, np.matrix
 # --------------------------------------------------------------------------------------
 
+
 @cpu_only
 @pytest.mark.parametrize("swapped", SWAPPED, ids=str)
 def test_byte_swapped_arguments(swapped):
@@ -175,15 +191,15 @@ def test_byte_swapped_arguments(swapped):
     np.testing.assert_array_equal(y_s, y)
     np.testing.assert_array_equal(mean_s, mean)
     grads = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta)
-    grads_s = fastbn.batch_norm_backward(sw(dy), sw(x), sw(mean), sw(invstd), sw(gamma),
-                                         sw(beta))
+    grads_s = fastbn.batch_norm_backward(sw(dy), sw(x), sw(mean), sw(invstd), sw(gamma), sw(beta))
     for a, b in zip(grads, grads_s):
         assert b.dtype.isnative
         np.testing.assert_array_equal(a, b)
     rm, rv = np.zeros(3, nat), np.ones(3, nat)
     y_inf = fastbn.batch_norm_inference(x, rm, rv, gamma, beta)
-    np.testing.assert_array_equal(fastbn.batch_norm_inference(sw(x), sw(rm), sw(rv)),
-                                  fastbn.batch_norm_inference(x, rm, rv))
+    np.testing.assert_array_equal(
+        fastbn.batch_norm_inference(sw(x), sw(rm), sw(rv)), fastbn.batch_norm_inference(x, rm, rv)
+    )
     np.testing.assert_array_equal(fastbn.batch_norm(sw(x), sw(rm), sw(rv), gamma, beta), y_inf)
     # running statistics byte-swapped: updated in place, in the caller's own arrays
     rm_s, rv_s = sw(np.zeros(3, nat)), sw(np.ones(3, nat))
@@ -207,14 +223,22 @@ def _masked(a):
 
 
 @cpu_only
-@pytest.mark.parametrize("target", ["x", "gamma", "out", "running_mean", "dy", "mean",
-                                    "layer_x", "layer_dy", "inference_x"])
+@pytest.mark.parametrize(
+    "target",
+    ["x", "gamma", "out", "running_mean", "dy", "mean", "layer_x", "layer_dy", "inference_x"],
+)
 def test_masked_arrays_are_refused(target):
     x = data((6, 3), np.float32)
     y, mean, invstd = fastbn.batch_norm_forward(x)
-    args = dict(x=x, gamma=np.ones(3, np.float32), out=np.full_like(x, 7),
-                running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32),
-                dy=np.ones_like(x), mean=mean)
+    args = dict(
+        x=x,
+        gamma=np.ones(3, np.float32),
+        out=np.full_like(x, 7),
+        running_mean=np.zeros(3, np.float32),
+        running_var=np.ones(3, np.float32),
+        dy=np.ones_like(x),
+        mean=mean,
+    )
     key = target.split("_", 1)[1] if target.startswith(("layer_", "inference_")) else target
     args[key] = _masked(args[key])
     before = {k: np.array(v) for k, v in args.items()}
@@ -230,8 +254,14 @@ def test_masked_arrays_are_refused(target):
         elif target in ("dy", "mean"):
             fastbn.batch_norm_backward(args["dy"], x, args["mean"], invstd, out=args["out"])
         else:
-            fastbn.batch_norm(args["x"], args["running_mean"], args["running_var"],
-                              args["gamma"], training=True, out=args["out"])
+            fastbn.batch_norm(
+                args["x"],
+                args["running_mean"],
+                args["running_var"],
+                args["gamma"],
+                training=True,
+                out=args["out"],
+            )
     for k, v in before.items():
         np.testing.assert_array_equal(np.asarray(args[k]), v, err_msg=k)
 
@@ -244,20 +274,24 @@ def test_matrix_input():
     assert type(y) is np.ndarray
     np.testing.assert_array_equal(y, e_y)
     np.testing.assert_array_equal(mean, e_mean)
-    dx, _, _ = fastbn.batch_norm_backward(np.asmatrix(np.ones_like(x)), np.asmatrix(x), mean,
-                                          invstd)
-    np.testing.assert_array_equal(dx, fastbn.batch_norm_backward(np.ones_like(x), x, mean,
-                                                                  invstd)[0])
+    dx, _, _ = fastbn.batch_norm_backward(
+        np.asmatrix(np.ones_like(x)), np.asmatrix(x), mean, invstd
+    )
+    np.testing.assert_array_equal(
+        dx, fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd)[0]
+    )
     out = np.asmatrix(np.zeros_like(x))
     assert fastbn.batch_norm_forward(x, out=out)[0] is out
     np.testing.assert_array_equal(np.asarray(out), e_y)
-    np.testing.assert_array_equal(fastbn.BatchNorm(3, dtype=np.float64).forward(
-        np.asmatrix(x), training=True), e_y)
+    np.testing.assert_array_equal(
+        fastbn.BatchNorm(3, dtype=np.float64).forward(np.asmatrix(x), training=True), e_y
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Empty inputs: C = 0, and an empty batch in training
 # --------------------------------------------------------------------------------------
+
 
 @cpu_only
 @pytest.mark.parametrize("shape", [(4, 0), (4, 0, 3), (0, 0), (3, 0, 0)])
@@ -273,8 +307,9 @@ def test_zero_channels(shape):
 
 
 @cpu_only
-@pytest.mark.parametrize("shape, axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 0, 3), -1),
-                                         ((4, 3, 0), 1)])
+@pytest.mark.parametrize(
+    "shape, axis", [((0, 3), 1), ((0, 3, 5), 1), ((2, 0, 3), -1), ((4, 3, 0), 1)]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_batch_in_training(shape, axis, dtype):
     C = shape[axis]
@@ -285,8 +320,12 @@ def test_empty_batch_in_training(shape, axis, dtype):
     rm, rv = np.full(C, 0.5, dtype), np.full(C, 2.0, dtype)
     out = np.empty(shape, dtype)
     assert fastbn.batch_norm(x, rm, rv, training=True, axis=axis, out=out) is out
-    assert fastbn.batch_norm(x, rm, rv, training=True, axis=axis, momentum=None,
-                             num_batches_tracked=0).shape == shape
+    assert (
+        fastbn.batch_norm(
+            x, rm, rv, training=True, axis=axis, momentum=None, num_batches_tracked=0
+        ).shape
+        == shape
+    )
     np.testing.assert_array_equal(rm, np.full(C, 0.5, dtype))
     np.testing.assert_array_equal(rv, np.full(C, 2.0, dtype))
     bn = fastbn.BatchNorm(C, axis=axis, dtype=dtype)
@@ -328,8 +367,11 @@ BAD_SCALARS = [
     (dict(momentum=False), TypeError, "momentum must be a number.*bool"),
     (dict(momentum=float("nan")), ValueError, r"momentum must be in \[0, 1\]"),
     (dict(momentum=None, num_batches_tracked="abc"), TypeError, "num_batches_tracked must be"),
-    (dict(momentum=None, num_batches_tracked=float("nan")), ValueError,
-     "num_batches_tracked must be an integer"),
+    (
+        dict(momentum=None, num_batches_tracked=float("nan")),
+        ValueError,
+        "num_batches_tracked must be an integer",
+    ),
     (dict(momentum=None, num_batches_tracked=1.5), ValueError, "num_batches_tracked"),
     (dict(momentum=None, num_batches_tracked=-1), ValueError, "num_batches_tracked"),
     (dict(momentum=0.1, num_batches_tracked="abc"), TypeError, "num_batches_tracked"),
@@ -361,18 +403,27 @@ def test_numeric_scalars_still_accepted():
     x = data((6, 3), np.float64)
     e = fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=1e-3, momentum=0.5)
     for eps, momentum in [(np.float32(1e-3), np.float64(0.5)), (np.array(1e-3), 0.5)]:
-        y = fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=eps,
-                              momentum=momentum)
+        y = fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=eps, momentum=momentum)
         np.testing.assert_allclose(y, e, rtol=1e-6)
-    fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, momentum=None,
-                      num_batches_tracked=np.int64(3))
+    fastbn.batch_norm(
+        x, np.zeros(3), np.ones(3), training=True, momentum=None, num_batches_tracked=np.int64(3)
+    )
     fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=1)
     torch = pytest.importorskip("torch")
-    fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, eps=torch.tensor(1e-3),
-                      momentum=None, num_batches_tracked=torch.tensor(4))
+    fastbn.batch_norm(
+        x,
+        np.zeros(3),
+        np.ones(3),
+        training=True,
+        eps=torch.tensor(1e-3),
+        momentum=None,
+        num_batches_tracked=torch.tensor(4),
+    )
     bn = fastbn.BatchNorm(3)
-    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.tensor(v)
-             for k, v in bn.state_dict().items()}
+    state = {
+        k: torch.from_numpy(v) if isinstance(v, np.ndarray) else torch.tensor(v)
+        for k, v in bn.state_dict().items()
+    }
     bn.load_state_dict(state)  # a state dict of tensors, as PyTorch keeps them
     assert bn.num_batches_tracked == 0 and type(bn.num_batches_tracked) is int
 
@@ -381,10 +432,19 @@ def test_numeric_scalars_still_accepted():
 # Nothing written before an error
 # --------------------------------------------------------------------------------------
 
+
 @cpu_only
-@pytest.mark.parametrize("bad", ["running_var_shape", "running_var_readonly",
-                                 "running_var_int", "momentum", "on_nonfinite",
-                                 "running_mean_masked"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "running_var_shape",
+        "running_var_readonly",
+        "running_var_int",
+        "momentum",
+        "on_nonfinite",
+        "running_mean_masked",
+    ],
+)
 def test_training_checks_run_before_out_is_written(bad):
     x = data((6, 3), np.float32)
     rm, rv = np.zeros(3, np.float16), np.ones(3, np.float16)
@@ -429,8 +489,7 @@ BAD_STATES = [
 def test_load_state_dict_is_all_or_nothing(key, value, exc, match):
     bn = fastbn.BatchNorm(3)
     before = bn.state_dict()
-    good = {k: (np.full(3, 5.0, np.float32) if k != "num_batches_tracked" else 9)
-            for k in before}
+    good = {k: (np.full(3, 5.0, np.float32) if k != "num_batches_tracked" else 9) for k in before}
     # whichever order the entries come in, a bad one leaves every entry unloaded
     for order in (list(good), list(good)[::-1]):
         state = {k: (value if k == key else good[k]) for k in order}
@@ -445,9 +504,14 @@ def test_load_state_dict_is_all_or_nothing(key, value, exc, match):
 
 
 @cpu_only
-@pytest.mark.parametrize("rs_dtype, x_dtype, scale", [(np.float32, np.float32, 1e20),
-                                                      (np.float16, np.float32, 1e3),
-                                                      (np.float16, np.float16, 1000.0)])
+@pytest.mark.parametrize(
+    "rs_dtype, x_dtype, scale",
+    [
+        (np.float32, np.float32, 1e20),
+        (np.float16, np.float32, 1e3),
+        (np.float16, np.float16, 1000.0),
+    ],
+)
 def test_running_update_that_overflows_is_refused(rs_dtype, x_dtype, scale):
     """float32 data of std 1e20: float64 statistics are finite, the running variance
     (~1e39) is not in float32; float16 running statistics overflow past 65504."""
@@ -479,6 +543,7 @@ def test_running_update_that_overflows_is_refused(rs_dtype, x_dtype, scale):
 # comm=: the backward contract under mpiexec -n 2
 # --------------------------------------------------------------------------------------
 
+
 def find_mpiexec():
     found = shutil.which("mpiexec")
     if found:
@@ -490,23 +555,37 @@ def find_mpiexec():
 def run_mpi(script, ranks, timeout=300):
     """Run ``script`` under ``mpiexec -n ranks``; rank 0's ``RESULT`` JSON (the runner
     pattern of tests/test_distributed.py: a hang is killed and fails the test)."""
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([find_mpiexec(), "-n", str(ranks), sys.executable, str(script)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [find_mpiexec(), "-n", str(ranks), sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s\n"
-                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s\n"
+            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        pytest.fail(f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
-                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        pytest.fail(
+            f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
+            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @cpu_only
@@ -517,22 +596,49 @@ def test_backward_contract_with_comm_on_two_ranks():
         pytest.skip("mpiexec not found")
     result = run_mpi(ROOT / "tests" / "mpi" / "contract_checks.py", 2)
     assert result["size"] == 2
-    failures = [f"rank {rank}: {case}: {problem}"
-                for rank, cases in enumerate(result["ranks"])
-                for case, problem in cases.items() if problem != "ok"]
+    failures = [
+        f"rank {rank}: {case}: {problem}"
+        for rank, cases in enumerate(result["ranks"])
+        for case, problem in cases.items()
+        if problem != "ok"
+    ]
     assert not failures, "\n".join(failures)
-    assert set(result["ranks"][0]) >= {"gamma", "beta", "both", "neither", "layer_affine",
-                                       "layer_not_affine", "empty_shard_gamma"}
+    assert set(result["ranks"][0]) >= {
+        "gamma",
+        "beta",
+        "both",
+        "neither",
+        "layer_affine",
+        "layer_not_affine",
+        "empty_shard_gamma",
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Property-based sweep of the argument space
 # --------------------------------------------------------------------------------------
 
-ARG_NAMES = ("x", "dy", "mean", "invstd", "gamma", "beta", "running_mean", "running_var",
-             "out", "eps", "momentum", "axis", "num_batches_tracked", "on_nonfinite",
-             "batch statistics", "running statistics", "training needs", "num_features",
-             "channels")
+ARG_NAMES = (
+    "x",
+    "dy",
+    "mean",
+    "invstd",
+    "gamma",
+    "beta",
+    "running_mean",
+    "running_var",
+    "out",
+    "eps",
+    "momentum",
+    "axis",
+    "num_batches_tracked",
+    "on_nonfinite",
+    "batch statistics",
+    "running statistics",
+    "training needs",
+    "num_features",
+    "channels",
+)
 ALL_DTYPES = [np.dtype(d) for d in ("<f2", "<f4", "<f8")] + SWAPPED
 GOOD_EPS = [1e-5, 1e-3, 1, np.float32(1e-4), np.float64(0.5)]
 BAD_EPS = [0.0, -1.0, float("nan"), float("inf"), "1e-5", b"1", True, None]
@@ -555,6 +661,7 @@ def _layout(a, kind):
 
 def _sweep_case(draw):
     from hypothesis import strategies as st
+
     op = draw(st.sampled_from(["forward", "backward", "inference", "train", "eval", "layer"]))
     ndim = draw(st.integers(2, 4))
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim)))
@@ -573,8 +680,11 @@ def _sweep_case(draw):
     uses_momentum = op in ("train", "layer")
     case["expect_error"] |= (bad_eps and uses_eps) or (bad_momentum and uses_momentum)
     for name in ("gamma", "beta", "running_mean", "running_var"):
-        kind = draw(st.sampled_from(["none", "good", "good", "wrong_shape"])) \
-            if name in ("gamma", "beta") else draw(st.sampled_from(["good"] * 5 + ["wrong_shape"]))
+        kind = (
+            draw(st.sampled_from(["none", "good", "good", "wrong_shape"]))
+            if name in ("gamma", "beta")
+            else draw(st.sampled_from(["good"] * 5 + ["wrong_shape"]))
+        )
         p_dtype = draw(st.sampled_from(ALL_DTYPES))
         if kind == "none":
             case[name] = None
@@ -584,9 +694,15 @@ def _sweep_case(draw):
         case[name] = (base + 0.1 * np.arange(n)).astype(p_dtype)
         if kind == "wrong_shape":
             case["expect_error"] |= (op != "layer" and name in ("gamma", "beta")) or op in (
-                "inference", "train", "eval")
-    out_kind = draw(st.sampled_from(["none", "none", "fresh", "fresh_swapped", "alias_x",
-                                     "wrong_dtype", "wrong_shape"]))
+                "inference",
+                "train",
+                "eval",
+            )
+    out_kind = draw(
+        st.sampled_from(
+            ["none", "none", "fresh", "fresh_swapped", "alias_x", "wrong_dtype", "wrong_shape"]
+        )
+    )
     case["out_kind"] = out_kind
     if op != "layer":
         if out_kind == "fresh":
@@ -596,8 +712,9 @@ def _sweep_case(draw):
         elif out_kind == "alias_x":
             case["out"] = x
         elif out_kind == "wrong_dtype":
-            case["out"] = np.full(shape, 7, np.float64 if native(dtype) != np.float64
-                                  else np.float32)
+            case["out"] = np.full(
+                shape, 7, np.float64 if native(dtype) != np.float64 else np.float32
+            )
             case["expect_error"] = True
         elif out_kind == "wrong_shape":
             case["out"] = np.full(shape + (1,), 7, native(dtype))
@@ -618,8 +735,11 @@ def _check_case(case):
     op, x, axis, C = case["op"], case["x"], case["axis"], case["C"]
     dtype = native(case["dtype"])
     t = tol(dtype, 10)
-    arrays = {k: case[k] for k in ("x", "gamma", "beta", "running_mean", "running_var", "out")
-              if case.get(k) is not None}
+    arrays = {
+        k: case[k]
+        for k in ("x", "gamma", "beta", "running_mean", "running_var", "out")
+        if case.get(k) is not None
+    }
     before = {k: np.array(v, copy=True) for k, v in arrays.items()}
     x0 = before["x"]
     gamma = None if case["gamma"] is None else case["gamma"].astype(np.float64)
@@ -630,25 +750,48 @@ def _check_case(case):
             warnings.simplefilter("ignore", RuntimeWarning)
             if op == "forward":
                 y, mean, invstd = fastbn.batch_norm_forward(
-                    x, case["gamma"], case["beta"], axis=axis, eps=eps, out=case["out"])
+                    x, case["gamma"], case["beta"], axis=axis, eps=eps, out=case["out"]
+                )
             elif op == "inference":
-                y = fastbn.batch_norm_inference(x, case["running_mean"], case["running_var"],
-                                                case["gamma"], case["beta"], axis=axis, eps=eps,
-                                                out=case["out"])
+                y = fastbn.batch_norm_inference(
+                    x,
+                    case["running_mean"],
+                    case["running_var"],
+                    case["gamma"],
+                    case["beta"],
+                    axis=axis,
+                    eps=eps,
+                    out=case["out"],
+                )
             elif op in ("train", "eval"):
-                y = fastbn.batch_norm(x, case["running_mean"], case["running_var"],
-                                      case["gamma"], case["beta"], training=op == "train",
-                                      momentum=momentum, eps=eps, axis=axis, out=case["out"])
+                y = fastbn.batch_norm(
+                    x,
+                    case["running_mean"],
+                    case["running_var"],
+                    case["gamma"],
+                    case["beta"],
+                    training=op == "train",
+                    momentum=momentum,
+                    eps=eps,
+                    axis=axis,
+                    out=case["out"],
+                )
             elif op == "backward":
                 mean = np.linspace(2.0, 4.0, C) if C else np.zeros(0)
                 invstd = np.linspace(0.3, 0.6, C) if C else np.zeros(0)
                 dy = _layout(data(x.shape, case["dtype"], seed=9, offset=0.0), "C")
                 dx, dgamma, dbeta = fastbn.batch_norm_backward(
-                    dy, x, mean.astype(case["dtype"]), invstd.astype(case["dtype"]),
-                    case["gamma"], case["beta"], axis=axis, out=case["out"])
+                    dy,
+                    x,
+                    mean.astype(case["dtype"]),
+                    invstd.astype(case["dtype"]),
+                    case["gamma"],
+                    case["beta"],
+                    axis=axis,
+                    out=case["out"],
+                )
             else:  # the layer
-                bn = fastbn.BatchNorm(C, axis=axis, eps=eps, momentum=momentum,
-                                      dtype=case["dtype"])
+                bn = fastbn.BatchNorm(C, axis=axis, eps=eps, momentum=momentum, dtype=case["dtype"])
                 y = bn.forward(x, training=True)
                 dy = data(x.shape, dtype, seed=9, offset=0.0)
                 dx = bn.backward(dy)
@@ -667,10 +810,15 @@ def _check_case(case):
             assert not dgamma.any() and not dbeta.any()
         return "ok"
     if op == "backward":
-        e_dx, e_dg, e_db = ref.backward(dy.astype(np.float64), x0.astype(np.float64),
-                                        mean.astype(case["dtype"]).astype(np.float64),
-                                        invstd.astype(case["dtype"]).astype(np.float64),
-                                        gamma, beta, axis=axis)
+        e_dx, e_dg, e_db = ref.backward(
+            dy.astype(np.float64),
+            x0.astype(np.float64),
+            mean.astype(case["dtype"]).astype(np.float64),
+            invstd.astype(case["dtype"]).astype(np.float64),
+            gamma,
+            beta,
+            axis=axis,
+        )
         assert dx.shape == x.shape
         assert dx is case["out"] if case["out"] is not None else dx.dtype == dtype
         assert_close(dx, e_dx, **t, name="dx")
@@ -693,9 +841,15 @@ def _check_case(case):
             np.testing.assert_array_equal(case["running_var"], before["running_var"])
         return "ok"
     if op in ("inference", "eval"):
-        e_y = ref.inference(x0, case["running_mean"].astype(np.float64),
-                            case["running_var"].astype(np.float64), gamma, beta, axis=axis,
-                            eps=float(eps))
+        e_y = ref.inference(
+            x0,
+            case["running_mean"].astype(np.float64),
+            case["running_var"].astype(np.float64),
+            gamma,
+            beta,
+            axis=axis,
+            eps=float(eps),
+        )
     elif op == "layer":
         e_y = ref.forward(x0, None, None, axis=axis, eps=float(eps))[0]
     else:
@@ -706,8 +860,14 @@ def _check_case(case):
         assert_close(invstd, e_invstd, **t, name="invstd")
     if op == "train":
         rm, rv = case["running_mean"], case["running_var"]
-        e_rm, e_rv = ref.update_running(before["running_mean"], before["running_var"],
-                                        e_mean, e_var, x.size // C, float(momentum))
+        e_rm, e_rv = ref.update_running(
+            before["running_mean"],
+            before["running_var"],
+            e_mean,
+            e_var,
+            x.size // C,
+            float(momentum),
+        )
         assert_close(rm, e_rm, **tol(rm.dtype.newbyteorder("="), 10), name="running_mean")
         assert_close(rv, e_rv, **tol(rv.dtype.newbyteorder("="), 10), name="running_var")
     return "ok"
@@ -721,15 +881,21 @@ def test_property_sweep_of_the_argument_space():
 
     outcomes = []
 
-    @settings(max_examples=400, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=400,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(st.data())
     def sweep(d):
         outcomes.append(_check_case(_sweep_case(d.draw)))
 
     sweep()
-    assert outcomes.count("ok") > 50 and outcomes.count("error") > 20, \
-        (outcomes.count("ok"), outcomes.count("error"))
+    assert outcomes.count("ok") > 50 and outcomes.count("error") > 20, (
+        outcomes.count("ok"),
+        outcomes.count("error"),
+    )
     del hypothesis
 
 
@@ -737,16 +903,32 @@ def test_property_sweep_of_the_argument_space():
 # CUDA (simulator child process, or a real GPU)
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(RUN_CUDA_HERE, reason="the CUDA tests run in this process")
 def test_cuda_contract_under_simulator():
     """Run the ``needs_cuda`` tests of this file under the CUDA simulator."""
     pytest.importorskip("numba.cuda")
     env = dict(os.environ, **SIM_ENV, FASTBN_CONTRACT_CUDA_CHILD="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__), "-k", "cuda_ and not under_simulator"],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.abspath(__file__),
+            "-k",
+            "cuda_ and not under_simulator",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"CUDA contract tests failed under the simulator:\n{proc.stdout}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout
 
@@ -885,8 +1067,9 @@ def test_cuda_backward_contract_with_comm(with_gamma, with_beta):
     g = gamma if with_gamma else None
     b = beta if with_beta else None
     _, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(g), dev(b), comm=MPI.COMM_SELF)
-    _, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(g), dev(b),
-                                                  comm=MPI.COMM_SELF)
+    _, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy), dev(x), mean, invstd, dev(g), dev(b), comm=MPI.COMM_SELF
+    )
     if not (with_gamma or with_beta):
         assert dgamma is None and dbeta is None
         return
@@ -900,8 +1083,7 @@ def test_cuda_backward_contract_with_comm(with_gamma, with_beta):
 def test_cuda_layer_load_state_dict_is_all_or_nothing():
     bn = fastbn.BatchNorm(3).to("cuda")
     before = bn.state_dict()
-    state = {k: (np.full(3, 5.0, np.float32) if k != "num_batches_tracked" else 9)
-             for k in before}
+    state = {k: (np.full(3, 5.0, np.float32) if k != "num_batches_tracked" else 9) for k in before}
     state["running_var"] = np.array([None] * 3, dtype=object)
     with pytest.raises(TypeError, match=r"state_dict\['running_var'\]"):
         bn.load_state_dict(state)

@@ -24,9 +24,13 @@ import reference as ref  # noqa: E402
 
 CHILD = os.environ.get("FASTBN_CUDA_TEST_CHILD") == "1"
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "FASTBN_CUDA_THREADS": "64",
-           "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4", "FASTBN_CUDA_TARGET_BLOCKS": "8",
-           "FASTBN_CUDA_SYNC_NONFINITE": "0"}
+SIM_ENV = {
+    "NUMBA_ENABLE_CUDASIM": "1",
+    "FASTBN_CUDA_THREADS": "64",
+    "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4",
+    "FASTBN_CUDA_TARGET_BLOCKS": "8",
+    "FASTBN_CUDA_SYNC_NONFINITE": "0",
+}
 SHARDS = 2
 
 
@@ -48,6 +52,7 @@ if RUN_HERE:
 # The outer test: run this file under the simulator
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(RUN_HERE, reason="the CUDA tests run in this process")
 def test_cuda_suite_under_simulator():
     """Run every test below under the CUDA simulator, in two parallel shards."""
@@ -55,13 +60,34 @@ def test_cuda_suite_under_simulator():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
     for shard in range(SHARDS):
-        env = dict(os.environ, **SIM_ENV, FASTBN_CUDA_TEST_CHILD="1",
-                   FASTBN_CUDA_TEST_SHARD=f"{shard}/{SHARDS}")
+        env = dict(
+            os.environ,
+            **SIM_ENV,
+            FASTBN_CUDA_TEST_CHILD="1",
+            FASTBN_CUDA_TEST_SHARD=f"{shard}/{SHARDS}",
+        )
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-             os.path.abspath(__file__), "-k", "not test_cuda_suite_under_simulator"],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-x",
+                    os.path.abspath(__file__),
+                    "-k",
+                    "not test_cuda_suite_under_simulator",
+                ],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, f"CUDA tests failed under the simulator:\n{out}"
@@ -97,13 +123,16 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
     sigs["forward_apply", data] = (k.forward_apply, (x3, x3, i64, i64, i64, A(f64, 3), f64, p1, b1,
         p1, b1, b1, st, st, b1, A(f64, 2), b1, p1, p1, f64, f64, f64, f64, A(i32, 1), A(i32, 1),
         i64))
-    sigs["inference", data] = (k.inference, (x3, x3, i64, i64, i64, p1, p1, f64, p1, b1, p1, b1, b1))
+    sigs["inference", data] = (k.inference, (x3, x3, i64, i64, i64, p1, p1, f64, p1, b1, p1,
+        b1, b1))
     sigs["backward_partials", data] = (k.backward_partials, (x3, x3, i64, i64, i64, st, st, p1, b1,
         p1, b1, b1, A(f64, 3)))
     sigs["backward_apply", data] = (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), i64,
         f64, st, st, p1, b1, p1, b1, b1, st, b1, st, b1))
-sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4), nt.UniTuple(i64, 4), i64))
-sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3), nt.UniTuple(i64, 3), i64))
+sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4),
+    nt.UniTuple(i64, 4), i64))
+sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3),
+    nt.UniTuple(i64, 3), i64))
 sigs["fill", 0] = (K.fill, (A(nt.float32, 1), f64))
 sigs["merge", 0] = (K.merge_partials, (A(f64, 3), b1, A(f64, 2)))
 sigs["take_counts", 0] = (K.take_counts, (A(i32, 1), A(i32, 1)))
@@ -124,16 +153,21 @@ def test_kernels_compile_for_a_real_gpu():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FASTBN_CUDA_THREADS", None)
-    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode == 3:
         pytest.skip(f"libNVVM not installed: {proc.stdout.strip()[-200:]}")
     assert proc.returncode == 0, proc.stdout
 
 
-needs_cuda = pytest.mark.skipif(not RUN_HERE, reason="runs on a GPU or in the simulator "
-                                                     "subprocess")
+needs_cuda = pytest.mark.skipif(not RUN_HERE, reason="runs on a GPU or in the simulator subprocess")
 
 
 @pytest.fixture(autouse=True)
@@ -163,9 +197,10 @@ def close(actual, expected, dtype, scale=1.0, name="result"):
     bad &= ~(np.isnan(actual) & np.isnan(expected))
     if bad.any():
         idx = np.argwhere(bad)[:5]
-        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.size} differ (tol {t}); first: " +
-                             ", ".join(f"{tuple(i)}: {actual[tuple(i)]!r} vs "
-                                       f"{expected[tuple(i)]!r}" for i in idx))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.size} differ (tol {t}); first: "
+            + ", ".join(f"{tuple(i)}: {actual[tuple(i)]!r} vs {expected[tuple(i)]!r}" for i in idx)
+        )
 
 
 def dev(a):
@@ -203,21 +238,22 @@ def launches(monkeypatch):
 # Layouts: (shape, axis). Strided (inner > 1) and rows (inner == 1) families, C = 1,
 # primes, two rows, C > 32 (two rows tiles, the second partial).
 LAYOUTS = [
-    ((7, 3, 41), 1),          # (N, C, L): strided, 2 blocks per channel, tail chunk
-    ((2, 9, 300), 1),         # strided, 1 block per channel, > 8 values per thread
-    ((4, 3, 5, 7), 1),        # NCHW
-    ((3, 2, 3, 4, 5), 1),     # NCDHW volume
-    ((37, 5), 1),             # (N, C): rows, width 8
-    ((4, 5, 6, 3), -1),       # NHWC: rows
-    ((70, 37), 1),            # C = 37 > 32: two rows tiles, 4 row chunks
-    ((50, 1, 9), 1),          # C = 1, strided
-    ((2, 7), 1),              # 2 rows
+    ((7, 3, 41), 1),  # (N, C, L): strided, 2 blocks per channel, tail chunk
+    ((2, 9, 300), 1),  # strided, 1 block per channel, > 8 values per thread
+    ((4, 3, 5, 7), 1),  # NCHW
+    ((3, 2, 3, 4, 5), 1),  # NCDHW volume
+    ((37, 5), 1),  # (N, C): rows, width 8
+    ((4, 5, 6, 3), -1),  # NHWC: rows
+    ((70, 37), 1),  # C = 37 > 32: two rows tiles, 4 row chunks
+    ((50, 1, 9), 1),  # C = 1, strided
+    ((2, 7), 1),  # 2 rows
 ]
 
 
 # --------------------------------------------------------------------------------------
 # Forward, backward, inference against the reference and the CPU
 # --------------------------------------------------------------------------------------
+
 
 @needs_cuda
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
@@ -238,8 +274,9 @@ def test_forward_backward_layouts(shape, axis):
     close(host(mean), mean_cpu, np.float32, name="mean vs cpu")
 
     dy = data(shape, np.float32, seed=5, offset=0.0)
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
-                                                   dev(beta), axis=axis)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy), dev(x), mean, invstd, dev(gamma), dev(beta), axis=axis
+    )
     dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis)
     m = x.size // C
     close(host(dx), dxr, np.float32, name="dx")
@@ -265,14 +302,20 @@ def test_dtypes(dtype, shape, axis):
     y_cpu = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)[0]
     close(host(y), y_cpu, dtype, name="y vs cpu")
     dy = data(shape, dtype, seed=5, offset=0.0)
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
-                                                   dev(beta), axis=axis)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy), dev(x), mean, invstd, dev(gamma), dev(beta), axis=axis
+    )
     assert dx.dtype == dtype and dgamma.dtype == stats
     dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis)
     m = x.size // C
     close(host(dx), dxr, dtype, scale=4, name="dx")
-    close(host(dbeta), dbr, np.float32 if dtype == np.float16 else dtype, scale=np.sqrt(m),
-          name="dbeta")
+    close(
+        host(dbeta),
+        dbr,
+        np.float32 if dtype == np.float16 else dtype,
+        scale=np.sqrt(m),
+        name="dbeta",
+    )
 
 
 @needs_cuda
@@ -281,21 +324,25 @@ def test_relu_forward_backward(shape, axis):
     x = data(shape, np.float32)
     C = shape[axis]
     gamma, beta = params(C, np.float32)
-    y, mean, invstd = fastbn.batch_norm_forward(dev(x), dev(gamma), dev(beta), axis=axis,
-                                                activation="relu")
+    y, mean, invstd = fastbn.batch_norm_forward(
+        dev(x), dev(gamma), dev(beta), axis=axis, activation="relu"
+    )
     close(host(y), ref.forward(x, gamma, beta, axis, activation="relu")[0], np.float32)
     assert (host(y) >= 0).all()
     dy = data(shape, np.float32, seed=5, offset=0.0)
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(gamma),
-                                                   dev(beta), axis=axis, activation="relu")
-    dxr, dgr, dbr = ref.backward(dy, x, host(mean), host(invstd), gamma, beta, axis,
-                                 activation="relu")
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy), dev(x), mean, invstd, dev(gamma), dev(beta), axis=axis, activation="relu"
+    )
+    dxr, dgr, dbr = ref.backward(
+        dy, x, host(mean), host(invstd), gamma, beta, axis, activation="relu"
+    )
     m = x.size // C
     close(host(dx), dxr, np.float32, name="dx")
     close(host(dgamma), dgr, np.float32, scale=np.sqrt(m), name="dgamma")
     # the mask is recomputed with the forward's formula: where y == 0, dy is dropped
-    dx_cpu, dg_cpu, db_cpu = fastbn.batch_norm_backward(dy, x, host(mean), host(invstd), gamma,
-                                                        beta, axis=axis, activation="relu")
+    dx_cpu, dg_cpu, db_cpu = fastbn.batch_norm_backward(
+        dy, x, host(mean), host(invstd), gamma, beta, axis=axis, activation="relu"
+    )
     close(host(dbeta), db_cpu, np.float32, scale=np.sqrt(m), name="dbeta vs cpu")
 
 
@@ -318,11 +365,15 @@ def test_inference(shape, axis, launches):
     gamma, beta = params(C, np.float32)
     rm = np.linspace(2.0, 4.0, C).astype(np.float32)
     rv = np.linspace(1.0, 5.0, C).astype(np.float32)
-    y = fastbn.batch_norm_inference(dev(x), dev(rm), dev(rv), dev(gamma), dev(beta), axis=axis,
-                                    eps=1e-3, activation="relu")
+    y = fastbn.batch_norm_inference(
+        dev(x), dev(rm), dev(rv), dev(gamma), dev(beta), axis=axis, eps=1e-3, activation="relu"
+    )
     assert len(launches) == 1
-    close(host(y), ref.inference(x, rm, rv, gamma, beta, axis, eps=1e-3, activation="relu"),
-          np.float32)
+    close(
+        host(y),
+        ref.inference(x, rm, rv, gamma, beta, axis, eps=1e-3, activation="relu"),
+        np.float32,
+    )
     y2 = fastbn.batch_norm(dev(x), dev(rm), dev(rv), axis=axis, training=False)
     close(host(y2), ref.inference(x, rm, rv, axis=axis), np.float32)
 
@@ -372,6 +423,7 @@ def test_launch_configuration_has_several_blocks_and_tails():
 # Layouts of inputs and outputs
 # --------------------------------------------------------------------------------------
 
+
 @needs_cuda
 def test_out_in_place_and_other_layout(launches):
     x = data((4, 3, 5, 7), np.float32)
@@ -417,6 +469,7 @@ def test_non_contiguous_inputs(launches):
 # Running statistics and the non-finite guard
 # --------------------------------------------------------------------------------------
 
+
 @needs_cuda
 @pytest.mark.parametrize("momentum, unbiased", [(0.1, True), (None, True), (0.01, False)])
 def test_running_statistics_update(momentum, unbiased):
@@ -424,8 +477,15 @@ def test_running_statistics_update(momentum, unbiased):
     rm = np.linspace(-1, 1, 5).astype(np.float32)
     rv = np.linspace(1, 2, 5).astype(np.float32)
     rmd, rvd = dev(rm), dev(rv)
-    y = fastbn.batch_norm(dev(x), rmd, rvd, training=True, momentum=momentum,
-                          num_batches_tracked=3, running_var_unbiased=unbiased)
+    y = fastbn.batch_norm(
+        dev(x),
+        rmd,
+        rvd,
+        training=True,
+        momentum=momentum,
+        num_batches_tracked=3,
+        running_var_unbiased=unbiased,
+    )
     _, mean, _, var = ref.forward(x)
     factor = 0.25 if momentum is None else momentum
     nm, nv = ref.update_running(rm, rv, mean, var, 37, factor, unbiased)
@@ -464,6 +524,7 @@ def test_nonfinite_batch_leaves_running_statistics_and_is_reported(monkeypatch):
 # --------------------------------------------------------------------------------------
 # The layer on the device
 # --------------------------------------------------------------------------------------
+
 
 @needs_cuda
 def test_layer_on_device_matches_cpu_layer():
@@ -509,6 +570,7 @@ def test_layer_state_on_host_with_device_input_is_a_clear_error():
 # Errors: raised before any launch, nothing written
 # --------------------------------------------------------------------------------------
 
+
 @needs_cuda
 def test_bad_inputs_raise_before_any_launch(launches):
     x = dev(data((6, 3, 5), np.float32))
@@ -530,8 +592,10 @@ def test_bad_inputs_raise_before_any_launch(launches):
         (ValueError, lambda: fastbn.batch_norm(x, rm, None, training=True, out=out)),
         (ValueError, lambda: fastbn.batch_norm(x, rm, rv, training=True, on_nonfinite="x")),
         (ValueError, lambda: fastbn.batch_norm(x, training=False)),
-        (ValueError, lambda: fastbn.batch_norm_backward(dev(np.ones((6, 3), np.float32)), x,
-                                                        rm, rv)),
+        (
+            ValueError,
+            lambda: fastbn.batch_norm_backward(dev(np.ones((6, 3), np.float32)), x, rm, rv),
+        ),
         (TypeError, lambda: fastbn.batch_norm_backward(x, x, None, rv)),
         (TypeError, lambda: fastbn.batch_norm_forward(x, stream="default")),
     ]
@@ -551,8 +615,9 @@ def test_mixed_host_and_device_arguments_raise_type_error(launches):
     with pytest.raises(TypeError, match="host"):
         fastbn.batch_norm_forward(x, dev(np.ones(3, np.float32)))
     with pytest.raises(TypeError, match="host"):
-        fastbn.batch_norm(dev(x), np.zeros(3, np.float32), dev(np.ones(3, np.float32)),
-                          training=True)
+        fastbn.batch_norm(
+            dev(x), np.zeros(3, np.float32), dev(np.ones(3, np.float32)), training=True
+        )
     with pytest.raises(ValueError, match="stream"):
         fastbn.batch_norm_forward(x, stream=cuda.default_stream())
     assert launches == []
@@ -561,6 +626,7 @@ def test_mixed_host_and_device_arguments_raise_type_error(launches):
 # --------------------------------------------------------------------------------------
 # Streams and foreign array kinds
 # --------------------------------------------------------------------------------------
+
 
 @needs_cuda
 def test_explicit_stream():

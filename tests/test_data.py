@@ -71,7 +71,7 @@ class _Server:
 
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
-                if name in truncate:      # promise more bytes than are sent, then hang up
+                if name in truncate:  # promise more bytes than are sent, then hang up
                     body = open(os.path.join(str(directory), name), "rb").read()
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body) + 1000))
@@ -105,12 +105,15 @@ def _md5_table(directory):
 # Parsing and scaling
 # --------------------------------------------------------------------------------------
 
+
 def test_load_from_data_dir_scales_and_flattens(isolated):
     arrays = _make_dataset_dir(isolated / "d")
     ds = data.load_dataset("fashion-mnist", isolated / "d", download=False)
     assert ds.x_train.shape == (12, 784) and ds.x_test.shape == (5, 784)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
-    np.testing.assert_array_equal(ds.x_train, arrays["train_images"].reshape(12, 784) / np.float32(255))
+    np.testing.assert_array_equal(
+        ds.x_train, arrays["train_images"].reshape(12, 784) / np.float32(255)
+    )
     np.testing.assert_array_equal(ds.y_test, arrays["test_labels"])
     assert ds.x_train.min() >= 0 and ds.x_train.max() <= 1
     assert ds.num_classes == 10 and ds.num_features == 784
@@ -123,15 +126,22 @@ def test_load_idx_reads_any_shape(tmp_path):
     np.testing.assert_array_equal(data.load_idx(tmp_path / "a.gz"), array)
 
 
-@pytest.mark.parametrize("case,payload,match", [
-    ("not-gzip", None, "not a valid gzip file"),
-    ("bad-magic", struct.pack(">BBBBI", 0, 0, 0x0D, 1, 3) + b"abc", "bad IDX magic"),
-    ("wrong-ndim", struct.pack(">BBBBII", 0, 0, 8, 2, 1, 3) + b"abc", "expected an IDX file with 1"),
-    ("short-data", struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"abc", "truncated or corrupt"),
-    ("long-data", struct.pack(">BBBBI", 0, 0, 8, 1, 2) + b"abc", "truncated or corrupt"),
-    ("short-header", b"\x00\x00\x08", "header truncated"),
-    ("short-dims", struct.pack(">BBBB", 0, 0, 8, 1) + b"\x00", "header truncated"),
-])
+@pytest.mark.parametrize(
+    "case,payload,match",
+    [
+        ("not-gzip", None, "not a valid gzip file"),
+        ("bad-magic", struct.pack(">BBBBI", 0, 0, 0x0D, 1, 3) + b"abc", "bad IDX magic"),
+        (
+            "wrong-ndim",
+            struct.pack(">BBBBII", 0, 0, 8, 2, 1, 3) + b"abc",
+            "expected an IDX file with 1",
+        ),
+        ("short-data", struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"abc", "truncated or corrupt"),
+        ("long-data", struct.pack(">BBBBI", 0, 0, 8, 1, 2) + b"abc", "truncated or corrupt"),
+        ("short-header", b"\x00\x00\x08", "header truncated"),
+        ("short-dims", struct.pack(">BBBB", 0, 0, 8, 1) + b"\x00", "header truncated"),
+    ],
+)
 def test_corrupt_idx_files_name_the_file(tmp_path, case, payload, match):
     path = tmp_path / f"{case}-idx1-ubyte.gz"
     if payload is None:
@@ -168,13 +178,20 @@ def test_mismatched_counts_and_bad_labels(isolated):
 # Search order
 # --------------------------------------------------------------------------------------
 
+
 def test_search_order(isolated, monkeypatch):
     monkeypatch.setenv("FASTBN_DATA", "/env")
     dirs = data.search_dirs("fashion-mnist", "/given")
     home = os.environ["HOME"]
-    assert dirs == ["/given", "/given/fashion-mnist", "/env", "/env/fashion-mnist",
-                    f"{home}/.cache/fashion-mnist".replace(".cache/", ".cache/fastbn/"),
-                    str(isolated / "nowhere"), f"{home}/.keras/datasets/fashion-mnist"]
+    assert dirs == [
+        "/given",
+        "/given/fashion-mnist",
+        "/env",
+        "/env/fashion-mnist",
+        f"{home}/.cache/fashion-mnist".replace(".cache/", ".cache/fastbn/"),
+        str(isolated / "nowhere"),
+        f"{home}/.keras/datasets/fashion-mnist",
+    ]
 
 
 def test_real_search_dirs_include_debian_and_keras(monkeypatch):
@@ -220,8 +237,9 @@ def test_a_bad_data_dir_is_an_error_naming_it(isolated, monkeypatch):
     locked = isolated / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(data.os, "access",
-                        lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    monkeypatch.setattr(
+        data.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode)
+    )
     with pytest.raises(data.DatasetError, match=f"{locked}: permission denied"):
         data.load_dataset("fashion-mnist", locked, download=False)
     # Without data_dir the other places are still searched.
@@ -246,8 +264,10 @@ def test_an_unreadable_idx_file_says_permission_denied(isolated, monkeypatch):
     assert "gzip" not in str(info.value) and "delete it" not in str(info.value)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root reads every file: the mode cannot make one unreadable")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root reads every file: the mode cannot make one unreadable",
+)
 def test_an_unreadable_idx_file_for_real(isolated):
     directory = isolated / "d"
     _make_dataset_dir(directory)
@@ -265,19 +285,30 @@ def test_unknown_dataset_name():
 # Downloads from a local HTTP server
 # --------------------------------------------------------------------------------------
 
+
 def test_download_from_local_server_into_cache(isolated):
     served = isolated / "srv" / "mirror"
     arrays = _make_dataset_dir(served)
     cache = isolated / "cache"
     with _Server(isolated / "srv") as server:
-        ds = data.load_dataset("fashion-mnist", isolated / "empty", base_urls=[server.url],
-                               checksums=_md5_table(served), cache_dir=cache)
+        ds = data.load_dataset(
+            "fashion-mnist",
+            isolated / "empty",
+            base_urls=[server.url],
+            checksums=_md5_table(served),
+            cache_dir=cache,
+        )
     np.testing.assert_array_equal(ds.y_train, arrays["train_labels"])
-    assert sorted(os.listdir(cache)) == sorted(FILES.values())   # no temporary files left
+    assert sorted(os.listdir(cache)) == sorted(FILES.values())  # no temporary files left
     assert ds.source == str(cache)
     # A second load finds the cached files without any server.
-    again = data.load_dataset("fashion-mnist", isolated / "empty", cache_dir=cache,
-                              base_urls=["http://127.0.0.1:9/"], download=True)
+    again = data.load_dataset(
+        "fashion-mnist",
+        isolated / "empty",
+        cache_dir=cache,
+        base_urls=["http://127.0.0.1:9/"],
+        download=True,
+    )
     np.testing.assert_array_equal(again.x_test, ds.x_test)
 
 
@@ -285,10 +316,11 @@ def test_download_falls_back_to_the_next_mirror(isolated):
     served = isolated / "srv" / "mirror"
     _make_dataset_dir(served)
     with _Server(isolated / "srv") as server:
-        ds = data.load_dataset("mnist", base_urls=[server.url + "missing/", server.url],
-                               checksums=_md5_table(served))
+        ds = data.load_dataset(
+            "mnist", base_urls=[server.url + "missing/", server.url], checksums=_md5_table(served)
+        )
     assert ds.x_train.shape == (12, 784)
-    assert "fastbn" in ds.source      # went to the default user cache
+    assert "fastbn" in ds.source  # went to the default user cache
 
 
 def test_checksum_mismatch_keeps_nothing(isolated):
@@ -299,8 +331,13 @@ def test_checksum_mismatch_keeps_nothing(isolated):
     cache = isolated / "cache"
     with _Server(isolated / "srv") as server:
         with pytest.raises(data.DatasetError) as info:
-            data.load_dataset("fashion-mnist", isolated / "empty", base_urls=[server.url],
-                              checksums=table, cache_dir=cache)
+            data.load_dataset(
+                "fashion-mnist",
+                isolated / "empty",
+                base_urls=[server.url],
+                checksums=table,
+                cache_dir=cache,
+            )
     message = str(info.value)
     assert "md5 checksum mismatch" in message and FILES["train_images"] in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -314,8 +351,14 @@ def test_interrupted_download_leaves_no_partial_file(isolated):
     cache = isolated / "cache"
     with _Server(isolated / "srv", truncate={FILES["test_images"]}) as server:
         with pytest.raises(data.DatasetError, match=FILES["test_images"]):
-            data.load_dataset("fashion-mnist", isolated / "empty", base_urls=[server.url],
-                              checksums={}, cache_dir=cache, timeout=5)
+            data.load_dataset(
+                "fashion-mnist",
+                isolated / "empty",
+                base_urls=[server.url],
+                checksums={},
+                cache_dir=cache,
+                timeout=5,
+            )
     assert sorted(os.listdir(cache)) == sorted(set(FILES.values()) - {FILES["test_images"]})
 
 
@@ -342,6 +385,7 @@ def test_fetch_file_verifies_sha256(tmp_path):
 # Synthetic and real data
 # --------------------------------------------------------------------------------------
 
+
 def test_synthetic_is_deterministic_and_valid():
     a, b, c = (data.make_synthetic(200, 50, seed=s) for s in (1, 1, 2))
     np.testing.assert_array_equal(a.x_train, b.x_train)
@@ -353,8 +397,10 @@ def test_synthetic_is_deterministic_and_valid():
         data.make_synthetic(0)
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist_files_of_the_debian_package():
     # The test split only (the training images take seconds to decompress).
     root = "/usr/share/datasets/fashion-mnist"
@@ -362,4 +408,4 @@ def test_real_fashion_mnist_files_of_the_debian_package():
     labels = data.load_idx(os.path.join(root, FILES["test_labels"]), expected_ndim=1)
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
-    assert labels[:5].tolist() == [9, 2, 1, 1, 6]       # ankle boot, pullover, trouser...
+    assert labels[:5].tolist() == [9, 2, 1, 1, 6]  # ankle boot, pullover, trouser...

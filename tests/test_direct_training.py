@@ -15,8 +15,7 @@ class _Sub(np.ndarray):
 @pytest.mark.parametrize("shape,axis", [((64, 16), 1), ((4, 3, 5, 2), 1), ((4, 3, 5, 2), -1)])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("momentum,nbt", [(0.1, None), (None, 3)])
-def test_batch_norm_training_direct_equals_general(dtype, shape, axis, activation, momentum,
-                                                     nbt):
+def test_batch_norm_training_direct_equals_general(dtype, shape, axis, activation, momentum, nbt):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
     C = shape[axis]
@@ -24,8 +23,18 @@ def test_batch_norm_training_direct_equals_general(dtype, shape, axis, activatio
     results = []
     for ax in (axis, np.int64(axis)):  # a NumPy integer axis takes the general path
         rm, rv = np.arange(C, dtype=np.float32), np.linspace(1, 2, C)
-        y = fastbn.batch_norm(x, rm, rv, g, b, training=True, momentum=momentum,
-                              num_batches_tracked=nbt, axis=ax, activation=activation)
+        y = fastbn.batch_norm(
+            x,
+            rm,
+            rv,
+            g,
+            b,
+            training=True,
+            momentum=momentum,
+            num_batches_tracked=nbt,
+            axis=ax,
+            activation=activation,
+        )
         results.append((y, rm, rv))
     for a, c in zip(*results):
         assert a.dtype == c.dtype and a.tobytes() == c.tobytes()
@@ -41,8 +50,7 @@ def test_layer_direct_equals_general(dtype, activation, track):
     gamma = rng.standard_normal(6)
     results = []
     for wrap in (lambda a: a, lambda a: a.view(_Sub)):
-        bn = fastbn.BatchNorm(6, dtype=dtype, activation=activation,
-                              track_running_stats=track)
+        bn = fastbn.BatchNorm(6, dtype=dtype, activation=activation, track_running_stats=track)
         bn.gamma[:] = gamma
         bn.beta[:] = 0.5
         outs = []

@@ -28,8 +28,9 @@ import fastbn
 from fastbn import distributed
 from fastbn.nn import parallel
 
-MPI = pytest.importorskip("mpi4py.MPI", reason="synchronized BatchNorm needs mpi4py "
-                                                 "(pip install 'fastbn[mpi]')")
+MPI = pytest.importorskip(
+    "mpi4py.MPI", reason="synchronized BatchNorm needs mpi4py (pip install 'fastbn[mpi]')"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "mpi"
@@ -53,8 +54,9 @@ def find_mpiexec():
 
 
 MPIEXEC = find_mpiexec()
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found "
-                                   "(pip install 'fastbn[mpi]' brings MPICH's)")
+needs_mpiexec = pytest.mark.skipif(
+    MPIEXEC is None, reason="mpiexec not found (pip install 'fastbn[mpi]' brings MPICH's)"
+)
 
 
 def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT, extra_env=None):
@@ -64,25 +66,39 @@ def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT, extra_env=None):
     process group (mpiexec and every rank) is killed and the test fails with the output.
     ``ranks=None`` runs the script as one plain process (no mpiexec).
     """
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               **(extra_env or {}))
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **(extra_env or {}),
+    )
     launcher = [] if ranks is None else [MPIEXEC, "-n", str(ranks)]
-    proc = subprocess.Popen([*launcher, sys.executable, str(script), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*launcher, sys.executable, str(script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s (a rank "
-                    f"waiting in a collective?)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s (a rank "
+            f"waiting in a collective?)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        pytest.fail(f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
-                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        pytest.fail(
+            f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
+            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
@@ -95,6 +111,7 @@ def sync_results(request):
 # --------------------------------------------------------------------------------------
 # Multi-process
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.mpi
 @needs_mpiexec
@@ -110,17 +127,22 @@ def test_synchronized_equals_single_process(sync_results):
     for c in cases:
         for name, (abs_diff, rel) in c["diffs"].items():
             if not rel <= REL_TOL[c["dtype"]]:
-                failures.append(f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: "
-                                f"{name} differs by {rel:.3g} (abs {abs_diff:.3g})")
+                failures.append(
+                    f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: "
+                    f"{name} differs by {rel:.3g} (abs {abs_diff:.3g})"
+                )
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.mpi
 @needs_mpiexec
 def test_statistics_and_gradients_bitwise_identical_on_every_rank(sync_results):
-    not_identical = [f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name}"
-                     for c in sync_results["equality"]
-                     for name, same in c["identical"].items() if not same]
+    not_identical = [
+        f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name}"
+        for c in sync_results["equality"]
+        for name, same in c["identical"].items()
+        if not same
+    ]
     assert not not_identical, "\n".join(not_identical)
     names = {name for c in sync_results["equality"] for name in c["identical"]}
     assert {"mean", "invstd", "dgamma", "dbeta", "running_mean", "running_var"} <= names
@@ -132,38 +154,48 @@ def _outcomes(results, scenario):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("scenario, failing_rank, own_error", [
-    ("forward_bad_dtype_on_rank_1", 1, "TypeError"),
-    ("backward_bad_gamma_on_rank_0", 0, "ValueError"),
-    ("layer_bad_channels_on_last_rank", -1, "ValueError"),
-])
+@pytest.mark.parametrize(
+    "scenario, failing_rank, own_error",
+    [
+        ("forward_bad_dtype_on_rank_1", 1, "TypeError"),
+        ("backward_bad_gamma_on_rank_0", 0, "ValueError"),
+        ("layer_bad_channels_on_last_rank", -1, "ValueError"),
+    ],
+)
 def test_a_failing_rank_makes_every_rank_raise(sync_results, scenario, failing_rank, own_error):
     size = sync_results["size"]
     failing_rank %= size
-    expected = [(own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
-                for r in range(size)]
+    expected = [
+        (own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
+        for r in range(size)
+    ]
     assert _outcomes(sync_results, scenario) == expected
 
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("scenario, error", [
-    ("channel_mismatch_on_last_rank", "ValueError"),
-    ("one_value_in_global_batch", "ValueError"),
-    ("nan_on_rank_0", "FloatingPointError"),
-])
+@pytest.mark.parametrize(
+    "scenario, error",
+    [
+        ("channel_mismatch_on_last_rank", "ValueError"),
+        ("one_value_in_global_batch", "ValueError"),
+        ("nan_on_rank_0", "FloatingPointError"),
+    ],
+)
 def test_global_errors_raise_alike_on_every_rank(sync_results, scenario, error):
     assert _outcomes(sync_results, scenario) == [(error, None)] * sync_results["size"]
 
 
-MISMATCHES = ["mismatch_forward_on_rank_0_backward_elsewhere",
-              "mismatch_forward_on_rank_0_batch_norm_elsewhere",
-              "mismatch_backward_on_rank_0_batch_norm_elsewhere",
-              "mismatch_backward_on_rank_0_forward_elsewhere",
-              "mismatch_layer_forward_on_rank_0_backward_elsewhere",
-              "mismatch_dtype_on_last_rank",
-              "mismatch_float16_float32",
-              "channel_mismatch_on_last_rank"]
+MISMATCHES = [
+    "mismatch_forward_on_rank_0_backward_elsewhere",
+    "mismatch_forward_on_rank_0_batch_norm_elsewhere",
+    "mismatch_backward_on_rank_0_batch_norm_elsewhere",
+    "mismatch_backward_on_rank_0_forward_elsewhere",
+    "mismatch_layer_forward_on_rank_0_backward_elsewhere",
+    "mismatch_dtype_on_last_rank",
+    "mismatch_float16_float32",
+    "channel_mismatch_on_last_rank",
+]
 
 
 @pytest.mark.mpi
@@ -195,21 +227,27 @@ def test_mismatch_messages_name_each_rank(sync_results):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("scenario, failing_rank, own_error", [
-    ("forward_kernel_fails_on_rank_1", 1, "MemoryError"),
-    ("backward_kernel_fails_on_rank_1", 1, "MemoryError"),
-    ("conversion_fails_on_last_rank", -1, "ValueError"),
-    ("layer_kernel_fails_on_rank_0", 0, "MemoryError"),
-])
-def test_a_rank_failing_after_the_header_makes_every_rank_raise(sync_results, scenario,
-                                                                 failing_rank, own_error):
+@pytest.mark.parametrize(
+    "scenario, failing_rank, own_error",
+    [
+        ("forward_kernel_fails_on_rank_1", 1, "MemoryError"),
+        ("backward_kernel_fails_on_rank_1", 1, "MemoryError"),
+        ("conversion_fails_on_last_rank", -1, "ValueError"),
+        ("layer_kernel_fails_on_rank_0", 0, "MemoryError"),
+    ],
+)
+def test_a_rank_failing_after_the_header_makes_every_rank_raise(
+    sync_results, scenario, failing_rank, own_error
+):
     """A failure between the header and the payload collective (in the kernel, in the
     conversion of its result) used to leave the others waiting, or MPICH aborting with
     "Message truncated": the failing rank now enters the payload as failed."""
     size = sync_results["size"]
     failing_rank %= size
-    expected = [(own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
-                for r in range(size)]
+    expected = [
+        (own_error, None) if r == failing_rank else ("DistributedError", [failing_rank])
+        for r in range(size)
+    ]
     assert _outcomes(sync_results, scenario) == expected
     messages = sync_results["errors"]["messages"][scenario]
     other = (failing_rank + 1) % size
@@ -261,14 +299,20 @@ def test_empty_global_batch_is_the_single_process_empty_batch(sync_results):
     gives on an empty batch (empty outputs, NaN mean/invstd, zero dgamma/dbeta) with the
     running statistics and the layer untouched, and the next call works (it used to
     raise "empty batch" on every rank)."""
-    expected = {"forward": True, "backward": True, "batch_norm": True, "layer": True,
-                "afterwards": True}
+    expected = {
+        "forward": True,
+        "backward": True,
+        "batch_norm": True,
+        "layer": True,
+        "afterwards": True,
+    }
     assert sync_results["empty_global_batch"] == [expected] * sync_results["size"]
 
 
 # --------------------------------------------------------------------------------------
 # In-process: one rank (MPI.COMM_SELF) and the pure helpers
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", [((33, 5), 1), ((6, 3, 7, 5), 1), ((6, 7, 5, 3), -1)])
@@ -283,8 +327,9 @@ def test_one_rank_is_bitwise_the_single_process_result(shape, axis, dtype):
     for a, b in zip(plain, synced):
         np.testing.assert_array_equal(a, b)
     plain = fastbn.batch_norm_backward(dy, x, *plain[1:], gamma, beta, axis=axis)
-    synced = fastbn.batch_norm_backward(dy, x, *synced[1:], gamma, beta, axis=axis,
-                                        comm=MPI.COMM_SELF)
+    synced = fastbn.batch_norm_backward(
+        dy, x, *synced[1:], gamma, beta, axis=axis, comm=MPI.COMM_SELF
+    )
     for a, b in zip(plain, synced):
         np.testing.assert_array_equal(a, b)
     rm, rv, rms, rvs = np.zeros(C), np.ones(C), np.zeros(C), np.ones(C)
@@ -318,15 +363,17 @@ def test_one_rank_empty_batch_is_the_single_process_result(shape, axis):
     assert y.shape == shape and y.dtype == np.float32
     assert mean.shape == (C,) and np.isnan(mean).all() and np.isnan(invstd).all()
     assert mean.dtype == np.float32 and invstd.dtype == np.float32
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(x, x, mean, invstd, np.ones(C, np.float32),
-                                                   axis=axis, comm=MPI.COMM_SELF)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        x, x, mean, invstd, np.ones(C, np.float32), axis=axis, comm=MPI.COMM_SELF
+    )
     assert dx.shape == shape
     np.testing.assert_array_equal(dgamma, np.zeros(C))
     np.testing.assert_array_equal(dbeta, np.zeros(C))
     rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
     out = np.empty(shape, np.float32)
-    assert fastbn.batch_norm(x, rm, rv, training=True, axis=axis, out=out,
-                             comm=MPI.COMM_SELF) is out
+    assert (
+        fastbn.batch_norm(x, rm, rv, training=True, axis=axis, out=out, comm=MPI.COMM_SELF) is out
+    )
     np.testing.assert_array_equal(rm, np.full(C, 0.5))
     np.testing.assert_array_equal(rv, np.full(C, 2.0))
     bn = fastbn.BatchNorm(C, axis=axis, comm=MPI.COMM_SELF)
@@ -374,13 +421,17 @@ def test_a_kernel_failure_after_the_header_enters_the_payload(monkeypatch):
 
     def fail(*args):
         raise MemoryError("simulated")
+
     comm = CountingComm()
     x = np.random.default_rng(0).standard_normal((8, 3))
     monkeypatch.setattr(cpu, "moments", fail)
     with pytest.raises(MemoryError, match="simulated"):
         fastbn.batch_norm_forward(x, comm=comm)
-    assert comm.calls == [("Allgather", 6), ("Allgather", 7),
-                          ("allgather", "MemoryError: simulated")]
+    assert comm.calls == [
+        ("Allgather", 6),
+        ("Allgather", 7),
+        ("allgather", "MemoryError: simulated"),
+    ]
     monkeypatch.undo()
     y, _, _ = fastbn.batch_norm_forward(x, comm=comm)
     np.testing.assert_array_equal(y, fastbn.batch_norm_forward(x)[0])
@@ -405,14 +456,16 @@ def test_disagreement_messages_name_every_field():
 
     code = distributed.operation_code
     row = [0, code("batch_norm_forward"), distributed.MOMENTS, 4, _dtype_code(np.float64), 5]
-    other = [0, code("batch_norm_backward"), distributed.GRAD_SUMS, 3,
-             _dtype_code(np.float16), 5]
+    other = [0, code("batch_norm_backward"), distributed.GRAD_SUMS, 3, _dtype_code(np.float16), 5]
     found = _disagreements([row, row, other])
     assert found == [
-        ("the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
-         "batch_norm_backward [gradient sums] on rank 2)"),
+        (
+            "the operation (batch_norm_forward [batch moments] on ranks 0, 1; "
+            "batch_norm_backward [gradient sums] on rank 2)"
+        ),
         "the number of channels (C=4 on ranks 0, 1; C=3 on rank 2)",
-        "the dtype (float64 on ranks 0, 1; float16 on rank 2)"]
+        "the dtype (float64 on ranks 0, 1; float16 on rank 2)",
+    ]
     assert _disagreements([row, row]) == []
     assert _dtype_code(np.dtype(">f8")) == _dtype_code(np.float64)
 
@@ -454,8 +507,9 @@ def test_merge_moments_is_the_pooled_mean_and_m2():
     pooled = (3 * 1.5 + 5 * -2.0) / 8
     assert n == 8
     np.testing.assert_allclose(mean[0], pooled, rtol=1e-15)
-    np.testing.assert_allclose(m2[0], 0.7 + 4.0 + 3 * (1.5 - pooled) ** 2 + 5 * (-2.0 - pooled) ** 2,
-                               rtol=1e-15)
+    np.testing.assert_allclose(
+        m2[0], 0.7 + 4.0 + 3 * (1.5 - pooled) ** 2 + 5 * (-2.0 - pooled) ** 2, rtol=1e-15
+    )
 
 
 def test_sum_in_order_is_left_to_right():
@@ -486,6 +540,7 @@ def test_allreduce_mean_and_broadcast_on_one_rank():
 # Data-parallel training
 # --------------------------------------------------------------------------------------
 
+
 def test_data_parallel_on_one_rank_is_the_single_process_epoch():
     """``parallel=`` on ``MPI.COMM_SELF`` runs the trainer's own loop: bitwise the same
     parameters, running statistics and metrics as without it."""
@@ -495,14 +550,16 @@ def test_data_parallel_on_one_rank_is_the_single_process_epoch():
     ds = make_synthetic(n_train=300, n_test=70, num_features=20, seed=2)
     runs = []
     for use_parallel in (False, True):
-        model = nn.build_mlp(ds.num_features, ds.num_classes, (12, 8), rng=0,
-                             bn_position="before_relu")
+        model = nn.build_mlp(
+            ds.num_features, ds.num_classes, (12, 8), rng=0, bn_position="before_relu"
+        )
         opt, loss = nn.Adam(model.store, lr=1e-2), nn.SoftmaxCrossEntropy()
         hook = nn.DataParallel(model, MPI.COMM_SELF) if use_parallel else None
         rng = np.random.default_rng(4)
-        metrics = [nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, 64, rng,
-                                  parallel=hook),
-                   nn.evaluate(model, loss, ds.x_test, ds.y_test, 32, parallel=hook)]
+        metrics = [
+            nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, 64, rng, parallel=hook),
+            nn.evaluate(model, loss, ds.x_test, ds.y_test, 32, parallel=hook),
+        ]
         runs.append((metrics, model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():
@@ -514,8 +571,9 @@ def test_data_parallel_marks_the_batch_norm_gradients_and_syncs_the_layers():
 
     model = nn.build_mlp(10, 3, (6, 5), rng=0)
     hook = nn.DataParallel(model, MPI.COMM_SELF)
-    expected = np.concatenate([np.full(p.grad.size, p.name.endswith((".gamma", ".beta")))
-                               for p in model.store])
+    expected = np.concatenate(
+        [np.full(p.grad.size, p.name.endswith((".gamma", ".beta"))) for p in model.store]
+    )
     np.testing.assert_array_equal(hook.global_grads, expected)
     assert hook.global_grads.sum() == 2 * (6 + 5)
     norms = [layer for layer in model.layers if isinstance(layer, nn.BatchNorm)]
@@ -555,14 +613,47 @@ def test_fastbn_train_distributed_command(tmp_path):
     """``mpiexec -n 2 fastbn train --distributed`` reaches the single-process metrics."""
     from fastbn.nn import fit
 
-    args = ["--dataset", "synthetic", "--epochs", "2", "--hidden", "16", "--batch-size", "100",
-            "--seed", "3", "--quiet"]
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    args = [
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--hidden",
+        "16",
+        "--batch-size",
+        "100",
+        "--seed",
+        "3",
+        "--quiet",
+    ]
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, "-m", "fastbn", "train", "--distributed", *args,
-         "--metrics-out", "metrics.json", "--save", "checkpoint.npz"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        [
+            MPIEXEC,
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "fastbn",
+            "train",
+            "--distributed",
+            *args,
+            "--metrics-out",
+            "metrics.json",
+            "--save",
+            "checkpoint.npz",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["config"]["ranks"] == 2
@@ -579,20 +670,31 @@ def test_fastbn_train_distributed_command(tmp_path):
 
 # The environment of tests/test_cuda.py's simulator runs: small blocks, so that several
 # chunks per channel (and the merge of their partials) are exercised.
-CUDA_SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "FASTBN_CUDA_THREADS": "64",
-                "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4", "FASTBN_CUDA_TARGET_BLOCKS": "8",
-                "FASTBN_CUDA_SYNC_NONFINITE": "0"}
+CUDA_SIM_ENV = {
+    "NUMBA_ENABLE_CUDASIM": "1",
+    "FASTBN_CUDA_THREADS": "64",
+    "FASTBN_CUDA_MIN_VALUES_PER_THREAD": "4",
+    "FASTBN_CUDA_TARGET_BLOCKS": "8",
+    "FASTBN_CUDA_SYNC_NONFINITE": "0",
+}
 
 
 def _check_cuda_equality(results):
     cases = results["equality"]
     assert {c["op"] for c in cases} == {"forward_backward", "batch_norm", "layer_relu"}
-    failures = [f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name} differs by "
-                f"{rel:.3g} (abs {abs_diff:.3g})"
-                for c in cases for name, (abs_diff, rel) in c["diffs"].items()
-                if not rel <= REL_TOL[c["dtype"]]]
-    failures += [f"{c['op']} {c['layout']} {c['dtype']}: {name} not identical on every rank"
-                 for c in cases for name, same in c["identical"].items() if not same]
+    failures = [
+        f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name} differs by "
+        f"{rel:.3g} (abs {abs_diff:.3g})"
+        for c in cases
+        for name, (abs_diff, rel) in c["diffs"].items()
+        if not rel <= REL_TOL[c["dtype"]]
+    ]
+    failures += [
+        f"{c['op']} {c['layout']} {c['dtype']}: {name} not identical on every rank"
+        for c in cases
+        for name, same in c["identical"].items()
+        if not same
+    ]
     assert not failures, "\n".join(failures)
 
 
@@ -609,7 +711,9 @@ def test_cuda_arrays_synchronized_equal_single_process_cpu():
     assert any(1 in c["rows"] for c in results["equality"])
     errors = results["errors"]
     assert [tuple(o) for o in errors["forward_bad_dtype_on_rank_1"]] == [
-        ("DistributedError", [1]), ("TypeError", None)]
+        ("DistributedError", [1]),
+        ("TypeError", None),
+    ]
     assert [tuple(o) for o in errors["nan_on_rank_0"]] == [("FloatingPointError", None)] * 2
     for mismatch in ("mismatch_forward_on_rank_0_backward_on_rank_1", "mismatch_dtype_on_rank_1"):
         assert [tuple(o) for o in errors[mismatch]] == [("ValueError", None)] * 2, mismatch
@@ -625,4 +729,5 @@ def test_cuda_arrays_with_comm_self_equal_cpu():
     assert results["size"] == 1
     _check_cuda_equality(results)
     assert results["empty_global_batch"] == [
-        {"forward": True, "backward": True, "batch_norm": True, "layer": True}]
+        {"forward": True, "backward": True, "batch_norm": True, "layer": True}
+    ]

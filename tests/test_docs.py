@@ -62,8 +62,11 @@ def _gpu():
 
 def _fashion_mnist():
     from fastbn import data
-    return all(any(os.path.isfile(os.path.join(d, f)) for d in data.search_dirs("fashion-mnist"))
-               for f in data.IDX_FILES.values())
+
+    return all(
+        any(os.path.isfile(os.path.join(d, f)) for d in data.search_dirs("fashion-mnist"))
+        for f in data.IDX_FILES.values()
+    )
 
 
 def _missing(requirement):
@@ -116,8 +119,10 @@ def _fastbn_train_commands():
             if "fastbn train" in line:
                 for command in re.split(r"&&|;", line):
                     if "fastbn train" in command:
-                        yield pytest.param(command.split("fastbn train", 1)[1],
-                                           id=f"{param.id}:{command.strip()[:40]}")
+                        yield pytest.param(
+                            command.split("fastbn train", 1)[1],
+                            id=f"{param.id}:{command.strip()[:40]}",
+                        )
 
 
 @pytest.mark.parametrize("arguments", list(_fastbn_train_commands()))
@@ -132,7 +137,7 @@ def quick_start_commands():
     start = next(i for i, line in enumerate(lines) if line.startswith("<!-- quick-start"))
     assert lines[start + 1].startswith("```")
     end = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("```"))
-    return [line for line in lines[start + 2:end] if line.strip() and not line.startswith("#")]
+    return [line for line in lines[start + 2 : end] if line.strip() and not line.startswith("#")]
 
 
 def test_readme_quick_start_is_two_commands_that_ci_runs():
@@ -142,7 +147,7 @@ def test_readme_quick_start_is_two_commands_that_ci_runs():
     assert tests == 'pip install -e ".[test]" && python -m pytest'
     ci = (ROOT / ".ci" / "run").read_text()
     assert "README.md" in ci and "quick-start" in ci
-    assert install not in ci and tests not in ci    # read from the README, never copied
+    assert install not in ci and tests not in ci  # read from the README, never copied
 
 
 def test_the_test_extra_brings_what_the_mpi_tests_need():

@@ -94,21 +94,32 @@ def run_python(code, *args, layer=None):
 
     ``layer`` sets ``NUMBA_THREADING_LAYER`` (None: unset, fastbn chooses).
     """
-    env = dict(os.environ, NUMBA_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS="2",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("NUMBA_THREADING_LAYER", None)
     if layer is not None:
         env["NUMBA_THREADING_LAYER"] = layer
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"did not finish in {TIMEOUT} s (a hang)\nstdout:\n{out[-2000:]}\n"
-                    f"stderr:\n{err[-2000:]}")
+        pytest.fail(
+            f"did not finish in {TIMEOUT} s (a hang)\nstdout:\n{out[-2000:]}\n"
+            f"stderr:\n{err[-2000:]}"
+        )
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
 
@@ -162,6 +173,7 @@ def test_gnu_openmp_is_what_breaks_a_forked_child():
     except AssertionError as exc:  # no OpenMP layer in this Numba build
         pytest.skip(f"the omp layer does not load here: {exc}")
     from numba.np.ufunc import omppool
+
     if omppool.openmp_vendor != "GNU":
         pytest.skip(f"OpenMP from {omppool.openmp_vendor}, not GNU")
     assert result["layer"] == "omp"

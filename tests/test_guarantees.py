@@ -25,6 +25,7 @@ def rand(shape, dtype=np.float64, seed=0, offset=0.0):
 # Bad input: clear exceptions, raised before anything is written
 # --------------------------------------------------------------------------------------
 
+
 def snapshot(*arrays):
     return [a.copy() for a in arrays]
 
@@ -112,8 +113,9 @@ def test_backward_rejects_bad_input():
         args = dict(dy=dy, x=x, mean=mean, invstd=invstd, out=out)
         args.update(kwargs)
         with pytest.raises(exc, match=match):
-            fastbn.batch_norm_backward(args.pop("dy"), args.pop("x"), args.pop("mean"),
-                                       args.pop("invstd"), **args)
+            fastbn.batch_norm_backward(
+                args.pop("dy"), args.pop("x"), args.pop("mean"), args.pop("invstd"), **args
+            )
         assert_unchanged([out], [copy])
 
 
@@ -130,6 +132,7 @@ def test_inference_rejects_bad_input():
 # --------------------------------------------------------------------------------------
 # Non-finite batch statistics never enter the running statistics
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("with_out", [False, True])
@@ -173,8 +176,10 @@ def test_nonfinite_in_the_layer_leaves_it_untouched():
 # Gradients by finite differences
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((3, 2, 4), 1), ((2, 3, 2, 2), -1),
-                                        ((4, 1, 3), 1)])
+
+@pytest.mark.parametrize(
+    "shape,axis", [((5, 3), 1), ((3, 2, 4), 1), ((2, 3, 2, 2), -1), ((4, 1, 3), 1)]
+)
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_gradients_match_finite_differences(shape, axis, activation):
     """Central differences of sum(w * y), computed with fastbn's own float64 forward."""
@@ -190,8 +195,9 @@ def test_gradients_match_finite_differences(shape, axis, activation):
         return float((w * y).sum())
 
     _, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, activation=activation)
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(w, x, mean, invstd, gamma, beta, axis=axis,
-                                                   activation=activation)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        w, x, mean, invstd, gamma, beta, axis=axis, activation=activation
+    )
     h = 1e-6
 
     def numeric(f, a):
@@ -205,15 +211,18 @@ def test_gradients_match_finite_differences(shape, axis, activation):
 
     # central differences in float64: truncation ~h^2, rounding ~1e-16/h ~ 1e-10
     assert_close(dx, numeric(lambda a: loss(a, gamma, beta), x), rtol=1e-5, atol=1e-6, name="dx")
-    assert_close(dgamma, numeric(lambda a: loss(x, a, beta), gamma), rtol=1e-5, atol=1e-6,
-                 name="dgamma")
-    assert_close(dbeta, numeric(lambda a: loss(x, gamma, a), beta), rtol=1e-5, atol=1e-6,
-                 name="dbeta")
+    assert_close(
+        dgamma, numeric(lambda a: loss(x, a, beta), gamma), rtol=1e-5, atol=1e-6, name="dgamma"
+    )
+    assert_close(
+        dbeta, numeric(lambda a: loss(x, gamma, a), beta), rtol=1e-5, atol=1e-6, name="dbeta"
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Property tests over shapes and axes
 # --------------------------------------------------------------------------------------
+
 
 @st.composite
 def batches(draw):
@@ -222,7 +231,11 @@ def batches(draw):
     axis = draw(st.integers(-ndim, ndim - 1))
     C = shape[axis]
     if np.prod(shape) // C < 2:
-        shape = (shape[0] + 1,) + shape[1:] if axis % ndim != 0 else shape[:1] + (shape[1] + 1,) + shape[2:]
+        shape = (
+            (shape[0] + 1,) + shape[1:]
+            if axis % ndim != 0
+            else shape[:1] + (shape[1] + 1,) + shape[2:]
+        )
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     seed = draw(st.integers(0, 2**16))
     offset = draw(st.sampled_from([0.0, 100.0, -1e3]))
@@ -246,8 +259,13 @@ def test_property_forward_backward_match_reference(case):
     dx = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis)[0]
     dx_ref = ref.backward(dy, x, mean, invstd, gamma, beta, axis)[0]
     # dx has a 1/sqrt(var + eps) factor: with eps=1e-5 and tiny batches, values reach ~300
-    assert_close(dx, dx_ref, rtol=tol(dtype)["rtol"] * 10,
-                 atol=tol(dtype)["atol"] * 10 * max(1.0, float(np.abs(dx_ref).max())), name="dx")
+    assert_close(
+        dx,
+        dx_ref,
+        rtol=tol(dtype)["rtol"] * 10,
+        atol=tol(dtype)["atol"] * 10 * max(1.0, float(np.abs(dx_ref).max())),
+        name="dx",
+    )
     # mean and normalized output are invariant: the normalized batch has mean ~0, var ~1
     yn = fastbn.batch_norm_forward(x, axis=axis)[0].astype(np.float64)
     red = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
@@ -285,8 +303,9 @@ CONCURRENT = textwrap.dedent("""
 def test_concurrent_calls_from_python_threads():
     env = dict(os.environ)
     env.pop("NUMBA_THREADING_LAYER", None)
-    proc = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CONCURRENT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == []
@@ -299,6 +318,7 @@ def test_every_cpu_kernel_has_a_locked_cache():
     from numba.core.registry import CPUDispatcher
 
     from fastbn import _config, cpu
+
     kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)] + cpu.drivers()
     assert len(kernels) > 20
     for kernel in kernels:
@@ -314,7 +334,8 @@ FIRST_CALL = textwrap.dedent("""
     x = rng.random((16, 64, 160), dtype=np.float32)  # 640 KiB: parallel, two-pass
     out = np.empty_like(x)
     C = x.shape[1]
-    mean, var, inv, ones, zeros = rng.random(C), rng.random(C), rng.random(C), np.ones(C), np.zeros(C)
+    mean, var, inv = rng.random(C), rng.random(C), rng.random(C)
+    ones, zeros = np.ones(C), np.zeros(C)
     plan = cpu._plan(x)
     assert not (plan.serial or plan.fuse_forward or plan.fuse_backward), plan
     if op == "inference":
@@ -337,8 +358,12 @@ def test_first_call_of_a_process_from_the_cache(op):
     forward and backward), loaded from the on-disk cache as the first parallel call of a
     process: Numba does not start its threading layer for it (numba/numba#8578), and
     inference crashed the process until fastbn started the layer itself."""
-    runs = [subprocess.run([sys.executable, "-c", FIRST_CALL, op], capture_output=True,
-                           text=True, timeout=600) for _ in range(2)]  # fill, then load
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", FIRST_CALL, op], capture_output=True, text=True, timeout=600
+        )
+        for _ in range(2)
+    ]  # fill, then load
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     if int(runs[1].stdout.split()[-1]) == 0:
@@ -382,14 +407,14 @@ def test_cache_save_and_load_hold_the_lock(tmp_path):
     assert cache_file.load(("sig", 2)) == ("machine code", 2)
     assert cache_file.load(("sig", 3)) is None
     # during a save even a reader is refused; during a load readers pass, writers wait
-    assert seen == [("save", False), ("save", False), ("load", True, False),
-                    ("load", True, False)]
+    assert seen == [("save", False), ("save", False), ("load", True, False), ("load", True, False)]
     assert try_lock(fcntl.LOCK_EX)  # and every lock is released
 
 
 # --------------------------------------------------------------------------------------
 # Agreement with PyTorch (skipped when it is not installed)
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(8, 4), (4, 3, 5, 6), (3, 5, 7)])
 def test_agrees_with_pytorch(shape):
@@ -420,8 +445,9 @@ def test_agrees_with_pytorch(shape):
     assert_close(dgamma, gt.grad.numpy(), rtol=1e-4, atol=1e-4, name="dgamma")
     assert_close(dbeta, bt.grad.numpy(), rtol=1e-4, atol=1e-4, name="dbeta")
     yi = fastbn.batch_norm(x, rm, rv, gamma, beta, training=False)
-    yit = torch.nn.functional.batch_norm(torch.tensor(x), rmt, rvt, gt.detach(), bt.detach(),
-                                         training=False)
+    yit = torch.nn.functional.batch_norm(
+        torch.tensor(x), rmt, rvt, gt.detach(), bt.detach(), training=False
+    )
     assert_close(yi, yit.numpy(), rtol=1e-5, atol=1e-5, name="inference")
 
 
@@ -438,5 +464,9 @@ def test_layer_agrees_with_torch_module():
     assert_close(bn.running_mean, tbn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
     assert_close(bn.running_var, tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
     x = rng.standard_normal((5, 4)).astype(np.float32)
-    assert_close(bn.forward(x, training=False), tbn.eval()(torch.tensor(x)).detach().numpy(),
-                 rtol=1e-5, atol=1e-5)
+    assert_close(
+        bn.forward(x, training=False),
+        tbn.eval()(torch.tensor(x)).detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

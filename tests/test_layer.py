@@ -101,8 +101,11 @@ def test_fused_relu_layer():
     y_ref, mean, invstd, _ = ref.forward(x, activation="relu")
     assert_close(y, y_ref, **tol(np.float64))
     dx = bn.backward(dy)
-    assert_close(dx, ref.backward(dy, x, mean, invstd, np.ones(4), np.zeros(4),
-                                  activation="relu")[0], **tol(np.float64))
+    assert_close(
+        dx,
+        ref.backward(dy, x, mean, invstd, np.ones(4), np.zeros(4), activation="relu")[0],
+        **tol(np.float64),
+    )
 
 
 def test_state_dict_round_trip_and_checks():
@@ -132,8 +135,11 @@ def test_bad_input_leaves_the_layer_untouched():
     bn = fastbn.BatchNorm(3)
     bn.forward(rand((8, 3), 9))
     state = bn.state_dict()
-    for x, exc in [(rand((8, 4), 1), ValueError), (rand((1, 3), 1), ValueError),
-                   (np.ones((8, 3), np.int64), TypeError)]:
+    for x, exc in [
+        (rand((8, 4), 1), ValueError),
+        (rand((1, 3), 1), ValueError),
+        (np.ones((8, 3), np.int64), TypeError),
+    ]:
         with pytest.raises(exc):
             bn.forward(x, training=True)
     for k, v in bn.state_dict().items():

@@ -64,10 +64,18 @@ def _ref_forward_backward(params, x, labels, running, *, eps=1e-3, momentum=0.01
     return loss, grads
 
 
-_NAMES = {"W0": "layers.0.weight", "b0": "layers.0.bias", "g0": "layers.1.gamma",
-          "be0": "layers.1.beta", "W1": "layers.2.weight", "b1": "layers.2.bias",
-          "g1": "layers.3.gamma", "be1": "layers.3.beta", "W2": "layers.4.weight",
-          "b2": "layers.4.bias"}
+_NAMES = {
+    "W0": "layers.0.weight",
+    "b0": "layers.0.bias",
+    "g0": "layers.1.gamma",
+    "be0": "layers.1.beta",
+    "W1": "layers.2.weight",
+    "b1": "layers.2.bias",
+    "g1": "layers.3.gamma",
+    "be1": "layers.3.beta",
+    "W2": "layers.4.weight",
+    "b2": "layers.4.bias",
+}
 
 
 def _small_model(dtype=np.float64, seed=0, **kw):
@@ -86,9 +94,12 @@ def _batch(n=9, features=7, classes=4, seed=1, dtype=np.float64):
 # Whole-model gradients
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [{}, {"bn_position": "before_relu"},
-                                {"bn_convention": "torch"}, {"batch_norm": False}],
-                         ids=["keras-order", "bn-relu-fused", "torch-bn", "no-bn"])
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"bn_position": "before_relu"}, {"bn_convention": "torch"}, {"batch_norm": False}],
+    ids=["keras-order", "bn-relu-fused", "torch-bn", "no-bn"],
+)
 def test_gradients_match_finite_differences(kw):
     model = _small_model(**kw)
     x, labels = _batch()
@@ -129,16 +140,15 @@ def test_gradients_match_finite_differences(kw):
 # One training step and evaluation against the NumPy reference
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,rtol,atol", [(np.float64, 1e-9, 1e-10),
-                                             (np.float32, 2e-4, 2e-6)])
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(np.float64, 1e-9, 1e-10), (np.float32, 2e-4, 2e-6)])
 def test_training_steps_equal_numpy_reference(dtype, rtol, atol):
     model = _small_model(dtype=dtype)
     lr = 1e-2
     opt = nn.Adam(model.store, lr=lr)
     loss = nn.SoftmaxCrossEntropy()
     params = {k: np.asarray(model.state_dict()[v], np.float64) for k, v in _NAMES.items()}
-    running = {"mean0": np.zeros(6), "var0": np.ones(6), "mean1": np.zeros(5),
-               "var1": np.ones(5)}
+    running = {"mean0": np.zeros(6), "var0": np.ones(6), "mean1": np.zeros(5), "var1": np.ones(5)}
     m = {k: np.zeros_like(p) for k, p in params.items()}
     v = {k: np.zeros_like(p) for k, p in params.items()}
     for t in (1, 2, 3):
@@ -147,20 +157,22 @@ def test_training_steps_equal_numpy_reference(dtype, rtol, atol):
         model.backward(grad)
         opt.step()
         ref_loss, grads = _ref_forward_backward(params, x, labels, running)
-        for k, g in grads.items():   # Keras's Adam, written out
+        for k, g in grads.items():  # Keras's Adam, written out
             m[k] = 0.9 * m[k] + 0.1 * g
             v[k] = 0.999 * v[k] + 0.001 * g * g
-            alpha = lr * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+            alpha = lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
             params[k] = params[k] - alpha * m[k] / (np.sqrt(v[k]) + 1e-7)
         assert value == pytest.approx(ref_loss, rel=rtol * 10)
     state = model.state_dict()
     for k, name in _NAMES.items():
         np.testing.assert_allclose(state[name], params[k], rtol=rtol, atol=atol, err_msg=name)
     for k in range(2):
-        np.testing.assert_allclose(state[f"layers.{2 * k + 1}.running_mean"],
-                                   running[f"mean{k}"], rtol=rtol, atol=atol)
-        np.testing.assert_allclose(state[f"layers.{2 * k + 1}.running_var"],
-                                   running[f"var{k}"], rtol=rtol, atol=atol)
+        np.testing.assert_allclose(
+            state[f"layers.{2 * k + 1}.running_mean"], running[f"mean{k}"], rtol=rtol, atol=atol
+        )
+        np.testing.assert_allclose(
+            state[f"layers.{2 * k + 1}.running_var"], running[f"var{k}"], rtol=rtol, atol=atol
+        )
 
 
 def test_eval_mode_uses_running_statistics():
@@ -177,9 +189,14 @@ def test_eval_mode_uses_running_statistics():
     h = x
     for k in range(2):
         a = np.maximum(h @ state[f"layers.{2 * k}.weight"] + state[f"layers.{2 * k}.bias"], 0)
-        mean, var = state[f"layers.{2 * k + 1}.running_mean"], state[f"layers.{2 * k + 1}.running_var"]
-        h = (state[f"layers.{2 * k + 1}.gamma"] * (a - mean) / np.sqrt(var + 1e-3)
-             + state[f"layers.{2 * k + 1}.beta"])
+        mean, var = (
+            state[f"layers.{2 * k + 1}.running_mean"],
+            state[f"layers.{2 * k + 1}.running_var"],
+        )
+        h = (
+            state[f"layers.{2 * k + 1}.gamma"] * (a - mean) / np.sqrt(var + 1e-3)
+            + state[f"layers.{2 * k + 1}.beta"]
+        )
     expected = h @ state["layers.4.weight"] + state["layers.4.bias"]
     got = model.forward(x, training=False).copy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
@@ -206,6 +223,7 @@ def test_running_statistics_follow_keras_and_torch_momentum():
 # --------------------------------------------------------------------------------------
 # Kernels: the Numba implementation against the array-module one (the GPU code path)
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cpu_ops_match_array_ops(dtype):
@@ -262,6 +280,7 @@ def test_cpu_ops_match_array_ops(dtype):
 
 def test_array_ops_model_trains_like_cpu_ops(monkeypatch):
     """The device-generic code path (what CuPy runs) gives the CPU path's training step."""
+
     def step(model):
         opt = nn.Adam(model.store)
         loss = nn.SoftmaxCrossEntropy()
@@ -283,14 +302,15 @@ def test_softmax_cross_entropy_is_stable_and_counts_hits():
     z = np.array([[1e4, 0.0, -1e4], [-1e4, -1e4, -1e4], [0.0, 3.0, 1.0]], np.float32)
     labels = np.array([0, 2, 0])
     value, grad = nn.SoftmaxCrossEntropy()(z, labels)
-    ref_loss, ref_grad = _ref_softmax_ce(np.array([[0.0, -1e4, -2e4], [0, 0, 0], [0, 3, 1]]),
-                                         labels)
+    ref_loss, ref_grad = _ref_softmax_ce(
+        np.array([[0.0, -1e4, -2e4], [0, 0, 0], [0, 3, 1]]), labels
+    )
     assert np.isfinite(value) and np.isfinite(grad).all()
     assert value == pytest.approx(ref_loss, rel=1e-6)
     np.testing.assert_allclose(grad, ref_grad, atol=1e-7)
     acc = np.zeros(2)
     nn.SoftmaxCrossEntropy().forward_backward(z, labels, acc)
-    assert acc[1] == 1      # row 0 right, row 1 tie -> class 0 != 2, row 2 wrong
+    assert acc[1] == 1  # row 0 right, row 1 tie -> class 0 != 2, row 2 wrong
 
 
 def test_loss_rejects_bad_labels_and_shapes():
@@ -307,20 +327,29 @@ def test_loss_rejects_bad_labels_and_shapes():
 # Optimizers against PyTorch's (optional) and closed forms
 # --------------------------------------------------------------------------------------
 
+
 def test_adam_and_sgd_match_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     p0 = rng.normal(size=(4, 3))
     grads = [rng.normal(size=(4, 3)) for _ in range(4)]
     cases = [
-        (lambda p, g: nn.Adam([(p, g)], lr=0.01, convention="torch"),
-         lambda t: torch.optim.Adam([t], lr=0.01)),
-        (lambda p, g: nn.Adam([(p, g)], lr=0.01, eps=1e-3, convention="torch"),
-         lambda t: torch.optim.Adam([t], lr=0.01, eps=1e-3)),
-        (lambda p, g: nn.SGD([(p, g)], lr=0.1, momentum=0.9),
-         lambda t: torch.optim.SGD([t], lr=0.1, momentum=0.9)),
-        (lambda p, g: nn.SGD([(p, g)], lr=0.1, momentum=0.5, nesterov=True),
-         lambda t: torch.optim.SGD([t], lr=0.1, momentum=0.5, nesterov=True)),
+        (
+            lambda p, g: nn.Adam([(p, g)], lr=0.01, convention="torch"),
+            lambda t: torch.optim.Adam([t], lr=0.01),
+        ),
+        (
+            lambda p, g: nn.Adam([(p, g)], lr=0.01, eps=1e-3, convention="torch"),
+            lambda t: torch.optim.Adam([t], lr=0.01, eps=1e-3),
+        ),
+        (
+            lambda p, g: nn.SGD([(p, g)], lr=0.1, momentum=0.9),
+            lambda t: torch.optim.SGD([t], lr=0.1, momentum=0.9),
+        ),
+        (
+            lambda p, g: nn.SGD([(p, g)], lr=0.1, momentum=0.5, nesterov=True),
+            lambda t: torch.optim.SGD([t], lr=0.1, momentum=0.5, nesterov=True),
+        ),
     ]
     for make_ours, make_torch in cases:
         p, g = p0.copy(), np.zeros_like(p0)
@@ -375,14 +404,21 @@ def test_optimizer_state_dict_round_trip_and_errors():
 # Layers and model plumbing
 # --------------------------------------------------------------------------------------
 
+
 def test_initializers_have_their_scales():
     fan_in, fan_out = 400, 200
     for init, check in (
-            ("glorot_uniform", lambda w: np.abs(w).max() <= np.sqrt(6 / 600)
-             and w.std() == pytest.approx(np.sqrt(2 / 600), rel=0.02)),
-            ("he_normal", lambda w: w.std() == pytest.approx(np.sqrt(2 / 400), rel=0.02)),
-            ("he_uniform", lambda w: np.abs(w).max() <= np.sqrt(6 / 400)),
-            ("torch", lambda w: np.abs(w).max() <= 1 / 20)):
+        (
+            "glorot_uniform",
+            lambda w: (
+                np.abs(w).max() <= np.sqrt(6 / 600)
+                and w.std() == pytest.approx(np.sqrt(2 / 600), rel=0.02)
+            ),
+        ),
+        ("he_normal", lambda w: w.std() == pytest.approx(np.sqrt(2 / 400), rel=0.02)),
+        ("he_uniform", lambda w: np.abs(w).max() <= np.sqrt(6 / 400)),
+        ("torch", lambda w: np.abs(w).max() <= 1 / 20),
+    ):
         layer = nn.Dense(fan_in, fan_out, init=init, rng=0, dtype=np.float64)
         assert check(layer.weight), init
     assert not nn.Dense(3, 2, init="glorot", rng=0).bias.any()
@@ -412,8 +448,13 @@ def test_layer_argument_errors():
 
 
 def test_relu_layer_and_parameter_views():
-    model = nn.Sequential([nn.Dense(3, 4, rng=0, dtype=np.float64), nn.ReLU(),
-                           nn.Dense(4, 2, rng=1, dtype=np.float64)])
+    model = nn.Sequential(
+        [
+            nn.Dense(3, 4, rng=0, dtype=np.float64),
+            nn.ReLU(),
+            nn.Dense(4, 2, rng=1, dtype=np.float64),
+        ]
+    )
     x = np.random.default_rng(0).normal(size=(5, 3))
     y = model.forward(x)
     w0, b0, w1, b1 = (p.value for p in model.parameters())
@@ -439,12 +480,13 @@ def test_state_dict_round_trip_and_errors():
         b.load_state_dict(dict(state, **{"layers.4.weight": np.zeros((2, 2))}))
     with pytest.raises(ValueError, match="running_mean must have shape"):
         b.load_state_dict(dict(state, **{"layers.1.running_mean": np.zeros(2)}))
-    for key, value in before.items():      # a failed load changes nothing
+    for key, value in before.items():  # a failed load changes nothing
         np.testing.assert_array_equal(b.state_dict()[key], value)
 
 
 def test_cuda_device_without_cupy_is_a_clear_error(monkeypatch):
     import builtins
+
     real_import = builtins.__import__
 
     def no_cupy(name, *args, **kwargs):

@@ -62,8 +62,9 @@ def test_precompile_rejects_an_unsupported_dtype():
 
 
 def test_cli_subcommand_is_registered():
-    args = cli.build_parser().parse_args(["precompile", "--dtypes", "float32", "--quiet",
-                                          "--processes", "2"])
+    args = cli.build_parser().parse_args(
+        ["precompile", "--dtypes", "float32", "--quiet", "--processes", "2"]
+    )
     assert args.command == "precompile" and args.processes == 2 and args.quiet
 
 
@@ -74,12 +75,33 @@ def test_after_precompile_a_fresh_process_compiles_nothing(tmp_path):
     process's first forward, backward and inference calls load every kernel: Numba
     compiles nothing."""
     env = _env(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "fastbn", "precompile", "--dtypes", "float32",
-                          "--processes", "2", "--quiet"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=1800)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "precompile",
+            "--dtypes",
+            "float32",
+            "--processes",
+            "2",
+            "--quiet",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    first = subprocess.run([sys.executable, "-c", FIRST_CALLS], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=1800)
+    first = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     compiled = json.loads(first.stdout.strip().splitlines()[-1])
     assert compiled == [], f"compiled after precompile: {compiled}"

@@ -23,15 +23,23 @@ def small():
 def test_short_synthetic_run_learns(small):
     # PyTorch's BatchNorm momentum (0.1): with Keras's 0.99 the running statistics of
     # a run this short (57 steps) are still mostly their initial values.
-    history = nn.fit(small, epochs=3, hidden=(32, 16), batch_size=32, lr=1e-2,
-                     bn_convention="torch", log=None)
+    history = nn.fit(
+        small, epochs=3, hidden=(32, 16), batch_size=32, lr=1e-2, bn_convention="torch", log=None
+    )
     records = history.epochs
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    assert records[-1]["test_acc"] > 0.9          # chance is 0.1
+    assert records[-1]["test_acc"] > 0.9  # chance is 0.1
     for r in records:
-        assert set(r) >= {"epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-                          "seconds", "samples_per_s"}
+        assert set(r) >= {
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "seconds",
+            "samples_per_s",
+        }
         assert r["samples_per_s"] == pytest.approx(600 / r["seconds"])
 
 
@@ -45,21 +53,24 @@ def test_runs_are_deterministic(small):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_resume_continues_exactly(small, tmp_path, optimizer):
-    kw = dict(hidden=(24, 12), batch_size=50, optimizer=optimizer, lr=1e-2, log=None,
-              seed=7)
+    kw = dict(hidden=(24, 12), batch_size=50, optimizer=optimizer, lr=1e-2, log=None, seed=7)
     full = nn.fit(small, epochs=3, **kw)
     ck = tmp_path / "run.npz"
     nn.fit(small, epochs=2, save=ck, **kw)
-    resumed = nn.fit(small, epochs=3, resume=ck, log=None)   # options come from ck
+    resumed = nn.fit(small, epochs=3, resume=ck, log=None)  # options come from ck
     assert resumed.config["optimizer"] == optimizer and resumed.config["hidden"] == [24, 12]
     for key, value in full.model.state_dict().items():
         np.testing.assert_array_equal(resumed.model.state_dict()[key], value, err_msg=key)
     for key, value in full.optimizer.state_dict().items():
         np.testing.assert_array_equal(resumed.optimizer.state_dict()[key], value, err_msg=key)
-    strip = [{k: v for k, v in r.items() if "second" not in k and k != "samples_per_s"}
-             for r in full.epochs]
-    assert [{k: v for k, v in r.items() if "second" not in k and k != "samples_per_s"}
-            for r in resumed.epochs] == strip
+    strip = [
+        {k: v for k, v in r.items() if "second" not in k and k != "samples_per_s"}
+        for r in full.epochs
+    ]
+    assert [
+        {k: v for k, v in r.items() if "second" not in k and k != "samples_per_s"}
+        for r in resumed.epochs
+    ] == strip
 
 
 def test_resume_refuses_a_different_architecture(small, tmp_path):
@@ -75,8 +86,14 @@ def test_resume_refuses_a_different_architecture(small, tmp_path):
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ck = tmp_path / "ck.npz"
-    state = dict(model_state={"w": np.arange(3.0)}, optimizer_state={"t": np.array(1)},
-                 epoch=1, rng_state={"x": 1}, history=[{"epoch": 1}], config={})
+    state = dict(
+        model_state={"w": np.arange(3.0)},
+        optimizer_state={"t": np.array(1)},
+        epoch=1,
+        rng_state={"x": 1},
+        history=[{"epoch": 1}],
+        config={},
+    )
     checkpoint.save_checkpoint(ck, **state)
     before = ck.read_bytes()
 
@@ -88,7 +105,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(ck, **dict(state, epoch=2))
     assert ck.read_bytes() == before
-    assert os.listdir(tmp_path) == ["ck.npz"]     # the temporary file is gone
+    assert os.listdir(tmp_path) == ["ck.npz"]  # the temporary file is gone
     assert checkpoint.load_checkpoint(ck)["epoch"] == 1
 
 
@@ -96,9 +113,15 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.load_checkpoint(tmp_path / "none.npz")
     truncated = tmp_path / "t.npz"
-    checkpoint.save_checkpoint(truncated, model_state={"w": np.zeros(1000)},
-                               optimizer_state={}, epoch=1, rng_state={}, history=[],
-                               config={})
+    checkpoint.save_checkpoint(
+        truncated,
+        model_state={"w": np.zeros(1000)},
+        optimizer_state={},
+        epoch=1,
+        rng_state={},
+        history=[],
+        config={},
+    )
     truncated.write_bytes(truncated.read_bytes()[:300])
     with pytest.raises(checkpoint.CheckpointError, match=str(truncated)):
         checkpoint.load_checkpoint(truncated)
@@ -136,6 +159,7 @@ def test_fit_argument_errors(small):
 
 def test_set_threads():
     import numba
+
     before = numba.get_num_threads()
     try:
         info = nn.set_threads(1)
@@ -148,18 +172,40 @@ def test_set_threads():
 # The command line
 # --------------------------------------------------------------------------------------
 
+
 def test_cli_train_writes_metrics_plot_and_checkpoint(tmp_path, capsys):
     metrics, plot, ck = tmp_path / "m.json", tmp_path / "c.png", tmp_path / "ck.npz"
-    rc = cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--hidden", "16,8",
-                   "--batch-size", "256", "--seed", "1", "--threads", "1",
-                   "--metrics-out", str(metrics), "--plot", str(plot), "--save", str(ck)])
+    rc = cli.main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--hidden",
+            "16,8",
+            "--batch-size",
+            "256",
+            "--seed",
+            "1",
+            "--threads",
+            "1",
+            "--metrics-out",
+            str(metrics),
+            "--plot",
+            str(plot),
+            "--save",
+            str(ck),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "epoch   1/1" in out
     assert json.loads(metrics.read_text())["epochs"][0]["epoch"] == 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    rc = cli.main(["train", "--resume", str(ck), "--epochs", "2", "--quiet",
-                   "--metrics-out", str(metrics)])
+    rc = cli.main(
+        ["train", "--resume", str(ck), "--epochs", "2", "--quiet", "--metrics-out", str(metrics)]
+    )
     assert rc == 0 and capsys.readouterr().out == ""
     record = json.loads(metrics.read_text())
     assert [e["epoch"] for e in record["epochs"]] == [1, 2]
@@ -168,9 +214,23 @@ def test_cli_train_writes_metrics_plot_and_checkpoint(tmp_path, capsys):
 
 def test_cli_compare_no_bn(tmp_path):
     metrics, plot = tmp_path / "m.json", tmp_path / "c.png"
-    rc = cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--hidden", "8",
-                   "--compare-no-bn", "--quiet", "--metrics-out", str(metrics),
-                   "--plot", str(plot)])
+    rc = cli.main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "--compare-no-bn",
+            "--quiet",
+            "--metrics-out",
+            str(metrics),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert rc == 0 and plot.exists()
     record = json.loads(metrics.read_text())
     assert record["config"]["batch_norm"] is True
@@ -184,8 +244,19 @@ def test_cli_errors(tmp_path, capsys):
     assert "--hidden must be comma-separated" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
-    assert cli.main(["train", "--dataset", "synthetic", "--compare-no-bn", "--save",
-                     str(tmp_path / "x.npz")]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--compare-no-bn",
+                "--save",
+                str(tmp_path / "x.npz"),
+            ]
+        )
+        == 2
+    )
     assert cli.main(["train", "--resume", str(tmp_path / "missing.npz")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -203,6 +274,7 @@ def test_cli_missing_data_lists_places(tmp_path, monkeypatch, capsys):
 def test_cli_cuda_without_gpu_is_a_clear_error(capsys):
     try:
         import cupy  # noqa: F401
+
         pytest.skip("CuPy is installed")
     except ImportError:
         pass
@@ -213,8 +285,28 @@ def test_cli_cuda_without_gpu_is_a_clear_error(capsys):
 def test_python_dash_m_fastbn_train(tmp_path):
     metrics = tmp_path / "m.json"
     result = subprocess.run(
-        [sys.executable, "-m", "fastbn", "train", "--dataset", "synthetic", "--epochs", "1",
-         "--hidden", "8", "--lr", "0.01", "--bn-convention", "torch", "--quiet", "--metrics-out", str(metrics)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "--lr",
+            "0.01",
+            "--bn-convention",
+            "torch",
+            "--quiet",
+            "--metrics-out",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(metrics.read_text())["epochs"][0]["test_acc"] > 0.5

@@ -26,7 +26,26 @@ from .optim import SGD, Adam
 from .parallel import DataParallel
 from .train import DEFAULTS, History, build_mlp, evaluate, fit, set_threads, train_epoch
 
-__all__ = ["Dense", "ReLU", "BatchNorm", "Sequential", "Parameter", "ParameterStore",
-           "INITIALIZERS", "SoftmaxCrossEntropy", "Adam", "SGD", "fit", "build_mlp",
-           "train_epoch", "evaluate", "History", "set_threads", "DEFAULTS",
-           "save_checkpoint", "load_checkpoint", "CheckpointError", "DataParallel"]
+__all__ = [
+    "Dense",
+    "ReLU",
+    "BatchNorm",
+    "Sequential",
+    "Parameter",
+    "ParameterStore",
+    "INITIALIZERS",
+    "SoftmaxCrossEntropy",
+    "Adam",
+    "SGD",
+    "fit",
+    "build_mlp",
+    "train_epoch",
+    "evaluate",
+    "History",
+    "set_threads",
+    "DEFAULTS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "DataParallel",
+]

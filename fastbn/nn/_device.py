@@ -45,12 +45,14 @@ def array_module(device="cpu"):
         raise RuntimeError(
             "device='cuda' needs CuPy for the matrix products and numba-cuda for the "
             f"BatchNorm kernels: {install_hint('cuda')} (CuPy for CUDA 12), "
-            f"or use device='cpu' ({exc})") from exc
+            f"or use device='cpu' ({exc})"
+        ) from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError without a driver, or no GPU at all
-        raise RuntimeError(f"device='cuda': CuPy is installed but no CUDA GPU is usable "
-                           f"({exc}); use device='cpu'") from exc
+        raise RuntimeError(
+            f"device='cuda': CuPy is installed but no CUDA GPU is usable ({exc}); use device='cpu'"
+        ) from exc
     if count < 1:
         raise RuntimeError("device='cuda': no CUDA GPU found; use device='cpu'")
     return cupy
@@ -75,6 +77,7 @@ def module_of(a):
     if isinstance(a, np.ndarray):
         return np
     import cupy
+
     return cupy.get_array_module(a)
 
 

@@ -29,6 +29,7 @@ _JIT = dict(_config.JIT_OPTIONS)
 # Numba kernels
 # --------------------------------------------------------------------------------------
 
+
 @njit(**_JIT)
 def _bias_activation_kernel(z, bias, relu):
     """In place ``z = act(z + bias)`` over the rows of ``z``; one read and one write.
@@ -215,6 +216,7 @@ def _sgd_kernel(param, grad, velocity, lr, momentum, nesterov):
 # The two implementations
 # --------------------------------------------------------------------------------------
 
+
 class CpuOps:
     """The trainer's elementwise operations on NumPy arrays, as Numba kernels.
 
@@ -231,7 +233,10 @@ class CpuOps:
 
     @staticmethod
     def bias_activation(z, bias, relu):
-        """In place ``z = relu(z + bias)`` (or ``z + bias``); see :func:`_bias_activation_kernel`."""
+        """In place ``z = relu(z + bias)`` (or ``z + bias``).
+
+        See :func:`_bias_activation_kernel`.
+        """
         _bias_activation_kernel(z, bias, bool(relu))
 
     @staticmethod
@@ -257,8 +262,7 @@ class CpuOps:
     @staticmethod
     def adam(param, grad, m, v, alpha, beta1, beta2, eps_hat):
         """One Adam step in place (flat arrays)."""
-        _adam_kernel(param, grad, m, v, float(alpha), float(beta1), float(beta2),
-                     float(eps_hat))
+        _adam_kernel(param, grad, m, v, float(alpha), float(beta1), float(beta2), float(eps_hat))
 
     @staticmethod
     def sgd(param, grad, velocity, lr, momentum, nesterov):

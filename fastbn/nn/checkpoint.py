@@ -24,8 +24,7 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "CheckpointError",
-           "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "CheckpointError", "FORMAT"]
 
 FORMAT = "fastbn-trainer-checkpoint-1"
 
@@ -81,7 +80,7 @@ def _remove_stale_temporaries(path):
     prefix = os.path.join(os.path.dirname(os.path.abspath(path)), _temporary_prefix(path))
     removed = []
     for tmp in glob.glob(glob.escape(prefix) + "*.tmp"):
-        pid_text = tmp[len(prefix):].split(".", 1)[0]
+        pid_text = tmp[len(prefix) :].split(".", 1)[0]
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         try:
@@ -113,8 +112,9 @@ def _atomic_replace(path, write):
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}.",
-                               suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{_temporary_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -177,8 +177,13 @@ def save_checkpoint(path, *, model_state, optimizer_state, epoch, rng_state, his
     >>> load_checkpoint(path)["epoch"]
     1
     """
-    meta = {"format": FORMAT, "epoch": int(epoch), "rng_state": rng_state,
-            "history": history, "config": config}
+    meta = {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "rng_state": rng_state,
+        "history": history,
+        "config": config,
+    }
     arrays = {f"model.{k}": np.asarray(v) for k, v in model_state.items()}
     arrays.update({f"optimizer.{k}": np.asarray(v) for k, v in optimizer_state.items()})
     arrays["meta"] = np.array(json.dumps(meta))
@@ -226,23 +231,30 @@ def load_checkpoint(path):
     try:
         meta = json.loads(str(arrays.pop("meta")))
     except ValueError as exc:
-        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (meta is not "
-                              f"JSON: {exc})") from exc
+        raise CheckpointError(
+            f"{path} is not a fastbn trainer checkpoint (meta is not JSON: {exc})"
+        ) from exc
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (meta is a JSON "
-                              f"{type(meta).__name__}, not an object)")
+        raise CheckpointError(
+            f"{path} is not a fastbn trainer checkpoint (meta is a JSON "
+            f"{type(meta).__name__}, not an object)"
+        )
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a fastbn trainer checkpoint (format "
-                              f"{meta.get('format')!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not a fastbn trainer checkpoint (format "
+            f"{meta.get('format')!r}, expected {FORMAT!r})"
+        )
     expected = {"epoch": int, "rng_state": dict, "history": list, "config": dict}
     for key, kind in expected.items():
         if key not in meta:
             raise CheckpointError(f"checkpoint {path} is malformed: meta has no {key!r}")
         value = meta[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"checkpoint {path} is malformed: meta {key!r} must be "
-                                  f"a JSON {'integer' if kind is int else kind.__name__}, "
-                                  f"got {value!r:.60}")
+            raise CheckpointError(
+                f"checkpoint {path} is malformed: meta {key!r} must be "
+                f"a JSON {'integer' if kind is int else kind.__name__}, "
+                f"got {value!r:.60}"
+            )
     if meta["epoch"] < 0:
         raise CheckpointError(f"checkpoint {path} is malformed: epoch {meta['epoch']} < 0")
     return {

@@ -19,8 +19,15 @@ import numpy as np
 from .. import layer as _core_layer
 from . import _device, _ops
 
-__all__ = ["Parameter", "ParameterStore", "Dense", "ReLU", "BatchNorm", "Sequential",
-           "INITIALIZERS"]
+__all__ = [
+    "Parameter",
+    "ParameterStore",
+    "Dense",
+    "ReLU",
+    "BatchNorm",
+    "Sequential",
+    "INITIALIZERS",
+]
 
 Parameter = namedtuple("Parameter", ["name", "value", "grad"])
 Parameter.__doc__ = """A trainable array and its gradient (same shape, same device).
@@ -36,8 +43,12 @@ grad : array
 """
 
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "torch")
-_ALIASES = {"glorot": "glorot_uniform", "xavier": "glorot_uniform", "he": "he_normal",
-            "kaiming": "he_normal"}
+_ALIASES = {
+    "glorot": "glorot_uniform",
+    "xavier": "glorot_uniform",
+    "he": "he_normal",
+    "kaiming": "he_normal",
+}
 
 
 class ParameterStore:
@@ -79,7 +90,7 @@ class ParameterStore:
         host = np.empty(total, self.dtype)
         offset = 0
         for (_, init), size in zip(specs, sizes):
-            host[offset:offset + size] = np.asarray(init, dtype=np.float64).ravel()
+            host[offset : offset + size] = np.asarray(init, dtype=np.float64).ravel()
             offset += size
         self.values = xp.asarray(host)
         self.grads = xp.zeros(total, self.dtype)
@@ -87,10 +98,13 @@ class ParameterStore:
         offset = 0
         for (name, init), size in zip(specs, sizes):
             shape = np.shape(init)
-            self.parameters.append(Parameter(
-                name,
-                self.values[offset:offset + size].reshape(shape),
-                self.grads[offset:offset + size].reshape(shape)))
+            self.parameters.append(
+                Parameter(
+                    name,
+                    self.values[offset : offset + size].reshape(shape),
+                    self.grads[offset : offset + size].reshape(shape),
+                )
+            )
             offset += size
 
     def __len__(self):
@@ -133,8 +147,7 @@ def _initial_weight(init, fan_in, fan_out, rng):
     if init == "torch":  # torch.nn.Linear: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
         limit = 1.0 / np.sqrt(fan_in)
         return rng.uniform(-limit, limit, (fan_in, fan_out))
-    raise ValueError(f"init must be one of {INITIALIZERS} (or {sorted(_ALIASES)}), "
-                     f"got {init!r}")
+    raise ValueError(f"init must be one of {INITIALIZERS} (or {sorted(_ALIASES)}), got {init!r}")
 
 
 class _Layer:
@@ -208,8 +221,16 @@ class Dense(_Layer):
     (2, 3)
     """
 
-    def __init__(self, in_features, out_features, activation=None, *, init="glorot_uniform",
-                 rng=None, dtype=np.float32):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        activation=None,
+        *,
+        init="glorot_uniform",
+        rng=None,
+        dtype=np.float32,
+    ):
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -234,8 +255,7 @@ class Dense(_Layer):
         self._x = self._y = None
 
     def __repr__(self):
-        return (f"Dense({self.in_features}, {self.out_features}, "
-                f"activation={self.activation!r})")
+        return f"Dense({self.in_features}, {self.out_features}, activation={self.activation!r})"
 
     def param_specs(self):
         """``[("weight", ...), ("bias", ...)]`` with the initial values."""
@@ -398,16 +418,34 @@ class BatchNorm(_Layer):
     0.010000000000000009
     """
 
-    def __init__(self, num_features, *, convention="keras", momentum=None, eps=None,
-                 activation=None, dtype=np.float32):
+    def __init__(
+        self,
+        num_features,
+        *,
+        convention="keras",
+        momentum=None,
+        eps=None,
+        activation=None,
+        dtype=np.float32,
+    ):
         if convention == "keras":
             self.bn = _core_layer.BatchNorm.keras(
-                num_features, axis=-1, momentum=0.99 if momentum is None else momentum,
-                epsilon=1e-3 if eps is None else eps, dtype=dtype, activation=activation)
+                num_features,
+                axis=-1,
+                momentum=0.99 if momentum is None else momentum,
+                epsilon=1e-3 if eps is None else eps,
+                dtype=dtype,
+                activation=activation,
+            )
         elif convention == "torch":
             self.bn = _core_layer.BatchNorm(
-                num_features, axis=1, momentum=0.1 if momentum is None else momentum,
-                eps=1e-5 if eps is None else eps, dtype=dtype, activation=activation)
+                num_features,
+                axis=1,
+                momentum=0.1 if momentum is None else momentum,
+                eps=1e-5 if eps is None else eps,
+                dtype=dtype,
+                activation=activation,
+            )
         else:
             raise ValueError(f"convention must be 'keras' or 'torch', got {convention!r}")
         self.convention = convention
@@ -417,9 +455,11 @@ class BatchNorm(_Layer):
         self.gamma_grad = self.beta_grad = None
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, convention={self.convention!r}, "
-                f"momentum={self.bn.momentum:.4g}, eps={self.bn.eps:g}, "
-                f"activation={self.activation!r})")
+        return (
+            f"BatchNorm({self.num_features}, convention={self.convention!r}, "
+            f"momentum={self.bn.momentum:.4g}, eps={self.bn.eps:g}, "
+            f"activation={self.activation!r})"
+        )
 
     def param_specs(self):
         """``[("gamma", ones), ("beta", zeros)]``."""
@@ -477,18 +517,22 @@ class BatchNorm(_Layer):
         return dx if input_grad else None
 
     def state_dict(self):
-        """Running statistics: ``running_mean``, ``running_var`` (host copies), ``num_batches_tracked``."""
-        return {"running_mean": np.array(_device.to_host(self.bn.running_mean)),
-                "running_var": np.array(_device.to_host(self.bn.running_var)),
-                "num_batches_tracked": np.asarray(self.bn.num_batches_tracked, np.int64)}
+        """Running statistics.
+
+        ``running_mean``, ``running_var`` (host copies), ``num_batches_tracked``.
+        """
+        return {
+            "running_mean": np.array(_device.to_host(self.bn.running_mean)),
+            "running_var": np.array(_device.to_host(self.bn.running_var)),
+            "num_batches_tracked": np.asarray(self.bn.num_batches_tracked, np.int64),
+        }
 
     def load_state_dict(self, state):
         """Load what :meth:`state_dict` returned (in place, any device)."""
         for key in ("running_mean", "running_var"):
             value = np.asarray(state[key])
             if value.shape != (self.num_features,):
-                raise ValueError(f"{key} must have shape ({self.num_features},), "
-                                 f"got {value.shape}")
+                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
         self.bn.running_mean[...] = self.xp.asarray(np.asarray(state["running_mean"]))
         self.bn.running_var[...] = self.xp.asarray(np.asarray(state["running_var"]))
         self.bn.num_batches_tracked = int(state["num_batches_tracked"])
@@ -617,7 +661,7 @@ class Sequential:
         """
         outputs = []
         for start in range(0, x.shape[0], batch_size):
-            outputs.append(self.forward(x[start:start + batch_size], training=False).copy())
+            outputs.append(self.forward(x[start : start + batch_size], training=False).copy())
         return self.xp.concatenate(outputs)
 
     def state_dict(self):
@@ -653,23 +697,31 @@ class Sequential:
         expected = set(self.state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
+            raise KeyError(
+                f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         for p in self.store:
             if tuple(np.shape(state[p.name])) != tuple(p.value.shape):
-                raise ValueError(f"{p.name} must have shape {tuple(p.value.shape)}, "
-                                 f"got {tuple(np.shape(state[p.name]))}")
-        bn_layers = [(i, layer) for i, layer in enumerate(self.layers)
-                     if isinstance(layer, BatchNorm)]
+                raise ValueError(
+                    f"{p.name} must have shape {tuple(p.value.shape)}, "
+                    f"got {tuple(np.shape(state[p.name]))}"
+                )
+        bn_layers = [
+            (i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, BatchNorm)
+        ]
         for i, layer in bn_layers:
             for key in ("running_mean", "running_var"):
                 shape = tuple(np.shape(state[f"layers.{i}.{key}"]))
                 if shape != (layer.num_features,):
-                    raise ValueError(f"layers.{i}.{key} must have shape "
-                                     f"({layer.num_features},), got {shape}")
+                    raise ValueError(
+                        f"layers.{i}.{key} must have shape ({layer.num_features},), got {shape}"
+                    )
         for i, layer in bn_layers:
-            layer.load_state_dict({k: state[f"layers.{i}.{k}"]
-                                   for k in ("running_mean", "running_var",
-                                             "num_batches_tracked")})
+            layer.load_state_dict(
+                {
+                    k: state[f"layers.{i}.{k}"]
+                    for k in ("running_mean", "running_var", "num_batches_tracked")
+                }
+            )
         for p in self.store:
             p.value[...] = self.xp.asarray(np.asarray(state[p.name], dtype=self.dtype))

@@ -60,8 +60,10 @@ class SoftmaxCrossEntropy:
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D (n, classes), got shape {tuple(logits.shape)}")
         if labels.shape != (logits.shape[0],):
-            raise ValueError(f"labels must have shape ({logits.shape[0]},) to match logits, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({logits.shape[0]},) to match logits, "
+                f"got {tuple(labels.shape)}"
+            )
         key = (logits.shape, logits.dtype.str, _device.module_of(logits).__name__)
         grad = self._grad.get(key)
         if grad is None:
@@ -70,7 +72,8 @@ class SoftmaxCrossEntropy:
             n = logits.shape[0]
             scale = 1.0 / n if n else 0.0
         _ops.ops_for(_device.module_of(logits)).softmax_cross_entropy(
-            logits, labels, grad, scale, acc)
+            logits, labels, grad, scale, acc
+        )
         return grad
 
     def __call__(self, logits, labels):
@@ -96,8 +99,10 @@ class SoftmaxCrossEntropy:
         labels = xp.asarray(labels)
         n, K = logits.shape
         if n and (int(labels.min()) < 0 or int(labels.max()) >= K):
-            raise ValueError(f"labels must lie in [0, {K}), got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels must lie in [0, {K}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         acc = xp.zeros(2, np.float64)
         grad = self.forward_backward(logits, labels, acc)
         return float(acc[0]) / max(n, 1), grad.copy()

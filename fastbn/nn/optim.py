@@ -26,8 +26,10 @@ class _Optimizer:
             for i, p in enumerate(parameters):
                 value, grad = (p.value, p.grad) if hasattr(p, "value") else p
                 if grad is None or tuple(grad.shape) != tuple(value.shape):
-                    raise ValueError(f"parameters[{i}]: grad must be an array of the value's "
-                                     f"shape {tuple(value.shape)}")
+                    raise ValueError(
+                        f"parameters[{i}]: grad must be an array of the value's "
+                        f"shape {tuple(value.shape)}"
+                    )
                 if not (value.flags.c_contiguous and grad.flags.c_contiguous):
                     raise ValueError(f"parameters[{i}]: value and grad must be C-contiguous")
                 groups.append((value.reshape(-1), grad.reshape(-1)))
@@ -36,8 +38,9 @@ class _Optimizer:
         self._groups = groups
         self._xp = _device.module_of(groups[0][0])
         self._ops = _ops.ops_for(self._xp)
-        self.state = {name: [self._xp.zeros_like(v) for v, _ in groups]
-                      for name in self._STATE_NAMES}
+        self.state = {
+            name: [self._xp.zeros_like(v) for v, _ in groups] for name in self._STATE_NAMES
+        }
         self.t = 0
 
     def zero_grad(self):
@@ -79,8 +82,10 @@ class _Optimizer:
                 if key not in state:
                     raise KeyError(f"optimizer state_dict lacks {key!r}")
                 if tuple(np.shape(state[key])) != tuple(a.shape):
-                    raise ValueError(f"optimizer state {key!r} must have shape "
-                                     f"{tuple(a.shape)}, got {tuple(np.shape(state[key]))}")
+                    raise ValueError(
+                        f"optimizer state {key!r} must have shape "
+                        f"{tuple(a.shape)}, got {tuple(np.shape(state[key]))}"
+                    )
         if "t" not in state:
             raise KeyError("optimizer state_dict lacks 't'")
         for name, arrays in self.state.items():
@@ -123,8 +128,7 @@ class Adam(_Optimizer):
 
     _STATE_NAMES = ("m", "v")
 
-    def __init__(self, parameters, lr=1e-3, beta1=0.9, beta2=0.999, eps=None,
-                 convention="keras"):
+    def __init__(self, parameters, lr=1e-3, beta1=0.9, beta2=0.999, eps=None, convention="keras"):
         if convention not in ("keras", "torch"):
             raise ValueError(f"convention must be 'keras' or 'torch', got {convention!r}")
         if not lr > 0:
@@ -136,14 +140,19 @@ class Adam(_Optimizer):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(parameters)
-        self.lr, self.beta1, self.beta2, self.eps = float(lr), float(beta1), float(beta2), float(eps)
+        self.lr, self.beta1, self.beta2, self.eps = (
+            float(lr),
+            float(beta1),
+            float(beta2),
+            float(eps),
+        )
         self.convention = convention
 
     def step(self):
         """Update every parameter from its gradient."""
         self.t += 1
-        bc1 = 1.0 - self.beta1 ** self.t
-        bc2_sqrt = np.sqrt(1.0 - self.beta2 ** self.t)
+        bc1 = 1.0 - self.beta1**self.t
+        bc2_sqrt = np.sqrt(1.0 - self.beta2**self.t)
         alpha = self.lr * bc2_sqrt / bc1
         eps_hat = self.eps if self.convention == "keras" else self.eps * bc2_sqrt
         for (value, grad), m, v in zip(self._groups, self.state["m"], self.state["v"]):

@@ -84,13 +84,13 @@ def allreduce_mean(comm, arrays):
     buffer = np.empty(sum(sizes))
     offset = 0
     for a, k in zip(arrays, sizes):
-        buffer[offset:offset + k] = a.ravel()
+        buffer[offset : offset + k] = a.ravel()
         offset += k
     comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
     buffer /= comm.Get_size()
     offset = 0
     for a, k in zip(arrays, sizes):
-        a[...] = buffer[offset:offset + k].reshape(a.shape)
+        a[...] = buffer[offset : offset + k].reshape(a.shape)
         offset += k
 
 
@@ -192,11 +192,13 @@ class DataParallel:
     def __init__(self, model, comm):
         distributed.check_comm(comm)
         if model.xp is not np:
-            raise ValueError(f"DataParallel trains host models only (device='cpu'), got a "
-                             f"model on device={model.device!r}: its gradient Allreduce "
-                             f"would need device buffers (a CUDA-aware MPI); the functions "
-                             f"and fastbn.BatchNorm do take comm= with CUDA arrays (see "
-                             f"docs/distributed.md)")
+            raise ValueError(
+                f"DataParallel trains host models only (device='cpu'), got a "
+                f"model on device={model.device!r}: its gradient Allreduce "
+                f"would need device buffers (a CUDA-aware MPI); the functions "
+                f"and fastbn.BatchNorm do take comm= with CUDA arrays (see "
+                f"docs/distributed.md)"
+            )
         self.model = model
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -211,7 +213,7 @@ class DataParallel:
         offset = 0
         for p in model.store:
             if id(p.grad) in synced:
-                self.global_grads[offset:offset + p.grad.size] = True
+                self.global_grads[offset : offset + p.grad.size] = True
             offset += p.grad.size
         self._buffer = np.empty(model.store.size)
         # Same starting point on every rank, whatever each rank's seed was.

@@ -34,11 +34,11 @@ def plot_histories(histories, path, title=None):
     """
     try:
         import matplotlib
+
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError(f"plotting needs matplotlib: {install_hint('plot')} "
-                           f"({exc})") from exc
+        raise RuntimeError(f"plotting needs matplotlib: {install_hint('plot')} ({exc})") from exc
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, run) in enumerate(histories.items()):
@@ -48,10 +48,21 @@ def plot_histories(histories, path, title=None):
         epochs = [r["epoch"] for r in records]
         color = colors[i % len(colors)]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            ax.plot(epochs, [r[f"train_{key}"] for r in records], "--", color=color,
-                    label=f"{label} train")
-            ax.plot(epochs, [r[f"test_{key}"] for r in records], "-o", color=color,
-                    markersize=3, label=f"{label} test")
+            ax.plot(
+                epochs,
+                [r[f"train_{key}"] for r in records],
+                "--",
+                color=color,
+                label=f"{label} train",
+            )
+            ax.plot(
+                epochs,
+                [r[f"test_{key}"] for r in records],
+                "-o",
+                color=color,
+                markersize=3,
+                label=f"{label} test",
+            )
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

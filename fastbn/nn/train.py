@@ -31,8 +31,17 @@ from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
 from .parallel import DataParallel
 
-__all__ = ["fit", "build_mlp", "train_epoch", "evaluate", "warm_up", "History",
-           "set_threads", "DEFAULTS", "COMPILE_NOTICE"]
+__all__ = [
+    "fit",
+    "build_mlp",
+    "train_epoch",
+    "evaluate",
+    "warm_up",
+    "History",
+    "set_threads",
+    "DEFAULTS",
+    "COMPILE_NOTICE",
+]
 
 # Said once (on stderr) when the kernels of a run are being compiled, not loaded from the
 # JIT cache.
@@ -58,10 +67,20 @@ DEFAULTS = {
 _ARCHITECTURE = ("hidden", "batch_norm", "bn_position", "bn_convention", "optimizer", "dtype")
 
 
-def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=True,
-              bn_position="after_relu", bn_convention="keras", bn_momentum=None,
-              init="glorot_uniform",
-              dtype=np.float32, rng=None, device="cpu"):
+def build_mlp(
+    num_features=784,
+    num_classes=10,
+    hidden=(64, 32),
+    *,
+    batch_norm=True,
+    bn_position="after_relu",
+    bn_convention="keras",
+    bn_momentum=None,
+    init="glorot_uniform",
+    dtype=np.float32,
+    rng=None,
+    device="cpu",
+):
     """The MLP of the design's Keras example (or a variant of it).
 
     Default: ``Dense(64, relu) -> BatchNorm -> Dense(32, relu) -> BatchNorm -> Dense(10)``;
@@ -112,13 +131,21 @@ def build_mlp(num_features=784, num_classes=10, hidden=(64, 32), *, batch_norm=T
     for h in hidden:
         if batch_norm and bn_position == "before_relu":
             layers.append(Dense(width, h, None, init=init, rng=rng, dtype=dtype))
-            layers.append(BatchNorm(h, convention=bn_convention, momentum=bn_momentum,
-                                    activation="relu", dtype=dtype))
+            layers.append(
+                BatchNorm(
+                    h,
+                    convention=bn_convention,
+                    momentum=bn_momentum,
+                    activation="relu",
+                    dtype=dtype,
+                )
+            )
         else:
             layers.append(Dense(width, h, "relu", init=init, rng=rng, dtype=dtype))
             if batch_norm:
-                layers.append(BatchNorm(h, convention=bn_convention, momentum=bn_momentum,
-                                        dtype=dtype))
+                layers.append(
+                    BatchNorm(h, convention=bn_convention, momentum=bn_momentum, dtype=dtype)
+                )
         width = h
     layers.append(Dense(width, int(num_classes), None, init=init, rng=rng, dtype=dtype))
     return Sequential(layers, device=device)
@@ -156,8 +183,10 @@ class History:
 
     def __repr__(self):
         last = self.epochs[-1] if self.epochs else {}
-        return (f"History({len(self.epochs)} epochs, last test_acc="
-                f"{last.get('test_acc', float('nan')):.4f})")
+        return (
+            f"History({len(self.epochs)} epochs, last test_acc="
+            f"{last.get('test_acc', float('nan')):.4f})"
+        )
 
     def to_dict(self):
         """``{"config": ..., "epochs": [...]}`` (JSON-serializable)."""
@@ -214,10 +243,13 @@ def set_threads(threads, blas_threads=None):
 def _openblas_functions():
     """``(set, get)`` thread-count functions of the OpenBLAS loaded in this process, or None."""
     import ctypes
-    names = [("openblas_set_num_threads", "openblas_get_num_threads"),
-             ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-             ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-             ("openblas_set_num_threads64_", "openblas_get_num_threads64_")]
+
+    names = [
+        ("openblas_set_num_threads", "openblas_get_num_threads"),
+        ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+        ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+        ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ]
     libraries = set()
     try:
         with open("/proc/self/maps") as maps:
@@ -252,18 +284,24 @@ def _set_blas_threads(threads):
     """
     try:
         import threadpoolctl
+
         threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
         return "threadpoolctl"
     except ImportError:
         pass
     import ctypes
+
     functions = _openblas_functions()
     if functions is not None:
         functions[0](ctypes.c_int(threads))
         return functions[2]
-    warnings.warn("could not set the BLAS thread count (install threadpoolctl, or set "
-                  "OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS before "
-                  "starting Python)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "could not set the BLAS thread count (install threadpoolctl, or set "
+        "OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS before "
+        "starting Python)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return None
 
 
@@ -282,17 +320,23 @@ class _BlasThreads:
             return self
         try:
             import threadpoolctl
-            self._restore = threadpoolctl.threadpool_limits(limits=int(self.threads),
-                                                            user_api="blas")
+
+            self._restore = threadpoolctl.threadpool_limits(
+                limits=int(self.threads), user_api="blas"
+            )
             return self
         except ImportError:
             pass
         functions = _openblas_functions()
         if functions is None:
-            warnings.warn("could not set the BLAS thread count (install threadpoolctl)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "could not set the BLAS thread count (install threadpoolctl)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return self
         import ctypes
+
         setter, getter, _ = functions
         previous = int(getter())
         setter(ctypes.c_int(int(self.threads)))
@@ -308,8 +352,7 @@ class _BlasThreads:
             self._restore()
 
 
-def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None,
-                parallel=None):
+def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None, parallel=None):
     """One pass over ``(x, y)`` in shuffled mini-batches (the last one may be smaller).
 
     With ``parallel`` (a :class:`~fastbn.nn.parallel.DataParallel`), the same loop
@@ -364,7 +407,7 @@ def train_epoch(model, loss, optimizer, x, y, batch_size, rng, progress=None,
     forward, backward, step = model.forward, model.backward, optimizer.step
     loss_grad, take = loss.forward_backward, xp.take
     for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
+        idx = perm[start : start + batch_size]
         scale = 1.0 / idx.shape[0]  # the gradient of the (global) batch's mean loss
         if parallel is not None:
             idx = parallel.shard(idx)
@@ -427,8 +470,7 @@ def evaluate(model, loss, x, y, batch_size=2048, parallel=None):
     return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
 
 
-def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size,
-            eval_batch_size=2048):
+def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size, eval_batch_size=2048):
     """Run every kernel a training run will call, on a throwaway ``model`` and ``optimizer``.
 
     One training step per distinct batch size of an epoch (the full batch and the last,
@@ -459,8 +501,15 @@ def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size,
     n = x_train.shape[0]
     rows = n if n <= batch_size else batch_size + n % batch_size
     if rows:
-        train_epoch(model, loss, optimizer, x_train[:rows], y_train[:rows], batch_size,
-                    np.random.default_rng(0))
+        train_epoch(
+            model,
+            loss,
+            optimizer,
+            x_train[:rows],
+            y_train[:rows],
+            batch_size,
+            np.random.default_rng(0),
+        )
     n_test = x_test.shape[0]
     rows = n_test if n_test <= eval_batch_size else eval_batch_size + n_test % eval_batch_size
     if rows:
@@ -510,8 +559,10 @@ def _resolve_config(options, resumed):
         if key == "dtype":
             value = np.dtype(value).name
         if resumed is not None and key in _ARCHITECTURE and value != resumed.get(key):
-            raise ValueError(f"{key}={value!r} contradicts the checkpoint being resumed "
-                             f"({key}={resumed.get(key)!r}); leave it out or start a new run")
+            raise ValueError(
+                f"{key}={value!r} contradicts the checkpoint being resumed "
+                f"({key}={resumed.get(key)!r}); leave it out or start a new run"
+            )
         config[key] = value
     if config["bn_momentum"] is None:
         # Keras's BatchNormalization default (0.99, i.e. 1 % of each batch) makes the
@@ -536,12 +587,33 @@ def _write_metrics(path, history, extra=None):
     _checkpoint.atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hidden=None,
-        batch_norm=None, bn_position=None, bn_convention=None, bn_momentum=None, init=None,
-        optimizer=None,
-        device="cpu", seed=None, dtype=None, threads=None, blas_threads=1, save=None,
-        resume=None,
-        metrics_out=None, progress=None, log=print, download=True, comm=None):
+def fit(
+    dataset=None,
+    *,
+    data_dir=None,
+    epochs=10,
+    batch_size=None,
+    lr=None,
+    hidden=None,
+    batch_norm=None,
+    bn_position=None,
+    bn_convention=None,
+    bn_momentum=None,
+    init=None,
+    optimizer=None,
+    device="cpu",
+    seed=None,
+    dtype=None,
+    threads=None,
+    blas_threads=1,
+    save=None,
+    resume=None,
+    metrics_out=None,
+    progress=None,
+    log=print,
+    download=True,
+    comm=None,
+):
     """Train the MLP on a dataset and return its history (what ``fastbn train`` runs).
 
     Options left as None take the checkpoint's value when resuming, else :data:`DEFAULTS`
@@ -613,12 +685,20 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     (2, True)
     """
     state = _checkpoint.load_checkpoint(resume) if resume is not None else None
-    options = {"dataset": dataset if dataset is None or isinstance(dataset, str)
-               else dataset.name,
-               "hidden": hidden, "batch_norm": batch_norm, "bn_position": bn_position,
-               "bn_convention": bn_convention, "bn_momentum": bn_momentum, "init": init,
-               "optimizer": optimizer, "lr": lr,
-               "batch_size": batch_size, "seed": seed, "dtype": dtype}
+    options = {
+        "dataset": dataset if dataset is None or isinstance(dataset, str) else dataset.name,
+        "hidden": hidden,
+        "batch_norm": batch_norm,
+        "bn_position": bn_position,
+        "bn_convention": bn_convention,
+        "bn_momentum": bn_momentum,
+        "init": init,
+        "optimizer": optimizer,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "dtype": dtype,
+    }
     if state is not None:
         with _checkpoint_errors(resume):  # the checkpoint's own configuration is valid
             _resolve_config({}, state["config"])
@@ -627,11 +707,11 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     import numba
+
     if threads is not None:
         limit = numba.config.NUMBA_NUM_THREADS
         if not 1 <= int(threads) <= limit:
-            raise ValueError(f"threads must lie in [1, {limit}] (NUMBA_NUM_THREADS), "
-                             f"got {threads}")
+            raise ValueError(f"threads must lie in [1, {limit}] (NUMBA_NUM_THREADS), got {threads}")
         numba.set_num_threads(int(threads))
     if blas_threads is not None and int(blas_threads) < 1:
         raise ValueError(f"blas_threads must be >= 1, got {blas_threads}")
@@ -640,8 +720,7 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     if isinstance(dataset, _data.Dataset):
         ds = dataset
     else:
-        ds = _data.load_dataset(config["dataset"], data_dir, seed=config["seed"],
-                                download=download)
+        ds = _data.load_dataset(config["dataset"], data_dir, seed=config["seed"], download=download)
     xp = _device.array_module(device)
     np_dtype = np.dtype(config["dtype"])
     x_train = xp.asarray(ds.x_train.astype(np_dtype, copy=False))
@@ -652,11 +731,19 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     init_seed, shuffle_seed = np.random.SeedSequence(config["seed"]).spawn(2)
 
     def build(rng):
-        model = build_mlp(ds.num_features, ds.num_classes, config["hidden"],
-                          batch_norm=config["batch_norm"], bn_position=config["bn_position"],
-                          bn_convention=config["bn_convention"],
-                          bn_momentum=config["bn_momentum"], init=config["init"],
-                          dtype=np_dtype, rng=rng, device=device)
+        model = build_mlp(
+            ds.num_features,
+            ds.num_classes,
+            config["hidden"],
+            batch_norm=config["batch_norm"],
+            bn_position=config["bn_position"],
+            bn_convention=config["bn_convention"],
+            bn_momentum=config["bn_momentum"],
+            init=config["init"],
+            dtype=np_dtype,
+            rng=rng,
+            device=device,
+        )
         if config["optimizer"] == "adam":
             return model, Adam(model.store, lr=config["lr"])
         return model, SGD(model.store, lr=config["lr"], momentum=0.9)
@@ -679,20 +766,30 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
     if comm is not None:
         parallel = DataParallel(model, comm)  # broadcasts rank 0's parameters
     root = parallel is None or parallel.rank == 0
-    run_info = {"device": device, "threads": thread_info, "machine": platform.node(),
-                "ranks": 1 if parallel is None else parallel.size,
-                "data_source": ds.source, "n_train": int(ds.x_train.shape[0]),
-                "n_test": int(ds.x_test.shape[0])}
+    run_info = {
+        "device": device,
+        "threads": thread_info,
+        "machine": platform.node(),
+        "ranks": 1 if parallel is None else parallel.size,
+        "data_source": ds.source,
+        "n_train": int(ds.x_train.shape[0]),
+        "n_test": int(ds.x_test.shape[0]),
+    }
     history = History(records, dict(config, **run_info), model, opt)
     say = log if root else None
     if say is not None:
         where = "generated" if ds.source == "synthetic" else f"from {ds.source}"
-        say(f"data: {ds.name} {where} ({ds.x_train.shape[0]:,} training, "
-            f"{ds.x_test.shape[0]:,} test samples)")
+        say(
+            f"data: {ds.name} {where} ({ds.x_train.shape[0]:,} training, "
+            f"{ds.x_test.shape[0]:,} test samples)"
+        )
     if start_epoch >= epochs:
         if say is not None:
-            say(f"nothing to train: {start_epoch} of {epochs} epochs already done"
-                if state is not None else "nothing to train: epochs=0")
+            say(
+                f"nothing to train: {start_epoch} of {epochs} epochs already done"
+                if state is not None
+                else "nothing to train: epochs=0"
+            )
         if root and metrics_out is not None:
             _write_metrics(metrics_out, history)
         return history
@@ -703,20 +800,25 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
 
     def announce():
         if not announced and say is not None:
-            print(COMPILE_NOTICE if _config.CACHE else "compiling kernels (JIT cache off)…",
-                  file=sys.stderr, flush=True)
+            print(
+                COMPILE_NOTICE if _config.CACHE else "compiling kernels (JIT cache off)…",
+                file=sys.stderr,
+                flush=True,
+            )
         announced.append(time.perf_counter())
 
     # Each rank of a distributed run trains on its share of every global batch.
     local_batch = -(-int(config["batch_size"]) // (1 if parallel is None else parallel.size))
     t_warm = time.perf_counter()
     with _config.on_compile(announce), _BlasThreads(blas_threads):
-        warm_up(*build(np.random.default_rng(0)), x_train, y_train, x_test, y_test,
-                local_batch)
+        warm_up(*build(np.random.default_rng(0)), x_train, y_train, x_test, y_test, local_batch)
     history.config["warmup_seconds"] = time.perf_counter() - t_warm
     if announced and say is not None:
-        print(f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"kernels compiled in {time.perf_counter() - announced[0]:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     n_batches = -(-ds.x_train.shape[0] // int(config["batch_size"]))
     with _BlasThreads(blas_threads):
@@ -724,34 +826,55 @@ def fit(dataset=None, *, data_dir=None, epochs=10, batch_size=None, lr=None, hid
             bar = _progress_bar(n_batches, f"epoch {epoch}/{epochs}", progress if root else False)
             try:
                 t0 = time.perf_counter()
-                train_loss, train_acc = train_epoch(model, loss, opt, x_train, y_train,
-                                                    int(config["batch_size"]), rng, bar,
-                                                    parallel)
+                train_loss, train_acc = train_epoch(
+                    model,
+                    loss,
+                    opt,
+                    x_train,
+                    y_train,
+                    int(config["batch_size"]),
+                    rng,
+                    bar,
+                    parallel,
+                )
                 t1 = time.perf_counter()
             finally:
                 if bar is not None:
                     bar.close()
             test_loss, test_acc = evaluate(model, loss, x_test, y_test, parallel=parallel)
             t2 = time.perf_counter()
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                      "test_loss": test_loss, "test_acc": test_acc, "seconds": t1 - t0,
-                      "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
-                      "eval_seconds": t2 - t1}
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "seconds": t1 - t0,
+                "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
+                "eval_seconds": t2 - t1,
+            }
             history.epochs.append(record)
             if not root:
                 continue
             # Files first: once an epoch's line is printed, its checkpoint is on disk.
             if save is not None:
                 _checkpoint.save_checkpoint(
-                    save, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-                    epoch=epoch, rng_state=rng.bit_generator.state, history=history.epochs,
-                    config=config)
+                    save,
+                    model_state=model.state_dict(),
+                    optimizer_state=opt.state_dict(),
+                    epoch=epoch,
+                    rng_state=rng.bit_generator.state,
+                    history=history.epochs,
+                    config=config,
+                )
             if metrics_out is not None:
                 _write_metrics(metrics_out, history)
             if log is not None:
-                log(f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                log(
+                    f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
                     f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
-                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s")
+                    f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s"
+                )
     return history
 
 

@@ -1,4 +1,6 @@
-"""The backward contract under ``comm=``, run by every rank of ``mpiexec -n 2 python contract_checks.py``.
+"""The backward contract under ``comm=``.
+
+Run by every rank of ``mpiexec -n 2 python contract_checks.py``.
 
 Every rank builds the same global batch, takes its shard, and checks that
 ``batch_norm_backward(..., comm=COMM_WORLD)`` returns ``dgamma`` and ``dbeta`` whenever
@@ -32,14 +34,15 @@ def _case(rows, with_gamma, with_beta):
     gamma = rng.normal(1.0, 0.3, size=4) if with_gamma else None
     beta = rng.normal(size=4) if with_beta else None
     _, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta)
-    _, e_dgamma, e_dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd,
-                                                      np.ones(4) if gamma is None else gamma,
-                                                      beta)
+    _, e_dgamma, e_dbeta = fastbn.batch_norm_backward(
+        dy, x, mean, invstd, np.ones(4) if gamma is None else gamma, beta
+    )
     start = sum(rows[:RANK])
     shard = slice(start, start + rows[RANK])
     _, g_mean, g_invstd = fastbn.batch_norm_forward(x[shard], gamma, beta, comm=COMM)
-    _, dgamma, dbeta = fastbn.batch_norm_backward(dy[shard], x[shard], g_mean, g_invstd,
-                                                  gamma, beta, comm=COMM)
+    _, dgamma, dbeta = fastbn.batch_norm_backward(
+        dy[shard], x[shard], g_mean, g_invstd, gamma, beta, comm=COMM
+    )
     if not (with_gamma or with_beta):
         return "ok" if dgamma is None and dbeta is None else f"got {dgamma}, {dbeta}"
     if dgamma is None or dbeta is None:
@@ -64,9 +67,13 @@ def _layer(affine):
 
 def main():
     outcomes = {}
-    cases = {"gamma": ([5, 7], True, False), "beta": ([5, 7], False, True),
-             "both": ([5, 7], True, True), "neither": ([5, 7], False, False),
-             "empty_shard_gamma": ([0, 6], True, False)}
+    cases = {
+        "gamma": ([5, 7], True, False),
+        "beta": ([5, 7], False, True),
+        "both": ([5, 7], True, True),
+        "neither": ([5, 7], False, False),
+        "empty_shard_gamma": ([0, 6], True, False),
+    }
     for name, (rows, with_gamma, with_beta) in cases.items():
         try:
             outcomes[name] = _case(rows[:SIZE] + [3] * (SIZE - 2), with_gamma, with_beta)

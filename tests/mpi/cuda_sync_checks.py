@@ -30,8 +30,13 @@ SIZE = COMM.Get_size()
 # (layout, global shape for N rows, channel axis, dtype, rows per rank)
 CASES = [
     ("NCHW", lambda n: (n, 3, 4, 5), 1, "float64", [3 + 3 * r for r in range(SIZE)]),
-    ("NC", lambda n: (n, 6), 1, "float32",
-     [1] + [9 + 2 * r for r in range(1, SIZE)] if SIZE > 1 else [7]),   # a one-row rank
+    (
+        "NC",
+        lambda n: (n, 6),
+        1,
+        "float32",
+        [1] + [9 + 2 * r for r in range(1, SIZE)] if SIZE > 1 else [7],
+    ),  # a one-row rank
     ("NHWC", lambda n: (n, 4, 5, 3), -1, "float64", [2 + 3 * r for r in range(SIZE)]),
 ]
 
@@ -51,23 +56,27 @@ def equality_cases():
 
         case = Case(op="forward_backward", **key)
         y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
-        ys, means, invstds = fastbn.batch_norm_forward(dev(xs), dev(gamma), dev(beta),
-                                                       axis=axis, comm=COMM)
+        ys, means, invstds = fastbn.batch_norm_forward(
+            dev(xs), dev(gamma), dev(beta), axis=axis, comm=COMM
+        )
         ys, means, invstds = host(ys), host(means), host(invstds)
         case.compare("y", ys, y[part])
         case.compare("mean", means, mean)
         case.compare("invstd", invstds, invstd)
-        dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta,
-                                                       axis=axis)
+        dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, axis=axis)
         dxs, dgammas, dbetas = fastbn.batch_norm_backward(
-            dev(dys), dev(xs), dev(means), dev(invstds), dev(gamma), dev(beta), axis=axis,
-            comm=COMM)
+            dev(dys), dev(xs), dev(means), dev(invstds), dev(gamma), dev(beta), axis=axis, comm=COMM
+        )
         dxs, dgammas, dbetas = host(dxs), host(dgammas), host(dbetas)
         case.compare("dx", dxs, dx[part])
         case.compare("dgamma", dgammas, dgamma)
         case.compare("dbeta", dbetas, dbeta)
-        for name, a in (("mean", means), ("invstd", invstds), ("dgamma", dgammas),
-                        ("dbeta", dbetas)):
+        for name, a in (
+            ("mean", means),
+            ("invstd", invstds),
+            ("dgamma", dgammas),
+            ("dbeta", dbetas),
+        ):
             case.same_everywhere(name, a)
         results.append(case.result())
 
@@ -77,8 +86,16 @@ def equality_cases():
         for step in range(2):
             xb = x + np.asarray(step, dtype)
             y = fastbn.batch_norm(xb, rm, rv, gamma, beta, training=True, axis=axis)
-            ys = fastbn.batch_norm(dev(np.ascontiguousarray(xb[part])), rms, rvs, dev(gamma),
-                                   dev(beta), training=True, axis=axis, comm=COMM)
+            ys = fastbn.batch_norm(
+                dev(np.ascontiguousarray(xb[part])),
+                rms,
+                rvs,
+                dev(gamma),
+                dev(beta),
+                training=True,
+                axis=axis,
+                comm=COMM,
+            )
         case.compare("y", host(ys), y[part])
         case.compare("running_mean", host(rms), rm)
         case.compare("running_var", host(rvs), rv)
@@ -148,14 +165,17 @@ def error_cases():
         fastbn.batch_norm_forward(x, comm=COMM)
 
     results = {}
-    for name, fn in (("forward_bad_dtype_on_rank_1", forward_bad_dtype),
-                     ("nan_on_rank_0", nonfinite_on_rank_0),
-                     ("mismatch_forward_on_rank_0_backward_on_rank_1", forward_vs_backward),
-                     ("mismatch_dtype_on_rank_1", dtype_mismatch),
-                     ("normal_call_afterwards", afterwards)):
+    for name, fn in (
+        ("forward_bad_dtype_on_rank_1", forward_bad_dtype),
+        ("nan_on_rank_0", nonfinite_on_rank_0),
+        ("mismatch_forward_on_rank_0_backward_on_rank_1", forward_vs_backward),
+        ("mismatch_dtype_on_rank_1", dtype_mismatch),
+        ("normal_call_afterwards", afterwards),
+    ):
         results[name] = COMM.allgather(outcome(fn))
-    untouched = np.array_equal(rm.copy_to_host(), np.zeros(3)) and \
-        np.array_equal(rv.copy_to_host(), np.ones(3))
+    untouched = np.array_equal(rm.copy_to_host(), np.zeros(3)) and np.array_equal(
+        rv.copy_to_host(), np.ones(3)
+    )
     results["state_untouched"] = COMM.allgather(bool(untouched))
     return results
 
@@ -168,24 +188,34 @@ def empty_global_batch():
     x = cuda.to_device(np.zeros((0, C), np.float32))
     try:
         y, mean, invstd = fastbn.batch_norm_forward(x, comm=COMM)
-        checks["forward"] = (y.shape == x.shape and bool(np.isnan(host(mean)).all())
-                             and bool(np.isnan(host(invstd)).all()))
+        checks["forward"] = (
+            y.shape == x.shape
+            and bool(np.isnan(host(mean)).all())
+            and bool(np.isnan(host(invstd)).all())
+        )
         dx, dgamma, dbeta = fastbn.batch_norm_backward(
-            x, x, mean, invstd, cuda.to_device(np.ones(C, np.float32)), comm=COMM)
-        checks["backward"] = (dx.shape == x.shape and not host(dgamma).any()
-                              and not host(dbeta).any())
+            x, x, mean, invstd, cuda.to_device(np.ones(C, np.float32)), comm=COMM
+        )
+        checks["backward"] = (
+            dx.shape == x.shape and not host(dgamma).any() and not host(dbeta).any()
+        )
         rm = cuda.to_device(np.full(C, 0.5, np.float32))
         rv = cuda.to_device(np.full(C, 2.0, np.float32))
         y = fastbn.batch_norm(x, rm, rv, training=True, comm=COMM)
-        checks["batch_norm"] = (y.shape == x.shape and bool((host(rm) == 0.5).all())
-                                and bool((host(rv) == 2.0).all()))
+        checks["batch_norm"] = (
+            y.shape == x.shape and bool((host(rm) == 0.5).all()) and bool((host(rv) == 2.0).all())
+        )
         layer = fastbn.BatchNorm(C, comm=COMM).to("cuda")
         y = layer.forward(x, training=True)
         dx = layer.backward(x)
-        checks["layer"] = (y.shape == x.shape and dx.shape == x.shape
-                           and layer.num_batches_tracked == 0
-                           and bool((host(layer.running_mean) == 0).all())
-                           and not host(layer.dgamma).any() and not host(layer.dbeta).any())
+        checks["layer"] = (
+            y.shape == x.shape
+            and dx.shape == x.shape
+            and layer.num_batches_tracked == 0
+            and bool((host(layer.running_mean) == 0).all())
+            and not host(layer.dgamma).any()
+            and not host(layer.dbeta).any()
+        )
     except Exception as exc:  # reported, never raised: the other ranks must not wait
         checks["error"] = f"{type(exc).__name__}: {exc}"
     return COMM.allgather(checks)
@@ -196,8 +226,12 @@ def main():
     errors = error_cases()
     empty = empty_global_batch()
     if RANK == 0:
-        print("RESULT " + json.dumps({"size": SIZE, "equality": equality, "errors": errors,
-                                      "empty_global_batch": empty}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {"size": SIZE, "equality": equality, "errors": errors, "empty_global_batch": empty}
+            )
+        )
         sys.stdout.flush()
 
 

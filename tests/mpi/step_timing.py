@@ -50,13 +50,14 @@ def training_step(batch, steps):
     first, stop = shard_bounds(batch, RANK, SIZE)
     acc = np.zeros(2)
     from fastbn.nn import _ops
+
     ops = _ops.ops_for(np)
     state = {"i": 0}
 
     def step():
         start = (state["i"] % 8) * batch
         state["i"] += 1
-        xb, yb = x[start + first:start + stop], y[start + first:start + stop]
+        xb, yb = x[start + first : start + stop], y[start + first : start + stop]
         logits = model.forward(xb, True)
         grad = np.empty_like(logits)
         ops.softmax_cross_entropy(logits, yb, grad, 1.0 / batch, acc)
@@ -87,8 +88,10 @@ def bn_sync(batch, repeat):
 
         call(COMM)
         call(None)
-        out[C] = {"synced": median_time(lambda: call(COMM), repeat) * 1e6,
-                  "local": median_time(lambda: call(None), repeat) * 1e6}
+        out[C] = {
+            "synced": median_time(lambda: call(COMM), repeat) * 1e6,
+            "local": median_time(lambda: call(None), repeat) * 1e6,
+        }
     return out
 
 
@@ -101,8 +104,12 @@ def allgather(repeat):
     for C in (64, 256, 1024):
         local = np.zeros(2 * C + 1)
         gathered = np.empty((SIZE, 2 * C + 1))
-        out[f"payload_2x{C}+1xfloat64"] = median_time(
-            lambda local=local, gathered=gathered: COMM.Allgather(local, gathered), repeat) * 1e6
+        out[f"payload_2x{C}+1xfloat64"] = (
+            median_time(
+                lambda local=local, gathered=gathered: COMM.Allgather(local, gathered), repeat
+            )
+            * 1e6
+        )
     return out
 
 
@@ -112,9 +119,15 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     step_s, reduce_s, n_params = training_step(args.batch, args.steps)
-    result = {"ranks": SIZE, "batch": args.batch, "step_ms": step_s * 1e3,
-              "grad_allreduce_ms": reduce_s * 1e3, "parameters": n_params,
-              "bn_sync_us": bn_sync(args.batch, args.steps), "allgather_us": allgather(args.steps)}
+    result = {
+        "ranks": SIZE,
+        "batch": args.batch,
+        "step_ms": step_s * 1e3,
+        "grad_allreduce_ms": reduce_s * 1e3,
+        "parameters": n_params,
+        "bn_sync_us": bn_sync(args.batch, args.steps),
+        "allgather_us": allgather(args.steps),
+    }
     if RANK == 0:
         print("RESULT " + json.dumps(result))
 

@@ -2,9 +2,10 @@
 
 Every rank trains the same MLP (with BatchNorm) on the same synthetic dataset with the
 trainer's own epoch loop and :class:`fastbn.nn.DataParallel` as its ``parallel=`` hook;
-rank 0 also trains it in a single process with the same global batch and compares. Rank 0 prints ``RESULT <json>`` with the per-epoch
-metrics of both runs, the largest parameter / running-statistic difference, and whether
-parameters and running statistics are bitwise identical on every rank.
+rank 0 also trains it in a single process with the same global batch and compares.
+Rank 0 prints ``RESULT <json>`` with the per-epoch metrics of both runs, the largest
+parameter / running-statistic difference, and whether parameters and running statistics
+are bitwise identical on every rank.
 """
 
 import json
@@ -19,7 +20,7 @@ from fastbn.nn import DataParallel
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
 EPOCHS = 2
-BATCH = 130           # 2000 rows: 15 full batches and one of 50; shards of 130 are uneven
+BATCH = 130  # 2000 rows: 15 full batches and one of 50; shards of 130 are uneven
 
 
 def build():
@@ -42,8 +43,9 @@ def main():
     rng = np.random.default_rng(11)
     synced = []
     for _ in range(EPOCHS):
-        train = nn.train_epoch(model, loss, opt, ds.x_train, ds.y_train, BATCH, rng,
-                               parallel=parallel)
+        train = nn.train_epoch(
+            model, loss, opt, ds.x_train, ds.y_train, BATCH, rng, parallel=parallel
+        )
         test = nn.evaluate(model, loss, ds.x_test, ds.y_test, parallel=parallel)
         synced.append(train + test)
     mine = model_arrays(model)
@@ -61,8 +63,18 @@ def main():
         single.append(train + test)
     reference = model_arrays(model)
     diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(mine, reference))
-    print("RESULT " + json.dumps({"size": COMM.Get_size(), "synced": synced, "single": single,
-                                  "max_param_diff": diff, "identical_on_ranks": identical}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "size": COMM.Get_size(),
+                "synced": synced,
+                "single": single,
+                "max_param_diff": diff,
+                "identical_on_ranks": identical,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
