@@ -208,6 +208,13 @@ def precompile(dtypes=DTYPES, *, processes=None, progress=True):
     ------
     ValueError
         An unsupported dtype.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> result = fastbn.precompile(["float64"], processes=1, progress=False)
+    >>> result["jobs"] > 0 and result["processes"]
+    1
     """
     dtypes = [str(np.dtype(d)) for d in dtypes]
     bad = [d for d in dtypes if d not in ("float16", "float32", "float64")]
