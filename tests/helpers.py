@@ -1,6 +1,16 @@
 """Test helpers: per-dtype tolerances and a NaN-aware assert that shows the mismatches."""
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 # Tolerances of fastbn against the float64 reference, per input dtype.
 TOL = {
@@ -44,3 +54,75 @@ def assert_close(actual, expected, rtol, atol, name="result"):
             f"{name}: {int(bad.sum())} of {bad.size} values differ "
             f"(rtol={rtol}, atol={atol}, max abs err {err:.3g}); first:\n{rows}"
         )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**overrides):
+    """The environment of a child Python: this one, with the repository on PYTHONPATH
+    (fastbn need not be installed) and ``overrides`` applied (None removes a name)."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def run_bounded(command, env, timeout, what):
+    """Run ``command`` in its own process group; return ``(returncode, stdout, stderr)``.
+
+    On timeout the whole group (an mpiexec and its ranks, or a forked child) is killed and
+    the test fails with the output: a hang fails, it never blocks the suite.
+    """
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"{what} did not finish in {timeout} s (a hang?)\n"
+            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
+    return proc.returncode, out, err
+
+
+def find_mpiexec():
+    """``mpiexec`` on PATH, or the one the ``mpich`` wheel installs next to Python."""
+    found = shutil.which("mpiexec")
+    if found:
+        return found
+    candidate = Path(sysconfig.get_path("scripts")) / "mpiexec"
+    return str(candidate) if candidate.exists() else None
+
+
+def run_mpi(script, ranks, *args, timeout=300, extra_env=None):
+    """Run ``script`` under ``mpiexec -n ranks``; return rank 0's ``RESULT`` JSON.
+
+    One Numba thread per rank (the ranks already share the cores). ``ranks=None`` runs
+    the script as one plain process (no mpiexec). A hang or a failure fails the test with
+    the output.
+    """
+    env = child_env(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", **(extra_env or {}))
+    launcher = [] if ranks is None else [find_mpiexec(), "-n", str(ranks)]
+    what = f"mpiexec -n {ranks} {Path(script).name}"
+    code, out, err = run_bounded(
+        [*launcher, sys.executable, str(script), *args], env, timeout, what
+    )
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not lines:
+        pytest.fail(f"{what} failed (exit {code})\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -15,14 +15,10 @@ the layer: a call either returns the reference's result, or raises a documented 
 running statistic unchanged.
 """
 
-import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 
@@ -33,7 +29,7 @@ import fastbn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as ref
-from helpers import assert_close, tol
+from helpers import assert_close, find_mpiexec, run_mpi, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("FASTBN_CONTRACT_CUDA_CHILD") == "1"
@@ -542,50 +538,6 @@ def test_running_update_that_overflows_is_refused(rs_dtype, x_dtype, scale):
 # --------------------------------------------------------------------------------------
 # comm=: the backward contract under mpiexec -n 2
 # --------------------------------------------------------------------------------------
-
-
-def find_mpiexec():
-    found = shutil.which("mpiexec")
-    if found:
-        return found
-    candidate = Path(sysconfig.get_path("scripts")) / "mpiexec"
-    return str(candidate) if candidate.exists() else None
-
-
-def run_mpi(script, ranks, timeout=300):
-    """Run ``script`` under ``mpiexec -n ranks``; rank 0's ``RESULT`` JSON (the runner
-    pattern of tests/test_distributed.py: a hang is killed and fails the test)."""
-    env = dict(
-        os.environ,
-        NUMBA_NUM_THREADS="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.Popen(
-        [find_mpiexec(), "-n", str(ranks), sys.executable, str(script)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(
-            f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s\n"
-            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-        )
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(
-            f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
-            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-        )
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @cpu_only

@@ -14,13 +14,11 @@ Skipped when mpi4py or ``mpiexec`` is missing (``pip install 'fastbn[mpi]'``).
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -44,61 +42,15 @@ LAUNCH_TIMEOUT = 300  # seconds; the 3-rank run takes ~15 s on 2 cores
 REL_TOL = {"float64": 1e-11, "float32": 2.5e-7}
 
 
-def find_mpiexec():
-    """``mpiexec`` on PATH, or the one the ``mpich`` wheel installs next to Python."""
-    found = shutil.which("mpiexec")
-    if found:
-        return found
-    candidate = Path(sysconfig.get_path("scripts")) / "mpiexec"
-    return str(candidate) if candidate.exists() else None
-
-
-MPIEXEC = find_mpiexec()
+MPIEXEC = helpers.find_mpiexec()
 needs_mpiexec = pytest.mark.skipif(
     MPIEXEC is None, reason="mpiexec not found (pip install 'fastbn[mpi]' brings MPICH's)"
 )
 
 
 def run_mpi(script, ranks, *args, timeout=LAUNCH_TIMEOUT, extra_env=None):
-    """Run ``script`` under ``mpiexec -n ranks``; return rank 0's ``RESULT`` JSON.
-
-    One Numba thread per rank (the ranks already share the cores). On timeout the whole
-    process group (mpiexec and every rank) is killed and the test fails with the output.
-    ``ranks=None`` runs the script as one plain process (no mpiexec).
-    """
-    env = dict(
-        os.environ,
-        NUMBA_NUM_THREADS="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        **(extra_env or {}),
-    )
-    launcher = [] if ranks is None else [MPIEXEC, "-n", str(ranks)]
-    proc = subprocess.Popen(
-        [*launcher, sys.executable, str(script), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(
-            f"mpiexec -n {ranks} {script.name} did not finish in {timeout} s (a rank "
-            f"waiting in a collective?)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-        )
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(
-            f"mpiexec -n {ranks} {script.name} failed (exit {proc.returncode})\n"
-            f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-        )
-    return json.loads(lines[-1][len("RESULT ") :])
+    """:func:`helpers.run_mpi` with this file's launch timeout."""
+    return helpers.run_mpi(script, ranks, *args, timeout=timeout, extra_env=extra_env)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")

@@ -13,12 +13,11 @@ under a timeout that kills its whole process group, so a hang fails instead of b
 import importlib.metadata
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import helpers
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,33 +93,11 @@ def run_python(code, *args, layer=None):
 
     ``layer`` sets ``NUMBA_THREADING_LAYER`` (None: unset, fastbn chooses).
     """
-    env = dict(
-        os.environ,
-        NUMBA_NUM_THREADS="2",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = helpers.child_env(NUMBA_NUM_THREADS="2", NUMBA_THREADING_LAYER=layer)
+    code_, out, err = helpers.run_bounded(
+        [sys.executable, "-c", code, *map(str, args)], env, TIMEOUT, "the child interpreter"
     )
-    env.pop("NUMBA_THREADING_LAYER", None)
-    if layer is not None:
-        env["NUMBA_THREADING_LAYER"] = layer
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(
-            f"did not finish in {TIMEOUT} s (a hang)\nstdout:\n{out[-2000:]}\n"
-            f"stderr:\n{err[-2000:]}"
-        )
-    assert proc.returncode == 0, err[-3000:]
+    assert code_ == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
 
 
