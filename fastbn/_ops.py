@@ -208,12 +208,27 @@ def _update_running(be, running, mean, var, m, st):
 
 
 def train_forward(
-    be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None, comm=None
+    be,
+    x,
+    gamma,
+    beta,
+    axis,
+    eps,
+    relu,
+    out,
+    stream,
+    dtype=None,
+    running=None,
+    comm=None,
+    residual=None,
 ):
     """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
 
     Parameters
     ----------
+    residual : array, optional
+        z of ``y = act(bn(x) + z)`` (checked by :func:`check_residual`): added in the
+        normalizing pass, after the statistics pass (it does not change them).
     dtype : numpy.dtype or None
         The dtype of the returned ``mean`` and ``invstd`` (None: not needed, None returned).
     running : Running, optional
@@ -230,17 +245,25 @@ def train_forward(
                 return y, None, None
             return y, be.stats(x, C, dtype, st, math.nan), be.stats(x, C, dtype, st, math.nan)
         v = be.view(x, axis, st)
-        dest = be.output(out, v, x, st)
-        if comm is not None:
-            outer, _, inner = v.x3.shape
-            n_local = outer * inner if x.size else 0
-            mean, var = comm.moments_from_local(
-                C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
-            )
+        zv = None if residual is None else be.view(residual, axis, st, order=v.order)
+        dest = be.output(out, v, x, st, also=zv)
+        if comm is not None or residual is not None:
+            # the statistics (every rank's with comm), then one normalizing pass
+            if comm is None:
+                m = x.size // C
+                mean, m2 = be.shard_moments(x, v, st)
+                var = m2 / m
+            else:
+                m = comm.count
+                outer, _, inner = v.x3.shape
+                n_local = outer * inner if x.size else 0
+                mean, var = comm.moments_from_local(
+                    C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
+                )
             if running is not None:
-                _update_running(be, running, mean, var, comm.count, st)
+                _update_running(be, running, mean, var, m, st)
             if x.size:
-                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
+                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st, residual=zv)
             invstd = 1.0 / np.sqrt(var + eps)
             return (
                 dest.finish(),
@@ -288,11 +311,35 @@ def train_forward(
         return dest.finish(), mean, invstd
 
 
-def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None):
-    """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``.
+def backward(
+    be,
+    dy,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    axis,
+    relu,
+    out,
+    stream,
+    grads=None,
+    comm=None,
+    residual=None,
+    residual_grad=False,
+):
+    """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``, and the
+    residual's gradient ``dz`` fourth with ``residual_grad``.
 
     Parameters
     ----------
+    residual : array, optional
+        The forward's z of ``y = act(bn(x) + z)`` (needed with ``relu`` only: the mask).
+    residual_grad : bool, optional
+        Also return ``dz``: ``dy`` masked where ``bn(x) + z <= 0`` with ``relu``, a copy
+        of ``dy`` without. With ``relu`` and ``residual``, ``dz`` is computed first and
+        the plain backward (no mask) runs on it: one more pass than the ReLU backward,
+        the one that writes ``dz``.
     grads : tuple, optional
         ``(like, dtype)``: return ``dgamma`` and ``dbeta`` in ``dtype``, as arrays of
         ``like``'s kind; None: neither (both None).
@@ -304,16 +351,30 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
     with be.scope(x, stream) as st:
         if comm is None and x.size == 0:  # zero gradients, an empty dx
             dx = be.empty_output(x, axis, out, st)
+            dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
             if grads is None:
-                return dx, None, None
+                return (dx, None, None) + dz
             like, dtype = grads
-            return dx, be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            return (dx, *zeros) + dz
         v = be.view(x, axis, st)
         dyv = be.view(dy, axis, st, order=v.order)
+        dz = ()
+        if residual_grad or (relu and residual is not None):
+            # dz = dy * [bn(x) + z > 0]: the dy of the sum, then of a BatchNorm without ReLU
+            zv = be.view(residual, axis, st, order=v.order) if relu else dyv
+            g = be.output(None, v, x, st)
+            if x.size:
+                be.residual_grad(x, v, dyv, zv, g, mean, invstd, gamma, beta, relu, st)
+            dz = (g.finish(),)
+            dyv = be.view(be.wrap("dz", dz[0]), axis, st, order=v.order)
+            relu = False
+            if not residual_grad:
+                dz = ()
         dest = be.output(out, v, x, st, also=dyv)
         if comm is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
-            return dest.finish(), dgamma, dbeta
+            return (dest.finish(), dgamma, dbeta) + dz
         outer, _, inner = v.x3.shape
         n_local = outer * inner if x.size else 0
         sums = comm.grad_sums_from_local(
@@ -325,13 +386,23 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
         dgamma, dbeta = be.input_grad(
             x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, comm.count, st, grads
         )
-        return dest.finish(), dgamma, dbeta
+        return (dest.finish(), dgamma, dbeta) + dz
 
 
-def inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream):
-    """The inference on checked, wrapped arguments: ``y``."""
+def inference(
+    be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream, residual=None
+):
+    """The inference on checked, wrapped arguments: ``y`` (``act(bn(x) + z)`` with
+    ``residual``, in the same pass)."""
     with be.scope(x, stream) as st:
         v = be.view(x, axis, st)
-        dest = be.output(out, v, x, st)
-        be.inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st)
+        if residual is None:
+            dest = be.output(out, v, x, st)
+            be.inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st)
+        else:
+            zv = be.view(residual, axis, st, order=v.order)
+            dest = be.output(out, v, x, st, also=zv)
+            be.inference(
+                x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st, residual=zv
+            )
         return dest.finish()

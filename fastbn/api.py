@@ -35,7 +35,9 @@ __all__ = [
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
-_NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
+_NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out", "residual")
+_FORWARD_ARGS = ("x", "gamma", "beta", "out", "residual")
+_BACKWARD_ARGS = ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "residual")
 
 
 # --------------------------------------------------------------------------------------
@@ -53,13 +55,16 @@ def batch_norm_forward(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
-    the biased ``var`` are taken over every axis but ``axis``.
+    the biased ``var`` are taken over every axis but ``axis``; with ``residual=z``,
+    ``y = act(gamma * (x - mean) / sqrt(var + eps) + beta + z)`` (a ResNet block's
+    ``relu(bn(x) + z)`` with ``activation="relu"``), the add in the normalizing pass.
 
     Parameters
     ----------
@@ -79,6 +84,11 @@ def batch_norm_forward(
         Preallocated output of x's shape and dtype (may be ``x`` itself).
     activation : {None, "relu"}, optional
         ``"relu"`` applies ``max(y, 0)`` in the same pass.
+    residual : array, optional
+        ``z``, added to the normalized ``x`` before the activation: x's shape and dtype,
+        any memory layout, the same kind of array as ``x``; ``out`` may be ``z`` itself.
+        It does not enter the statistics. Its gradient is
+        ``batch_norm_backward(..., residual=z, residual_grad=True)``'s fourth result.
     stream : CUDA stream, optional
         GPU arrays only: the stream to launch on (a Numba stream, ``cupy.cuda.Stream`` or
         ``torch.cuda.Stream``); default the current stream of the array's library.
@@ -118,11 +128,20 @@ def batch_norm_forward(
            [ 1.,  1.]], dtype=float32)
     >>> mean
     array([ 2., 20.], dtype=float32)
+
+    A ResNet block's ``relu(bn(x) + z)`` in one pass over ``x`` and ``z``:
+
+    >>> z = np.array([[0.5, 2.0], [-3.0, 0.5]], dtype=np.float32)
+    >>> y, _, _ = fastbn.batch_norm_forward(x, residual=z, activation="relu")
+    >>> np.round(y, 3)
+    array([[0. , 1. ],
+           [0. , 1.5]], dtype=float32)
     """
     x3 = _direct_view(x, axis, stream, gamma, beta)
     if (
         x3 is not None
         and comm is None
+        and residual is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
         and x3.shape[1]
@@ -139,11 +158,12 @@ def batch_norm_forward(
         )
         stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
         return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
-    be = backends.backend_for(("x", "gamma", "beta", "out"), x, gamma, beta, out)
+    be = backends.backend_for(_FORWARD_ARGS, x, gamma, beta, out, residual)
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, residual = be.wrap_out(out), be.wrap("residual", residual)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
@@ -158,6 +178,7 @@ def batch_norm_forward(
         stream,
         dtype=_ops.stats_dtype(x.dtype),
         comm=comm,
+        residual=residual,
     )
 
 
@@ -173,10 +194,13 @@ def batch_norm_backward(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
+    residual_grad: bool = False,
     stream: Any = None,
     comm: Any = None,
-) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
+) -> tuple[Any, ...]:
+    """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta (and
+    the residual, with ``residual_grad=True``).
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
     ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and ``xhat = (x - mean) * invstd``.
@@ -199,6 +223,14 @@ def batch_norm_backward(
         Preallocated ``dx`` (may be ``dy`` itself).
     activation : {None, "relu"}, optional
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+    residual : array, optional
+        The forward's ``residual`` z: with ``activation="relu"`` the mask is that of
+        ``bn(x) + z`` (recomputed from x, the statistics, gamma, beta and z). Without an
+        activation it is not needed (checked when given).
+    residual_grad : bool, default False
+        Also return the residual's gradient ``dz`` (fourth): ``dy`` masked where
+        ``bn(x) + z <= 0`` with ``activation="relu"``, a copy of ``dy`` without. It
+        needs ``residual`` with ``activation="relu"``.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
@@ -215,6 +247,9 @@ def batch_norm_backward(
         Both come back whenever the call is affine (``gamma`` or ``beta`` given):
         ``dbeta = sum(dy)`` does not need ``beta``. Both are None only when neither is
         given. Statistics dtype. On an empty batch: zeros.
+    dz : array
+        With ``residual_grad=True`` only: the residual's gradient, a new array of x's
+        shape, dtype and kind.
 
     Examples
     --------
@@ -225,11 +260,23 @@ def batch_norm_backward(
     ...                                                gamma=np.ones(1), beta=np.zeros(1))
     >>> dx.ravel(), dbeta
     (array([0., 0.]), array([2.]))
+
+    Through ``relu(bn(x) + z)``: ``dz`` is ``dy`` where the output is positive.
+
+    >>> z = np.array([[-5.0], [0.5]])
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, residual=z, activation="relu")
+    >>> dx, _, _, dz = fastbn.batch_norm_backward(np.array([[1.0], [1.0]]), x, mean, invstd,
+    ...                                           activation="relu", residual=z,
+    ...                                           residual_grad=True)
+    >>> y.ravel(), dz.ravel()
+    (array([0. , 1.5]), array([0., 1.]))
     """
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     if (
         x3 is not None
         and comm is None
+        and residual is None
+        and not residual_grad
         and mean is not None
         and invstd is not None
         and type(dy) is np.ndarray
@@ -253,21 +300,39 @@ def batch_norm_backward(
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta
-    be = backends.backend_for(
-        ("dy", "x", "mean", "invstd", "gamma", "beta", "out"), dy, x, mean, invstd, gamma, beta, out
-    )
+    be = backends.backend_for(_BACKWARD_ARGS, dy, x, mean, invstd, gamma, beta, out, residual)
     be.check_stream(stream)
     dy, x = be.wrap("dy", dy), be.wrap("x", x)
     mean, invstd = be.wrap("mean", mean), be.wrap("invstd", invstd)
     gamma, beta = be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, residual = be.wrap_out(out), be.wrap("residual", residual)
     dtype, axis, C, relu = _checks.check_backward_args(
         dy, x, mean, invstd, gamma, beta, axis, out, activation
     )
+    _checks.check_residual(residual, x.shape, dtype)
+    if residual_grad and relu and residual is None:
+        raise ValueError(
+            "residual_grad=True with activation='relu' needs residual=, the forward's z: "
+            "the ReLU mask depends on it"
+        )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
     return _ops.backward(
-        be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+        be,
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        axis,
+        relu,
+        out,
+        stream,
+        grads=grads,
+        comm=comm,
+        residual=residual,
+        residual_grad=bool(residual_grad),
     )
 
 
@@ -282,11 +347,13 @@ def batch_norm_inference(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     stream: Any = None,
 ) -> Any:
     """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
 
-    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; with
+    ``residual=z``, ``act(... + z)`` in the same pass (one more read, of z).
 
     Parameters
     ----------
@@ -297,6 +364,8 @@ def batch_norm_inference(
     eps : float, default 1e-5
     out : array, optional
     activation : {None, "relu"}, optional
+    residual : array, optional
+        ``z`` added before the activation (see :func:`batch_norm_forward`).
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
 
@@ -316,6 +385,7 @@ def batch_norm_inference(
     x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
     if (
         x3 is not None
+        and residual is None
         and running_mean is not None
         and running_var is not None
         and _direct_options(eps, activation)
@@ -333,20 +403,34 @@ def batch_norm_inference(
             y.reshape(x3.shape),
         )
         return y
-    be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
+    be = backends.backend_for(
+        _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
+    )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap("running_mean", running_mean)
     running_var = be.wrap("running_var", running_var)
-    out = be.wrap_out(out)
+    out, residual = be.wrap_out(out), be.wrap("residual", residual)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     C = x.shape[axis]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required for inference")
     _checks.check_channel_param("running_mean", running_mean, C, axis)
     _checks.check_channel_param("running_var", running_var, C, axis)
     return _ops.inference(
-        be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+        be,
+        x,
+        running_mean,
+        running_var,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        residual=residual,
     )
 
 
@@ -364,6 +448,7 @@ def batch_norm(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     num_batches_tracked: int | None = None,
     running_var_unbiased: bool = True,
     on_nonfinite: str = "raise",
@@ -397,6 +482,8 @@ def batch_norm(
     axis : int, default 1
     out : array, optional
     activation : {None, "relu"}, optional
+    residual : array, optional
+        ``z`` added before the activation, in both modes (see :func:`batch_norm_forward`).
     num_batches_tracked : int, optional
         With ``momentum=None``: how many batches the running statistics already average.
         An integer >= 0 (checked whenever given).
@@ -434,7 +521,7 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    if training and comm is None and out is None and running_mean is not None:
+    if training and comm is None and out is None and residual is None and running_mean is not None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
         if (
@@ -465,13 +552,16 @@ def batch_norm(
                 stacklevel=2,
             )
             return y
-    be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
+    be = backends.backend_for(
+        _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
+    )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap_running("running_mean", running_mean)
     running_var = be.wrap_running("running_var", running_var)
-    out = be.wrap_out(out)
+    out, residual = be.wrap_out(out), be.wrap("residual", residual)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     C = x.shape[axis]
     if not training:
         if running_mean is None or running_var is None:
@@ -479,7 +569,18 @@ def batch_norm(
         _checks.check_channel_param("running_mean", running_mean, C, axis)
         _checks.check_channel_param("running_var", running_var, C, axis)
         return _ops.inference(
-            be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+            be,
+            x,
+            running_mean,
+            running_var,
+            gamma,
+            beta,
+            axis,
+            float(eps),
+            relu,
+            out,
+            stream,
+            residual=residual,
         )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
@@ -495,5 +596,16 @@ def batch_norm(
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
-        be, x, gamma, beta, axis, float(eps), relu, out, stream, running=running, comm=comm
+        be,
+        x,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        running=running,
+        comm=comm,
+        residual=residual,
     )[0]
