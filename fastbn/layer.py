@@ -21,7 +21,9 @@ class BatchNorm:
     (zeros) and ``running_var`` (ones), and ``num_batches_tracked``. ``forward`` in
     training normalizes with batch statistics and updates the running ones; otherwise it
     normalizes with the running ones. ``backward(dy)`` returns ``dx`` and stores
-    ``dgamma`` and ``dbeta``.
+    ``dgamma`` and ``dbeta``. ``forward(x, residual=z)`` computes a ResNet block's
+    ``act(bn(x) + z)`` in one pass; its ``backward`` also stores ``dresidual``, the
+    gradient with respect to ``z``.
 
     The defaults follow PyTorch (``momentum=0.1`` weighs the *new* batch, ``eps=1e-5``,
     unbiased running variance). :meth:`keras` builds the Keras equivalent.
@@ -119,8 +121,10 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.dgamma = None
         self.dbeta = None
+        self.dresidual = None
         self.training = True
         self._saved = None
+        self._residual = None  # z of the last forward(x, residual=z), for its backward
 
     @classmethod
     def keras(
@@ -190,8 +194,8 @@ class BatchNorm:
             f"activation={self.activation!r})"
         )
 
-    def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
-        return self.forward(x, training=training)
+    def __call__(self, x: ArrayLike, training: bool | None = None, residual: Any = None) -> Any:
+        return self.forward(x, training=training, residual=residual)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
@@ -231,7 +235,9 @@ class BatchNorm:
         self._saved = None
         return self
 
-    def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
+    def forward(
+        self, x: ArrayLike, training: bool | None = None, residual: ArrayLike | None = None
+    ) -> Any:
         """Normalize ``x``.
 
         Parameters
@@ -241,6 +247,11 @@ class BatchNorm:
         training : bool, optional
             Batch statistics (and a running-statistics update) when True, running
             statistics when False; None uses the layer's mode (:meth:`train`/:meth:`eval`).
+        residual : array, optional
+            ``z`` of x's shape, dtype and kind (any layout): the output is
+            ``act(bn(x) + z)``, the add in the normalizing pass (see
+            :func:`fastbn.batch_norm_forward`). The layer keeps a reference to it for
+            :meth:`backward`, which then sets ``dresidual``.
 
         Returns
         -------
@@ -268,15 +279,29 @@ class BatchNorm:
         >>> bn = fastbn.BatchNorm(2)
         >>> bn.forward(np.array([[1.0, 2.0], [3.0, 4.0]]), training=False).dtype
         dtype('float64')
+
+        A ResNet block's ``relu(bn(x) + z)``, and the gradient of ``z``:
+
+        >>> block = fastbn.BatchNorm(2, dtype=np.float64, activation="relu")
+        >>> x, z = np.array([[1.0, 2.0], [3.0, 6.0]]), np.array([[0.5, 0.5], [-2.0, 0.5]])
+        >>> np.round(block.forward(x, training=True, residual=z), 3)
+        array([[0. , 0. ],
+               [0. , 1.5]])
+        >>> dx = block.backward(np.ones_like(x))
+        >>> block.dresidual
+        array([[0., 0.],
+               [0., 1.]])
         """
         training = self.training if training is None else bool(training)
         batch_statistics = training or not self.track_running_stats
-        return self._forward(x, training, comm=self.comm if batch_statistics else None)
+        y = self._forward(x, training, residual, comm=self.comm if batch_statistics else None)
+        self._residual = residual if self._saved is not None else None
+        return y
 
     @distributed.synchronized("BatchNorm.forward")
-    def _forward(self, x, training, comm=None):
+    def _forward(self, x, training, residual=None, comm=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        if training or not self.track_running_stats:
+        if residual is None and (training or not self.track_running_stats):
             update = training and self.track_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
@@ -316,8 +341,7 @@ class BatchNorm:
                 return y
         be = self._backend(x)
         if not training and self.track_running_stats:
-            self._saved = None
-            return api.batch_norm_inference(
+            y = api.batch_norm_inference(
                 x,
                 self.running_mean,
                 self.running_var,
@@ -326,13 +350,20 @@ class BatchNorm:
                 axis=self.axis,
                 eps=self.eps,
                 activation=self.activation,
+                residual=residual,
             )
+            self._saved = None
+            return y
         x = be.wrap("x", x)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
             x, gamma, beta, self.axis, self.eps, None, self.activation
         )
         self._check_channels(x, axis)
+        if _checks.is_cuda_array(residual) != _checks.is_cuda_array(x):
+            raise TypeError("residual must live on the same device as x")
+        residual = be.wrap("residual", residual)
+        _checks.check_residual(residual, x.shape, x.dtype)
         running = None
         if training and self.track_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
@@ -360,6 +391,7 @@ class BatchNorm:
             dtype=_FLOAT64,
             running=running,
             comm=comm,
+            residual=residual,
         )
         if running is not None:
             self.num_batches_tracked += 1
@@ -378,7 +410,8 @@ class BatchNorm:
         -------
         array
             ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (both when the layer is
-            affine, both None when not).
+            affine, both None when not), and ``self.dresidual``: the gradient with
+            respect to the forward's ``residual`` (None when it had none).
 
         Raises
         ------
@@ -406,8 +439,10 @@ class BatchNorm:
                 "(or a layer without running statistics)"
             )
         x, axis, mean, invstd = self._saved
+        residual = self._residual
         if (
-            comm is None
+            residual is None
+            and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.dtype == x.dtype
@@ -429,6 +464,7 @@ class BatchNorm:
                 if self.affine:
                     self.dgamma = dgamma.astype(self.dtype, copy=False)
                     self.dbeta = dbeta.astype(self.dtype, copy=False)
+                self.dresidual = None
                 return dx
         if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
@@ -442,7 +478,7 @@ class BatchNorm:
             )
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         grads = (gamma, self.dtype) if self.affine else None
-        dx, dgamma, dbeta = _ops.backward(
+        dx, dgamma, dbeta, *dz = _ops.backward(
             be,
             dy,
             x,
@@ -456,10 +492,13 @@ class BatchNorm:
             None,
             grads=grads,
             comm=comm,
+            residual=None if residual is None else be.wrap("residual", residual),
+            residual_grad=residual is not None,
         )
         if self.affine:
             self.dgamma = dgamma
             self.dbeta = dbeta
+        self.dresidual = dz[0] if dz else None
         return dx
 
     def _backend(self, x):
