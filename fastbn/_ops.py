@@ -254,12 +254,12 @@ def train_forward(
                 mean, m2 = be.shard_moments(x, v, st)
                 var = m2 / m
             else:
-                m = comm.count
                 outer, _, inner = v.x3.shape
                 n_local = outer * inner if x.size else 0
                 mean, var = comm.moments_from_local(
                     C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
                 )
+                m = comm.count  # known once the collective has run
             if running is not None:
                 _update_running(be, running, mean, var, m, st)
             if x.size:
