@@ -395,3 +395,25 @@ def test_one_rank_comm_passes_the_residual_through():
     assert_close(bn.forward(x, residual=z), plain[0], **tol(np.float64))
     bn.backward(dy)
     assert_close(bn.dresidual, g_plain[3], **tol(np.float64))
+
+
+@pytest.mark.mpi
+def test_synchronized_residual_equals_single_process():
+    """``mpiexec -n 3``, uneven shards (one rank with a single row): forward, backward
+    with ``dz`` and the running update against the single-process result on the whole
+    batch (tests/mpi/residual_checks.py)."""
+    pytest.importorskip("mpi4py.MPI")
+    import helpers
+
+    if helpers.find_mpiexec() is None:
+        pytest.skip("mpiexec not found")
+    script = helpers.ROOT / "tests" / "mpi" / "residual_checks.py"
+    result = helpers.run_mpi(script, 3)
+    assert len(result["cases"]) == 6
+    for case in result["cases"]:
+        # both sides use float64 statistics grouped differently (per rank vs per chunk):
+        # a few float64 ulps, and one ulp of the data's dtype on the outputs
+        limit = 1e-5 if case["dtype"] == "float32" else 1e-10
+        for name, diff in case["diffs"].items():
+            assert diff <= limit * 10, (case["layout"], case["dtype"], name, diff)
+        assert case["identical"], case
