@@ -354,14 +354,17 @@ class BatchNorm:
             )
             self._saved = None
             return y
+        if residual is not None and _checks.is_cuda_array(residual) != _checks.is_cuda_array(x):
+            raise TypeError(
+                f"residual must live on the same device as x: x is a "
+                f"{'CUDA' if _checks.is_cuda_array(x) else 'host'} array, residual is not"
+            )
         x = be.wrap("x", x)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
             x, gamma, beta, self.axis, self.eps, None, self.activation
         )
         self._check_channels(x, axis)
-        if _checks.is_cuda_array(residual) != _checks.is_cuda_array(x):
-            raise TypeError("residual must live on the same device as x")
         residual = be.wrap("residual", residual)
         _checks.check_residual(residual, x.shape, x.dtype)
         running = None
