@@ -227,7 +227,7 @@ def train_forward(
     Parameters
     ----------
     residual : array, optional
-        z of ``y = act(bn(x) + z)`` (checked by :func:`check_residual`): added in the
+        z of ``y = act(bn(x) + z)`` (checked by :func:`fastbn._checks.check_residual`): added in the
         normalizing pass, after the statistics pass (it does not change them).
     dtype : numpy.dtype or None
         The dtype of the returned ``mean`` and ``invstd`` (None: not needed, None returned).
