@@ -417,3 +417,20 @@ def test_synchronized_residual_equals_single_process():
         for name, diff in case["diffs"].items():
             assert diff <= limit * 10, (case["layout"], case["dtype"], name, diff)
         assert case["identical"], case
+
+
+def test_nonfinite_batch_with_residual_follows_the_policy():
+    """The residual path applies the non-finite policy before it writes: "raise" leaves
+    ``out`` and the running statistics untouched, "warn" writes ``y`` and keeps them."""
+    rng = np.random.default_rng(13)
+    x, z = make((6, 3, 4), np.float32, rng), make((6, 3, 4), np.float32, rng)
+    x[2, 1, 3] = np.nan
+    rm, rv, out = np.zeros(3, np.float32), np.ones(3, np.float32), np.full_like(x, 7.0)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        fastbn.batch_norm(x, rm, rv, training=True, out=out, residual=z)
+    assert (out == 7.0).all() and (rm == 0).all() and (rv == 1).all()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y = fastbn.batch_norm(x, rm, rv, training=True, residual=z, on_nonfinite="warn")
+    assert (rm == 0).all() and (rv == 1).all()
+    expected = ref.residual_forward(x, z)[0]
+    assert_close(y[:, [0, 2]], expected[:, [0, 2]], **tol(np.float32), name="finite channels")
