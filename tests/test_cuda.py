@@ -129,6 +129,9 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
         p1, b1, b1, A(f64, 3)))
     sigs["backward_apply", data] = (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), i64,
         f64, st, st, p1, b1, p1, b1, b1, st, b1, st, b1))
+    sigs["frozen_backward", data] = (k.frozen_backward, (x3, x3, x3, i64, i64, i64, st, st, p1,
+        b1, p1, b1, b1, A(f64, 3)))
+    sigs["frozen_grads", data] = (K.frozen_grads, (A(f64, 3), st, st, st))
 sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4),
     nt.UniTuple(i64, 4), i64))
 sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3),
@@ -138,7 +141,7 @@ sigs["merge", 0] = (K.merge_partials, (A(f64, 3), b1, A(f64, 2)))
 sigs["take_counts", 0] = (K.take_counts, (A(i32, 1), A(i32, 1)))
 for (name, data), (kernel, sig) in sigs.items():
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
-    if "partials" in name or "apply" in name:
+    if "partials" in name or "apply" in name or name == "frozen_backward":
         assert "shfl.sync" in ptx, (name, "no warp shuffle")
         assert ".local" not in ptx, (name, "register batch spilled to local memory")
     print("compiled", name, data)
