@@ -387,6 +387,22 @@ def frozen_backward(
         )
 
 
+def frozen_statistics(be, like, running_mean, running_var, eps):
+    """The fixed statistics of an inference forward as its backward takes them:
+    ``(mean, invstd)``, float64 ``(C,)`` arrays of ``like``'s kind.
+
+    ``invstd = 1 / sqrt(running_var + eps)`` in float64, the value the inference kernels
+    compute (so the ReLU mask the backward recomputes is the forward's, bit for bit).
+    """
+    with be.scope(like, None) as st:
+        mean = np.asarray(be.to_host(running_mean), dtype=np.float64)
+        invstd = 1.0 / np.sqrt(np.asarray(be.to_host(running_var), dtype=np.float64) + eps)
+        return (
+            be.stats_from_host(mean, like, _FLOAT64, st),
+            be.stats_from_host(invstd, like, _FLOAT64, st),
+        )
+
+
 def inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream):
     """The inference on checked, wrapped arguments: ``y``."""
     with be.scope(x, stream) as st:
