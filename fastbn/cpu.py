@@ -732,14 +732,22 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
         )
 
 
-@njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
+# The frozen backward's chunk helpers write dx while they sum, and ``out=dy`` makes dx
+# alias dy: LLVM then runs a loop's unvectorized copy (its runtime alias check fails), and
+# under ``reassoc`` the two copies sum in different orders (dgamma's last bits changed
+# with ``out=dy``). So they take the elementwise options (no reassociation, no
+# contraction): each sum is in the order written here, whatever LLVM vectorizes. The
+# strided one keeps four partial sums (a fixed order) for the ILP that reassociation gave.
+@njit(**_ELEMENTWISE)
 def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
     """Backward through fixed statistics over one chunk of channel ``c``: writes
     ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
 
     With ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's
     output, recomputed by :func:`_affine`, is not positive. Flat arrays and unsigned
-    offsets, as :func:`_shifted_sums_strided`.
+    offsets, as :func:`_shifted_sums_strided`. Each run is summed in four interleaved
+    partial sums (values ``i``, ``i + 1``, ``i + 2``, ``i + 3``), added at the end as
+    ``(p0 + p1) + (p2 + p3)``.
 
     Parameters
     ----------
@@ -764,28 +772,43 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     shift = coef[SHIFT, c]
     zero = coef.dtype.type(0)
     mean = np.float64(hi) + np.float64(lo)
-    s_dy = 0.0
-    s_dyx = 0.0
+    a = np.zeros(4)
+    b = np.zeros(4)
+    four = np.uint64(4)
     for o in range(o0, o1):
         base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
-        for i in range(i0, i1):
-            xv = x1[base + i]
-            g = dy1[base + i]
-            if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+        n4 = i0 + (i1 - i0) // four * four
+        for i in range(i0, n4, four):
+            for lane in range(4):
+                j = base + i + np.uint64(lane)
+                xv = x1[j]
+                g = dy1[j]
+                if relu and _affine_inline(xv, hi, lo, scale, shift) <= zero:
+                    g = zero
+                dx1[j] = scale * g
+                g64 = np.float64(g)
+                a[lane] += g64
+                b[lane] += g64 * (np.float64(xv) - mean)
+        for i in range(n4, i1):
+            j = base + i
+            xv = x1[j]
+            g = dy1[j]
+            if relu and _affine_inline(xv, hi, lo, scale, shift) <= zero:
                 g = zero
-            dx1[base + i] = scale * g
+            dx1[j] = scale * g
             g64 = np.float64(g)
-            s_dy += g64
-            s_dyx += g64 * (np.float64(xv) - mean)
-    return s_dy, s_dyx
+            a[0] += g64
+            b[0] += g64 * (np.float64(xv) - mean)
+    return (a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3])
 
 
-@njit(**_REDUCE)
+@njit(**_ELEMENTWISE)
 def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
     """:func:`_chunk_frozen_strided` for rows ``[r0, r1)`` of every channel at once.
 
-    Vectorized across channels; the ReLU and plain loops are kept apart (a constant
-    ``relu`` in each) so that the plain one vectorizes.
+    Vectorized across channels (each channel's sums in row order, which vectorization
+    across channels does not change); the ReLU and plain loops are kept apart (a
+    constant ``relu`` in each) so that the plain one vectorizes.
 
     Parameters
     ----------
@@ -809,7 +832,7 @@ def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
             for c in range(C):
                 xv = x[r, c]
                 g = dy[r, c]
-                if _affine(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
                     g = zero
                 dx[r, c] = scale[c] * g
                 g64 = np.float64(g)
