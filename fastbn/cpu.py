@@ -732,22 +732,48 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
         )
 
 
-# The frozen backward's chunk helpers write dx while they sum, and ``out=dy`` makes dx
-# alias dy: LLVM then runs a loop's unvectorized copy (its runtime alias check fails), and
-# under ``reassoc`` the two copies sum in different orders (dgamma's last bits changed
-# with ``out=dy``). So they take the elementwise options (no reassociation, no
-# contraction): each sum is in the order written here, whatever LLVM vectorizes. The
-# strided one keeps four partial sums (a fixed order) for the ILP that reassociation gave.
+@njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
+def _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero):
+    """``(sum dy, sum dy * (x - mean))`` in float64 over values ``[i0, i1)`` of the run
+    at flat offset ``base`` (unsigned offsets, as :func:`_shifted_sums_strided`); with
+    ``relu``, ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not
+    positive. It only reads: its vectorized order never depends on where dx is written
+    (with ``out=dy``, a loop that also stored would run LLVM's unvectorized copy, and sum
+    in another order)."""
+    s_dy = 0.0
+    s_dyx = 0.0
+    for i in range(i0, i1):
+        xv = x1[base + i]
+        g = dy1[base + i]
+        if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+            g = zero
+        g64 = np.float64(g)
+        s_dy += g64
+        s_dyx += g64 * (np.float64(xv) - mean)
+    return s_dy, s_dyx
+
+
 @njit(**_ELEMENTWISE)
+def _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero):
+    """``dx = scale * dy`` (ReLU-masked dy) over values ``[i0, i1)`` of the run at flat
+    offset ``base``."""
+    for i in range(i0, i1):
+        g = dy1[base + i]
+        if relu and _affine_inline(x1[base + i], hi, lo, scale, shift) <= zero:
+            g = zero
+        dx1[base + i] = scale * g
+
+
+@njit(**_EXACT)
 def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
     """Backward through fixed statistics over one chunk of channel ``c``: writes
     ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
 
-    With ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's
-    output, recomputed by :func:`_affine`, is not positive. Flat arrays and unsigned
-    offsets, as :func:`_shifted_sums_strided`. Each run is summed in four interleaved
-    partial sums (values ``i``, ``i + 1``, ``i + 2``, ``i + 3``), added at the end as
-    ``(p0 + p1) + (p2 + p3)``.
+    Run by run: the sums of the run (:func:`_frozen_sums_run`), then its dx
+    (:func:`_frozen_dx_run`) while dy and x are in L1. Memory sees one read of each and
+    one write of dx; the sums come first so that ``out=dy`` still reads dy. With
+    ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's output,
+    recomputed by :func:`_affine`, is not positive.
 
     Parameters
     ----------
@@ -772,36 +798,20 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     shift = coef[SHIFT, c]
     zero = coef.dtype.type(0)
     mean = np.float64(hi) + np.float64(lo)
-    a = np.zeros(4)
-    b = np.zeros(4)
-    four = np.uint64(4)
+    s_dy = 0.0
+    s_dyx = 0.0
     for o in range(o0, o1):
         base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
-        n4 = i0 + (i1 - i0) // four * four
-        for i in range(i0, n4, four):
-            for lane in range(4):
-                j = base + i + np.uint64(lane)
-                xv = x1[j]
-                g = dy1[j]
-                if relu and _affine_inline(xv, hi, lo, scale, shift) <= zero:
-                    g = zero
-                dx1[j] = scale * g
-                g64 = np.float64(g)
-                a[lane] += g64
-                b[lane] += g64 * (np.float64(xv) - mean)
-        for i in range(n4, i1):
-            j = base + i
-            xv = x1[j]
-            g = dy1[j]
-            if relu and _affine_inline(xv, hi, lo, scale, shift) <= zero:
-                g = zero
-            dx1[j] = scale * g
-            g64 = np.float64(g)
-            a[0] += g64
-            b[0] += g64 * (np.float64(xv) - mean)
-    return (a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3])
+        a, b = _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero)
+        s_dy += a
+        s_dyx += b
+        _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero)
+    return s_dy, s_dyx
 
 
+# The rows helper writes dx in the loop that sums: it takes the elementwise options (no
+# reassociation), so that each channel's sums are in row order whatever LLVM vectorizes
+# (across channels) and whether or not dx aliases dy.
 @njit(**_ELEMENTWISE)
 def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
     """:func:`_chunk_frozen_strided` for rows ``[r0, r1)`` of every channel at once.

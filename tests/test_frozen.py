@@ -422,10 +422,13 @@ def test_layer_frozen_option():
 def test_layer_batch_statistics_without_update():
     """update_running_stats=False: batch statistics and the training gradient, the
     running statistics and num_batches_tracked untouched."""
-    bn = trained_layer(update_running_stats=False)
+    untouched = trained_layer(update_running_stats=False)  # the constructor option
+    assert not untouched.update_running_stats and untouched.num_batches_tracked == 0
+    assert np.array_equal(untouched.running_mean, np.zeros(3))
+    bn = trained_layer()
+    bn.update_running_stats = False  # the attribute, from now on
     ref_bn = trained_layer()
     rm, rv, n = layer_state(bn)
-    assert np.array_equal(rm, ref_bn.running_mean)  # update_running_stats: from now on
     x, dy, *_ = case((7, 3, 5), 1, np.float64, seed=14)
     y = bn.forward(x, training=True)
     dx = bn.backward(dy)
@@ -449,8 +452,12 @@ def test_layer_eval_backward_general_path_and_errors():
     x, dy, *_ = case((7, 3, 5), 1, np.float32, seed=15)
     bn.forward(x, training=False)
     direct = bn.backward(dy)
-    bn.forward(x.tolist(), training=False)  # the general path: a list input
+    bn.forward(np.asfortranarray(x), training=False)  # the general path
     assert np.array_equal(bn.backward(np.asfortranarray(dy)), direct)
+    bn.forward(x.tolist(), training=False)  # a list: float64 data, float64 dy
+    dx64 = bn.backward(dy.astype(np.float64))
+    assert dx64.dtype == np.float64
+    assert_close(dx64, direct, **tol(np.float32))
     with pytest.raises(ValueError, match="dy"):
         bn.backward(dy[:3])
     fresh = fastbn.BatchNorm(3)
