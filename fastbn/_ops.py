@@ -389,7 +389,8 @@ def frozen_backward(
 
 def frozen_statistics(be, like, running_mean, running_var, eps):
     """The fixed statistics of an inference forward as its backward takes them:
-    ``(mean, invstd)``, float64 ``(C,)`` arrays of ``like``'s kind.
+    ``(mean, invstd)``, float64 ``(C,)`` arrays of the kind of ``like`` (an array the
+    backend has wrapped).
 
     ``invstd = 1 / sqrt(running_var + eps)`` in float64, the value the inference kernels
     compute (so the ReLU mask the backward recomputes is the forward's, bit for bit).

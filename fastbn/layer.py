@@ -452,8 +452,9 @@ class BatchNorm:
         if frozen:
             if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
                 raise TypeError("dy must live on the same device as the forward's input")
+            be = self._backend(x)
             mean, invstd = _ops.frozen_statistics(
-                self._backend(x), x, self.running_mean, self.running_var, self.eps
+                be, be.wrap_state("x", x), self.running_mean, self.running_var, self.eps
             )
         if (
             comm is None
