@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 from . import _checks, _ops, backends, cpu, distributed
 from ._checks import is_cuda_array
 from ._cpu_backend import direct_backward as _direct_backward
+from ._cpu_backend import direct_frozen_backward as _direct_frozen_backward
 from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
@@ -196,6 +197,7 @@ def batch_norm_backward(
     activation: str | None = None,
     residual: Any = None,
     residual_grad: bool = False,
+    training: bool = True,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, ...]:
@@ -204,6 +206,11 @@ def batch_norm_backward(
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
     ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and ``xhat = (x - mean) * invstd``.
+
+    With ``training=False`` the statistics were constants of the forward (frozen
+    BatchNorm: the running statistics, ``invstd = 1 / sqrt(running_var + eps)``), and
+    the gradient is PyTorch's eval-mode one: ``dx = gamma * invstd * dy``, with the same
+    ``dgamma`` and ``dbeta``. One read of dy and x, one write of dx.
 
     Parameters
     ----------
@@ -231,13 +238,22 @@ def batch_norm_backward(
         Also return the residual's gradient ``dz`` (fourth): ``dy`` masked where
         ``bn(x) + z <= 0`` with ``activation="relu"``, a copy of ``dy`` without. It
         needs ``residual`` with ``activation="relu"``.
+    training : bool, default True
+        True: ``mean`` and ``invstd`` are the batch statistics of a training forward
+        (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
+        (running statistics, :func:`batch_norm_inference`): the gradient through fixed
+        statistics. Not a bool: TypeError.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
         Synchronized BatchNorm (see :func:`batch_norm_forward`): ``mean`` and ``invstd``
         are then the global statistics of the synchronized forward, ``dgamma`` and
         ``dbeta`` are sums over every rank's batch (the same on every rank) and ``dx`` is
-        this rank's shard of the gradient of the whole batch.
+        this rank's shard of the gradient of the whole batch. With ``training=False``,
+        ``dgamma`` and ``dbeta`` are the same sums over every rank's batch, and ``dx``
+        needs nothing from the other ranks (``mean`` and ``invstd`` are the same fixed
+        statistics on every rank); the call is still collective, and every rank must
+        pass the same ``training`` (ranks that mix them all raise ValueError).
 
     Returns
     -------
@@ -270,7 +286,18 @@ def batch_norm_backward(
     ...                                           residual_grad=True)
     >>> np.round(y.ravel(), 3), dz.ravel()
     (array([0. , 1.5]), array([0., 1.]))
+
+    Through fixed statistics (frozen BatchNorm), ``dx = gamma * invstd * dy``:
+
+    >>> rm, rv = np.array([1.0]), np.array([4.0])
+    >>> invstd = 1.0 / np.sqrt(rv + 1e-5)
+    >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(
+    ...     np.array([[1.0], [1.0]]), x, rm, invstd, gamma=np.full(1, 2.0), training=False)
+    >>> np.round(dx.ravel(), 4), np.round(dgamma, 4), dbeta
+    (array([1., 1.]), array([1.]), array([2.]))
     """
+    if training is not True and training is not False:
+        training = _checks.check_flag("training", training)
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     if (
         x3 is not None
@@ -287,7 +314,8 @@ def batch_norm_backward(
         and _direct_options(1.0, activation)
         and (dx := _direct_out(out, x, x, dy)) is not None
     ):
-        dgamma, dbeta = _direct_backward(
+        direct = _direct_backward if training else _direct_frozen_backward
+        dgamma, dbeta = direct(
             dy.reshape(x3.shape),
             x3,
             mean,
@@ -317,7 +345,8 @@ def batch_norm_backward(
         )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    return _ops.backward(
+    operation = _ops.backward if training else _ops.frozen_backward
+    return operation(
         be,
         dy,
         x,

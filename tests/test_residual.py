@@ -434,3 +434,37 @@ def test_nonfinite_batch_with_residual_follows_the_policy():
     assert (rm == 0).all() and (rv == 1).all()
     expected = ref.residual_forward(x, z)[0]
     assert_close(y[:, [0, 2]], expected[:, [0, 2]], **tol(np.float32), name="finite channels")
+
+
+@pytest.mark.parametrize("shape, axis", [((7, 3), 1), ((2, 3, 4, 5), 1), ((4, 5, 6, 3), -1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_backward_through_fixed_statistics_with_residual(shape, axis, activation):
+    """``training=False`` (frozen BatchNorm) with ``residual=``: the mask of
+    ``bn(x) + z`` with the running statistics, functional and layer (eval forward, then
+    backward)."""
+    rng = np.random.default_rng(14)
+    C = shape[axis]
+    x, z, dy = (make(shape, np.float64, rng) for _ in range(3))
+    rm, rv = rng.normal(size=C), rng.uniform(0.5, 2.0, C)
+    gamma, beta = params(C, rng, np.float64)
+    mean, invstd = rm, 1.0 / np.sqrt(rv + 1e-5)
+    y = fastbn.batch_norm_inference(
+        x, rm, rv, gamma, beta, axis=axis, residual=z, activation=activation
+    )
+    grads = fastbn.batch_norm_backward(
+        dy, x, mean, invstd, gamma, beta, axis=axis, activation=activation, residual=z,
+        residual_grad=True, training=False,
+    )  # fmt: skip
+    expected = ref.residual_backward(
+        dy, x, z, mean, invstd, gamma, beta, axis, activation=activation, training=False
+    )
+    for got, want, name in zip(grads, expected, ("dx", "dgamma", "dbeta", "dz")):
+        assert_close(got, want, **tol(np.float64, 10), name=name)
+    if activation == "relu":
+        assert np.array_equal(grads[3], np.where(y > 0, dy, 0))
+    bn = fastbn.BatchNorm(C, axis=axis, dtype=np.float64, activation=activation)
+    bn.gamma[:], bn.beta[:], bn.running_mean[:], bn.running_var[:] = gamma, beta, rm, rv
+    assert np.array_equal(bn.forward(x, training=False, residual=z), y)
+    dx = bn.backward(dy)
+    assert_close(dx, expected[0], **tol(np.float64, 10), name="layer dx")
+    assert_close(bn.dresidual, expected[3], **tol(np.float64), name="layer dresidual")
