@@ -133,16 +133,20 @@ def tensor_call(function, names, first, args, kwargs):
 
 def wrap_running(name, a):
     """Running statistics as they are: updated in place, whatever their dtype or byte
-    order (:func:`fastbn._checks.check_running` checks them)."""
+    order (:func:`fastbn._checks.check_running` checks them); a PyTorch tensor as its
+    NumPy view (:func:`tensor_array`), updated in place as well."""
+    return tensor_array(name, a) if is_tensor(a) else a
+
+
+def wrap_state(name, a):
+    """The layer's own arrays (native host arrays) as they are."""
     return a
 
 
-wrap_state = wrap_running  # the layer's own arrays (native host arrays) as they are
-
-
 def wrap_out(out):
-    """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`)."""
-    return out
+    """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`); a
+    PyTorch tensor as its NumPy view, written in place."""
+    return tensor_array("out", out) if is_tensor(out) else out
 
 
 def check_stream(stream):

@@ -248,6 +248,18 @@ def batch_norm(
     """
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if input.dim() >= 2:  # the message in torch's names (the core says gamma and beta)
+        C = input.shape[1]
+        for name, t in (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ):
+            if t is not None and tuple(t.shape) != (C,):
+                raise ValueError(
+                    f"{name} must have shape ({C},) to match input.shape[1], got {tuple(t.shape)}"
+                )
     return _BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, bool(training), momentum, eps,
         on_nonfinite,

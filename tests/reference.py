@@ -76,6 +76,22 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, axis=1, activation=None
     return dx, dgamma, dbeta
 
 
+def frozen_backward(dy, x, running_mean, running_var, gamma=None, axis=1, eps=1e-5):
+    """Eval-mode backward (the statistics are constants): ``(dx, dgamma, dbeta)``, float64.
+
+    ``dx = dy * gamma / sqrt(running_var + eps)``, ``dgamma = sum(dy * xhat)``,
+    ``dbeta = sum(dy)``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    red, axis = _axes(x, axis)
+    C = x.shape[axis]
+    invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    xhat = (x - _bcast(running_mean, x, axis)) * _bcast(invstd, x, axis)
+    dx = dy * _bcast(_param(gamma, C, 1.0) * invstd, x, axis)
+    return dx, (dy * xhat).sum(axis=red), dy.sum(axis=red)
+
+
 def update_running(running_mean, running_var, mean, var, m, momentum, unbiased=True):
     """New running statistics (float64), PyTorch's convention by default."""
     correction = m / (m - 1) if unbiased else 1.0
