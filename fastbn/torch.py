@@ -19,15 +19,18 @@ thread count, and a batch whose statistics are not finite never enters the runni
 statistics (``on_nonfinite``).
 """
 
+import math
+
 import numpy as np
 import torch
 
-from . import _checks, _ops, api, backends
+from . import _checks, _cpu_backend, _ops, api, backends
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
 
 _COMPUTE = {torch.bfloat16: torch.float32}  # dtypes the kernels lack: computed in these
 _TRAIN_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
+_FLOAT64 = np.dtype(np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +80,31 @@ def _store_running(t, copy):
 
 def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on_nonfinite):
     """The training forward with the running update (the layer's rules, :mod:`fastbn._ops`):
-    ``(y, mean, invstd)``, the statistics as :func:`fastbn.batch_norm_forward` gives them."""
+    ``(y, mean, invstd)``, the statistics in float64 for the backward (as the layer keeps
+    them).
+
+    A C-contiguous float32/float64 CPU call takes the direct path of the public functions
+    (:func:`fastbn._cpu_backend.direct_train`: the same kernels on the same view, bitwise
+    the general path's results, in fewer operations); any other the general one.
+    """
+    if type(x) is np.ndarray and type(eps) is float and 0.0 < eps < math.inf:
+        x3 = _cpu_backend.direct_view(x, 1, None, weight, bias, running_mean, running_var)
+        if (
+            x3 is not None
+            and x3.shape[0] * x3.shape[2] >= 2
+            and x3.shape[1]
+            and (running_mean is None) == (running_var is None)
+            and (running_mean is None or running_mean.flags.writeable)
+            and (running_var is None or running_var.flags.writeable)
+        ):
+            factor = None if running_mean is None else _ops.momentum_factor(momentum, None)
+            _ops.check_on_nonfinite(on_nonfinite)
+            y = np.empty(x.shape, x.dtype)
+            mean, _, invstd = _cpu_backend.direct_train(
+                x3, y.reshape(x3.shape), weight, bias, eps, False, running_mean, running_var,
+                factor, True, on_nonfinite, stacklevel=4,
+            )  # fmt: skip
+            return y, mean, invstd
     be = backends.backend_for(_TRAIN_ARGS, x, weight, bias, running_mean, running_var)
     x, weight, bias = be.wrap("input", x), be.wrap("weight", weight), be.wrap("bias", bias)
     axis, relu = _ops.check_forward_args(x, weight, bias, 1, eps, None, None)
@@ -95,17 +122,7 @@ def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on
         running = _ops.Running(running_mean, running_var, factor, True, on_nonfinite)
     _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
-        be,
-        x,
-        weight,
-        bias,
-        axis,
-        float(eps),
-        relu,
-        None,
-        None,
-        dtype=_ops.stats_dtype(x.dtype),
-        running=running,
+        be, x, weight, bias, axis, float(eps), relu, None, None, dtype=_FLOAT64, running=running
     )
 
 
