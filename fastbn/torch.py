@@ -162,7 +162,9 @@ class _BatchNormFunction(torch.autograd.Function):
             y, mean, invstd = _train_forward(x, w, b, rm, rv, momentum, eps, on_nonfinite)
             _store_running(running_mean, mean_copy)
             _store_running(running_var, var_copy)
-            ctx.stats = (mean, invstd)
+            # the arrays for the backward; the tensors saved too, so that autograd
+            # refuses a backward after one of them was modified in place
+            ctx.arrays = (x, w, b, mean, invstd)
             ctx.save_for_backward(input, weight, bias)
         else:
             if running_mean is None or running_var is None:
@@ -178,10 +180,8 @@ class _BatchNormFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if ctx.training:
             input, weight, bias = ctx.saved_tensors
-            mean, invstd = ctx.stats
-            dx, dweight, dbias = api.batch_norm_backward(
-                _array(dy), _array(input), mean, invstd, _array(weight), _array(bias)
-            )
+            x, w, b, mean, invstd = ctx.arrays
+            dx, dweight, dbias = api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
         else:
             input, weight, bias, running_mean, running_var = ctx.saved_tensors
             dx, dweight, dbias = _frozen_backward(
