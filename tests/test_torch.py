@@ -487,17 +487,21 @@ def test_functional_matches_reference(training):
     np.testing.assert_allclose(rv.numpy(), new_var, rtol=1e-6, atol=1e-7)
 
 
-def test_bitwise_identical_for_every_thread_count():
+@pytest.mark.parametrize("shape", [(16, 8, 33, 17), (4096, 8)])
+def test_bitwise_identical_for_every_thread_count(shape):
+    """Outputs, gradients and running statistics bitwise the same for 1, 2 and the
+    default number of threads (on (N, C) input ATen's BatchNorm differs between thread
+    counts)."""
     import numba
 
-    x = torch.randn(16, 8, 33, 17) * 5 + 3
+    x = torch.randn(shape) * 5 + 3
     grad = torch.randn_like(x)
     results = []
     threads = numba.get_num_threads()
     try:
         for n in sorted({1, 2, threads}):
             numba.set_num_threads(n)
-            bn = fbt.BatchNorm2d(8)
+            bn = fbt.BatchNorm2d(8) if len(shape) == 4 else fbt.BatchNorm1d(8)
             xi = x.clone().requires_grad_()
             y = bn(xi)
             y.backward(grad)
