@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _checks, _cpu_backend, _ops, api, backends
 
@@ -176,6 +177,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return _tensor(y, input.dtype)
 
     @staticmethod
+    @once_differentiable  # a double backward raises instead of giving wrong zeros
     def backward(ctx, dy):
         needs = ctx.needs_input_grad
         if ctx.training:

@@ -449,6 +449,14 @@ def test_gradcheck_float64(training, shape):
     assert torch.autograd.gradcheck(function, (x, w, b))
 
 
+def test_double_backward_is_refused():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = fbt.batch_norm(x, None, None, training=True)
+    (grad,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_functional_matches_reference(training):
     """The float64 reference (tests/reference.py) for the values and gradients."""
