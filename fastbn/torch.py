@@ -127,27 +127,6 @@ def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on
     )
 
 
-def _frozen_backward(dy, x, running_mean, running_var, weight, eps, needs_param_grads):
-    """The eval-mode (frozen statistics) gradient in plain torch ops: ``(dx, dweight,
-    dbias)``. The statistics are constants of the forward, so ``dx = dy * weight *
-    invstd``, ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``; sums in float32 at
-    least (float64 for float64), like the kernels'.
-
-    Stand-in for ``fastbn.batch_norm_backward(..., training=False)``, which is on its way
-    (issue 20); this helper goes when it lands.
-    """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps).to(acc)
-    scale = invstd if weight is None else invstd * weight.detach().to(acc)
-    dx = (dy.to(acc) * scale.view(shape)).to(x.dtype)
-    if not needs_param_grads:
-        return dx, None, None
-    dims = [0] + list(range(2, x.dim()))
-    xhat = (x.detach().to(acc) - running_mean.detach().to(acc).view(shape)) * invstd.view(shape)
-    return dx, (dy.to(acc) * xhat).sum(dims), dy.to(acc).sum(dims)
-
-
 class _BatchNormFunction(torch.autograd.Function):
     """fastbn's BatchNorm as a node of the autograd graph (see :func:`batch_norm`)."""
 
@@ -185,9 +164,19 @@ class _BatchNormFunction(torch.autograd.Function):
             x, w, b, mean, invstd = ctx.arrays
             dx, dweight, dbias = api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
         else:
+            # the frozen-statistics gradient: the running statistics were constants of
+            # the forward (their values then: autograd refuses them modified in place)
             input, weight, bias, running_mean, running_var = ctx.saved_tensors
-            dx, dweight, dbias = _frozen_backward(
-                dy, input, running_mean, running_var, weight, ctx.eps, needs[1] or needs[2]
+            mean = running_mean.detach().to(torch.float64)
+            invstd = torch.rsqrt(running_var.detach().to(torch.float64) + ctx.eps)
+            dx, dweight, dbias = api.batch_norm_backward(
+                _array(dy),
+                _array(input),
+                _array(mean),
+                _array(invstd),
+                _array(weight),
+                _array(bias),
+                training=False,
             )
         dx = _tensor(dx, input.dtype) if needs[0] else None
         dweight = _tensor(dweight, weight.dtype) if needs[1] else None
