@@ -70,6 +70,7 @@ def _running(t):
 
 
 def _store_running(t, copy):
+    """Write the updated float32 ``copy`` of :func:`_running` back into ``t`` (bfloat16)."""
     if copy is not None:
         t.copy_(copy)
 
