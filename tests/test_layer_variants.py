@@ -515,3 +515,23 @@ def test_cuda_variants_under_simulator():
         f"{proc.stdout[-5000:]}{proc.stderr[-2000:]}"
     )
     assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.mpi
+def test_variants_over_two_ranks_equal_the_single_process_layer():
+    """Renormalization with synchronized statistics and per-rank ghost batches, over 2
+    ranks (tests/mpi/variant_checks.py): outputs, gradients and every statistic equal the
+    single-process layer on the whole batch to float64 rounding."""
+    pytest.importorskip("mpi4py")
+    from helpers import find_mpiexec, run_mpi
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec")
+    script = os.path.join(os.path.dirname(__file__), "mpi", "variant_checks.py")
+    results = run_mpi(script, 2)
+    assert set(results) == {"renorm NCHW uneven", "renorm NC", "ghost NHWC", "ghost NC"}
+    for case, worst in results.items():
+        assert {"y", "dx", "dgamma", "running_var"} <= set(worst)
+        # merged moments and summed gradients reassociate float64 sums: ~1e-15 relative
+        bad = {k: v for k, v in worst.items() if not v <= 1e-12}
+        assert not bad, f"{case}: {bad}"
