@@ -180,6 +180,30 @@ def test_renorm_float32(device):
         state.update(new)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "options", [dict(renorm=True, renorm_clipping={"rmax": 1.5}), dict(virtual_batch_size=4)]
+)
+def test_variants_on_a_float16_layer(device, options):
+    shape, axis = (8, 3, 2, 3), 1
+    bn = make(device, 3, axis, "torch", dtype=np.float16, **options)
+    g, b = host(bn.gamma).astype(np.float64), host(bn.beta).astype(np.float64)
+    x = rand(shape, 1, offset=1.0, dtype=np.float16)
+    dy = rand(shape, 2, dtype=np.float16)
+    if bn.renorm:
+        formula, args = ref.renorm_formula, (bn.eps, np.zeros(3), np.ones(3), bn.renorm_clipping)
+    else:
+        formula, args = ref.ghost_formula, (bn.eps, 4)
+    y_ref, dx_ref, dg_ref, _ = ref.formula_grads(formula, x, g, b, dy, axis, *args)
+    y = bn.forward(on(device, x), training=True)
+    assert host(y).dtype == np.float16
+    # float16 in and out, float32 arithmetic: the float16 tolerance; sums of 18 values 10x
+    check(y, y_ref, np.float16, "y")
+    check(bn.backward(on(device, dy)), dx_ref, np.float16, "dx")
+    check(bn.dgamma, dg_ref, np.float16, "dgamma", scale=10)
+    assert host(bn.running_var).dtype == np.float16
+
+
 def test_renorm_ramp_follows_the_paper():
     shape, axis, ramp = (16, 4), 1, 4
     bn = make("cpu", 4, axis, "torch", renorm=True, renorm_ramp=ramp, renorm_momentum=0.5)
@@ -535,3 +559,56 @@ def test_variants_over_two_ranks_equal_the_single_process_layer():
         # merged moments and summed gradients reassociate float64 sums: ~1e-15 relative
         bad = {k: v for k, v in worst.items() if not v <= 1e-12}
         assert not bad, f"{case}: {bad}"
+
+
+# The kernels the variants launch on a real GPU with argument types the rest of the suite
+# does not compile: renormalization's folded coefficients are in the statistics dtype
+# (float32) on a float16 layer, whose own gamma/beta are float16. Compiled for sm_90 with
+# NVVM, without a GPU (as tests/test_cuda.py does for every kernel); exits 3 without NVVM.
+_PTX_SCRIPT = r"""
+import sys, types
+import numpy as np
+try:
+    from numba import cuda, types as nt
+    import numba.cuda.dispatcher as dispatcher
+    from numba.cuda.cudadrv import nvvm
+    nvvm.NVVM()
+    cuda.compile_ptx(lambda a: None, (nt.float32[::1],), cc=(9, 0))
+except Exception as exc:
+    print("no NVVM:", exc)
+    sys.exit(3)
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from fastbn import _cuda_kernels as K
+f64, i64, b1 = nt.float64, nt.int64, nt.boolean
+A = lambda dt, nd: nt.Array(dt, nd, "C")
+k = K.build(np.dtype(np.float32))
+x3, p1, s1 = A(nt.float16, 3), A(nt.float32, 1), A(f64, 1)
+sigs = {
+    "inference": (k.inference, (x3, x3, i64, i64, i64, s1, s1, f64, p1, b1, p1, b1, b1)),
+    "backward_partials": (k.backward_partials,
+        (x3, x3, i64, i64, i64, s1, s1, p1, b1, p1, b1, b1, A(f64, 3))),
+    "backward_apply": (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), i64, f64,
+        s1, s1, p1, b1, p1, b1, b1, s1, b1, s1, b1)),
+}
+for name, (kernel, sig) in sigs.items():
+    cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    print("compiled", name)
+"""
+
+
+@pytest.mark.skipif(CHILD, reason="runs once, from the parent process")
+def test_renorm_kernel_signatures_compile_for_a_real_gpu():
+    pytest.importorskip("numba.cuda")
+    env = child_env(NUMBA_ENABLE_CUDASIM=None, FASTBN_CUDA_THREADS=None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode == 3:
+        pytest.skip(f"libNVVM not installed: {proc.stdout.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.count("compiled") == 3, proc.stdout
