@@ -111,11 +111,13 @@ def ramp_clipping(step, ramp_steps):
 
 
 class Renorm(NamedTuple):
-    """The renorm statistics of a layer (a backend's ``(C,)`` arrays), Keras's
-    ``renorm_momentum`` (the weight of the *old* value) and the clipping bounds."""
+    """The renorm state of a layer (a backend's ``(C,)`` arrays: the renorm statistics
+    and the running standard deviation), Keras's ``renorm_momentum`` (the weight of the
+    *old* value) and the clipping bounds."""
 
     mean: object
     std: object
+    running_std: object
     momentum: float
     rmin: float
     rmax: float
@@ -146,14 +148,16 @@ def _moments(be, x, v, C, st, comm):
 def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, running, comm=None):
     """The batch-renormalization training forward: ``(y, mean, invstd, gamma_r, beta_r, r, d)``.
 
-    ``y = ((x - mean) * invstd * r + d) * gamma + beta`` with ``r = clip(std / renorm_std,
-    rmin, rmax)`` and ``d = clip((mean - renorm_mean) / renorm_std, -dmax, dmax)``
-    (``std = sqrt(var + eps)`` of the batch, the renorm statistics before this step's
-    update). Then, as Keras does, the renorm statistics move towards the batch's with
-    ``renorm.momentum`` and the running statistics towards the *updated* renorm ones
-    (``running_var`` towards ``renorm_std**2 - eps``) with ``running.factor``. Nothing is
-    written when a statistic is not finite (a FloatingPointError, from the policy of
-    :func:`fastbn._ops.check_finite`).
+    Keras 3's ``BatchNormalization(renorm=True)``: ``y = ((x - mean) * invstd * r + d) *
+    gamma + beta`` with ``r = clip(std / s, rmin, rmax)``, ``d = clip((mean - renorm_mean)
+    / s, -dmax, dmax)``, ``std = sqrt(var + eps)`` of the batch and ``s = max(renorm_std,
+    sqrt(eps))`` (the renorm statistics before this step's update). Then the renorm
+    statistics move towards the batch's ``mean`` and ``std`` with ``renorm.momentum``, and
+    the running mean and running standard deviation towards them with
+    ``running.factor``; the running variance becomes ``max(running_std**2 - eps, 0)``.
+    With ``running.unbiased`` (PyTorch's convention) the running standard deviation
+    follows ``sqrt(var * m / (m - 1) + eps)``. Nothing is written when a statistic is not
+    finite (a FloatingPointError, the policy of :func:`fastbn._ops.check_finite`).
 
     Parameters
     ----------
@@ -181,29 +185,37 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
         renorm_mean = _host64(be, renorm.mean, C, 0.0)
         renorm_std = _host64(be, renorm.std, C, 1.0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            r = np.clip(std / renorm_std, renorm.rmin, renorm.rmax)
-            d = np.clip((mean - renorm_mean) / renorm_std, -renorm.dmax, renorm.dmax)
+            s = np.maximum(renorm_std, math.sqrt(eps))  # Keras: no division by ~0 early on
+            r = np.clip(std / s, renorm.rmin, renorm.rmax)
+            d = np.clip((mean - renorm_mean) / s, -renorm.dmax, renorm.dmax)
             w = renorm.momentum
-            new_mean = w * renorm_mean + (1.0 - w) * mean
-            new_std = w * renorm_std + (1.0 - w) * std
-            new_renorm = new_mean.astype(renorm.mean.dtype), new_std.astype(renorm.std.dtype)
-        new_running = _ops.running_values(
+            new_renorm = (
+                (w * renorm_mean + (1.0 - w) * mean).astype(renorm.mean.dtype),
+                (w * renorm_std + (1.0 - w) * std).astype(renorm.std.dtype),
+            )
+            std_running = np.sqrt(var * (m / (m - 1.0) if running.unbiased else 1.0) + eps)
+        # the running mean and standard deviation: the rule of every running statistic
+        new_mean, new_std, finite = _ops.running_values(
             be.to_host(running.mean),
-            be.to_host(running.var),
-            new_mean,
-            new_std * new_std - eps,
+            be.to_host(renorm.running_std),
+            mean,
+            std_running,
             m,
             running.factor,
             False,
         )
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_std64 = new_std.astype(np.float64)
+            new_var = np.maximum(new_std64 * new_std64 - eps, 0.0).astype(running.var.dtype)
         finite = bool(
-            new_running[2]
+            finite
+            and np.isfinite(new_var).all()
             and np.isfinite(r).all()
             and np.isfinite(d).all()
             and np.isfinite(new_renorm[0]).all()
             and np.isfinite(new_renorm[1]).all()
         )
-        _ops.check_finite(mean, var, "raise", new_running[:2] + (finite,), stacklevel=4)
+        _ops.check_finite(mean, var, "raise", (new_mean, new_var, finite), stacklevel=4)
         g = _host64(be, gamma, C, 1.0)
         b = _host64(be, beta, C, 0.0)
         coef_dtype = _ops.stats_dtype(x.dtype)
@@ -214,8 +226,9 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
             be.normalize(x, v, dest, mean, var, gamma_r, beta_r, eps, relu, st)
         be.store(renorm.mean, new_renorm[0], st)
         be.store(renorm.std, new_renorm[1], st)
-        be.store(running.mean, new_running[0], st)
-        be.store(running.var, new_running[1], st)
+        be.store(renorm.running_std, new_std, st)
+        be.store(running.mean, new_mean, st)
+        be.store(running.var, new_var, st)
         invstd = 1.0 / std
         return (
             dest.finish(),

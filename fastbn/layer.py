@@ -63,15 +63,17 @@ class BatchNorm:
         switches); a missing one is None, its gradient too. ``affine=False`` turns both
         off.
     renorm : bool, default False
-        Batch renormalization (Ioffe, 2017; Keras's ``renorm``): in training
-        ``y = ((x - mean) / std * r + d) * gamma + beta`` with
-        ``r = clip(std / renorm_stddev, rmin, rmax)`` and
-        ``d = clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)``, constants of the
-        gradient; the renorm statistics ``renorm_mean`` (zeros) and ``renorm_stddev``
-        (ones) move with ``renorm_momentum``, and the running statistics move towards
-        them as Keras's do (``running_var`` towards ``renorm_stddev**2 - eps``, no
-        Bessel correction), with ``momentum`` in the layer's convention. Inference is
-        unchanged. Needs ``track_running_stats``.
+        Batch renormalization (Ioffe, 2017), with Keras 3's ``renorm`` semantics: in
+        training ``y = ((x - mean) / std * r + d) * gamma + beta`` with
+        ``r = clip(std / s, rmin, rmax)``, ``d = clip((mean - renorm_mean) / s, -dmax,
+        dmax)``, ``s = max(renorm_stddev, sqrt(eps))``, constants of the gradient. The
+        renorm statistics ``renorm_mean`` (zeros) and ``renorm_stddev`` (ones) move
+        towards the batch's with ``renorm_momentum``; the running mean and the running
+        standard deviation ``running_stddev`` (ones) move towards the batch's with
+        ``momentum`` in the layer's convention, and ``running_var`` is
+        ``max(running_stddev**2 - eps, 0)`` (with ``running_var_unbiased``, the running
+        standard deviation follows ``sqrt(unbiased var + eps)``). Inference is unchanged.
+        Needs ``track_running_stats``.
     renorm_clipping : dict, optional
         Keys among ``"rmin"``, ``"rmax"``, ``"dmax"`` (missing: 0, inf, inf, as Keras);
         an unknown key, ``rmax < rmin`` or ``dmax < 0`` is a ValueError.
@@ -179,6 +181,7 @@ class BatchNorm:
             self.running_mean = self.running_var = None
         self.renorm_mean = np.zeros(C, dtype) if self.renorm else None
         self.renorm_stddev = np.ones(C, dtype) if self.renorm else None
+        self.running_stddev = np.ones(C, dtype) if self.renorm else None
         self.num_batches_tracked = 0
         self.dgamma = None
         self.dbeta = None
@@ -546,6 +549,7 @@ class BatchNorm:
             renorm = _variants.Renorm(
                 be.wrap_state("renorm_mean", self.renorm_mean),
                 be.wrap_state("renorm_stddev", self.renorm_stddev),
+                be.wrap_state("running_stddev", self.running_stddev),
                 self.renorm_momentum,
                 rmin,
                 rmax,
@@ -743,7 +747,8 @@ class BatchNorm:
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (and the renorm
-        statistics 0 and 1), in place, wherever they live.
+        statistics and running standard deviation 0, 1 and 1), in place, wherever they
+        live.
 
         Examples
         --------
@@ -759,6 +764,7 @@ class BatchNorm:
             ("running_var", 1.0),
             ("renorm_mean", 0.0),
             ("renorm_stddev", 1.0),
+            ("running_stddev", 1.0),
         ):
             a = getattr(self, name)
             if a is not None:
@@ -784,7 +790,15 @@ class BatchNorm:
             if a is not None:
                 backends.backend_of(a).copy_into(a, np.full(self.num_features, fill, self.dtype))
 
-    _STATE = ("gamma", "beta", "running_mean", "running_var", "renorm_mean", "renorm_stddev")
+    _STATE = (
+        "gamma",
+        "beta",
+        "running_mean",
+        "running_var",
+        "renorm_mean",
+        "renorm_stddev",
+        "running_stddev",
+    )
     _ARRAYS = _STATE + ("dgamma", "dbeta")
 
     def state_dict(self) -> dict:
@@ -794,7 +808,8 @@ class BatchNorm:
         -------
         dict
             Keys ``gamma``, ``beta``, ``running_mean``, ``running_var``, ``renorm_mean``,
-            ``renorm_stddev`` (those that are not None) and ``num_batches_tracked``.
+            ``renorm_stddev``, ``running_stddev`` (those that are not None) and
+            ``num_batches_tracked``.
 
         Examples
         --------

@@ -127,19 +127,21 @@ def _bn_chunk(x, g, b, red, eps, relu):
 
 
 def renorm_formula(x, g, b, axis, eps, renorm_mean, renorm_std, clipping, relu=False):
-    """Batch renormalization's training output (Keras's ``renorm``), NumPy or torch.
+    """Batch renormalization's training output (Keras 3's ``renorm``), NumPy or torch.
 
-    ``y = ((x - mean) / std * r + d) * g + b``, ``r = clip(std / renorm_std, rmin,
-    rmax)``, ``d = clip((mean - renorm_mean) / renorm_std, -dmax, dmax)``, with ``r``
-    and ``d`` detached (constants); ``g``, ``b``, ``renorm_*`` broadcast to ``x``.
+    ``y = ((x - mean) / std * r + d) * g + b``, ``r = clip(std / s, rmin, rmax)``,
+    ``d = clip((mean - renorm_mean) / s, -dmax, dmax)``, ``s = max(renorm_std,
+    sqrt(eps))``, with ``r`` and ``d`` detached (constants); ``g``, ``b``, ``renorm_*``
+    broadcast to ``x``.
     """
     mean_of, sqrt, clip, const = _ops_of(x)
     red = _axes(x, axis)[0]
     mean = mean_of(x, red)
     std = sqrt(mean_of((x - mean) ** 2, red) + eps)
     rmin, rmax, dmax = clipping
-    r = const(clip(std / renorm_std, rmin, rmax))
-    d = const(clip((mean - renorm_mean) / renorm_std, -dmax, dmax))
+    s = renorm_std.clip(min=eps**0.5)
+    r = const(clip(std / s, rmin, rmax))
+    d = const(clip((mean - renorm_mean) / s, -dmax, dmax))
     y = ((x - mean) / std * r + d) * g + b
     return y.clip(min=0) if relu else y
 
@@ -209,22 +211,27 @@ def batch_moments(x, axis):
     return x.mean(axis=red), x.var(axis=red)
 
 
-def renorm_update(state, x, axis, eps, renorm_momentum, factor):
-    """Keras's renorm step on ``state`` (a dict of float64 arrays: ``renorm_mean``,
-    ``renorm_stddev``, ``running_mean``, ``running_var``), returned as a new dict.
+def renorm_update(state, x, axis, eps, renorm_momentum, factor, unbiased=False):
+    """Keras 3's renorm step on ``state`` (a dict of float64 arrays: ``renorm_mean``,
+    ``renorm_stddev``, ``running_mean``, ``running_stddev``, ``running_var``), returned as
+    a new dict.
 
-    The renorm statistics move towards the batch's with ``renorm_momentum`` (weight of
-    the old value); the running ones towards the *updated* renorm statistics (the
-    variance towards ``renorm_stddev**2 - eps``) with ``factor`` (weight of the new).
+    The renorm statistics move towards the batch's mean and ``sqrt(var + eps)`` with
+    ``renorm_momentum`` (weight of the old value); the running mean and standard deviation
+    towards the batch's with ``factor`` (weight of the new; the standard deviation from
+    the unbiased variance when ``unbiased``); ``running_var = max(running_stddev**2 -
+    eps, 0)``.
     """
     mean, var = batch_moments(x, axis)
+    m = np.asarray(x).size // mean.size
     std = np.sqrt(var + eps)
+    std_running = np.sqrt(var * (m / (m - 1) if unbiased else 1.0) + eps)
     w = renorm_momentum
-    rm = w * state["renorm_mean"] + (1 - w) * mean
-    rs = w * state["renorm_stddev"] + (1 - w) * std
+    running_std = (1 - factor) * state["running_stddev"] + factor * std_running
     return dict(
-        renorm_mean=rm,
-        renorm_stddev=rs,
-        running_mean=(1 - factor) * state["running_mean"] + factor * rm,
-        running_var=(1 - factor) * state["running_var"] + factor * (rs**2 - eps),
+        renorm_mean=w * state["renorm_mean"] + (1 - w) * mean,
+        renorm_stddev=w * state["renorm_stddev"] + (1 - w) * std,
+        running_mean=(1 - factor) * state["running_mean"] + factor * mean,
+        running_stddev=running_std,
+        running_var=np.maximum(running_std**2 - eps, 0.0),
     )

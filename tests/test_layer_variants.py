@@ -124,9 +124,9 @@ def test_renorm_matches_reference(device, shape, axis, convention, clipping, rel
             relu=relu,
         )
         mean, var = ref.batch_moments(x, axis)
-        r = np.sqrt(var + bn.eps) / state["renorm_stddev"]
+        r = np.sqrt(var + bn.eps) / np.maximum(state["renorm_stddev"], bn.eps**0.5)
         clipped += int(((r < bounds[0]) | (r > bounds[1])).sum())
-        new = ref.renorm_update(state, x, axis, bn.eps, 0.7, bn.momentum)
+        new = ref.renorm_update(state, x, axis, bn.eps, 0.7, bn.momentum, bn.running_var_unbiased)
         y = bn.forward(on(device, x), training=True)
         check(y, y_ref, np.float64, "y")
         dx = bn.backward(on(device, dy))
@@ -168,7 +168,7 @@ def test_renorm_float32(device):
             state["renorm_stddev"],
             bn.renorm_clipping,
         )
-        new = ref.renorm_update(state, x, axis, bn.eps, 0.99, bn.momentum)
+        new = ref.renorm_update(state, x, axis, bn.eps, 0.99, bn.momentum, bn.running_var_unbiased)
         # float32 outputs of float64 statistics: the per-dtype tolerance; the gradient
         # sums add 48 float32 products: 10x
         check(bn.forward(on(device, x), training=True), y_ref, np.float32, "y")
@@ -226,7 +226,7 @@ def test_renorm_ramp_follows_the_paper():
         if step == 0:  # rmax 1, dmax 0: plain BatchNorm
             assert_close(y_ref, ref.forward(x, g, b, axis, bn.eps)[0], **tol(np.float64))
         check(bn.forward(x, training=True), y_ref, np.float64, f"y at step {step}")
-        state.update(ref.renorm_update(state, x, axis, bn.eps, 0.5, bn.momentum))
+        state.update(ref.renorm_update(state, x, axis, bn.eps, 0.5, bn.momentum, True))
     assert "renorm_ramp=4" in repr(bn)
 
 
@@ -278,9 +278,28 @@ def test_renorm_state_dict_and_nonfinite_batch():
         bn.forward(x, training=True)
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
-    other = fastbn.BatchNorm.keras(3, renorm=True)
+    other = fastbn.BatchNorm.keras(3, renorm=True, dtype=np.float64)
     other.load_state_dict(before)
     np.testing.assert_array_equal(other.renorm_stddev, before["renorm_stddev"])
+    assert {"renorm_mean", "renorm_stddev", "running_stddev"} <= set(before)
+    # a renorm stddev near 0 is floored at sqrt(eps), as Keras does
+    other.renorm_stddev[:] = [1e-9, 0.0, 2.0]
+    state = state64(other)
+    x = rand((8, 3), 3, offset=0.5)
+    y_ref = ref.renorm_formula(
+        x,
+        other.gamma[None],
+        other.beta[None],
+        1,
+        other.eps,
+        state["renorm_mean"][None],
+        state["renorm_stddev"][None],
+        other.renorm_clipping,
+    )
+    assert_close(other.forward(x, training=True), y_ref, **tol(np.float64))
+    new = ref.renorm_update(state, x, 1, other.eps, 0.99, other.momentum)
+    for k, v in new.items():
+        assert_close(getattr(other, k), v, **tol(np.float64), name=k)
 
 
 # --------------------------------------------------------------------------------------

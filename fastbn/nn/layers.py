@@ -478,7 +478,7 @@ class BatchNorm(_Layer):
             + ")"
         )
 
-    _STATS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev")
+    _STATS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "running_stddev")
 
     def param_specs(self):
         """``[("gamma", ones), ("beta", zeros)]``."""
@@ -540,7 +540,8 @@ class BatchNorm(_Layer):
         """Running statistics.
 
         ``running_mean``, ``running_var`` (host copies), with ``renorm`` also
-        ``renorm_mean`` and ``renorm_stddev``, and ``num_batches_tracked``.
+        ``renorm_mean``, ``renorm_stddev`` and ``running_stddev``, and
+        ``num_batches_tracked``.
         """
         state = {
             key: np.array(_device.to_host(getattr(self.bn, key)))
