@@ -46,7 +46,8 @@ def check_renorm_clipping(renorm_clipping):
     TypeError
         Not a dict, or a value that is not a real number.
     ValueError
-        An unknown key, a NaN, ``rmin < 0``, ``rmax < rmin`` or ``dmax < 0``.
+        An unknown key, a NaN, ``rmax < rmin`` or ``dmax < 0`` (Keras's checks; an
+        ``rmin`` below 0 is no bound, ``r`` being positive, and is taken as Keras does).
 
     Examples
     --------
@@ -79,8 +80,6 @@ def check_renorm_clipping(renorm_clipping):
             raise ValueError(f"renorm_clipping[{key!r}] must not be NaN")
         values[key] = float(value)
     rmin, rmax, dmax = values["rmin"], values["rmax"], values["dmax"]
-    if rmin < 0:
-        raise ValueError(f"renorm_clipping['rmin'] must be >= 0, got {rmin}")
     if rmax < rmin:
         raise ValueError(f"renorm_clipping['rmax'] must be >= rmin ({rmin}), got {rmax}")
     if dmax < 0:

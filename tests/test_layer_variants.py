@@ -235,7 +235,7 @@ def test_renorm_ramp_follows_the_paper():
     [
         ({"rmin": 2.0, "rmax": 1.0}, ValueError, "rmax"),
         ({"dmax": -1.0}, ValueError, "dmax"),
-        ({"rmin": -0.5}, ValueError, "rmin"),
+        ({"rmax": -0.5}, ValueError, "rmax"),  # below the default rmin 0
         ({"r_max": 3.0}, ValueError, "unknown key.*r_max"),
         ({"rmax": float("nan")}, ValueError, "NaN"),
         ({"rmax": "3"}, TypeError, "rmax"),
