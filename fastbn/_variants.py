@@ -156,7 +156,8 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
     ``running.factor``; the running variance becomes ``max(running_std**2 - eps, 0)``.
     With ``running.unbiased`` (PyTorch's convention) the running standard deviation
     follows ``sqrt(var * m / (m - 1) + eps)``. Nothing is written when a statistic is not
-    finite (a FloatingPointError, the policy of :func:`fastbn._ops.check_finite`).
+    finite (a FloatingPointError, the policy of :func:`fastbn._ops.check_finite`). With
+    ``running`` None (the layer's ``update_running_stats=False``) no statistic moves.
 
     Parameters
     ----------
@@ -165,7 +166,7 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
     dtype : numpy.dtype
         dtype of the returned ``mean``/``invstd`` (the backward's saved statistics).
     renorm : Renorm
-    running : fastbn._ops.Running
+    running : fastbn._ops.Running or None
     comm : fastbn.distributed.Sync, optional
         Synchronized batch statistics (every rank's ``x``).
 
@@ -187,34 +188,10 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
             s = np.maximum(renorm_std, math.sqrt(eps))  # Keras: no division by ~0 early on
             r = np.clip(std / s, renorm.rmin, renorm.rmax)
             d = np.clip((mean - renorm_mean) / s, -renorm.dmax, renorm.dmax)
-            w = renorm.momentum
-            new_renorm = (
-                (w * renorm_mean + (1.0 - w) * mean).astype(renorm.mean.dtype),
-                (w * renorm_std + (1.0 - w) * std).astype(renorm.std.dtype),
-            )
-            std_running = np.sqrt(var * (m / (m - 1.0) if running.unbiased else 1.0) + eps)
-        # the running mean and standard deviation: the rule of every running statistic
-        new_mean, new_std, finite = _ops.running_values(
-            be.to_host(running.mean),
-            be.to_host(renorm.running_std),
-            mean,
-            std_running,
-            m,
-            running.factor,
-            False,
-        )
-        with np.errstate(over="ignore", invalid="ignore"):
-            new_std64 = new_std.astype(np.float64)
-            new_var = np.maximum(new_std64 * new_std64 - eps, 0.0).astype(running.var.dtype)
-        finite = bool(
-            finite
-            and np.isfinite(new_var).all()
-            and np.isfinite(r).all()
-            and np.isfinite(d).all()
-            and np.isfinite(new_renorm[0]).all()
-            and np.isfinite(new_renorm[1]).all()
-        )
-        _ops.check_finite(mean, var, "raise", (new_mean, new_var, finite), stacklevel=4)
+        if running is not None:
+            updates = _renorm_updates(be, renorm, running, mean, var, std, m, eps)
+            finite = updates[1] and bool(np.isfinite(r).all() and np.isfinite(d).all())
+            _ops.check_finite(mean, var, "raise", updates[0] + (finite,), stacklevel=4)
         g = _host64(be, gamma, C, 1.0)
         b = _host64(be, beta, C, 0.0)
         coef_dtype = _ops.stats_dtype(x.dtype)
@@ -223,11 +200,13 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
         dest = be.output(None, v, x, st)
         if x.size:
             be.normalize(x, v, dest, mean, var, gamma_r, beta_r, eps, relu, st)
-        be.store(renorm.mean, new_renorm[0], st)
-        be.store(renorm.std, new_renorm[1], st)
-        be.store(renorm.running_std, new_std, st)
-        be.store(running.mean, new_mean, st)
-        be.store(running.var, new_var, st)
+        if running is not None:
+            (new_mean, new_var), _, (new_renorm_mean, new_renorm_std, new_std) = updates
+            be.store(renorm.mean, new_renorm_mean, st)
+            be.store(renorm.std, new_renorm_std, st)
+            be.store(renorm.running_std, new_std, st)
+            be.store(running.mean, new_mean, st)
+            be.store(running.var, new_var, st)
         invstd = 1.0 / std
         return (
             dest.finish(),
@@ -238,6 +217,40 @@ def renorm_train_forward(be, x, gamma, beta, axis, eps, relu, dtype, renorm, run
             r,
             d,
         )
+
+
+def _renorm_updates(be, renorm, running, mean, var, std, m, eps):
+    """The statistics a renorm step stores, rounded to their dtypes, not yet stored:
+    ``((running_mean, running_var), finite, (renorm_mean, renorm_std, running_std))``
+    (see :func:`renorm_train_forward`)."""
+    C = mean.shape[0]
+    renorm_mean = _host64(be, renorm.mean, C, 0.0)
+    renorm_std = _host64(be, renorm.std, C, 1.0)
+    w = renorm.momentum
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_renorm_mean = (w * renorm_mean + (1.0 - w) * mean).astype(renorm.mean.dtype)
+        new_renorm_std = (w * renorm_std + (1.0 - w) * std).astype(renorm.std.dtype)
+        std_running = np.sqrt(var * (m / (m - 1.0) if running.unbiased else 1.0) + eps)
+    # the running mean and standard deviation: the rule of every running statistic
+    new_mean, new_std, finite = _ops.running_values(
+        be.to_host(running.mean),
+        be.to_host(renorm.running_std),
+        mean,
+        std_running,
+        m,
+        running.factor,
+        False,
+    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_std64 = new_std.astype(np.float64)
+        new_var = np.maximum(new_std64 * new_std64 - eps, 0.0).astype(running.var.dtype)
+    finite = bool(
+        finite
+        and np.isfinite(new_var).all()
+        and np.isfinite(new_renorm_mean).all()
+        and np.isfinite(new_renorm_std).all()
+    )
+    return (new_mean, new_var), finite, (new_renorm_mean, new_renorm_std, new_std)
 
 
 def renorm_backward(be, dy, x, mean, invstd, gamma_r, beta_r, r, d, axis, relu, grads, comm=None):

@@ -631,3 +631,31 @@ def test_renorm_kernel_signatures_compile_for_a_real_gpu():
         pytest.skip(f"libNVVM not installed: {proc.stdout.strip()[-200:]}")
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.count("compiled") == 3, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "options", [dict(renorm=True, renorm_clipping={"dmax": 0.2}), dict(virtual_batch_size=4)]
+)
+def test_variants_without_a_running_update_and_frozen(options):
+    """``update_running_stats=False``: the variant's output, no statistic moves; a frozen
+    variant layer normalizes with the running statistics (inference) in training too."""
+    bn = make("cpu", 3, 1, "torch", update_running_stats=False, **options)
+    bn.forward(rand((8, 3), 0, offset=1.0), training=True)  # moves nothing
+    before = bn.state_dict()
+    g, b = bn.gamma.copy(), bn.beta.copy()
+    x = rand((8, 3), 1, offset=2.0)
+    if bn.renorm:
+        y_ref = ref.renorm_formula(
+            x, g[None], b[None], 1, bn.eps, np.zeros((1, 3)), np.ones((1, 3)), bn.renorm_clipping
+        )
+    else:
+        y_ref = ref.ghost_formula(x, g[None], b[None], 1, bn.eps, 4)
+    assert_close(bn.forward(x, training=True), y_ref, **tol(np.float64))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    bn.frozen = True
+    y = bn.forward(x, training=True)
+    expected = ref.inference(x, bn.running_mean, bn.running_var, g, b, 1, bn.eps)
+    assert_close(y, expected, **tol(np.float64))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
