@@ -637,8 +637,9 @@ class BatchNorm:
         array([[0., 0.],
                [0., 0.]])
 
-        Through the running statistics (here mean 0, variance 1):
+        Through the running statistics (reset here to mean 0, variance 1):
 
+        >>> bn.reset_running_stats()
         >>> _ = bn.forward(x, training=False)
         >>> np.round(bn.backward(np.ones_like(x)), 4)
         array([[1., 1.],
