@@ -468,3 +468,19 @@ def test_backward_through_fixed_statistics_with_residual(shape, axis, activation
     dx = bn.backward(dy)
     assert_close(dx, expected[0], **tol(np.float64, 10), name="layer dx")
     assert_close(bn.dresidual, expected[3], **tol(np.float64), name="layer dresidual")
+
+
+def test_layer_variants_refuse_a_residual_before_anything_changes():
+    """Batch renormalization and ghost batches have their own training forward, without
+    the fused add: ``residual=`` is a ValueError there, the layer left as it was."""
+    rng = np.random.default_rng(15)
+    x, z = make((8, 3, 4), np.float32, rng), make((8, 3, 4), np.float32, rng)
+    for bn in (fastbn.BatchNorm(3, renorm=True), fastbn.BatchNorm(3, virtual_batch_size=4)):
+        with pytest.raises(ValueError, match="residual= is not supported"):
+            bn.forward(x, training=True, residual=z)
+        assert bn.num_batches_tracked == 0 and (bn.running_mean == 0).all()
+        # inference is plain BatchNorm: the residual is added there
+        y = bn.forward(x, training=False, residual=z)
+        assert_close(
+            y, ref.residual_inference(x, z, bn.running_mean, bn.running_var), **tol(x.dtype)
+        )
