@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from . import _checks, _ops, cpu
+from . import _checks, _ops, cpu, cpu_masked
 
 NAME = "cpu"
 DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call itself
@@ -370,8 +370,33 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
 # --------------------------------------------------------------------------------------
 
 
-def shard_moments(x, v, st=None):
-    """``(mean, M2)`` per channel of this array (float64)."""
+def mask_view(mask, x, axis, v, st=None):
+    """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it:
+    broadcast to x's shape without the channel axis, laid out like ``v`` as a
+    C-contiguous ``(outer, inner)`` array; and its count of True positions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((2, 3, 4))
+    >>> w, count = mask_view(np.array([True, False, True, True]), x, 1, view(x, 1))
+    >>> w.shape, count
+    ((2, 4), 6)
+    """
+    reduced = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
+    full = np.expand_dims(np.broadcast_to(mask, reduced), axis)
+    if v.order != tuple(range(x.ndim)):
+        full = full.transpose(v.order)
+    outer, _, inner = v.x3.shape
+    w = np.ascontiguousarray(full).reshape(outer, inner)
+    return w, int(np.count_nonzero(w))
+
+
+def shard_moments(x, v, st=None, mask=None):
+    """``(mean, M2)`` per channel of this array (float64); over the True positions of
+    ``mask`` (from :func:`mask_view`) when given."""
+    if mask is not None:
+        return cpu_masked.moments(_compute_view(v, x.dtype), mask)
     return cpu.moments(_compute_view(v, x.dtype))
 
 
@@ -450,13 +475,28 @@ def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st=None):
     return cpu.grad_sums(_compute_view(dyv, x.dtype), x3, coef, relu)
 
 
-def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
+def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, mask=None):
     """dx from sums over ``count`` values per channel (every rank's); returns
-    ``(dgamma, dbeta)`` as :func:`backward` does."""
+    ``(dgamma, dbeta)`` as :func:`backward` does. With ``mask`` (from :func:`mask_view`),
+    ``count`` is the True positions' and only those carry the statistics' terms."""
     x3 = _compute_view(v, x.dtype)
     coef, invstd64, g = _coefficients(x3, x, mean, invstd, gamma, beta)
     s_dy, s_dyx = sums
-    if x3.size:
+    if x3.size and mask is not None:
+        cpu_masked.input_grad(
+            _compute_view(dyv, x.dtype),
+            x3,
+            mask,
+            coef,
+            s_dy,
+            s_dyx,
+            count,
+            invstd64,
+            np.asarray(g, dtype=np.float64),
+            relu,
+            dest.work,
+        )
+    elif x3.size:
         cpu.input_grad(
             _compute_view(dyv, x.dtype),
             x3,

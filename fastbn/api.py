@@ -53,6 +53,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -66,9 +67,12 @@ def batch_norm_forward(
     x : array, ndim >= 2
         float16, float32 or float64, any byte order on the host (results in native
         order). NumPy arrays run on the CPU kernels, CUDA arrays (Numba device arrays,
-        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array is a
-        TypeError. An empty batch (no value per channel) gives an empty ``y`` and NaN
-        ``mean``/``invstd`` of shape (C,); one value per channel is a ValueError.
+        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array
+        whose mask is the same for every channel gives its mask to ``mask`` (its
+        unmasked positions are True; with ``mask`` given too, both must hold); one whose
+        mask varies across channels is a TypeError. An empty batch (no value per
+        channel) gives an empty ``y`` and NaN ``mean``/``invstd`` of shape (C,); one
+        value per channel is a ValueError.
     gamma, beta : array of shape (C,), optional
         Scale and shift; None means 1 and 0.
     axis : int, default 1
@@ -79,6 +83,12 @@ def batch_norm_forward(
         Preallocated output of x's shape and dtype (may be ``x`` itself).
     activation : {None, "relu"}, optional
         ``"relu"`` applies ``max(y, 0)`` in the same pass.
+    mask : bool array, optional
+        Masked statistics: x's shape without the channel axis (``(N,)`` for ``(N, C)``,
+        ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for NCHW and NHWC), or a shape NumPy
+        broadcasts to it. The mean and variance are those of the True positions only;
+        ``y`` is computed at every position (Keras's semantics). Fewer than 2 True
+        positions is a ValueError. The array kind of ``x`` (a device array on the GPU).
     stream : CUDA stream, optional
         GPU arrays only: the stream to launch on (a Numba stream, ``cupy.cuda.Stream`` or
         ``torch.cuda.Stream``); default the current stream of the array's library.
@@ -103,8 +113,8 @@ def batch_norm_forward(
         ``x`` or a parameter is not a float array; host and GPU arrays are mixed.
     ValueError
         ndim < 2, bad axis, parameter shape not ``(C,)``, fewer than 2 values per
-        channel (in the global batch with ``comm``), eps <= 0, ``out`` of the wrong shape
-        or dtype.
+        channel (in the global batch with ``comm``; True positions with ``mask``), eps
+        <= 0, ``out`` of the wrong shape or dtype, ``mask`` of the wrong shape.
     fastbn.distributed.DistributedError
         With ``comm``: another rank failed (it raises its own error).
 
@@ -118,10 +128,18 @@ def batch_norm_forward(
            [ 1.,  1.]], dtype=float32)
     >>> mean
     array([ 2., 20.], dtype=float32)
+
+    With a mask, the third row (padding) stays out of the statistics:
+
+    >>> x = np.array([[1.0], [3.0], [100.0]])
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, mask=np.array([True, True, False]))
+    >>> mean, np.round(y.ravel(), 3)
+    (array([2.]), array([-1.,  1., 98.]))
     """
     x3 = _direct_view(x, axis, stream, gamma, beta)
     if (
         x3 is not None
+        and mask is None
         and comm is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
@@ -139,11 +157,13 @@ def batch_norm_forward(
         )
         stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
         return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
-    be = backends.backend_for(("x", "gamma", "beta", "out"), x, gamma, beta, out)
+    x, mask = _from_masked_array(x, axis, mask)
+    be = backends.backend_for(("x", "gamma", "beta", "out", "mask"), x, gamma, beta, out, mask)
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_mask(mask, x.shape, axis)
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
@@ -158,6 +178,7 @@ def batch_norm_forward(
         stream,
         dtype=_ops.stats_dtype(x.dtype),
         comm=comm,
+        mask=mask,
     )
 
 
@@ -173,6 +194,7 @@ def batch_norm_backward(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -199,6 +221,12 @@ def batch_norm_backward(
         Preallocated ``dx`` (may be ``dy`` itself).
     activation : {None, "relu"}, optional
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+    mask : bool array, optional
+        The forward's ``mask`` (a ``numpy.ma`` ``x`` gives its own, as in the forward):
+        the gradient of the masked forward. With ``m`` True positions,
+        ``dx = gamma * invstd * (dy - mask * (dbeta + xhat * dgamma) / m)``: positions
+        out of the mask receive ``gamma * invstd * dy`` only; ``dgamma`` and ``dbeta``
+        are sums over every position (``y`` depends on gamma and beta everywhere).
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
@@ -229,6 +257,7 @@ def batch_norm_backward(
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     if (
         x3 is not None
+        and mask is None
         and comm is None
         and mean is not None
         and invstd is not None
@@ -253,21 +282,37 @@ def batch_norm_backward(
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta
+    x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for(
-        ("dy", "x", "mean", "invstd", "gamma", "beta", "out"), dy, x, mean, invstd, gamma, beta, out
+        ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "mask"),
+        *(dy, x, mean, invstd, gamma, beta, out, mask),
     )
     be.check_stream(stream)
     dy, x = be.wrap("dy", dy), be.wrap("x", x)
     mean, invstd = be.wrap("mean", mean), be.wrap("invstd", invstd)
     gamma, beta = be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     dtype, axis, C, relu = _checks.check_backward_args(
         dy, x, mean, invstd, gamma, beta, axis, out, activation
     )
+    _checks.check_mask(mask, x.shape, axis)
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
     return _ops.backward(
-        be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+        be,
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        axis,
+        relu,
+        out,
+        stream,
+        grads=grads,
+        comm=comm,
+        mask=mask,
     )
 
 
@@ -367,6 +412,7 @@ def batch_norm(
     num_batches_tracked: int | None = None,
     running_var_unbiased: bool = True,
     on_nonfinite: str = "raise",
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> Any:
@@ -407,6 +453,11 @@ def batch_norm(
         std 1e20, float16 running statistics past 65504): raise ``FloatingPointError``
         before anything is written, or warn and return the output while leaving the
         running statistics untouched. Either way they never take in NaN or inf.
+    mask : bool array, optional
+        Training only: masked statistics (see :func:`batch_norm_forward`); the running
+        variance's unbiased correction uses the count of True positions ``m``:
+        ``var * m / (m - 1)``. With ``training=False`` a ValueError (the running
+        statistics take no mask). A ``numpy.ma`` ``x`` in training gives its mask.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
@@ -434,7 +485,7 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    if training and comm is None and out is None and running_mean is not None:
+    if training and comm is None and out is None and running_mean is not None and mask is None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
         if (
@@ -465,13 +516,23 @@ def batch_norm(
                 stacklevel=2,
             )
             return y
-    be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
+    if not training and mask is not None:
+        raise ValueError(
+            "mask= applies to training (batch statistics); with training=False the "
+            "running statistics normalize every position, and a mask would change nothing"
+        )
+    if training:
+        x, mask = _from_masked_array(x, axis, mask)
+    be = backends.backend_for(
+        (*_NORMALIZE_ARGS, "mask"), x, running_mean, running_var, gamma, beta, out, mask
+    )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap_running("running_mean", running_mean)
     running_var = be.wrap_running("running_var", running_var)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
         if running_mean is None or running_var is None:
@@ -495,5 +556,52 @@ def batch_norm(
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
-        be, x, gamma, beta, axis, float(eps), relu, out, stream, running=running, comm=comm
+        be,
+        x,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        running=running,
+        comm=comm,
+        mask=mask,
     )[0]
+
+
+def _from_masked_array(x, axis, mask):
+    """``(x, mask)`` with a ``numpy.ma`` ``x`` turned into its data and its mask.
+
+    numpy.ma marks the *invalid* positions; ``mask=`` the valid ones, for every channel
+    at once. So the mask of ``x`` must not vary along ``axis``, else a TypeError says
+    why; its valid positions become ``mask`` (and-ed with a given host ``mask``, which
+    is checked first). Any other ``x`` comes back as it is.
+    """
+    if not isinstance(x, np.ma.MaskedArray):
+        return x, mask
+    data = x.data
+    if data.ndim < 2:  # the checks of x say what is wrong
+        return data, mask
+    axis = _checks.normalize_axis(axis, data.ndim)
+    invalid = np.ma.getmaskarray(x)
+    if data.shape[axis] and not (invalid == np.take(invalid, [0], axis=axis)).all():
+        raise TypeError(
+            f"x is a numpy.ma.MaskedArray whose mask varies across the channels (axis "
+            f"{axis}): masked statistics take one mask for every channel (the positions "
+            f"along the other axes). Pass x.filled(value) or x.data, with mask= of shape "
+            f"{data.shape[:axis] + data.shape[axis + 1 :]} if you want one"
+        )
+    valid = (
+        ~invalid.any(axis=axis)
+        if data.shape[axis]
+        else np.ones(data.shape[:axis] + data.shape[axis + 1 :], bool)
+    )
+    if mask is None:
+        return data, valid
+    if isinstance(mask, np.ma.MaskedArray) or _checks.is_cuda_array(mask):
+        return data, mask  # refused by the checks (a masked mask; mixed devices)
+    mask = np.asarray(mask)
+    _checks.check_mask(mask, data.shape, axis)
+    return data, valid & mask
