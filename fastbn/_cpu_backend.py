@@ -46,6 +46,49 @@ def wrap(name, a):
     return a
 
 
+def from_masked_array(x, axis, mask):
+    """``(x, mask)`` with a ``numpy.ma`` ``x`` turned into its data and its mask.
+
+    numpy.ma marks the *invalid* positions; ``mask=`` the valid ones, for every channel
+    at once. So the mask of ``x`` must not vary along ``axis``, else a TypeError says
+    why; its valid positions become ``mask`` (and-ed with a given host ``mask``, which
+    is checked first). Any other ``x`` comes back as it is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.ma.masked_array(np.zeros((3, 2)), mask=[[0, 0], [1, 1], [0, 0]])
+    >>> from_masked_array(x, 1, None)[1]
+    array([ True, False,  True])
+    """
+    if not isinstance(x, np.ma.MaskedArray):
+        return x, mask
+    data = x.data
+    if data.ndim < 2:  # the checks of x say what is wrong
+        return data, mask
+    axis = _checks.normalize_axis(axis, data.ndim)
+    invalid = np.ma.getmaskarray(x)
+    if data.shape[axis] and not (invalid == np.take(invalid, [0], axis=axis)).all():
+        raise TypeError(
+            f"x is a numpy.ma.MaskedArray whose mask varies across the channels (axis "
+            f"{axis}): masked statistics take one mask for every channel (the positions "
+            f"along the other axes). Pass x.filled(value) or x.data, with mask= of shape "
+            f"{data.shape[:axis] + data.shape[axis + 1 :]} if you want one"
+        )
+    valid = (
+        ~invalid.any(axis=axis)
+        if data.shape[axis]
+        else np.ones(data.shape[:axis] + data.shape[axis + 1 :], bool)
+    )
+    if mask is None:
+        return data, valid
+    if isinstance(mask, np.ma.MaskedArray) or _checks.is_cuda_array(mask):
+        return data, mask  # refused by the checks (a masked mask; mixed devices)
+    mask = np.asarray(mask)
+    _checks.check_mask(mask, data.shape, axis)
+    return data, valid & mask
+
+
 def unwrap(a):
     """The array as the caller sees it (the inverse of :func:`wrap`)."""
     return a

@@ -23,6 +23,7 @@ from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
+from ._cpu_backend import from_masked_array as _from_masked_array
 from ._cpu_backend import param as _param
 
 __all__ = [
@@ -569,39 +570,3 @@ def batch_norm(
         comm=comm,
         mask=mask,
     )[0]
-
-
-def _from_masked_array(x, axis, mask):
-    """``(x, mask)`` with a ``numpy.ma`` ``x`` turned into its data and its mask.
-
-    numpy.ma marks the *invalid* positions; ``mask=`` the valid ones, for every channel
-    at once. So the mask of ``x`` must not vary along ``axis``, else a TypeError says
-    why; its valid positions become ``mask`` (and-ed with a given host ``mask``, which
-    is checked first). Any other ``x`` comes back as it is.
-    """
-    if not isinstance(x, np.ma.MaskedArray):
-        return x, mask
-    data = x.data
-    if data.ndim < 2:  # the checks of x say what is wrong
-        return data, mask
-    axis = _checks.normalize_axis(axis, data.ndim)
-    invalid = np.ma.getmaskarray(x)
-    if data.shape[axis] and not (invalid == np.take(invalid, [0], axis=axis)).all():
-        raise TypeError(
-            f"x is a numpy.ma.MaskedArray whose mask varies across the channels (axis "
-            f"{axis}): masked statistics take one mask for every channel (the positions "
-            f"along the other axes). Pass x.filled(value) or x.data, with mask= of shape "
-            f"{data.shape[:axis] + data.shape[axis + 1 :]} if you want one"
-        )
-    valid = (
-        ~invalid.any(axis=axis)
-        if data.shape[axis]
-        else np.ones(data.shape[:axis] + data.shape[axis + 1 :], bool)
-    )
-    if mask is None:
-        return data, valid
-    if isinstance(mask, np.ma.MaskedArray) or _checks.is_cuda_array(mask):
-        return data, mask  # refused by the checks (a masked mask; mixed devices)
-    mask = np.asarray(mask)
-    _checks.check_mask(mask, data.shape, axis)
-    return data, valid & mask

@@ -121,6 +121,7 @@ class BatchNorm:
         self.dbeta = None
         self.training = True
         self._saved = None
+        self._saved_mask = None
 
     @classmethod
     def keras(
@@ -190,8 +191,8 @@ class BatchNorm:
             f"activation={self.activation!r})"
         )
 
-    def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
-        return self.forward(x, training=training)
+    def __call__(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
+        return self.forward(x, training=training, mask=mask)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
@@ -231,7 +232,7 @@ class BatchNorm:
         self._saved = None
         return self
 
-    def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
+    def forward(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
         """Normalize ``x``.
 
         Parameters
@@ -241,6 +242,12 @@ class BatchNorm:
         training : bool, optional
             Batch statistics (and a running-statistics update) when True, running
             statistics when False; None uses the layer's mode (:meth:`train`/:meth:`eval`).
+        mask : bool array, optional
+            With batch statistics: masked statistics (see
+            :func:`fastbn.batch_norm_forward`; a ``numpy.ma`` ``x`` gives its own mask);
+            the running variance's unbiased correction uses the True positions' count.
+            The layer keeps it for :meth:`backward`. A ValueError with running
+            statistics (``training=False``), which take no mask.
 
         Returns
         -------
@@ -268,15 +275,28 @@ class BatchNorm:
         >>> bn = fastbn.BatchNorm(2)
         >>> bn.forward(np.array([[1.0, 2.0], [3.0, 4.0]]), training=False).dtype
         dtype('float64')
+        >>> y = bn.forward(np.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]), training=True,
+        ...                mask=np.array([True, True, False]))
+        >>> np.round(y[:2], 3)
+        array([[-1., -1.],
+               [ 1.,  1.]])
         """
         training = self.training if training is None else bool(training)
         batch_statistics = training or not self.track_running_stats
-        return self._forward(x, training, comm=self.comm if batch_statistics else None)
+        if not batch_statistics and mask is not None:
+            raise ValueError(
+                "mask= applies to batch statistics (training=True); the running "
+                "statistics normalize every position, and a mask would change nothing"
+            )
+        if batch_statistics and (mask is not None or isinstance(x, np.ma.MaskedArray)):
+            x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
+        return self._forward(x, training, comm=self.comm if batch_statistics else None, mask=mask)
 
     @distributed.synchronized("BatchNorm.forward")
-    def _forward(self, x, training, comm=None):
+    def _forward(self, x, training, comm=None, mask=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        if training or not self.track_running_stats:
+        self._saved_mask = None
+        if (training or not self.track_running_stats) and mask is None:
             update = training and self.track_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
@@ -327,12 +347,15 @@ class BatchNorm:
                 eps=self.eps,
                 activation=self.activation,
             )
-        x = be.wrap("x", x)
+        if mask is not None and _checks.is_cuda_array(mask) != _checks.is_cuda_array(x):
+            raise TypeError("mask must live on the same device as x")
+        x, mask = be.wrap("x", x), be.wrap("mask", mask)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
             x, gamma, beta, self.axis, self.eps, None, self.activation
         )
         self._check_channels(x, axis)
+        _checks.check_mask(mask, x.shape, axis)
         running = None
         if training and self.track_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
@@ -360,10 +383,12 @@ class BatchNorm:
             dtype=_FLOAT64,
             running=running,
             comm=comm,
+            mask=mask,
         )
         if running is not None:
             self.num_batches_tracked += 1
         self._saved = (be.unwrap(x), axis, mean, invstd)
+        self._saved_mask = mask
         return y
 
     def backward(self, dy: ArrayLike) -> Any:
@@ -406,8 +431,10 @@ class BatchNorm:
                 "(or a layer without running statistics)"
             )
         x, axis, mean, invstd = self._saved
+        mask = self._saved_mask
         if (
-            comm is None
+            mask is None
+            and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.dtype == x.dtype
@@ -456,6 +483,7 @@ class BatchNorm:
             None,
             grads=grads,
             comm=comm,
+            mask=mask,
         )
         if self.affine:
             self.dgamma = dgamma
