@@ -404,6 +404,38 @@ def check_mask_count(count, m):
         )
 
 
+def mask_layout(mask, shape, axis, order, shape3):
+    """A checked host mask as the kernels read it: broadcast to x's shape without the
+    channel axis, laid out in x's memory ``order`` (that of its canonical view) as a
+    C-contiguous ``(outer, inner)`` uint8 array; and its count of True positions.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+    shape : tuple of int
+        x's shape.
+    axis : int
+        Non-negative channel axis.
+    order : tuple of int
+        The memory order of x's canonical view.
+    shape3 : tuple of int
+        ``(outer, C, inner)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w, count = mask_layout(np.array([True, False, True]), (2, 4, 3), 1, (0, 1, 2), (2, 4, 3))
+    >>> w.tolist(), count
+    ([[1, 0, 1], [1, 0, 1]], 4)
+    """
+    reduced = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
+    full = np.expand_dims(np.broadcast_to(mask, reduced), axis)
+    if tuple(order) != _identity(len(shape)):
+        full = full.transpose(order)
+    w = np.ascontiguousarray(full).reshape(shape3[0], shape3[2]).view(np.uint8)
+    return w, int(np.count_nonzero(w))
+
+
 def check_backward_args(dy, x, mean, invstd, gamma, beta, axis, out, activation):
     """Checks shared by every backward (host and GPU); returns ``(dtype, axis, C, relu)``.
 

@@ -414,25 +414,9 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
 
 
 def mask_view(mask, x, axis, v, st=None):
-    """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it:
-    broadcast to x's shape without the channel axis, laid out like ``v`` as a
-    C-contiguous ``(outer, inner)`` array; and its count of True positions.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> x = np.zeros((2, 3, 4))
-    >>> w, count = mask_view(np.array([True, False, True, True]), x, 1, view(x, 1))
-    >>> w.shape, count
-    ((2, 4), 6)
-    """
-    reduced = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
-    full = np.expand_dims(np.broadcast_to(mask, reduced), axis)
-    if v.order != tuple(range(x.ndim)):
-        full = full.transpose(v.order)
-    outer, _, inner = v.x3.shape
-    w = np.ascontiguousarray(full).reshape(outer, inner)
-    return w, int(np.count_nonzero(w))
+    """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it, and
+    its count of True positions: see :func:`fastbn._checks.mask_layout`."""
+    return _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
 
 
 def shard_moments(x, v, st=None, mask=None):
