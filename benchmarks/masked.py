@@ -5,8 +5,11 @@ round times ``iterations`` calls of the unmasked and of the masked call in turn 
 alternating between rounds, as :mod:`benchmarks.interleaved` does), so that both see the
 same machine state; the ratio is the median of the per-round ratios.
 
-The mask (:func:`make_mask`) keeps a random 75% of the positions (x's shape without the
-channel axis), the same for every call. The forward is ``batch_norm_forward`` (masked: the
+Two masks per case (:func:`make_mask`, x's shape without the channel axis, the same for
+every call): ``"padding"``, what padded batches look like (each sample keeps a leading
+block of its positions, a random 50-100% along each non-batch axis; for a 2-D batch, the
+first 75% of the rows), and ``"random"``, a random 75% of the positions, the worst case for
+the memory streams of the rows family (its statistics read only the True rows). The forward is ``batch_norm_forward`` (masked: the
 statistics pass over the True positions, then the normalize pass over every position);
 the backward is ``batch_norm_backward`` with the same mask (the gradient sums over every
 position, then dx with the masked terms).
@@ -39,19 +42,35 @@ CASES = tuple((case, 20, 1) for case in CPU_CASES if not case.tag) + tuple(
 )
 
 
+#: The masks measured (see the module docstring).
+MASK_KINDS = ("padding", "random")
+
+
 @functools.cache
-def make_mask(case, keep=0.75):
-    """The mask of a case: x's shape without the channel axis, ``keep`` of it True.
+def make_mask(case, kind="padding"):
+    """The mask of a case: x's shape without the channel axis (see the module docstring).
 
     Examples
     --------
     >>> from benchmarks.cases import Case
     >>> make_mask(Case("NCHW", (2, 3, 4, 5), 1, "float32")).shape
     (2, 4, 5)
+    >>> make_mask(Case("NC", (8, 3), 1, "float32")).tolist()
+    [True, True, True, True, True, True, False, False]
     """
     axis = case.axis % len(case.shape)
     shape = case.shape[:axis] + case.shape[axis + 1 :]
-    return np.random.default_rng(7).random(shape) < keep
+    rng = np.random.default_rng(7)
+    if kind == "random":
+        return rng.random(shape) < 0.75
+    if len(shape) == 1:
+        return np.arange(shape[0]) < int(0.75 * shape[0])
+    mask = np.ones(shape, bool)
+    for d in range(1, len(shape)):
+        lengths = np.ceil(rng.uniform(0.5, 1.0, shape[0]) * shape[d])
+        index = np.arange(shape[d]).reshape([1] * d + [-1] + [1] * (len(shape) - d - 1))
+        mask &= index < lengths.reshape([-1] + [1] * (len(shape) - 1))
+    return mask
 
 
 def masked_provider(op, inputs, mask):
@@ -68,20 +87,21 @@ def masked_provider(op, inputs, mask):
     )
 
 
-def measure(case, rounds=20, iterations=1, ops=MASKED_OPS, progress=print):
+def measure(case, rounds=20, iterations=1, ops=MASKED_OPS, kind="padding", progress=print):
     """Median seconds of the unmasked and masked calls and the median per-round ratio.
 
     Returns
     -------
     dict
-        ``{"case", "rounds", "iterations", "threads", "ops": {op: {"unmasked_s",
+        ``{"case", "mask", "rounds", "iterations", "threads", "ops": {op: {"unmasked_s",
         "masked_s", "ratio"}}}``.
     """
     threads = _set_threads()
     inputs = make_inputs(case)
-    mask = make_mask(case)
+    mask = make_mask(case, kind)
     result = {
         "case": case.id,
+        "mask": kind,
         "rounds": rounds,
         "iterations": iterations,
         "threads": threads,
@@ -110,7 +130,7 @@ def measure(case, rounds=20, iterations=1, ops=MASKED_OPS, progress=print):
             "ratio": statistics.median(ratios),
         }
         if progress:
-            progress(f"masked {case.id} {op}: {result['ops'][op]['ratio']:.2f}x unmasked")
+            progress(f"{kind} mask {case.id} {op}: {result['ops'][op]['ratio']:.2f}x unmasked")
     return result
 
 
@@ -119,21 +139,23 @@ def format_table(results):
 
     Examples
     --------
-    >>> r = {"case": "NC-65536x256-float32", "rounds": 20, "iterations": 1,
+    >>> r = {"case": "NC-65536x256-float32", "mask": "padding", "rounds": 20, "iterations": 1,
     ...      "ops": {"forward": {"unmasked_s": 0.01, "masked_s": 0.012, "ratio": 1.2}}}
     >>> print(format_table([r]))
-    | case | op | rounds x calls | unmasked | masked | masked / unmasked (median of rounds) |
-    |---|---|---:|---:|---:|---:|
-    | NC-65536x256-float32 | forward | 20 x 1 | 10.0 ms | 12.0 ms | 1.20x |
+    | case | mask | op | rounds x calls | unmasked | masked | masked / unmasked (median of rounds) |
+    |---|---|---|---:|---:|---:|---:|
+    | NC-65536x256-float32 | padding | forward | 20 x 1 | 10 ms | 12 ms | 1.20x |
     """
     lines = [
-        "| case | op | rounds x calls | unmasked | masked | masked / unmasked (median of rounds) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| case | mask | op | rounds x calls | unmasked | masked "
+        "| masked / unmasked (median of rounds) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for result in results:
         for op, r in result["ops"].items():
             lines.append(
-                f"| {result['case']} | {op} | {result['rounds']} x {result['iterations']} | "
+                f"| {result['case']} | {result['mask']} | {op} | "
+                f"{result['rounds']} x {result['iterations']} | "
                 f"{format_time(r['unmasked_s'])} | {format_time(r['masked_s'])} | "
                 f"{r['ratio']:.2f}x |"
             )
@@ -149,9 +171,10 @@ def main(argv=None):
     parser.add_argument("-k", default="", help="only the cases whose id contains this")
     args = parser.parse_args(argv)
     results = [
-        measure(case, rounds=rounds, iterations=iterations)
+        measure(case, rounds=rounds, iterations=iterations, kind=kind)
         for case, rounds, iterations in CASES
         if args.k in case.id
+        for kind in MASK_KINDS
     ]
     print(format_table(results))
     if args.json:

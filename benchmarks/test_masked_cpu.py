@@ -10,17 +10,17 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.cases import CPU_CASES, make_inputs
-from benchmarks.masked import MASKED_OPS, make_mask, masked_provider
+from benchmarks.masked import MASK_KINDS, MASKED_OPS, make_mask, masked_provider
 
 
-@pytest.mark.parametrize("variant", ["unmasked", "masked"])
+@pytest.mark.parametrize("variant", ["unmasked", *MASK_KINDS])
 @pytest.mark.parametrize("op", MASKED_OPS)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda case: case.id)
 def test_masked_cpu(benchmark, record_result, cpu_copy_bandwidth, case, op, variant):
-    """Time fastbn's ``op`` on ``case`` with the case's mask (``variant="masked"``) or
-    without, and record its throughput (bytes: those of the unmasked operation, so that
+    """Time fastbn's ``op`` on ``case`` with one of the case's masks (``variant`` a kind
+    of :data:`benchmarks.masked.MASK_KINDS`) or without (``"unmasked"``), and record its throughput (bytes: those of the unmasked operation, so that
     the GB/s of the two compare as their times do)."""
-    mask = make_mask(case) if variant == "masked" else None
+    mask = None if variant == "unmasked" else make_mask(case, variant)
     call = masked_provider(op, make_inputs(case), mask)
     call()  # compiles; faults the output pages in
     benchmark.group = f"mask {op} {case.id}"

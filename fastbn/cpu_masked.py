@@ -92,7 +92,7 @@ def chunk_rows(shape, itemsize):
     return max(1, rows)
 
 
-@_two_builds(_EXACT)
+@njit(**_EXACT)  # serial: it reads the mask only (1/C of x), a parallel region costs more
 def _chunk_counts(w1, inner, rows, counts, first):
     """True positions of each chunk of ``rows`` outer rows, and the flat position of its
     first one (-1 when none).
@@ -106,7 +106,7 @@ def _chunk_counts(w1, inner, rows, counts, first):
         Outputs.
     """
     total = w1.shape[0]
-    for k in prange(counts.shape[0]):
+    for k in range(counts.shape[0]):
         j0 = k * rows * inner
         j1 = min(j0 + rows * inner, total)
         n = 0
@@ -435,7 +435,7 @@ def moments(x3, w2):
     n_chunks = max(1, -(-outer // rows))
     counts = np.empty(n_chunks, np.int64)
     first = np.empty(n_chunks, np.int64)
-    _build(_chunk_counts, x3)(w2.reshape(-1), inner, rows, counts, first)
+    _chunk_counts(w2.reshape(-1), inner, rows, counts, first)
     mean = np.empty(C)
     m2 = np.empty(C)
     kernel = _build(_moments_rows if inner == 1 else _moments_strided, x3)
@@ -487,5 +487,5 @@ def drivers():
     -------
     list of numba Dispatcher
     """
-    builds = (_chunk_counts, _moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
-    return [build for pair in builds for build in pair]
+    builds = (_moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
+    return [_chunk_counts] + [build for pair in builds for build in pair]
