@@ -37,7 +37,7 @@ from benchmarks.formatting import format_time
 MASKED_OPS = ("forward", "backward")
 
 #: ``(case, rounds, iterations)``: the suite's large cases and its small one.
-CASES = tuple((case, 20, 1) for case in CPU_CASES if not case.tag) + tuple(
+CASES = tuple((case, 30, 1) for case in CPU_CASES if not case.tag) + tuple(
     (case, 100, 20) for case in CPU_CASES if case.tag == "small"
 )
 

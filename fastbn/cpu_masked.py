@@ -252,7 +252,7 @@ def _moments_strided(x, w, rows, counts, first, mean, m2):
         if k0 < 0 and counts[k] > 0:
             k0 = k
     block = _MERGE_BLOCK
-    for b in prange((C + block - 1) // block):
+    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
         c0 = b * block
         _merge_masked(
             part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
@@ -311,7 +311,7 @@ def _moments_rows(x, w, rows, counts, first, mean, m2):
         if k0 < 0 and counts[k] > 0:
             k0 = k
     block = _MERGE_BLOCK
-    for b in prange((C + block - 1) // block):
+    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
         c0 = b * block
         _merge_masked(
             part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
