@@ -382,6 +382,10 @@ def test_mask_errors_name_mask_and_write_nothing():
         fastbn.batch_norm(x, rm, rv, training=False, mask=np.ones((6, 5), bool))
     with pytest.raises(ValueError, match="mask= applies to batch statistics"):
         fastbn.BatchNorm(3).forward(x.astype(np.float32), training=False, mask=one)
+    with pytest.raises(ValueError, match="mask= applies to training=True"):
+        fastbn.batch_norm_backward(
+            x, x, np.zeros(3), np.ones(3), training=False, mask=np.ones((6, 5), bool), out=out
+        )
     assert (out == 7.0).all()
     assert (rm == 0).all() and (rv == 1).all()
 
