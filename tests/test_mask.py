@@ -394,3 +394,13 @@ def test_empty_batch_with_a_mask():
     x = np.zeros((0, 3, 4))
     y, mean, invstd = fastbn.batch_norm_forward(x, mask=np.zeros((0, 4), bool))
     assert y.shape == x.shape and np.isnan(mean).all()
+
+
+@pytest.mark.parametrize("variant", [dict(renorm=True), dict(virtual_batch_size=2)])
+def test_layer_variants_refuse_a_mask(variant):
+    x = np.random.default_rng(15).normal(size=(6, 3, 5)).astype(np.float32)
+    bn = fastbn.BatchNorm(3, **variant)
+    before = bn.running_mean.copy()
+    with pytest.raises(ValueError, match="not supported with renorm or virtual_batch_size"):
+        bn.forward(x, training=True, mask=np.ones((6, 5), bool))
+    assert np.array_equal(bn.running_mean, before) and bn.num_batches_tracked == 0
