@@ -221,6 +221,7 @@ def train_forward(
     running=None,
     comm=None,
     residual=None,
+    mask=None,
 ):
     """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
 
@@ -236,6 +237,10 @@ def train_forward(
         ``running.on_nonfinite``); nothing is written to ``out`` before the check.
     comm : fastbn.distributed.Sync, optional
         The statistics are those of every rank's ``x`` (two collectives).
+    mask : array, optional
+        Checked by :func:`fastbn._checks.check_mask`: the statistics are those of the
+        True positions (with ``comm``, of every rank's, each rank weighted by its count);
+        ``y`` is written everywhere. A mask that is all True takes the unmasked path.
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
@@ -247,19 +252,17 @@ def train_forward(
         v = be.view(x, axis, st)
         zv = None if residual is None else be.view(residual, axis, st, order=v.order)
         dest = be.output(out, v, x, st, also=zv)
-        if comm is not None or residual is not None:
-            # the statistics (every rank's with comm), then one normalizing pass
-            if comm is None:
-                m = x.size // C
-                mean, m2 = be.shard_moments(x, v, st)
-                var = m2 / m
-            else:
-                outer, _, inner = v.x3.shape
-                n_local = outer * inner if x.size else 0
+        w, count = _masked(be, mask, x, axis, v, st, comm)
+        if comm is not None or w is not None or residual is not None:
+            # the statistics first, on the host, then one normalizing pass (+ z)
+            if comm is not None:
                 mean, var = comm.moments_from_local(
-                    C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
+                    C, count, lambda: _shard_moments(be, x, v, st, w), dtype=x.dtype
                 )
-                m = comm.count  # known once the collective has run
+                m = comm.count
+            else:
+                mean, m2 = _shard_moments(be, x, v, st, w)
+                var, m = m2 / count, count
             if running is not None:
                 update_running(be, running, mean, var, m, st)
             if x.size:
@@ -311,6 +314,25 @@ def train_forward(
         return dest.finish(), mean, invstd
 
 
+def _shard_moments(be, x, v, st, w):
+    """This array's ``(mean, M2)``: over the True positions of ``w`` when given."""
+    return be.shard_moments(x, v, st) if w is None else be.shard_moments(x, v, st, mask=w)
+
+
+def _masked(be, mask, x, axis, v, st, comm):
+    """``(w, count)``: the mask as the backend's kernels take it (None when there is none,
+    or when it is all True: the unmasked kernels then run, bitwise the unmasked result)
+    and the values per channel of this array that enter the statistics. Without ``comm``
+    fewer than 2 True positions in a non-empty batch are a ValueError."""
+    outer, _, inner = v.x3.shape
+    if mask is None:
+        return None, outer * inner if x.size else 0
+    w, count = be.mask_view(mask, x, axis, v, st)
+    if comm is None:
+        _checks.check_mask_count(count, outer * inner)
+    return (None if count == outer * inner else w), count
+
+
 def _residual_dy(be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st):
     """The gradient of the sum ``bn(x) + z`` in ``act(bn(x) + z)``: ``(dz, its view)``.
 
@@ -340,6 +362,7 @@ def backward(
     stream,
     grads=None,
     comm=None,
+    mask=None,
     residual=None,
     residual_grad=False,
 ):
@@ -361,6 +384,10 @@ def backward(
     comm : fastbn.distributed.Sync, optional
         ``dgamma`` and ``dbeta`` are sums over every rank's batch and ``dx`` uses the
         global count (two collectives).
+    mask : array, optional
+        The forward's mask: ``dgamma`` and ``dbeta`` are still sums over every position
+        (``y`` depends on gamma and beta everywhere), the statistics' terms of ``dx``
+        use the True positions' count and enter at those positions only (docs/math.md).
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
@@ -381,19 +408,24 @@ def backward(
             )
             dz, relu = (dz,) if residual_grad else (), False
         dest = be.output(out, v, x, st, also=dyv)
-        if comm is None:
+        w, count = _masked(be, mask, x, axis, v, st, comm)
+        if comm is None and w is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
             return (dest.finish(), dgamma, dbeta) + dz
         outer, _, inner = v.x3.shape
-        n_local = outer * inner if x.size else 0
-        sums = comm.grad_sums_from_local(
-            C,
-            n_local,
-            lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st),
-            dtype=x.dtype,
-        )
+
+        def local():
+            return be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st)
+
+        if comm is None:
+            sums = local()
+        else:  # the header carries the statistics' count, the payload every position's sums
+            n_local = outer * inner if x.size else 0
+            sums = comm.grad_sums_from_local(C, n_local, local, dtype=x.dtype, count=count)
+            count = comm.count
+        extra = {} if w is None else {"mask": w}
         dgamma, dbeta = be.input_grad(
-            x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, comm.count, st, grads
+            x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, **extra
         )
         return (dest.finish(), dgamma, dbeta) + dz
 

@@ -209,6 +209,7 @@ class BatchNorm:
         self.training = True
         self._saved = None
         self._residual = None  # z of the last forward(x, residual=z), for its backward
+        self._saved_mask = None
 
     def _init_variants(self, renorm, renorm_clipping, renorm_momentum, renorm_ramp):
         """Check and set the batch-renormalization options (before any state exists)."""
@@ -333,8 +334,10 @@ class BatchNorm:
             parts.append(f"virtual_batch_size={self.virtual_batch_size}")
         return "".join(", " + p for p in parts)
 
-    def __call__(self, x: ArrayLike, training: bool | None = None, residual: Any = None) -> Any:
-        return self.forward(x, training=training, residual=residual)
+    def __call__(
+        self, x: ArrayLike, training: bool | None = None, mask: Any = None, residual: Any = None
+    ) -> Any:
+        return self.forward(x, training=training, mask=mask, residual=residual)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
@@ -413,7 +416,11 @@ class BatchNorm:
         self.dtype = dtype
 
     def forward(
-        self, x: ArrayLike, training: bool | None = None, residual: ArrayLike | None = None
+        self,
+        x: ArrayLike,
+        training: bool | None = None,
+        mask: Any = None,
+        residual: ArrayLike | None = None,
     ) -> Any:
         """Normalize ``x``.
 
@@ -428,6 +435,13 @@ class BatchNorm:
             always uses its running statistics. Either way :meth:`backward` gives the
             gradient of this forward: through the batch statistics, or through the fixed
             running ones (``dx = gamma * invstd * dy``).
+        mask : bool array, optional
+            With batch statistics: masked statistics (see
+            :func:`fastbn.batch_norm_forward`; a ``numpy.ma`` ``x`` gives its own mask);
+            the running variance's unbiased correction uses the True positions' count.
+            The layer keeps it for :meth:`backward`. A ValueError with running
+            statistics (``training=False``, ``frozen``), which take no mask, and with
+            ``renorm`` or ``virtual_batch_size`` (not supported with a mask).
         residual : array, optional
             ``z`` of x's shape, dtype and kind (any layout): the output is
             ``act(bn(x) + z)``, the add in the normalizing pass (see
@@ -460,6 +474,11 @@ class BatchNorm:
         >>> bn = fastbn.BatchNorm(2)
         >>> bn.forward(np.array([[1.0, 2.0], [3.0, 4.0]]), training=False).dtype
         dtype('float64')
+        >>> y = bn.forward(np.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]), training=True,
+        ...                mask=np.array([True, True, False]))
+        >>> np.round(y[:2], 3)
+        array([[-1., -1.],
+               [ 1.,  1.]])
 
         A ResNet block's ``relu(bn(x) + z)``, and the gradient of ``z``:
 
@@ -479,14 +498,29 @@ class BatchNorm:
                 raise ValueError("a frozen layer needs running statistics (track_running_stats)")
             training = False
         batch_statistics = training or not self.track_running_stats
-        y = self._forward(x, training, residual, comm=self.comm if batch_statistics else None)
+        if mask is not None or isinstance(x, np.ma.MaskedArray):
+            if not batch_statistics and mask is not None:
+                raise ValueError(
+                    "mask= applies to batch statistics (training=True); the running "
+                    "statistics normalize every position, and a mask would change nothing"
+                )
+            if batch_statistics:
+                if self.renorm or self.virtual_batch_size is not None:
+                    raise ValueError(
+                        "mask= (or a numpy.ma x) is not supported with renorm or virtual_batch_size"
+                    )
+                x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
+        y = self._forward(
+            x, training, residual, comm=self.comm if batch_statistics else None, mask=mask
+        )
         self._residual = residual if self._saved is not None else None
         return y
 
     @distributed.synchronized("BatchNorm.forward")
-    def _forward(self, x, training, residual=None, comm=None):
+    def _forward(self, x, training, residual=None, comm=None, mask=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        if residual is None and (training or not self.track_running_stats):
+        self._saved_mask = None
+        if (training or not self.track_running_stats) and mask is None and residual is None:
             update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
@@ -548,7 +582,9 @@ class BatchNorm:
                 f"residual must live on the same device as x: x is a "
                 f"{'CUDA' if _checks.is_cuda_array(x) else 'host'} array, residual is not"
             )
-        x = be.wrap("x", x)
+        if mask is not None and _checks.is_cuda_array(mask) != _checks.is_cuda_array(x):
+            raise TypeError("mask must live on the same device as x")
+        x, mask = be.wrap("x", x), be.wrap("mask", mask)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
             x, gamma, beta, self.axis, self.eps, None, self.activation
@@ -561,6 +597,7 @@ class BatchNorm:
                 "residual= is not supported in training with renorm=True or "
                 "virtual_batch_size smaller than the batch: add z after the layer"
             )
+        _checks.check_mask(mask, x.shape, axis)
         running = None
         if training and self.track_running_stats and self.update_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
@@ -591,10 +628,12 @@ class BatchNorm:
             running=running,
             comm=comm,
             residual=residual,
+            mask=mask,
         )
         if running is not None:
             self.num_batches_tracked += 1
         self._saved = (be.unwrap(x), axis, mean, invstd, None)
+        self._saved_mask = mask
         return y
 
     def _variant(self, training, shape):
@@ -696,6 +735,7 @@ class BatchNorm:
             raise RuntimeError("backward() needs a preceding forward(x)")
         x, axis, mean, invstd, variant = self._saved
         residual = self._residual
+        mask = self._saved_mask
         frozen = mean is None  # the forward normalized with the running statistics
         if frozen:
             if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
@@ -707,6 +747,7 @@ class BatchNorm:
         if (
             variant is None
             and residual is None
+            and mask is None
             and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
@@ -765,6 +806,7 @@ class BatchNorm:
                 comm=comm,
                 residual=None if residual is None else be.wrap("residual", residual),
                 residual_grad=residual is not None,
+                **({} if frozen else {"mask": mask}),
             )
         elif variant[0] == "renorm":
             _, gamma_r, beta_r, r, d = variant

@@ -484,3 +484,36 @@ def test_layer_variants_refuse_a_residual_before_anything_changes():
         assert_close(
             y, ref.residual_inference(x, z, bn.running_mean, bn.running_var), **tol(x.dtype)
         )
+
+
+@pytest.mark.parametrize("shape, axis", [((9, 3), 1), ((4, 3, 5, 2), 1), ((4, 5, 2, 3), -1)])
+def test_masked_statistics_with_residual(shape, axis):
+    """``mask=`` and ``residual=`` together: statistics over the True positions, z added
+    everywhere, and the backward of the masked BatchNorm on ``dz`` (functional and layer)."""
+    rng = np.random.default_rng(16)
+    C = shape[axis]
+    x, z, dy = (make(shape, np.float64, rng) for _ in range(3))
+    reduced = tuple(n for d, n in enumerate(shape) if d != axis % len(shape))
+    mask = rng.random(reduced) < 0.7
+    mask.flat[:2] = True
+    gamma, beta = params(C, rng, np.float64)
+    y, mean, invstd = fastbn.batch_norm_forward(
+        x, gamma, beta, axis=axis, mask=mask, residual=z, activation="relu"
+    )
+    ym = ref.masked_forward(x, mask, gamma, beta, axis)[0]
+    s = ym + z
+    assert_close(y, np.maximum(s, 0), **tol(np.float64), name="y")
+    dx, dgamma, dbeta, dz = fastbn.batch_norm_backward(
+        dy, x, mean, invstd, gamma, beta, axis=axis, mask=mask, activation="relu", residual=z,
+        residual_grad=True,
+    )  # fmt: skip
+    ds = np.where(s > 0, dy, 0.0)
+    expected = ref.masked_backward(ds, x, mask, mean, invstd, gamma, beta, axis)
+    assert_close(dz, ds, **tol(np.float64), name="dz")
+    for got, want, name in zip((dx, dgamma, dbeta), expected, ("dx", "dgamma", "dbeta")):
+        assert_close(got, want, **tol(np.float64, 10), name=name)
+    bn = fastbn.BatchNorm(C, axis=axis, dtype=np.float64, activation="relu")
+    bn.gamma[:], bn.beta[:] = gamma, beta
+    assert_close(bn.forward(x, training=True, mask=mask, residual=z), y, **tol(np.float64))
+    assert_close(bn.backward(dy), dx, **tol(np.float64, 10), name="layer dx")
+    assert_close(bn.dresidual, ds, **tol(np.float64), name="layer dresidual")
