@@ -409,25 +409,9 @@ def batch_norm_backward(
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
     residual_grad = bool(residual_grad)
-    if not training:
-        return _ops.frozen_backward(
-            be,
-            dy,
-            x,
-            mean,
-            invstd,
-            gamma,
-            beta,
-            axis,
-            relu,
-            out,
-            stream,
-            grads=grads,
-            comm=comm,
-            residual=residual,
-            residual_grad=residual_grad,
-        )
-    return _ops.backward(
+    # fixed statistics take no mask (refused by the checks above)
+    extra = {"mask": mask} if training else {}
+    return (_ops.backward if training else _ops.frozen_backward)(
         be,
         dy,
         x,
@@ -442,8 +426,8 @@ def batch_norm_backward(
         grads=grads,
         comm=comm,
         residual=residual,
-        residual_grad=bool(residual_grad),
-        mask=mask,
+        residual_grad=residual_grad,
+        **extra,
     )
 
 
