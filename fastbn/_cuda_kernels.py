@@ -264,6 +264,28 @@ def _block_sum2(a, b, width, sh_a, sh_b):
 
 
 @cuda.jit(**_DEVICE)
+def _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2):
+    """Merge the block's summaries (:func:`_block_merge`) and write channel ``c``'s
+    partial ``part[:, c, k] = (n, mean, M2)`` (lanes ``< width``, ``c < C``). Every
+    thread of the block must call it."""
+    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
+    if cuda.threadIdx.x < width and c < part.shape[1]:
+        part[0, c, k] = n
+        part[1, c, k] = mean
+        part[2, c, k] = m2
+
+
+@cuda.jit(**_DEVICE)
+def _store_sums(a, b, width, c, k, part, sh_a, sh_b):
+    """Sum the block's ``(a, b)`` (:func:`_block_sum2`) and write channel ``c``'s partial
+    ``part[:, c, k] = (a, b)``, as :func:`_store_moments` does."""
+    a, b = _block_sum2(a, b, width, sh_a, sh_b)
+    if cuda.threadIdx.x < width and c < part.shape[1]:
+        part[0, c, k] = a
+        part[1, c, k] = b
+
+
+@cuda.jit(**_DEVICE)
 def _assign(x, width, nblk, chunk):
     """This thread's share of the partition (see the module docstring).
 
@@ -586,11 +608,7 @@ def forward_partials(x, width, nblk, chunk, part, counter):
     sh_m2 = cuda.shared.array(THREADS, numba.float64)
     c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
     n, mean, m2 = _thread_moments(x, c, o, i, count, step_o, step_i)
-    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
-    if cuda.threadIdx.x < width and c < x.shape[1]:
-        part[0, c, k] = n
-        part[1, c, k] = mean
-        part[2, c, k] = m2
+    _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2)
     if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
         counter[0] = 0
 
@@ -839,10 +857,7 @@ def _backward_partials_kernel(compute):
             s_dy, s_dyx = _thread_grad_sums(
                 dy, x, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu
             )
-        s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
-        if cuda.threadIdx.x < width and c < x.shape[1]:
-            part[0, c, k] = s_dy
-            part[1, c, k] = s_dyx
+        _store_sums(s_dy, s_dyx, width, c, k, part, sh_a, sh_b)
 
     return backward_partials
 
@@ -992,10 +1007,7 @@ def _frozen_backward_kernel(compute):
                 s_dy += g64
                 s_dyx += g64 * (np.float64(xv) - mean64)
                 o, i = _advance(o, i, step_o, step_i, inner)
-        s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
-        if cuda.threadIdx.x < width and c < x.shape[1]:
-            part[0, c, k] = s_dy
-            part[1, c, k] = s_dyx
+        _store_sums(s_dy, s_dyx, width, c, k, part, sh_a, sh_b)
 
     return frozen_backward
 
@@ -1057,11 +1069,7 @@ def masked_forward_partials(x, w, width, nblk, chunk, part):
     sh_m2 = cuda.shared.array(THREADS, numba.float64)
     c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
     n, mean, m2 = _thread_masked_moments(x, w, c, o, i, count, step_o, step_i)
-    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
-    if cuda.threadIdx.x < width and c < x.shape[1]:
-        part[0, c, k] = n
-        part[1, c, k] = mean
-        part[2, c, k] = m2
+    _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2)
 
 
 def _masked_input_grad_kernel(compute):
