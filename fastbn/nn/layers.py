@@ -398,6 +398,9 @@ class BatchNorm(_Layer):
         Override the convention's defaults; ``momentum`` keeps the convention's meaning.
     activation : {None, "relu"}, optional
         Fuse a ReLU after the normalization (one kernel forward, one backward).
+    affine : bool, default True
+        Learn ``gamma`` and ``beta`` (Keras's ``center=scale=True``); when False the layer
+        has no parameters and normalizes only.
     dtype : numpy dtype, default float32
 
     Attributes
@@ -426,6 +429,7 @@ class BatchNorm(_Layer):
         momentum=None,
         eps=None,
         activation=None,
+        affine=True,
         dtype=np.float32,
     ):
         if convention == "keras":
@@ -434,6 +438,8 @@ class BatchNorm(_Layer):
                 axis=-1,
                 momentum=0.99 if momentum is None else momentum,
                 epsilon=1e-3 if eps is None else eps,
+                center=bool(affine),
+                scale=bool(affine),
                 dtype=dtype,
                 activation=activation,
             )
@@ -443,6 +449,7 @@ class BatchNorm(_Layer):
                 axis=1,
                 momentum=0.1 if momentum is None else momentum,
                 eps=1e-5 if eps is None else eps,
+                affine=bool(affine),
                 dtype=dtype,
                 activation=activation,
             )
@@ -451,6 +458,7 @@ class BatchNorm(_Layer):
         self.convention = convention
         self.num_features = int(num_features)
         self.activation = activation
+        self.affine = bool(affine)
         self.dtype = np.dtype(dtype)
         self.gamma_grad = self.beta_grad = None
 
@@ -458,30 +466,33 @@ class BatchNorm(_Layer):
         return (
             f"BatchNorm({self.num_features}, convention={self.convention!r}, "
             f"momentum={self.bn.momentum:.4g}, eps={self.bn.eps:g}, "
-            f"activation={self.activation!r})"
+            f"activation={self.activation!r}" + ("" if self.affine else ", affine=False") + ")"
         )
 
     def param_specs(self):
-        """``[("gamma", ones), ("beta", zeros)]``."""
+        """``[("gamma", ones), ("beta", zeros)]``, or ``[]`` when not affine."""
+        if not self.affine:
+            return []
         return [("gamma", np.ones(self.num_features)), ("beta", np.zeros(self.num_features))]
 
     def bind(self, xp, ops, params):
         """Point the wrapped layer's ``gamma``/``beta`` at the model's views."""
         super().bind(xp, ops, params)
-        self.bn.gamma, self.gamma_grad = params["gamma"].value, params["gamma"].grad
-        self.bn.beta, self.beta_grad = params["beta"].value, params["beta"].grad
+        if self.affine:
+            self.bn.gamma, self.gamma_grad = params["gamma"].value, params["gamma"].grad
+            self.bn.beta, self.beta_grad = params["beta"].value, params["beta"].grad
         if xp is not np:
             self.bn.running_mean = xp.asarray(self.bn.running_mean)
             self.bn.running_var = xp.asarray(self.bn.running_var)
 
     @property
     def gamma(self):
-        """array: The scale (a view into the model's parameters)."""
+        """array or None: The scale (a view into the model's parameters; None if not affine)."""
         return self.bn.gamma
 
     @property
     def beta(self):
-        """array: The shift (a view into the model's parameters)."""
+        """array or None: The shift (a view into the model's parameters; None if not affine)."""
         return self.bn.beta
 
     def forward(self, x, training=True):
@@ -512,8 +523,9 @@ class BatchNorm(_Layer):
         array
         """
         dx = self.bn.backward(dy)
-        self.gamma_grad[...] = self.bn.dgamma
-        self.beta_grad[...] = self.bn.dbeta
+        if self.affine:
+            self.gamma_grad[...] = self.bn.dgamma
+            self.beta_grad[...] = self.bn.dbeta
         return dx if input_grad else None
 
     def state_dict(self):
