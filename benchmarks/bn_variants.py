@@ -228,15 +228,18 @@ def variance_gap(args):
             var_e = exact[f"layers.{i}.running_var"].astype(np.float64)
             swa_state[f"layers.{i}.running_mean"] = mean_t.astype(np.float32)
             swa_state[f"layers.{i}.running_var"] = var_t.astype(np.float32)
-            rel = (var_t - var_e) / var_e
+            live = var_e > 0  # a ReLU unit that never fires has a constant input
+            rel = (var_t[live] - var_e[live]) / var_e[live]
             layers.append(
                 {
                     "layer": i,
+                    "constant_channels": int((~live).sum()),
                     "var_rel_diff_mean": float(rel.mean()),
+                    "var_rel_diff_mean_abs": float(np.abs(rel).mean()),
                     "var_rel_diff_min": float(rel.min()),
                     "var_rel_diff_max": float(rel.max()),
                     "mean_abs_diff_over_std_max": float(
-                        (np.abs(mean_t - mean_e) / np.sqrt(var_e)).max()
+                        (np.abs(mean_t - mean_e)[live] / np.sqrt(var_e[live])).max()
                     ),
                 }
             )
