@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastbn import nn
 
@@ -187,3 +189,27 @@ def test_deterministic_for_any_thread_count():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for key in results[0]:
         np.testing.assert_array_equal(results[0][key], results[-1][key])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 60),
+    features=st.integers(1, 5),
+    offset=st.sampled_from([0.0, 1e4]),
+    cuts=st.lists(st.floats(0.0, 1.0), max_size=6),
+    seed=st.integers(0, 2**16),
+    unbiased=st.booleans(),
+)
+def test_any_split_of_the_data_gives_its_statistics(n, features, offset, cuts, seed, unbiased):
+    # float64 layers; a large offset checks that no E[x^2] - E[x]^2 cancellation creeps in.
+    x = offset + np.random.default_rng(seed).normal(0.0, 1.0, (n, features))
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    batches = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    model = nn.Sequential(
+        [nn.BatchNorm(features, convention="torch" if unbiased else "keras", dtype=np.float64)]
+    )
+    assert nn.update_bn_stats(model, batches) == n
+    mean, var = reference.population_moments([x], unbiased)
+    bn = model.layers[0].bn
+    np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-14, atol=1e-12 * np.sqrt(var).max())
+    np.testing.assert_allclose(bn.running_var, var, rtol=1e-9, atol=1e-300)
