@@ -33,6 +33,9 @@ inference          1      1       reads x, writes y
 backward           4      1       pass 1 reads dy and x (dbeta, dgamma); pass 2 reads
                                   dy and x again and writes dx
 forward_backward   6      2       the sum of the two
+frozen_backward    2      1       through fixed (running) statistics: dx needs no
+                                  sum, so one pass reads dy and x and writes dx while
+                                  dbeta and dgamma accumulate
 =================  =====  ======  ===============================================
 
 A kernel that keeps a channel in cache between its passes can move fewer bytes than this
@@ -63,6 +66,7 @@ TRAFFIC = {
     "inference": (1, 1),
     "backward": (4, 1),
     "forward_backward": (6, 2),
+    "frozen_backward": (2, 1),
 }
 
 OPS = tuple(TRAFFIC)
@@ -74,6 +78,7 @@ MIN_TRAFFIC = {
     "inference": (1, 1),
     "backward": (2, 1),
     "forward_backward": (2, 2),
+    "frozen_backward": (2, 1),
 }
 
 
@@ -176,6 +181,9 @@ class Inputs:
     mean, invstd : numpy.ndarray
         Batch statistics of x, shape ``(C,)``: float64 for float64 x, float32 otherwise
         (the dtype fastbn's forward returns them in).
+    running_invstd : numpy.ndarray
+        ``1 / sqrt(running_var + eps)`` in that dtype: the fixed statistics of the
+        frozen backward, with ``running_mean``.
     """
 
     case: Case
@@ -187,6 +195,7 @@ class Inputs:
     running_var: np.ndarray
     mean: np.ndarray
     invstd: np.ndarray
+    running_invstd: np.ndarray
 
 
 def reduce_axes(ndim, axis):
@@ -255,6 +264,7 @@ def make_inputs(case):
         running_var=running_var,
         mean=mean64.astype(stats_dtype),
         invstd=(1 / np.sqrt(var64 + EPS)).astype(stats_dtype),
+        running_invstd=(1 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(stats_dtype),
     )
 
 
@@ -349,6 +359,35 @@ def numpy_backward(dy, x, mean, invstd, gamma, axis):
     return dx, dgamma.reshape(-1), dbeta.reshape(-1)
 
 
+def numpy_frozen_backward(dy, x, mean, invstd, gamma, axis):
+    """BatchNorm backward through fixed (running) statistics the obvious NumPy way.
+
+    Parameters
+    ----------
+    dy, x : numpy.ndarray
+        Upstream gradient and the forward's input.
+    mean, invstd : numpy.ndarray
+        The fixed statistics, shape ``(C,)``.
+    gamma : numpy.ndarray
+        Scale, shape ``(C,)``.
+    axis : int
+        Channel axis.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        ``gamma * invstd * dy``.
+    dgamma, dbeta : numpy.ndarray
+        ``sum(dy * xhat)`` and ``sum(dy)``, shape ``(C,)``.
+    """
+    axes, param_shape_of = reduce_axes(x.ndim, axis)
+    shape = param_shape_of(x.shape[axis])
+    invstd = invstd.reshape(shape)
+    dx = dy * (gamma.reshape(shape) * invstd)
+    dgamma = (dy * ((x - mean.reshape(shape)) * invstd)).sum(axis=axes)
+    return dx, dgamma, dy.sum(axis=axes)
+
+
 def numpy_provider(op, inputs):
     """Return a no-argument callable doing one NumPy call of ``op``.
 
@@ -371,6 +410,10 @@ def numpy_provider(op, inputs):
         return lambda: numpy_inference(d.x, d.running_mean, d.running_var, d.gamma, d.beta, axis)
     if op == "backward":
         return lambda: numpy_backward(d.dy, d.x, d.mean, d.invstd, d.gamma, axis)
+    if op == "frozen_backward":
+        return lambda: numpy_frozen_backward(
+            d.dy, d.x, d.running_mean, d.running_invstd, d.gamma, axis
+        )
 
     def forward_backward():
         _, mean, invstd = numpy_forward(d.x, d.gamma, d.beta, axis)
@@ -438,6 +481,10 @@ def torch_provider(op, inputs):
         return lambda: native_backward(
             dy, x, weight, None, None, save_mean, save_invstd, True, EPS, mask
         )
+    if op == "frozen_backward":  # PyTorch's eval-mode backward (train=False)
+        return lambda: native_backward(
+            dy, x, weight, running_mean, running_var, None, None, False, EPS, mask
+        )
 
     def forward_backward():
         _, save_mean, save_invstd = native_forward(x, weight, bias, None, None, True, 0.1, EPS)
@@ -495,6 +542,10 @@ def fastbn_provider(op, inputs):
     if op == "backward":
         return lambda: fastbn.batch_norm_backward(
             d.dy, d.x, d.mean, d.invstd, d.gamma, d.beta, axis=axis
+        )
+    if op == "frozen_backward":
+        return lambda: fastbn.batch_norm_backward(
+            d.dy, d.x, d.running_mean, d.running_invstd, d.gamma, d.beta, axis=axis, training=False
         )
 
     def forward_backward():

@@ -119,6 +119,15 @@ def fastbn_cuda_provider(op, inputs):
         cuda.synchronize()
         return result
 
+    running_invstd = cuda.to_device(d.running_invstd)
+
+    def frozen_backward():
+        result = fastbn.batch_norm_backward(
+            dy, x, running_mean, running_invstd, gamma, beta, axis=axis, out=dx, training=False
+        )
+        cuda.synchronize()
+        return result
+
     def forward_backward():
         _, saved_mean, saved_invstd = fastbn.batch_norm_forward(
             x, gamma, beta, axis=axis, eps=EPS, out=y
@@ -134,6 +143,7 @@ def fastbn_cuda_provider(op, inputs):
         "inference": inference,
         "backward": backward,
         "forward_backward": forward_backward,
+        "frozen_backward": frozen_backward,
     }[op]
 
 
@@ -192,6 +202,19 @@ def torch_cuda_provider(op, inputs):
         )
 
     saved_graph = forward_graph() if op == "backward" else None
+    # eval mode: the running statistics are constants of the graph (cuDNN's eval backward)
+    frozen_graph = (
+        functional.batch_norm(
+            leaves[0], running_mean, running_var, leaves[1], leaves[2], training=False, eps=EPS
+        )
+        if op == "frozen_backward"
+        else None
+    )
+
+    def frozen_backward():
+        grads = torch.autograd.grad(frozen_graph, leaves, dy, retain_graph=True)
+        synchronize()
+        return grads
 
     def backward():
         grads = torch.autograd.grad(saved_graph, leaves, dy, retain_graph=True)
@@ -208,6 +231,7 @@ def torch_cuda_provider(op, inputs):
         "inference": inference,
         "backward": backward,
         "forward_backward": forward_backward,
+        "frozen_backward": frozen_backward,
     }[op]
 
 

@@ -588,6 +588,12 @@ def render_markdown(data, rows, summary, images, json_name=None):
                 "pass 1 reads dy, x (dbeta, dgamma); pass 2 reads dy, x, writes dx",
             ],
             ["forward_backward", "6", "2", "the sum"],
+            [
+                "frozen_backward",
+                "2",
+                "1",
+                "one pass: reads dy, x (dbeta, dgamma), writes dx (fixed statistics)",
+            ],
         ],
     )
     observations = (

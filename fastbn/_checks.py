@@ -198,6 +198,20 @@ def check_num_batches_tracked(n, name="num_batches_tracked"):
     return int(n) if isinstance(n, (int, np.integer)) else int(value)
 
 
+def check_flag(name, value):
+    """``value`` as a bool: a Python or NumPy bool, else a TypeError naming ``name``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_flag("training", np.False_)
+    False
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
 def check_activation(activation):
     """Check that ``activation`` is None or ``"relu"``; return whether it is ReLU.
 

@@ -365,6 +365,16 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     )
 
 
+def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
+    """The backward through fixed statistics of the direct path: ``dx3`` written;
+    returns ``(dgamma, dbeta)`` in the statistics dtype (the kernel of
+    :func:`frozen_backward`, on the same views: bitwise its results)."""
+    coef, invstd64, _ = _coefficients(x3, x3, mean, invstd, gamma, beta)
+    s_dy, s_dyx = cpu.frozen_backward(dy3, x3, coef, relu, dx3)
+    dtype = stats_dtype(x3.dtype)
+    return (s_dyx * invstd64).astype(dtype, copy=False), s_dy.astype(dtype, copy=False)
+
+
 # --------------------------------------------------------------------------------------
 # Kernel calls
 # --------------------------------------------------------------------------------------
@@ -472,3 +482,15 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     if grads is None:
         return None, None
     return ((s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False))
+
+
+def frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
+    """The backward through fixed statistics: ``dx = gamma * invstd * dy`` into ``dest``
+    and the parameter gradients, in one pass (:func:`fastbn.cpu.frozen_backward`);
+    returns ``(dgamma, dbeta)`` as :func:`backward` does."""
+    x3 = _compute_view(v, x.dtype)
+    coef, invstd64, _ = _coefficients(x3, x, mean, invstd, gamma, beta)
+    s_dy, s_dyx = cpu.frozen_backward(_compute_view(dyv, x.dtype), x3, coef, relu, dest.work)
+    if grads is None:
+        return None, None
+    return (s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False)

@@ -855,6 +855,72 @@ def _backward_apply_kernel(compute):
     return backward_apply
 
 
+def _frozen_backward_kernel(compute):
+    """The backward through fixed statistics (launch 1 of 2) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``frozen_backward``.
+    """
+    CT = np.dtype(compute).type
+    dev = _compute_functions(compute)
+    _affine = dev.affine
+    _coefficients = dev.coefficients
+
+    @cuda.jit(**_JIT)
+    def frozen_backward(
+        dy, x, dx, width, nblk, chunk, mean, invstd, gamma, has_gamma, beta, has_beta, relu, part
+    ):
+        """``dx = gamma * invstd * dy`` (ReLU-masked dy) written while the per-(channel,
+        chunk) ``sum dy`` and ``sum dy * (x - mean)`` accumulate.
+
+        One read of dy and x, one write of dx; the sums go to ``part[:, c, k]`` (float64,
+        shape ``(2, C, nblk)``), in the block tree of :func:`backward_partials`, for
+        :func:`frozen_grads` to add in chunk order.
+        """
+        sh_a = cuda.shared.array(THREADS, numba.float64)
+        sh_b = cuda.shared.array(THREADS, numba.float64)
+        c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
+        s_dy = 0.0
+        s_dyx = 0.0
+        if count > 0:
+            inner = x.shape[2]
+            inv = np.float64(invstd[c])
+            hi, lo, scale, shift = _coefficients(
+                np.float64(mean[c]),
+                _param(gamma, c, has_gamma, 1.0) * inv,
+                _param(beta, c, has_beta, 0.0),
+            )
+            mean64 = np.float64(hi) + np.float64(lo)
+            zero = CT(0)
+            for _ in range(count):
+                xv = x[o, c, i]
+                g = CT(dy[o, c, i])
+                if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+                    g = zero
+                dx[o, c, i] = scale * g
+                g64 = np.float64(g)
+                s_dy += g64
+                s_dyx += g64 * (np.float64(xv) - mean64)
+                o += step_o
+                i += step_i
+                if i >= inner:
+                    i -= inner
+                    o += 1
+        s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
+        if cuda.threadIdx.x < width and c < x.shape[1]:
+            part[0, c, k] = s_dy
+            part[1, c, k] = s_dyx
+
+    return frozen_backward
+
+
 @functools.cache
 def build(compute):
     """Compile-on-first-use kernels whose coefficients are in ``compute`` dtype.
@@ -871,7 +937,7 @@ def build(compute):
     -------
     types.SimpleNamespace
         ``forward_partials``, ``forward_apply``, ``backward_partials``,
-        ``backward_apply``, ``inference``.
+        ``backward_apply``, ``inference``, ``frozen_backward``.
     """
     return types.SimpleNamespace(
         forward_partials=forward_partials,
@@ -879,6 +945,7 @@ def build(compute):
         inference=_inference_kernel(compute),
         backward_partials=_backward_partials_kernel(compute),
         backward_apply=_backward_apply_kernel(compute),
+        frozen_backward=_frozen_backward_kernel(compute),
     )
 
 
@@ -942,6 +1009,24 @@ def merge_partials(part, moments, out):
                 b += part[1, c, k]
         out[0, c] = a
         out[1, c] = b
+
+
+@cuda.jit(**_JIT)
+def frozen_grads(part, invstd, dgamma_out, dbeta_out):
+    """Launch 2 of the backward through fixed statistics: each channel's partials of
+    :func:`frozen_backward` added in chunk order (left to right, as
+    :func:`merge_partials`); ``dgamma = invstd * sum dy * (x - mean)`` and
+    ``dbeta = sum dy`` stored in the outputs' dtype. One thread per channel.
+    """
+    c = cuda.grid(1)
+    if c < part.shape[1]:
+        a = 0.0
+        b = 0.0
+        for k in range(part.shape[2]):
+            a += part[0, c, k]
+            b += part[1, c, k]
+        dgamma_out[c] = np.float64(invstd[c]) * b
+        dbeta_out[c] = a
 
 
 @cuda.jit(**_JIT)

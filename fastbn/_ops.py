@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks, _config, cpu
+from . import _checks, _config, cpu, distributed
 
 ON_NONFINITE = ("raise", "warn")
 _FLOAT32 = np.dtype(np.float32)
@@ -326,6 +326,82 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
             x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, comm.count, st, grads
         )
         return dest.finish(), dgamma, dbeta
+
+
+def frozen_backward(
+    be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None
+):
+    """The backward through fixed statistics on checked, wrapped arguments:
+    ``(dx, dgamma, dbeta)``.
+
+    ``mean`` and ``invstd`` were constants of the forward, so ``dx = gamma * invstd * dy``
+    (ReLU-masked) needs no reduction, and ``dgamma = invstd * sum dy * (x - mean)``,
+    ``dbeta = sum dy``: one fused pass (``be.frozen_backward``).
+
+    Parameters
+    ----------
+    grads : tuple, optional
+        As in :func:`backward`.
+    comm : fastbn.distributed.Sync, optional
+        ``dgamma`` and ``dbeta`` are sums over every rank's batch (the same on every
+        rank), as in the training backward; ``dx`` is this rank's own (no global term).
+        The sums travel as :data:`fastbn.distributed.FROZEN_GRAD_SUMS`, so ranks that
+        mix ``training=True`` and ``False`` in one call all raise. ``dx`` is written
+        after the exchange, so a failure on any rank leaves ``out`` as it was.
+    """
+    C = x.shape[axis]
+    with be.scope(x, stream) as st:
+        if comm is None and x.size == 0:  # zero gradients, an empty dx
+            dx = be.empty_output(x, axis, out, st)
+            if grads is None:
+                return dx, None, None
+            like, dtype = grads
+            return dx, be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+        v = be.view(x, axis, st)
+        dyv = be.view(dy, axis, st, order=v.order)
+        dest = be.output(out, v, x, st, also=dyv)
+        if comm is None:
+            dgamma, dbeta = be.frozen_backward(
+                x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads
+            )
+            return dest.finish(), dgamma, dbeta
+        outer, _, inner = v.x3.shape
+        n_local = outer * inner if x.size else 0
+        s_dy, s_dyx = comm.grad_sums_from_local(
+            C,
+            n_local,
+            lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st),
+            dtype=x.dtype,
+            kind=distributed.FROZEN_GRAD_SUMS,
+        )
+        if x.size:
+            be.frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, None)
+        if grads is None:
+            return dest.finish(), None, None
+        like, dtype = grads
+        dgamma = s_dyx * np.asarray(be.to_host(invstd), dtype=np.float64)
+        return (
+            dest.finish(),
+            be.stats_from_host(dgamma, like, dtype, st),
+            be.stats_from_host(s_dy, like, dtype, st),
+        )
+
+
+def frozen_statistics(be, like, running_mean, running_var, eps):
+    """The fixed statistics of an inference forward as its backward takes them:
+    ``(mean, invstd)``, float64 ``(C,)`` arrays of the kind of ``like`` (an array the
+    backend has wrapped).
+
+    ``invstd = 1 / sqrt(running_var + eps)`` in float64, the value the inference kernels
+    compute (so the ReLU mask the backward recomputes is the forward's, bit for bit).
+    """
+    with be.scope(like, None) as st:
+        mean = np.asarray(be.to_host(running_mean), dtype=np.float64)
+        invstd = 1.0 / np.sqrt(np.asarray(be.to_host(running_var), dtype=np.float64) + eps)
+        return (
+            be.stats_from_host(mean, like, _FLOAT64, st),
+            be.stats_from_host(invstd, like, _FLOAT64, st),
+        )
 
 
 def inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream):

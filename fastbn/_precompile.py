@@ -32,7 +32,15 @@ _BUILDS = ("serial", "parallel")
 # separate passes of the guarded and synchronized paths (statistics, normalize, gradient
 # sums, input gradient) and the running-statistics update; the fused drivers exist for
 # the strided family only.
-_OPERATIONS = ("forward", "backward", "inference", "passes", "forward_fused", "backward_fused")
+_OPERATIONS = (
+    "forward",
+    "backward",
+    "inference",
+    "passes",
+    "forward_fused",
+    "backward_fused",
+    "frozen_backward",
+)
 
 
 class Job(NamedTuple):
@@ -49,7 +57,7 @@ class Job(NamedTuple):
         ``serial`` or ``parallel``.
     operation : str
         One of ``forward``, ``backward``, ``inference``, ``passes``, ``forward_fused``,
-        ``backward_fused``.
+        ``backward_fused``, ``frozen_backward`` (through fixed statistics).
     """
 
     dtype: str
@@ -64,7 +72,7 @@ def jobs(dtypes=DTYPES):
     Examples
     --------
     >>> len(jobs(["float32"]))
-    20
+    24
     """
     found = []
     for operation in _OPERATIONS:
@@ -110,7 +118,7 @@ def run_job(job):
     float
         Seconds it took.
     """
-    from . import cpu
+    from . import _cpu_backend, cpu
 
     start = time.perf_counter()
     x3, compute, channel = _arrays(job)
@@ -143,6 +151,12 @@ def run_job(job):
                     False,
                     out,
                     fuse=job.operation == "backward_fused",
+                )
+        elif job.operation == "frozen_backward":  # as the API and the layer call it
+            _cpu_backend.direct_frozen_backward(x3, x3, mean, invstd, g, b, False, out)
+            if g is gamma:  # the layer's fixed statistics are float64
+                _cpu_backend.direct_frozen_backward(
+                    x3, x3, mean.astype(np.float64), invstd.astype(np.float64), g, b, False, out
                 )
         elif job.operation == "inference":
             cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False, out)

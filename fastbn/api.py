@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 from . import _checks, _ops, backends, cpu, distributed
 from ._checks import is_cuda_array
 from ._cpu_backend import direct_backward as _direct_backward
+from ._cpu_backend import direct_frozen_backward as _direct_frozen_backward
 from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
@@ -173,6 +174,7 @@ def batch_norm_backward(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    training: bool = True,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -180,6 +182,11 @@ def batch_norm_backward(
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
     ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and ``xhat = (x - mean) * invstd``.
+
+    With ``training=False`` the statistics were constants of the forward (frozen
+    BatchNorm: the running statistics, ``invstd = 1 / sqrt(running_var + eps)``), and
+    the gradient is PyTorch's eval-mode one: ``dx = gamma * invstd * dy``, with the same
+    ``dgamma`` and ``dbeta``. One read of dy and x, one write of dx.
 
     Parameters
     ----------
@@ -199,13 +206,22 @@ def batch_norm_backward(
         Preallocated ``dx`` (may be ``dy`` itself).
     activation : {None, "relu"}, optional
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+    training : bool, default True
+        True: ``mean`` and ``invstd`` are the batch statistics of a training forward
+        (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
+        (running statistics, :func:`batch_norm_inference`): the gradient through fixed
+        statistics. Not a bool: TypeError.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
         Synchronized BatchNorm (see :func:`batch_norm_forward`): ``mean`` and ``invstd``
         are then the global statistics of the synchronized forward, ``dgamma`` and
         ``dbeta`` are sums over every rank's batch (the same on every rank) and ``dx`` is
-        this rank's shard of the gradient of the whole batch.
+        this rank's shard of the gradient of the whole batch. With ``training=False``,
+        ``dgamma`` and ``dbeta`` are the same sums over every rank's batch, and ``dx``
+        needs nothing from the other ranks (``mean`` and ``invstd`` are the same fixed
+        statistics on every rank); the call is still collective, and every rank must
+        pass the same ``training`` (ranks that mix them all raise ValueError).
 
     Returns
     -------
@@ -225,7 +241,18 @@ def batch_norm_backward(
     ...                                                gamma=np.ones(1), beta=np.zeros(1))
     >>> dx.ravel(), dbeta
     (array([0., 0.]), array([2.]))
+
+    Through fixed statistics (frozen BatchNorm), ``dx = gamma * invstd * dy``:
+
+    >>> rm, rv = np.array([1.0]), np.array([4.0])
+    >>> invstd = 1.0 / np.sqrt(rv + 1e-5)
+    >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(
+    ...     np.array([[1.0], [1.0]]), x, rm, invstd, gamma=np.full(1, 2.0), training=False)
+    >>> np.round(dx.ravel(), 4), np.round(dgamma, 4), dbeta
+    (array([1., 1.]), array([1.]), array([2.]))
     """
+    if training is not True and training is not False:
+        training = _checks.check_flag("training", training)
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     if (
         x3 is not None
@@ -240,7 +267,8 @@ def batch_norm_backward(
         and _direct_options(1.0, activation)
         and (dx := _direct_out(out, x, x, dy)) is not None
     ):
-        dgamma, dbeta = _direct_backward(
+        direct = _direct_backward if training else _direct_frozen_backward
+        dgamma, dbeta = direct(
             dy.reshape(x3.shape),
             x3,
             mean,
@@ -266,7 +294,8 @@ def batch_norm_backward(
     )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    return _ops.backward(
+    operation = _ops.backward if training else _ops.frozen_backward
+    return operation(
         be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
     )
 

@@ -732,6 +732,135 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
         )
 
 
+@njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
+def _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero):
+    """``(sum dy, sum dy * (x - mean))`` in float64 over values ``[i0, i1)`` of the run
+    at flat offset ``base`` (unsigned offsets, as :func:`_shifted_sums_strided`); with
+    ``relu``, ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not
+    positive. It only reads: its vectorized order never depends on where dx is written
+    (with ``out=dy``, a loop that also stored would run LLVM's unvectorized copy, and sum
+    in another order)."""
+    s_dy = 0.0
+    s_dyx = 0.0
+    for i in range(i0, i1):
+        xv = x1[base + i]
+        g = dy1[base + i]
+        if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+            g = zero
+        g64 = np.float64(g)
+        s_dy += g64
+        s_dyx += g64 * (np.float64(xv) - mean)
+    return s_dy, s_dyx
+
+
+@njit(**_ELEMENTWISE)
+def _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero):
+    """``dx = scale * dy`` (ReLU-masked dy) over values ``[i0, i1)`` of the run at flat
+    offset ``base``."""
+    for i in range(i0, i1):
+        g = dy1[base + i]
+        if relu and _affine_inline(x1[base + i], hi, lo, scale, shift) <= zero:
+            g = zero
+        dx1[base + i] = scale * g
+
+
+@njit(**_EXACT)
+def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
+    """Backward through fixed statistics over one chunk of channel ``c``: writes
+    ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
+
+    Run by run: the sums of the run (:func:`_frozen_sums_run`), then its dx
+    (:func:`_frozen_dx_run`) while dy and x are in L1. Memory sees one read of each and
+    one write of dx; the sums come first so that ``out=dy`` still reads dy. With
+    ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's output,
+    recomputed by :func:`_affine`, is not positive.
+
+    Parameters
+    ----------
+    dy1, x1, dx1 : ndarray, 1-D
+        The flat ``(outer, C, inner)`` arrays.
+    C, inner : int
+    c : int
+    o0, o1, i_first, i_last : int
+        The chunk (see :func:`_chunk_span`).
+    coef : ndarray, shape (4, C)
+        Coefficients of the fixed statistics: the mean (``MEAN_HI`` + ``MEAN_LO``),
+        ``SCALE = gamma * invstd`` (the factor of dx) and ``SHIFT`` (the ReLU mask).
+    relu : bool
+
+    Returns
+    -------
+    tuple of float
+    """
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    zero = coef.dtype.type(0)
+    mean = np.float64(hi) + np.float64(lo)
+    s_dy = 0.0
+    s_dyx = 0.0
+    for o in range(o0, o1):
+        base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+        a, b = _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero)
+        s_dy += a
+        s_dyx += b
+        _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero)
+    return s_dy, s_dyx
+
+
+# The rows helper writes dx in the loop that sums: it takes the elementwise options (no
+# reassociation), so that each channel's sums are in row order whatever LLVM vectorizes
+# (across channels) and whether or not dx aliases dy.
+@njit(**_ELEMENTWISE)
+def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
+    """:func:`_chunk_frozen_strided` for rows ``[r0, r1)`` of every channel at once.
+
+    Vectorized across channels (each channel's sums in row order, which vectorization
+    across channels does not change); the ReLU and plain loops are kept apart (a
+    constant ``relu`` in each) so that the plain one vectorizes.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    C = x.shape[1]
+    a = np.zeros(C)
+    b = np.zeros(C)
+    mean = np.empty(C)
+    for c in range(C):
+        mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    if relu:
+        for r in range(r0, r1):
+            for c in range(C):
+                xv = x[r, c]
+                g = dy[r, c]
+                if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                    g = zero
+                dx[r, c] = scale[c] * g
+                g64 = np.float64(g)
+                a[c] += g64
+                b[c] += g64 * (np.float64(xv) - mean[c])
+    else:
+        for r in range(r0, r1):
+            for c in range(C):
+                g = dy[r, c]
+                dx[r, c] = scale[c] * g
+                g64 = np.float64(g)
+                a[c] += g64
+                b[c] += g64 * (np.float64(x[r, c]) - mean[c])
+    for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
+        s_dy[c] = a[c]
+        s_dyx[c] = b[c]
+
+
 # --------------------------------------------------------------------------------------
 # Drivers: one call from Python per operation. Each holds the prange loops, and each is
 # written for one family (rows or strided), so that a call compiles the code of its own
@@ -1030,6 +1159,77 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
         _input_grad_channel(dy, x, dx, c, 0, m, coef, dcoef, relu)
 
 
+def _frozen_backward_rows(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
+    """Backward through fixed statistics, rows family: ``dx = scale * dy`` written while
+    the per-channel ``sum dy`` and ``sum dy * (x - mean)`` accumulate.
+
+    One read of dy and x, one write of dx. The rows are reduced in the fixed chunks of
+    :func:`_grad_sums_rows` (per-chunk partials, summed in chunk order): bitwise the same
+    results for every thread count.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, 1)
+    chunk : int
+        Rows per chunk.
+    coef : ndarray, shape (4, C)
+        The normalizing coefficients of the fixed statistics (``SCALE`` is
+        ``gamma * invstd``, the factor of dx).
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    dy2 = dy.reshape(outer, C)
+    dx2 = dx.reshape(outer, C)
+    n_chunks = (outer + chunk - 1) // chunk
+    part_dy = np.empty((n_chunks, C))
+    part_dyx = np.empty((n_chunks, C))
+    for k in prange(n_chunks):
+        _chunk_frozen_rows(
+            dy2,
+            x2,
+            dx2,
+            k * chunk,
+            min((k + 1) * chunk, outer),
+            coef,
+            relu,
+            part_dy[k],
+            part_dyx[k],
+        )
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
+
+
+def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
+    """:func:`_frozen_backward_rows` for the strided family (``chunk``: values per chunk).
+
+    Work items are the ``(chunk, channel)`` pairs of :func:`_grad_sums_strided`, in
+    chunk-major order (consecutive items are consecutive in memory).
+    """
+    outer, C, inner = x.shape
+    m = outer * inner
+    n_chunks = (m + chunk - 1) // chunk
+    part_dy = np.empty((n_chunks, C))
+    part_dyx = np.empty((n_chunks, C))
+    runs = _whole_runs(chunk, inner)
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
+    for t in prange(C * n_chunks):
+        k = t // C
+        c = t - k * C
+        o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
+        part_dy[k, c], part_dyx[k, c] = _chunk_frozen_strided(
+            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu
+        )
+    for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
+        c0 = j * _MERGE_BLOCK
+        _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
+
+
 # The three drivers below are written once for both families: ``moments``,
 # ``normalize``, ``grad_sums`` and ``input_grad`` (at module level, the host functions of
 # the same operations) name the pass drivers of one family and build (see _two_pass).
@@ -1176,6 +1376,9 @@ moments_kernels = _Kernels(_builds(_moments_rows), _builds(_moments_strided))
 normalize_kernels = _Kernels(_builds(_normalize_rows), _builds(_normalize_strided))
 grad_sums_kernels = _Kernels(_builds(_grad_sums_rows), _builds(_grad_sums_strided))
 input_grad_kernels = _Kernels(_builds(_input_grad_rows), _builds(_input_grad_strided))
+frozen_backward_kernels = _Kernels(
+    _builds(_frozen_backward_rows), _builds(_frozen_backward_strided)
+)
 forward_fused_kernels = _builds(_forward_fused)
 backward_fused_kernels = _builds(_backward_fused)
 forward_two_pass_kernels = _two_pass(
@@ -1263,6 +1466,7 @@ def drivers():
         forward_two_pass_kernels,
         backward_two_pass_kernels,
         inference_kernels,
+        frozen_backward_kernels,
     ):
         found += [*kernels.rows, *kernels.strided]
     return found + [*forward_fused_kernels, *backward_fused_kernels]
@@ -1620,3 +1824,45 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
         kernel = _kernel(backward_two_pass_kernels, x3, plan)
     kernel(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1])
     return grads[0], grads[1]
+
+
+def frozen_backward(dy3, x3, coef, relu, dx3):
+    """The backward through fixed statistics: ``dx3 = scale * dy`` (ReLU-masked dy), and
+    the per-channel sums of :func:`grad_sums`, in one pass: 1 read of dy and x, 1 write
+    of dx.
+
+    ``mean`` and ``invstd`` were constants of the forward (running statistics), so dx
+    needs no sum over the batch: ``dx = gamma * invstd * dy``. The sums give the
+    parameter gradients, ``dbeta = sum dy`` and ``dgamma = invstd * sum dy * (x - mean)``.
+    Deterministic: fixed chunks, summed in chunk order.
+
+    Parameters
+    ----------
+    dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+        ``dx3`` may be ``dy3`` itself.
+    coef : ndarray, shape (4, C)
+        :func:`coefficients` of the fixed statistics, ``gamma`` and ``beta``.
+    relu : bool
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(sum_dy, sum_dy_xmu)``, float64, shape (C,).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[0.0]], [[2.0]]])
+    >>> dx = np.empty_like(x)
+    >>> coef = coefficients(np.ones(1), np.full(1, 0.5), np.full(1, 2.0), np.zeros(1), x.dtype)
+    >>> frozen_backward(np.array([[[1.0]], [[3.0]]]), x, coef, False, dx)
+    (array([4.]), array([2.]))
+    >>> dx.ravel()
+    array([1., 3.])
+    """
+    C = x3.shape[1]
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
+    plan = _plan(x3)
+    _kernel(frozen_backward_kernels, x3, plan)(dy3, x3, plan.chunk, coef, relu, dx3, s_dy, s_dyx)
+    return s_dy, s_dyx

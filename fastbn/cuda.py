@@ -1086,6 +1086,26 @@ def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
     return dgamma, dbeta
 
 
+def frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
+    """dx through fixed statistics and the partial sums (one pass), then ``dgamma`` and
+    ``dbeta`` from them (a small launch, when asked); returns them as :func:`backward`."""
+    stream, key = st
+    device_key, x3, cfg, kernels = _setup(x, v)
+    C = x3.shape[1]
+    dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, C, stream)
+    part = _workspace((device_key, key), 2 * C * cfg.nblk, stream)[0].reshape(2, C, cfg.nblk)
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    views = (dyv.x3, x3, dest.y3, cfg.width, cfg.nblk, cfg.chunk, mean.dev, invstd.dev)
+    params = (g, has_g, b, has_b, bool(relu), part)
+    _launch(kernels.frozen_backward, cfg.grid, cfg.threads, stream, *views, *params)
+    if grads is not None:
+        grid = -(-C // cfg.threads)
+        grad_args = (part, invstd.dev, dgamma_dev, dbeta_dev)
+        _launch(_kernels.frozen_grads, grid, cfg.threads, stream, *grad_args)
+    return dgamma, dbeta
+
+
 def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
     """``(sum dy, sum dy * (x - mean))`` per channel (float64 host arrays; synchronizes)."""
     return _stage(

@@ -71,7 +71,14 @@ _HEADER = 6
 # What a call's payload holds (the kind of statistics it exchanges)
 MOMENTS = 1  # per channel (mean, M2) of x: the training forward
 GRAD_SUMS = 2  # per channel (sum dy, sum dy * (x - mean)): the backward
-_KIND_NAMES = {MOMENTS: "batch moments", GRAD_SUMS: "gradient sums"}
+# the same sums for the backward through fixed statistics (training=False): a kind of its
+# own, so that ranks mixing the two backwards in one call disagree in the header
+FROZEN_GRAD_SUMS = 3
+_KIND_NAMES = {
+    MOMENTS: "batch moments",
+    GRAD_SUMS: "gradient sums",
+    FROZEN_GRAD_SUMS: "gradient sums through fixed statistics",
+}
 
 # The collective this rank of a call enters next (see Sync.abort)
 _NEXT_HEADER, _NEXT_PAYLOAD, _NEXT_NONE = "header", "payload", None
@@ -626,7 +633,7 @@ class Sync:
             dtype=x3.dtype if dtype is None else dtype,
         )
 
-    def grad_sums_from_local(self, C, n_local, local, dtype=None):
+    def grad_sums_from_local(self, C, n_local, local, dtype=None, kind=GRAD_SUMS):
         """:meth:`grad_sums` from this rank's own sums, wherever they were computed.
 
         Parameters
@@ -639,13 +646,16 @@ class Sync:
             ``n_local > 0``; see :meth:`moments_from_local`).
         dtype : numpy.dtype, optional
             The dtype of the caller's ``x``, agreed on by the ranks.
+        kind : int, default GRAD_SUMS
+            :data:`GRAD_SUMS` (the training backward) or :data:`FROZEN_GRAD_SUMS` (the
+            backward through fixed statistics), agreed on by the ranks.
 
         Returns
         -------
         sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
             Bitwise identical on every rank. Sets :attr:`count`.
         """
-        counts, table = self._exchange(GRAD_SUMS, C, n_local, local, dtype)
+        counts, table = self._exchange(kind, C, n_local, local, dtype)
         total = sum_in_order(table)
         self.count = sum(counts)
         return total[0], total[1]

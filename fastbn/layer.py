@@ -47,13 +47,25 @@ class BatchNorm:
     running_var_unbiased : bool, default True
         Running variance from the unbiased batch variance (PyTorch) or the biased one
         (Keras).
+    frozen : bool, default False
+        Frozen BatchNorm (torchvision's and detectron2's ``FrozenBatchNorm2d``, but with
+        ``gamma`` and ``beta`` still trained): ``forward`` always normalizes with the
+        running statistics and never updates them, also with ``training=True``;
+        ``backward`` gives the gradient through those fixed statistics. Needs
+        ``track_running_stats``. An attribute: set ``layer.frozen`` at any time.
+    update_running_stats : bool, default True
+        False: ``forward`` in training normalizes with the batch statistics (and
+        ``backward`` gives the training gradient) but leaves ``running_mean``,
+        ``running_var`` and ``num_batches_tracked`` untouched. An attribute too.
     comm : mpi4py.MPI.Comm, optional
         Synchronized BatchNorm (like ``torch.nn.SyncBatchNorm``): each rank's
         ``forward`` in training takes its shard of the batch and normalizes with the
         statistics of the whole batch; the running statistics and, after ``backward``,
         ``dgamma`` and ``dbeta`` are those of the whole batch and identical on every
         rank. Every rank of ``comm`` must then call ``forward`` and ``backward`` together
-        (they are collective). Host arrays only. See :mod:`fastbn.distributed`.
+        (they are collective). Host arrays only. See :mod:`fastbn.distributed`. After
+        a forward with running statistics (eval mode, ``frozen``) the forward is local and
+        ``backward`` is collective: ``dgamma`` and ``dbeta`` are summed over every rank.
 
     Examples
     --------
@@ -82,6 +94,8 @@ class BatchNorm:
         dtype=np.float32,
         activation=None,
         running_var_unbiased=True,
+        frozen=False,
+        update_running_stats=True,
         comm=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
@@ -104,6 +118,10 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.running_var_unbiased = bool(running_var_unbiased)
+        if frozen and not track_running_stats:
+            raise ValueError("frozen=True needs running statistics (track_running_stats=True)")
+        self.frozen = bool(frozen)
+        self.update_running_stats = bool(update_running_stats)
         if comm is not None:
             distributed.check_comm(comm)
         self.comm = comm
@@ -239,8 +257,12 @@ class BatchNorm:
         x : array
             Input with ``num_features`` channels along ``axis``.
         training : bool, optional
-            Batch statistics (and a running-statistics update) when True, running
-            statistics when False; None uses the layer's mode (:meth:`train`/:meth:`eval`).
+            Batch statistics (and a running-statistics update, unless
+            ``update_running_stats`` is False) when True, running statistics when False;
+            None uses the layer's mode (:meth:`train`/:meth:`eval`). A ``frozen`` layer
+            always uses its running statistics. Either way :meth:`backward` gives the
+            gradient of this forward: through the batch statistics, or through the fixed
+            running ones (``dx = gamma * invstd * dy``).
 
         Returns
         -------
@@ -270,6 +292,10 @@ class BatchNorm:
         dtype('float64')
         """
         training = self.training if training is None else bool(training)
+        if self.frozen:
+            if not self.track_running_stats:
+                raise ValueError("a frozen layer needs running statistics (track_running_stats)")
+            training = False
         batch_statistics = training or not self.track_running_stats
         return self._forward(x, training, comm=self.comm if batch_statistics else None)
 
@@ -277,7 +303,7 @@ class BatchNorm:
     def _forward(self, x, training, comm=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         if training or not self.track_running_stats:
-            update = training and self.track_running_stats
+            update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
             )
@@ -317,7 +343,7 @@ class BatchNorm:
         be = self._backend(x)
         if not training and self.track_running_stats:
             self._saved = None
-            return api.batch_norm_inference(
+            y = api.batch_norm_inference(
                 x,
                 self.running_mean,
                 self.running_var,
@@ -327,6 +353,10 @@ class BatchNorm:
                 eps=self.eps,
                 activation=self.activation,
             )
+            # for a backward through the fixed statistics (read when it runs)
+            x = be.wrap("x", x)
+            self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None)
+            return y
         x = be.wrap("x", x)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
@@ -334,7 +364,7 @@ class BatchNorm:
         )
         self._check_channels(x, axis)
         running = None
-        if training and self.track_running_stats:
+        if training and self.track_running_stats and self.update_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
             running = _ops.Running(
                 be.wrap_state("running_mean", self.running_mean),
@@ -367,7 +397,13 @@ class BatchNorm:
         return y
 
     def backward(self, dy: ArrayLike) -> Any:
-        """Gradient with respect to the last training-mode input.
+        """Gradient with respect to the last forward's input.
+
+        After a forward with batch statistics, the training gradient; after one with the
+        running statistics (``training=False``, or a ``frozen`` layer), the gradient
+        through those fixed statistics: ``dx = gamma * invstd * dy``,
+        ``dgamma = sum(dy * xhat)``, ``dbeta = sum(dy)`` (ReLU-masked ``dy`` with
+        ``activation="relu"``); the running statistics are not touched.
 
         Parameters
         ----------
@@ -383,7 +419,7 @@ class BatchNorm:
         Raises
         ------
         RuntimeError
-            No training-mode forward to differentiate.
+            No forward to differentiate.
 
         Examples
         --------
@@ -394,6 +430,15 @@ class BatchNorm:
         >>> bn.backward(np.ones_like(x))
         array([[0., 0.],
                [0., 0.]])
+
+        Through the running statistics (here mean 0, variance 1):
+
+        >>> _ = bn.forward(x, training=False)
+        >>> np.round(bn.backward(np.ones_like(x)), 4)
+        array([[1., 1.],
+               [1., 1.]])
+        >>> bn.dbeta
+        array([2., 2.])
         """
         return self._backward(dy, comm=self.comm)
 
@@ -401,11 +446,16 @@ class BatchNorm:
     def _backward(self, dy, comm=None):
         """:meth:`backward`; ``comm`` a Sync or None."""
         if self._saved is None:
-            raise RuntimeError(
-                "backward() needs a preceding forward(x, training=True) "
-                "(or a layer without running statistics)"
-            )
+            raise RuntimeError("backward() needs a preceding forward(x)")
         x, axis, mean, invstd = self._saved
+        frozen = mean is None  # the forward normalized with the running statistics
+        if frozen:
+            if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
+                raise TypeError("dy must live on the same device as the forward's input")
+            be = self._backend(x)
+            mean, invstd = _ops.frozen_statistics(
+                be, be.wrap_state("x", x), self.running_mean, self.running_var, self.eps
+            )
         if (
             comm is None
             and type(dy) is np.ndarray
@@ -416,7 +466,10 @@ class BatchNorm:
             x3 = _cpu_backend.direct_view(x, axis, None, mean, invstd, self.gamma, self.beta)
             if x3 is not None and x.size:  # the direct path (see fastbn.api)
                 dx = np.empty(x.shape, x.dtype)
-                dgamma, dbeta = _cpu_backend.direct_backward(
+                direct = (
+                    _cpu_backend.direct_frozen_backward if frozen else _cpu_backend.direct_backward
+                )
+                dgamma, dbeta = direct(
                     dy.reshape(x3.shape),
                     x3,
                     mean,
@@ -442,7 +495,8 @@ class BatchNorm:
             )
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         grads = (gamma, self.dtype) if self.affine else None
-        dx, dgamma, dbeta = _ops.backward(
+        operation = _ops.frozen_backward if frozen else _ops.backward
+        dx, dgamma, dbeta = operation(
             be,
             dy,
             x,

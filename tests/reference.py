@@ -76,6 +76,38 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, axis=1, activation=None
     return dx, dgamma, dbeta
 
 
+def frozen_backward(dy, x, mean, invstd, gamma=None, beta=None, axis=1, activation=None):
+    """Backward through fixed statistics (``mean``/``invstd`` constants): ``(dx, dgamma,
+    dbeta)``, float64.
+
+    ``y = gamma * (x - mean) * invstd + beta``, so ``dx = gamma * invstd * dy``,
+    ``dgamma = sum(dy * xhat)``, ``dbeta = sum(dy)``; with ReLU, ``dy`` is first zeroed
+    where the pre-activation output is <= 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    red, axis = _axes(x, axis)
+    C = x.shape[axis]
+    g = _param(gamma, C, 1.0)
+    invstd = np.asarray(invstd, dtype=np.float64)
+    xhat = (x - _bcast(mean, x, axis)) * _bcast(invstd, x, axis)
+    if activation == "relu":
+        pre = _bcast(g, x, axis) * xhat + _bcast(_param(beta, C, 0.0), x, axis)
+        dy = np.where(pre > 0, dy, 0.0)
+    return dy * _bcast(g * invstd, x, axis), (dy * xhat).sum(axis=red), dy.sum(axis=red)
+
+
+def frozen_loss(x, gamma, beta, w, mean, invstd, axis=1, activation=None):
+    """A scalar ``sum(w * y)`` of the forward with fixed ``mean``/``invstd``: its gradient
+    is :func:`frozen_backward` with ``dy = w`` (for finite differences)."""
+    x = np.asarray(x, dtype=np.float64)
+    xhat = (x - _bcast(mean, x, axis)) * _bcast(invstd, x, axis)
+    y = _bcast(gamma, x, axis) * xhat + _bcast(beta, x, axis)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return float((w * y).sum())
+
+
 def update_running(running_mean, running_var, mean, var, m, momentum, unbiased=True):
     """New running statistics (float64), PyTorch's convention by default."""
     correction = m / (m - 1) if unbiased else 1.0

@@ -51,7 +51,13 @@ def _bench(provider, op, median, case="NCHW-2x3x4x4-float32", device="cpu"):
         ``name``, ``stats``, ``extra_info``.
     """
     x_bytes = 2 * 3 * 4 * 4 * 4
-    moved = {"forward": 3, "inference": 2, "backward": 5, "forward_backward": 8}[op] * x_bytes
+    moved = {
+        "forward": 3,
+        "inference": 2,
+        "backward": 5,
+        "forward_backward": 8,
+        "frozen_backward": 3,
+    }[op] * x_bytes
     return {
         "name": f"test_cpu[{case}-{op}-{provider}]",
         "stats": {"median": median, "min": median, "max": median, "rounds": 3},

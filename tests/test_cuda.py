@@ -129,6 +129,9 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
         p1, b1, b1, A(f64, 3)))
     sigs["backward_apply", data] = (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), i64,
         f64, st, st, p1, b1, p1, b1, b1, st, b1, st, b1))
+    sigs["frozen_backward", data] = (k.frozen_backward, (x3, x3, x3, i64, i64, i64, st, st, p1,
+        b1, p1, b1, b1, A(f64, 3)))
+    sigs["frozen_grads", data] = (K.frozen_grads, (A(f64, 3), st, st, st))
 sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4),
     nt.UniTuple(i64, 4), i64))
 sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3),
@@ -138,7 +141,7 @@ sigs["merge", 0] = (K.merge_partials, (A(f64, 3), b1, A(f64, 2)))
 sigs["take_counts", 0] = (K.take_counts, (A(i32, 1), A(i32, 1)))
 for (name, data), (kernel, sig) in sigs.items():
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
-    if "partials" in name or "apply" in name:
+    if "partials" in name or "apply" in name or name == "frozen_backward":
         assert "shfl.sync" in ptx, (name, "no warp shuffle")
         assert ".local" not in ptx, (name, "register batch spilled to local memory")
     print("compiled", name, data)
@@ -659,3 +662,111 @@ def test_empty_channels_launch_nothing(launches):
     y, mean, invstd = fastbn.batch_norm_forward(x)
     assert y.shape == (4, 0, 3) and mean.shape == (0,)
     assert launches == []
+
+
+# --------------------------------------------------------------------------------------
+# The backward through fixed statistics (training=False)
+# --------------------------------------------------------------------------------------
+
+
+def _frozen_case(shape, axis, dtype, seed=21):
+    rng = np.random.default_rng(seed)
+    C = shape[axis]
+    x = data(shape, dtype, seed=seed)
+    dy = data(shape, dtype, seed=seed + 1, offset=0.0)
+    mean = (3.0 + rng.standard_normal(C)).astype(np.float32)
+    invstd = (1.0 / np.sqrt(4.0 * rng.uniform(0.5, 1.5, C) + 1e-5)).astype(np.float32)
+    gamma, beta = params(C, dtype)
+    return x, dy, mean, invstd, gamma, beta
+
+
+@needs_cuda
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_frozen_backward_layouts(shape, axis, activation):
+    """Against the float64 reference, and bitwise the CPU's dx (the same float32 product
+    ``scale * dy``)."""
+    x, dy, mean, invstd, gamma, beta = _frozen_case(shape, axis, np.float32)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy),
+        dev(x),
+        dev(mean),
+        dev(invstd),
+        dev(gamma),
+        dev(beta),
+        axis=axis,
+        activation=activation,
+        training=False,
+    )
+    assert dgamma.dtype == np.float32 and dx.dtype == np.float32
+    e_dx, e_dgamma, e_dbeta = ref.frozen_backward(
+        dy, x, mean, invstd, gamma, beta, axis, activation
+    )
+    m = x.size // shape[axis]
+    close(host(dx), e_dx, np.float32, name="dx")
+    close(host(dgamma), e_dgamma, np.float32, scale=np.sqrt(m), name="dgamma")
+    close(host(dbeta), e_dbeta, np.float32, scale=np.sqrt(m), name="dbeta")
+    cpu_dx = fastbn.batch_norm_backward(
+        dy, x, mean, invstd, gamma, beta, axis=axis, activation=activation, training=False
+    )[0]
+    assert np.array_equal(host(dx), cpu_dx)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("shape, axis", [((6, 3, 50), 1), ((37, 5), 1)])
+def test_frozen_backward_dtypes_out_and_contract(dtype, shape, axis):
+    x, dy, mean, invstd, gamma, beta = _frozen_case(shape, axis, dtype)
+    stats = np.float64 if dtype == np.float64 else np.float32
+    out = cuda.device_array(shape, dtype)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        dev(dy), dev(x), dev(mean), dev(invstd), dev(gamma), None, axis=axis, out=out,
+        training=False,
+    )  # fmt: skip
+    assert dx is out and dx.dtype == dtype and dgamma.dtype == stats and dbeta.dtype == stats
+    e = ref.frozen_backward(dy, x, mean, invstd, gamma, None, axis)
+    m = x.size // shape[axis]
+    close(host(dx), e[0], dtype, scale=4, name="dx")
+    close(host(dgamma), e[1], stats, scale=np.sqrt(m), name="dgamma")
+    # out=dy, and no parameter: no dgamma, no dbeta
+    d_dy = dev(dy)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        d_dy, dev(x), dev(mean), dev(invstd), axis=axis, out=d_dy, training=False
+    )
+    assert dx is d_dy and dgamma is None and dbeta is None
+    close(host(dx), ref.frozen_backward(dy, x, mean, invstd, None, None, axis)[0], dtype, 4)
+
+
+@needs_cuda
+def test_frozen_backward_launches(launches):
+    """Two launches with parameter gradients, one without."""
+    x, dy, mean, invstd, gamma, beta = _frozen_case((6, 3, 50), 1, np.float32)
+    args = [dev(a) for a in (dy, x, mean, invstd)]
+    fastbn.batch_norm_backward(*args, training=False)
+    assert len(launches) == 1
+    fastbn.batch_norm_backward(*args, dev(gamma), dev(beta), training=False)
+    assert len(launches) == 3
+
+
+@needs_cuda
+def test_layer_backward_after_eval_forward_on_the_gpu():
+    rng = np.random.default_rng(22)
+    x = data((8, 3, 20), np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    cpu_layer = fastbn.BatchNorm(3, activation="relu")
+    cpu_layer.forward(x, training=True)
+    cpu_layer.gamma[:] = [1.5, -0.5, 2.0]
+    gpu_layer = fastbn.BatchNorm(3, activation="relu")
+    gpu_layer.load_state_dict(cpu_layer.state_dict())
+    gpu_layer.to("cuda")
+    y_cpu = cpu_layer.forward(x, training=False)
+    dx_cpu = cpu_layer.backward(dy)
+    gpu_layer.frozen = True
+    y_gpu = gpu_layer.forward(dev(x), training=True)
+    dx_gpu = gpu_layer.backward(dev(dy))
+    assert np.array_equal(host(y_gpu), y_cpu)
+    assert np.array_equal(host(dx_gpu), dx_cpu)
+    close(host(gpu_layer.dgamma), cpu_layer.dgamma, np.float32, scale=10, name="dgamma")
+    close(host(gpu_layer.dbeta), cpu_layer.dbeta, np.float32, scale=10, name="dbeta")
+    assert np.array_equal(host(gpu_layer.running_mean), cpu_layer.running_mean)
+    assert gpu_layer.num_batches_tracked == 1

@@ -56,8 +56,14 @@ def test_eval_mode_uses_running_stats_and_does_not_update():
     assert_close(y, ref.inference(x, bn.running_mean, bn.running_var), **tol(np.float32))
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
+    # the backward through the running statistics (issue 20): dx = gamma * invstd * dy,
+    # the state untouched (tests/test_frozen.py checks it in depth)
+    dx = bn.backward(np.ones_like(x))
+    assert_close(dx, np.ones_like(x) / np.sqrt(bn.running_var + bn.eps), **tol(np.float32))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
     with pytest.raises(RuntimeError, match="needs a preceding forward"):
-        bn.backward(np.ones_like(x))
+        fastbn.BatchNorm(3).backward(np.ones_like(x))
     assert bn.train().training
 
 

@@ -31,11 +31,14 @@ FIRST_CALLS = textwrap.dedent("""
                                 (None, None)]:
                 y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis)
                 fastbn.batch_norm_backward(x, x, mean, invstd, gamma, beta, axis=axis)
+                fastbn.batch_norm_backward(x, x, mean, invstd, gamma, beta, axis=axis,
+                                           training=False)
                 fastbn.batch_norm_inference(x, mean, invstd, gamma, beta, axis=axis)
             layer = fastbn.BatchNorm(C, axis=axis)
             layer.forward(x, training=True)
             layer.backward(x)
             layer.forward(x, training=False)
+            layer.backward(x)
     compiled = sorted({e.data["dispatcher"].py_func.__qualname__ for _, e in recorder.buffer})
     print(json.dumps(compiled))
 """)
@@ -50,7 +53,7 @@ def _env(cache_dir):
 def test_jobs_cover_every_family_build_and_operation():
     """Fused drivers exist for the strided family only; everything else for both."""
     found = _precompile.jobs(["float32", "float64"])
-    assert len(found) == len(set(found)) == 40
+    assert len(found) == len(set(found)) == 48
     assert not [j for j in found if j.family == "rows" and j.operation.endswith("_fused")]
     assert {j.build for j in found} == {"serial", "parallel"}
 
