@@ -161,8 +161,9 @@ def check_eps(eps):
     return value
 
 
-def check_momentum(momentum, allow_none=True):
-    """Check that ``momentum`` is in [0, 1] (or None for a cumulative average).
+def check_momentum(momentum, allow_none=True, name="momentum"):
+    """Check that ``momentum`` is in [0, 1] (or None for a cumulative average); ``name``
+    is the argument's name in messages.
 
     Raises
     ------
@@ -178,9 +179,9 @@ def check_momentum(momentum, allow_none=True):
     """
     if momentum is None and allow_none:
         return None
-    value = _real("momentum", momentum, "a number in [0, 1]" + (" or None" if allow_none else ""))
+    value = _real(name, momentum, "a number in [0, 1]" + (" or None" if allow_none else ""))
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        raise ValueError(f"{name} must be in [0, 1], got {momentum}")
     return value
 
 

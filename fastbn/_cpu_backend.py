@@ -9,6 +9,7 @@ order (:func:`wrap`); the statistics the operations exchange are float64 host ar
 import contextlib
 import functools
 import math
+import sys
 
 import numpy as np
 
@@ -37,6 +38,8 @@ def wrap(name, a):
     if a is None:
         return a
     if type(a) is not np.ndarray:
+        if is_tensor(a):
+            return tensor_array(name, a)
         _checks.check_not_masked(name, a)
         a = np.asarray(a)
         if type(a) is not np.ndarray:
@@ -51,18 +54,99 @@ def unwrap(a):
     return a
 
 
+def is_tensor(a):
+    """True for a PyTorch tensor or parameter, told by its type's module (fastbn never
+    imports torch itself).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_tensor(np.zeros(3))
+    False
+    """
+    return type(a).__module__.partition(".")[0] == "torch"
+
+
+def tensor_array(name, t):
+    """The NumPy view of a PyTorch CPU tensor: zero-copy, its memory and strides
+    (``channels_last`` stays NHWC in memory), detached (a tensor that requires grad is
+    read, never differentiated: :mod:`fastbn.torch` is the autograd-aware interface).
+
+    Raises
+    ------
+    TypeError
+        A bfloat16 tensor (the kernels have none; :mod:`fastbn.torch` computes it in
+        float32), a tensor on another device than the CPU and not a CUDA array, or any
+        other tensor NumPy cannot view.
+    """
+    dtype = str(t.dtype)
+    if dtype == "torch.bfloat16":
+        raise TypeError(
+            f"{name} must be a float16, float32 or float64 tensor, got torch.bfloat16, "
+            f"which fastbn's kernels do not take: convert it (x.float()), or use "
+            f"fastbn.torch, which computes bfloat16 in float32"
+        )
+    if t.device.type != "cpu":
+        raise TypeError(f"{name} must be a CPU or CUDA tensor, got one on {t.device}")
+    try:
+        return t.detach().numpy()
+    except (TypeError, RuntimeError) as error:  # conjugate or negative views, sparse
+        raise TypeError(f"{name}: fastbn cannot read this tensor in place ({error})") from None
+
+
+def tensor_call(function, names, first, args, kwargs):
+    """Call ``function`` (a public function, its parameters ``names``) on tensors.
+
+    ``first``, its first array argument (``x``, or ``dy``), is a tensor and fixes the kind
+    of the results. PyTorch CPU tensors go in as zero-copy NumPy views (running statistics
+    and ``out`` are thus written in place), CUDA tensors as detached tensors; the NumPy
+    results come back as tensors sharing their memory (``out`` as the tensor given),
+    tuples of results element by element.
+    """
+    on_host = not first.is_cuda
+    views = {}
+
+    def convert(name, a):
+        if not is_tensor(a):
+            return a
+        if not on_host or a.is_cuda:
+            return a.detach()
+        view = tensor_array(name, a)
+        views[id(view)] = a
+        return view
+
+    args = tuple(convert(name, a) for name, a in zip(names, args))
+    kwargs = {k: convert(k, a) for k, a in kwargs.items()}
+    result = function(*args, **kwargs)
+    if not on_host:
+        return result
+    from_numpy = sys.modules["torch"].from_numpy  # a tensor came in: torch is imported
+
+    def back(a):
+        if type(a) is not np.ndarray:
+            return a
+        given = views.get(id(a))
+        return given if given is not None else from_numpy(a)
+
+    return tuple(back(a) for a in result) if type(result) is tuple else back(result)
+
+
 def wrap_running(name, a):
     """Running statistics as they are: updated in place, whatever their dtype or byte
-    order (:func:`fastbn._checks.check_running` checks them)."""
+    order (:func:`fastbn._checks.check_running` checks them); a PyTorch tensor as its
+    NumPy view (:func:`tensor_array`), updated in place as well."""
+    return tensor_array(name, a) if is_tensor(a) else a
+
+
+def wrap_state(name, a):
+    """The layer's own arrays (native host arrays) as they are."""
     return a
 
 
-wrap_state = wrap_running  # the layer's own arrays (native host arrays) as they are
-
-
 def wrap_out(out):
-    """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`)."""
-    return out
+    """``out`` as the operations take it (checked by :func:`fastbn._checks.check_out`); a
+    PyTorch tensor as its NumPy view, written in place."""
+    return tensor_array("out", out) if is_tensor(out) else out
 
 
 def check_stream(stream):

@@ -183,7 +183,7 @@ def overflow_limit(dtype):
     return biggest + ulp / 2  # exact in float64; round-half-to-even takes it to inf
 
 
-def _update_running(be, running, mean, var, m, st):
+def update_running(be, running, mean, var, m, st):
     """Apply the policy to the batch statistics ``(mean, var)`` (float64 host arrays) and
     store the new running statistics when it accepts them; returns whether it did."""
     new = running_values(
@@ -238,7 +238,7 @@ def train_forward(
                 C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
             )
             if running is not None:
-                _update_running(be, running, mean, var, comm.count, st)
+                update_running(be, running, mean, var, comm.count, st)
             if x.size:
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
             invstd = 1.0 / np.sqrt(var + eps)
@@ -271,7 +271,7 @@ def train_forward(
         if running is not None and out is not None:  # check before out is written
             mean, m2 = be.shard_moments(x, v, st)
             var = m2 / m
-            if _update_running(be, running, mean, var, m, st):
+            if update_running(be, running, mean, var, m, st):
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
                 invstd = 1.0 / np.sqrt(var + eps)
                 return (
@@ -284,7 +284,7 @@ def train_forward(
             return dest.finish(), mean, invstd
         mean, invstd, host = be.forward(x, v, dest, gamma, beta, eps, relu, st, dtype)
         if running is not None:
-            _update_running(be, running, host[0], host[1], m, st)
+            update_running(be, running, host[0], host[1], m, st)
         return dest.finish(), mean, invstd
 
 

@@ -11,6 +11,8 @@ All checks run before anything is written: a call that raises leaves ``out`` and
 running statistics exactly as they were.
 """
 
+import functools
+import inspect
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,9 @@ from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
+from ._cpu_backend import is_tensor as _is_tensor
 from ._cpu_backend import param as _param
+from ._cpu_backend import tensor_call as _tensor_call
 
 __all__ = [
     "batch_norm",
@@ -39,11 +43,28 @@ _FLOAT64 = np.dtype(np.float64)
 _NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
 
 
+def _tensors(function):
+    """Let ``function`` take PyTorch tensors: CPU tensors in, CPU tensors out, zero-copy
+    both ways (:func:`fastbn._cpu_backend.tensor_call`); tensors that require grad are
+    read detached. A NumPy first argument costs one type check."""
+    names = tuple(inspect.signature(function).parameters)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        first = args[0] if args else kwargs.get("x", kwargs.get("dy"))
+        if type(first) is np.ndarray or not _is_tensor(first):
+            return function(*args, **kwargs)
+        return _tensor_call(function, names, first, args, kwargs)
+
+    return call
+
+
 # --------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------
 
 
+@_tensors
 @distributed.synchronized("batch_norm_forward")
 def batch_norm_forward(
     x: ArrayLike,
@@ -162,6 +183,7 @@ def batch_norm_forward(
     )
 
 
+@_tensors
 @distributed.synchronized("batch_norm_backward")
 def batch_norm_backward(
     dy: ArrayLike,
@@ -300,6 +322,7 @@ def batch_norm_backward(
     )
 
 
+@_tensors
 def batch_norm_inference(
     x: ArrayLike,
     running_mean: ArrayLike,
@@ -379,6 +402,7 @@ def batch_norm_inference(
     )
 
 
+@_tensors
 @distributed.synchronized("batch_norm", when=lambda kwargs: bool(kwargs.get("training")))
 def batch_norm(
     x: ArrayLike,

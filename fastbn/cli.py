@@ -116,6 +116,21 @@ def _add_train_parser(subparsers):
         "in 10-epoch runs (docs/trainer.md)",
     )
     model.add_argument(
+        "--renorm",
+        action="store_true",
+        default=None,
+        help="batch renormalization in the BatchNorm layers (Keras's renorm: default "
+        "clipping, renorm_momentum 0.99)",
+    )
+    model.add_argument(
+        "--virtual-batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="ghost batch normalization: BatchNorm statistics per chunk of K samples "
+        "(K must divide the batch size); running statistics from the whole batch",
+    )
+    model.add_argument(
         "--init",
         default=None,
         choices=["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "torch"],
@@ -453,6 +468,8 @@ def _train(args, interrupts):
         hidden=args.hidden,
         bn_convention=args.bn_convention,
         bn_momentum=args.bn_momentum,
+        bn_renorm=args.renorm,
+        bn_virtual_batch_size=args.virtual_batch_size,
         bn_position="before_relu" if args.bn_before_relu else None,
         init=args.init,
         optimizer=args.optimizer,

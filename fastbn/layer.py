@@ -4,12 +4,12 @@ The layer's state machine, written once for every device: it picks the backend o
 arrays (:mod:`fastbn.backends`) and runs the shared operations of :mod:`fastbn._ops`.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _checks, _cpu_backend, _ops, api, backends, distributed
+from . import _checks, _cpu_backend, _ops, _variants, api, backends, distributed
 
 _FLOAT64 = np.dtype(np.float64)  # the statistics the layer keeps for its backward
 
@@ -37,7 +37,8 @@ class BatchNorm:
         Weight of the new batch in the running statistics; None for a cumulative
         average over all batches (``1 / num_batches_tracked``).
     affine : bool, default True
-        Learn ``gamma`` and ``beta``; when False they are None.
+        Learn ``gamma`` and ``beta``; when False they are None (both; see ``scale`` and
+        ``center`` for one without the other).
     track_running_stats : bool, default True
         Keep running statistics; when False the layer always uses batch statistics.
     dtype : numpy dtype, default float32
@@ -66,6 +67,41 @@ class BatchNorm:
         (they are collective). Host arrays only. See :mod:`fastbn.distributed`. After
         a forward with running statistics (eval mode, ``frozen``) the forward is local and
         ``backward`` is collective: ``dgamma`` and ``dbeta`` are summed over every rank.
+        With ``renorm``, the batch statistics (and so ``r`` and ``d``) are the synchronized
+        ones; with ``virtual_batch_size``, the ghost batches are each rank's own, the
+        running statistics and the parameter gradients those of the whole batch.
+    center, scale : bool, default True
+        Keep ``beta`` (``center``) and ``gamma`` (``scale``), independently (Keras's
+        switches); a missing one is None, its gradient too. ``affine=False`` turns both
+        off.
+    renorm : bool, default False
+        Batch renormalization (Ioffe, 2017), with Keras 3's ``renorm`` semantics: in
+        training ``y = ((x - mean) / std * r + d) * gamma + beta`` with
+        ``r = clip(std / s, rmin, rmax)``, ``d = clip((mean - renorm_mean) / s, -dmax,
+        dmax)``, ``s = max(renorm_stddev, sqrt(eps))``, constants of the gradient. The
+        renorm statistics ``renorm_mean`` (zeros) and ``renorm_stddev`` (ones) move
+        towards the batch's with ``renorm_momentum``; the running mean and the running
+        standard deviation ``running_stddev`` (ones) move towards the batch's with
+        ``momentum`` in the layer's convention, and ``running_var`` is
+        ``max(running_stddev**2 - eps, 0)`` (with ``running_var_unbiased``, the running
+        standard deviation follows ``sqrt(unbiased var + eps)``). Inference is unchanged.
+        Needs ``track_running_stats``.
+    renorm_clipping : dict, optional
+        Keys among ``"rmin"``, ``"rmax"``, ``"dmax"`` (missing: 0, inf, inf, as Keras);
+        an unknown key, ``rmax < rmin`` or ``dmax < 0`` is a ValueError.
+    renorm_momentum : float in [0, 1], default 0.99
+        Keras's meaning in either convention: the weight of the *old* renorm statistics.
+    renorm_ramp : int, optional
+        The paper's schedule instead of fixed clipping: ``rmax`` from 1 to 3 and ``dmax``
+        from 0 to 5, linearly over this many training steps (``num_batches_tracked``),
+        ``rmin = 1 / rmax``. Not with ``renorm_clipping``.
+    virtual_batch_size : int, optional
+        Ghost batch normalization (tf-keras's ``virtual_batch_size``): in training each
+        chunk of ``virtual_batch_size`` consecutive samples along axis 0 is normalized
+        with its own statistics (``gamma``, ``beta`` shared); the batch size must be a
+        multiple of it (ValueError). The running statistics take the exact statistics of
+        the whole batch, once per step. A chunk as large as the batch is plain
+        BatchNorm, bit for bit. Not with ``renorm``.
 
     Examples
     --------
@@ -97,6 +133,13 @@ class BatchNorm:
         frozen=False,
         update_running_stats=True,
         comm=None,
+        center=True,
+        scale=True,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        renorm_ramp=None,
+        virtual_batch_size=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
@@ -115,7 +158,9 @@ class BatchNorm:
         self.momentum = _checks.check_momentum(momentum)
         _checks.check_activation(activation)
         self.activation = activation
-        self.affine = bool(affine)
+        self.scale = bool(affine) and bool(scale)
+        self.center = bool(affine) and bool(center)
+        self.affine = self.scale or self.center
         self.track_running_stats = bool(track_running_stats)
         self.running_var_unbiased = bool(running_var_unbiased)
         if frozen and not track_running_stats:
@@ -126,19 +171,67 @@ class BatchNorm:
             distributed.check_comm(comm)
         self.comm = comm
         self.dtype = dtype
+        self._init_variants(renorm, renorm_clipping, renorm_momentum, renorm_ramp)
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(
+                virtual_batch_size, (int, np.integer)
+            ):
+                raise TypeError(
+                    "virtual_batch_size must be an int or None, got "
+                    f"{type(virtual_batch_size).__name__}"
+                )
+            if virtual_batch_size < 1:
+                raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+            if self.renorm:
+                raise ValueError(
+                    "virtual_batch_size and renorm cannot be combined (got "
+                    f"virtual_batch_size={virtual_batch_size}, renorm=True)"
+                )
+            virtual_batch_size = int(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
         C = self.num_features
-        self.gamma = np.ones(C, dtype) if affine else None
-        self.beta = np.zeros(C, dtype) if affine else None
+        self.gamma = np.ones(C, dtype) if self.scale else None
+        self.beta = np.zeros(C, dtype) if self.center else None
         if track_running_stats:
             self.running_mean = np.zeros(C, dtype)
             self.running_var = np.ones(C, dtype)
         else:
             self.running_mean = self.running_var = None
+        self.renorm_mean = np.zeros(C, dtype) if self.renorm else None
+        self.renorm_stddev = np.ones(C, dtype) if self.renorm else None
+        self.running_stddev = np.ones(C, dtype) if self.renorm else None
         self.num_batches_tracked = 0
         self.dgamma = None
         self.dbeta = None
         self.training = True
         self._saved = None
+
+    def _init_variants(self, renorm, renorm_clipping, renorm_momentum, renorm_ramp):
+        """Check and set the batch-renormalization options (before any state exists)."""
+        self.renorm = bool(renorm)
+        if not self.renorm:
+            if renorm_clipping is not None or renorm_ramp is not None:
+                raise ValueError("renorm_clipping and renorm_ramp need renorm=True")
+        elif not self.track_running_stats:
+            raise ValueError("renorm=True needs track_running_stats=True")
+        self.renorm_clipping = _variants.check_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _checks.check_momentum(
+            renorm_momentum, allow_none=False, name="renorm_momentum"
+        )
+        if renorm_ramp is not None:
+            if isinstance(renorm_ramp, bool) or not isinstance(renorm_ramp, (int, np.integer)):
+                raise TypeError(
+                    f"renorm_ramp must be an int or None, got {type(renorm_ramp).__name__}"
+                )
+            if renorm_ramp < 1:
+                raise ValueError(f"renorm_ramp must be >= 1, got {renorm_ramp}")
+            if renorm_clipping is not None:
+                raise ValueError(
+                    "renorm_ramp sets the clipping itself: pass renorm_clipping or "
+                    f"renorm_ramp, not both (got {renorm_clipping!r} and {renorm_ramp})"
+                )
+            renorm_ramp = int(renorm_ramp)
+        self.renorm_ramp = renorm_ramp
 
     @classmethod
     def keras(
@@ -152,6 +245,12 @@ class BatchNorm:
         scale=True,
         dtype=np.float32,
         activation=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        renorm_ramp=None,
+        virtual_batch_size=None,
+        comm=None,
     ):
         """A layer with the conventions of ``keras.layers.BatchNormalization``.
 
@@ -168,9 +267,11 @@ class BatchNorm:
             Keras's momentum (weight of the old value).
         epsilon : float, default 1e-3
         center, scale : bool, default True
-            Keras's switches for ``beta`` and ``gamma``; both on or both off.
+            Keras's switches for ``beta`` and ``gamma``, independent.
         dtype : numpy dtype, default float32
         activation : {None, "relu"}, optional
+        renorm, renorm_clipping, renorm_momentum, renorm_ramp, virtual_batch_size, comm
+            As for :class:`BatchNorm` (Keras's and tf-keras's names and meanings).
 
         Returns
         -------
@@ -182,22 +283,26 @@ class BatchNorm:
         >>> bn = fastbn.BatchNorm.keras(64)
         >>> round(bn.momentum, 2), bn.eps, bn.axis, bn.running_var_unbiased
         (0.01, 0.001, -1, False)
+        >>> fastbn.BatchNorm.keras(4, scale=False).gamma is None
+        True
         """
-        if bool(center) != bool(scale):
-            raise ValueError(
-                "center and scale must both be True or both False, got "
-                f"center={center}, scale={scale}"
-            )
         keras_momentum = _checks.check_momentum(momentum, allow_none=False)
         return cls(
             num_features,
             axis=axis,
             eps=epsilon,
             momentum=1.0 - keras_momentum,
-            affine=bool(center),
+            center=center,
+            scale=scale,
             dtype=dtype,
             activation=activation,
             running_var_unbiased=False,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
+            renorm_ramp=renorm_ramp,
+            virtual_batch_size=virtual_batch_size,
+            comm=comm,
         )
 
     def __repr__(self):
@@ -205,8 +310,24 @@ class BatchNorm:
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
-            f"activation={self.activation!r})"
+            f"activation={self.activation!r}{self._variant_repr()})"
         )
+
+    def _variant_repr(self):
+        parts = []
+        if self.affine and not (self.center and self.scale):
+            parts.append(f"center={self.center}, scale={self.scale}")
+        if self.renorm:
+            rmin, rmax, dmax = self.renorm_clipping
+            clipping = (
+                f"renorm_ramp={self.renorm_ramp}"
+                if self.renorm_ramp is not None
+                else f"renorm_clipping={{'rmin': {rmin}, 'rmax': {rmax}, 'dmax': {dmax}}}"
+            )
+            parts.append(f"renorm=True, {clipping}, renorm_momentum={self.renorm_momentum}")
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+        return "".join(", " + p for p in parts)
 
     def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
         return self.forward(x, training=training)
@@ -220,19 +341,30 @@ class BatchNorm:
         """Set evaluation mode (running statistics); returns ``self``."""
         return self.train(False)
 
-    def to(self, device: str, kind: str = "numba") -> "BatchNorm":
-        """Move parameters, running statistics and gradients to ``"cuda"`` or ``"cpu"``.
+    def to(self, device: str | None = None, kind: str = "numba", *, dtype=None) -> "BatchNorm":
+        """Move parameters, running statistics and gradients to ``"cuda"`` or ``"cpu"``,
+        and/or convert them to another float dtype.
 
         ``"cuda"`` makes them device arrays of ``kind`` (``"numba"``, ``"cupy"`` or
         ``"torch"``; ``fastbn.cuda.to_device(layer, kind=)`` does the same); ``"cpu"``
-        makes them NumPy arrays. A saved forward is dropped. Returns ``self``.
+        makes them NumPy arrays; None leaves them where they are. ``dtype`` (float16,
+        float32 or float64) converts every array of the layer, and its ``dtype``, like
+        ``torch.nn.Module.to(dtype)``; a value that would not be finite in the new dtype
+        is a ValueError and nothing changes. A saved forward is dropped. Returns ``self``.
 
         Examples
         --------
-        >>> import fastbn
+        >>> import numpy as np, fastbn
         >>> fastbn.BatchNorm(3).to("cpu").gamma
         array([1., 1., 1.], dtype=float32)
+        >>> fastbn.BatchNorm(2).to(dtype=np.float64).running_var
+        array([1., 1.])
         """
+        if dtype is not None:
+            self._convert(dtype)
+        if device is None:
+            self._saved = None
+            return self
         if device == "cuda":
             gpu = backends.cuda()
             gpu.check_kind(kind)
@@ -248,6 +380,33 @@ class BatchNorm:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self._saved = None
         return self
+
+    def _convert(self, dtype):
+        """Convert every array of the layer to ``dtype`` (checked first, then assigned)."""
+        dtype = np.dtype(dtype)
+        if dtype.kind == "f" and not dtype.isnative:
+            dtype = dtype.newbyteorder("=")
+        if dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+        converted = {}
+        for name in self._ARRAYS:
+            a = getattr(self, name, None)
+            if a is None:
+                continue
+            on_device = _checks.is_cuda_array(a)
+            host = backends.cuda().to_host(a) if on_device else a
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = host.astype(dtype)
+            if name in self._STATE and not np.isfinite(new).all():
+                raise ValueError(
+                    f"{name} does not fit in dtype {dtype}: {int((~np.isfinite(new)).sum())} "
+                    f"value(s) would not be finite (largest magnitude "
+                    f"{float(np.abs(host).max())!r}); the layer was left unchanged"
+                )
+            converted[name] = (new, on_device and backends.cuda().wrap(name, a).kind)
+        for name, (new, kind) in converted.items():
+            setattr(self, name, backends.cuda().as_device(new, kind) if kind else new)
+        self.dtype = dtype
 
     def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
         """Normalize ``x``.
@@ -313,6 +472,7 @@ class BatchNorm:
                 and x3.shape[1] == self.num_features
                 and x3.shape[0] * x3.shape[2] >= 2
                 and _cpu_backend.direct_options(self.eps, self.activation)
+                and not self._variant(training, x.shape)
             ):
                 # the direct path (see fastbn.api): the kernels and the rules of the
                 # general one below, on the same view
@@ -338,7 +498,7 @@ class BatchNorm:
                 )
                 if update:
                     self.num_batches_tracked += 1
-                self._saved = (x, self.axis % x.ndim, mean, invstd)
+                self._saved = (x, self.axis % x.ndim, mean, invstd, None)
                 return y
         be = self._backend(x)
         if not training and self.track_running_stats:
@@ -355,7 +515,7 @@ class BatchNorm:
             )
             # for a backward through the fixed statistics (read when it runs)
             x = be.wrap("x", x)
-            self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None)
+            self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None, None)
             return y
         x = be.wrap("x", x)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
@@ -376,6 +536,8 @@ class BatchNorm:
             _checks.check_batch(x.shape, axis, training=True)
             if x.size == 0:  # like PyTorch: an empty output, the layer's state untouched
                 running = None
+        if self._variant(training, x.shape) and (x.size or (comm is not None and self.renorm)):
+            return self._variant_forward(be, x, gamma, beta, axis, relu, running, comm)
         # float64 statistics for the backward
         y, mean, invstd = _ops.train_forward(
             be,
@@ -393,7 +555,51 @@ class BatchNorm:
         )
         if running is not None:
             self.num_batches_tracked += 1
-        self._saved = (be.unwrap(x), axis, mean, invstd)
+        self._saved = (be.unwrap(x), axis, mean, invstd, None)
+        return y
+
+    def _variant(self, training, shape):
+        """Whether a forward takes a variant's path: renormalization in training, or ghost
+        batches smaller than the batch (a ghost batch of the whole batch is plain)."""
+        if not training:
+            return False
+        k = self.virtual_batch_size
+        return self.renorm or (k is not None and len(shape) > 0 and shape[0] != k)
+
+    def _variant_forward(self, be, x, gamma, beta, axis, relu, running, comm):
+        """The training forward of batch renormalization or ghost batches (checked
+        arguments, wrapped arrays); saves what the backward needs."""
+        if self.renorm:
+            if self.renorm_ramp is None:
+                rmin, rmax, dmax = self.renorm_clipping
+            else:
+                rmin, rmax, dmax = _variants.ramp_clipping(
+                    self.num_batches_tracked, self.renorm_ramp
+                )
+            renorm = _variants.Renorm(
+                be.wrap_state("renorm_mean", self.renorm_mean),
+                be.wrap_state("renorm_stddev", self.renorm_stddev),
+                be.wrap_state("running_stddev", self.running_stddev),
+                self.renorm_momentum,
+                rmin,
+                rmax,
+                dmax,
+            )
+            y, mean, invstd, gamma_r, beta_r, r, d = _variants.renorm_train_forward(
+                be, x, gamma, beta, axis, self.eps, relu, _FLOAT64, renorm, running, comm=comm
+            )
+            saved = (mean, invstd, ("renorm", gamma_r, beta_r, r, d))
+        else:
+            k = self.virtual_batch_size
+            _variants.check_virtual_batch(x.shape, axis, k)
+            _checks.check_batch((k,) + tuple(x.shape[1:]), axis, training=True)
+            y, means, invstds = _variants.ghost_train_forward(
+                be, x, gamma, beta, axis, self.eps, relu, k, _FLOAT64, running, comm=comm
+            )
+            saved = (means, invstds, ("ghost",))
+        if running is not None:
+            self.num_batches_tracked += 1
+        self._saved = (be.unwrap(x), axis) + saved
         return y
 
     def backward(self, dy: ArrayLike) -> Any:
@@ -431,8 +637,9 @@ class BatchNorm:
         array([[0., 0.],
                [0., 0.]])
 
-        Through the running statistics (here mean 0, variance 1):
+        Through the running statistics (reset here to mean 0, variance 1):
 
+        >>> bn.reset_running_stats()
         >>> _ = bn.forward(x, training=False)
         >>> np.round(bn.backward(np.ones_like(x)), 4)
         array([[1., 1.],
@@ -447,7 +654,7 @@ class BatchNorm:
         """:meth:`backward`; ``comm`` a Sync or None."""
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward(x)")
-        x, axis, mean, invstd = self._saved
+        x, axis, mean, invstd, variant = self._saved
         frozen = mean is None  # the forward normalized with the running statistics
         if frozen:
             if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
@@ -457,7 +664,8 @@ class BatchNorm:
                 be, be.wrap_state("x", x), self.running_mean, self.running_var, self.eps
             )
         if (
-            comm is None
+            variant is None
+            and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.dtype == x.dtype
@@ -479,9 +687,9 @@ class BatchNorm:
                     self.activation == "relu",
                     dx.reshape(x3.shape),
                 )
-                if self.affine:
-                    self.dgamma = dgamma.astype(self.dtype, copy=False)
-                    self.dbeta = dbeta.astype(self.dtype, copy=False)
+                self._set_grads(
+                    dgamma.astype(self.dtype, copy=False), dbeta.astype(self.dtype, copy=False)
+                )
                 return dx
         if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
@@ -494,32 +702,58 @@ class BatchNorm:
                 f"{x.shape} {x.dtype}, got {dy.shape} {dy.dtype}"
             )
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
-        grads = (gamma, self.dtype) if self.affine else None
-        operation = _ops.frozen_backward if frozen else _ops.backward
-        dx, dgamma, dbeta = operation(
-            be,
-            dy,
-            x,
-            be.wrap_state("mean", mean),
-            be.wrap_state("invstd", invstd),
-            gamma,
-            beta,
-            axis,
-            self.activation == "relu",
-            None,
-            None,
-            grads=grads,
-            comm=comm,
-        )
-        if self.affine:
-            self.dgamma = dgamma
-            self.dbeta = dbeta
+        grads = (gamma if gamma is not None else beta, self.dtype) if self.affine else None
+        relu = self.activation == "relu"
+        if variant is None:
+            operation = _ops.frozen_backward if frozen else _ops.backward
+            dx, dgamma, dbeta = operation(
+                be,
+                dy,
+                x,
+                be.wrap_state("mean", mean),
+                be.wrap_state("invstd", invstd),
+                gamma,
+                beta,
+                axis,
+                relu,
+                None,
+                None,
+                grads=grads,
+                comm=comm,
+            )
+        elif variant[0] == "renorm":
+            _, gamma_r, beta_r, r, d = variant
+            dx, dgamma, dbeta = _variants.renorm_backward(
+                be,
+                dy,
+                x,
+                be.wrap_state("mean", mean),
+                be.wrap_state("invstd", invstd),
+                gamma_r,
+                beta_r,
+                r,
+                d,
+                axis,
+                relu,
+                grads,
+                comm=comm,
+            )
+        else:
+            dx, dgamma, dbeta = _variants.ghost_backward(
+                be, dy, x, mean, invstd, gamma, beta, axis, relu, grads, comm=comm
+            )
+        self._set_grads(dgamma, dbeta)
         return dx
+
+    def _set_grads(self, dgamma, dbeta):
+        """Keep the gradients of the parameters the layer has (None for a missing one)."""
+        self.dgamma = dgamma if self.scale else None
+        self.dbeta = dbeta if self.center else None
 
     def _backend(self, x):
         """The backend of ``x``; a TypeError when the layer's state lives elsewhere."""
         if not _checks.is_cuda_array(x):
-            for a in (self.gamma, self.beta, self.running_mean, self.running_var):
+            for a in (getattr(self, k) for k in self._STATE):
                 if a is not None and type(a) is not np.ndarray:  # decided here, usually
                     break
             else:
@@ -563,11 +797,63 @@ class BatchNorm:
         >>> len(fastbn.BatchNorm(4).parameters())
         2
         """
-        if not self.affine:
-            return []
-        return [(self.gamma, self.dgamma), (self.beta, self.dbeta)]
+        pairs = [(self.gamma, self.dgamma), (self.beta, self.dbeta)]
+        return [(p, g) for p, g in pairs if p is not None]
 
-    _STATE = ("gamma", "beta", "running_mean", "running_var")
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (and the renorm
+        statistics and running standard deviation 0, 1 and 1), in place, wherever they
+        live.
+
+        Examples
+        --------
+        >>> import numpy as np, fastbn
+        >>> bn = fastbn.BatchNorm(2)
+        >>> _ = bn.forward(np.array([[1.0, 2.0], [3.0, 5.0]], np.float32), training=True)
+        >>> bn.reset_running_stats()
+        >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
+        (array([0., 0.], dtype=float32), array([1., 1.], dtype=float32), 0)
+        """
+        for name, fill in (
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+            ("renorm_mean", 0.0),
+            ("renorm_stddev", 1.0),
+            ("running_stddev", 1.0),
+        ):
+            a = getattr(self, name)
+            if a is not None:
+                backends.backend_of(a).copy_into(a, np.full(self.num_features, fill, self.dtype))
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, then ``gamma`` 1 and ``beta`` 0 (PyTorch's
+        ``reset_parameters``); the gradients stay as they are.
+
+        Examples
+        --------
+        >>> import fastbn
+        >>> bn = fastbn.BatchNorm(2)
+        >>> bn.gamma[:] = 3.0
+        >>> bn.reset_parameters()
+        >>> bn.gamma
+        array([1., 1.], dtype=float32)
+        """
+        self.reset_running_stats()
+        for name, fill in (("gamma", 1.0), ("beta", 0.0)):
+            a = getattr(self, name)
+            if a is not None:
+                backends.backend_of(a).copy_into(a, np.full(self.num_features, fill, self.dtype))
+
+    _STATE = (
+        "gamma",
+        "beta",
+        "running_mean",
+        "running_var",
+        "renorm_mean",
+        "renorm_stddev",
+        "running_stddev",
+    )
     _ARRAYS = _STATE + ("dgamma", "dbeta")
 
     def state_dict(self) -> dict:
@@ -576,8 +862,9 @@ class BatchNorm:
         Returns
         -------
         dict
-            Keys ``gamma``, ``beta``, ``running_mean``, ``running_var`` (those that are
-            not None) and ``num_batches_tracked``.
+            Keys ``gamma``, ``beta``, ``running_mean``, ``running_var``, ``renorm_mean``,
+            ``renorm_stddev``, ``running_stddev`` (those that are not None) and
+            ``num_batches_tracked``.
 
         Examples
         --------
@@ -589,17 +876,28 @@ class BatchNorm:
         state["num_batches_tracked"] = int(self.num_batches_tracked)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> "IncompatibleKeys":
         """Load a :meth:`state_dict`; checks every entry before changing anything.
 
         Parameters
         ----------
         state : dict
+        strict : bool, default True
+            True: the keys must be exactly the layer's (PyTorch's rule). False: load the
+            entries the layer has, leave the others of the layer as they are (a state
+            without ``num_batches_tracked`` keeps the layer's count) and ignore unknown
+            keys; the entries present are checked all the same.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, sorted lists (empty when strict).
 
         Raises
         ------
         KeyError
-            An entry the layer needs is missing, or an unknown entry is present.
+            With ``strict``: an entry the layer needs is missing, or an unknown entry is
+            present.
         TypeError
             An entry is not an array of real numbers (strings, None, objects).
         ValueError
@@ -615,26 +913,30 @@ class BatchNorm:
         >>> a, b = fastbn.BatchNorm(3), fastbn.BatchNorm(3)
         >>> a.running_mean[:] = 1.0
         >>> b.load_state_dict(a.state_dict())
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         >>> b.running_mean
         array([1., 1., 1.], dtype=float32)
         """
         expected = {k for k in self._STATE if getattr(self, k) is not None}
         expected.add("num_batches_tracked")
-        missing = expected - set(state)
-        unexpected = set(state) - expected
-        if missing or unexpected:
-            raise KeyError(
-                f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-            )
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
         # Validate and convert every entry first (in a fixed order), assign only then.
-        values = {k: self._state_entry(k, state[k]) for k in self._STATE if k in expected}
-        n = _checks.check_num_batches_tracked(
-            state["num_batches_tracked"], "state_dict['num_batches_tracked']"
-        )
+        values = {
+            k: self._state_entry(k, state[k]) for k in self._STATE if k in expected and k in state
+        }
+        n = self.num_batches_tracked
+        if "num_batches_tracked" in state:
+            n = _checks.check_num_batches_tracked(
+                state["num_batches_tracked"], "state_dict['num_batches_tracked']"
+            )
         for k, value in values.items():
             current = getattr(self, k)
             backends.backend_of(current).copy_into(current, value)
         self.num_batches_tracked = n
+        return IncompatibleKeys(missing, unexpected)
 
     def _state_entry(self, key, value):
         """One entry of a state dict checked and converted: a finite ``(C,)`` host array
@@ -669,6 +971,13 @@ class BatchNorm:
                 f"index {int(bad[0])} ({bad.size} non-finite value(s))"
             )
         return converted
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` did not match (PyTorch's result)."""
+
+    missing_keys: list
+    unexpected_keys: list
 
 
 def _copy(a):

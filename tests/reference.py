@@ -154,3 +154,150 @@ def mlp_inference(x, layers):
         else:
             h = np.maximum(h, 0.0)
     return h
+
+
+# --------------------------------------------------------------------------------------
+# The layer's variants: batch renormalization and ghost batches
+#
+# Written once over NumPy arrays or PyTorch tensors (``_ops_of``), so that the forward
+# that gives the reference outputs is also the function whose autograd gradient (torch,
+# when installed) or central finite differences (NumPy) give the reference gradients.
+# --------------------------------------------------------------------------------------
+
+
+def _ops_of(a):
+    """``(mean over axes keeping them, sqrt, clip, constant)`` for NumPy or torch."""
+    if isinstance(a, np.ndarray):
+        return (
+            lambda v, red: v.mean(axis=red, keepdims=True),
+            np.sqrt,
+            np.clip,
+            lambda v: v,
+        )
+    import torch
+
+    return (
+        lambda v, red: v.mean(dim=red, keepdim=True),
+        torch.sqrt,
+        lambda v, lo, hi: torch.clamp(v, lo, hi),
+        lambda v: v.detach(),  # r and d: constants of the gradient
+    )
+
+
+def _bn_chunk(x, g, b, red, eps, relu):
+    mean_of, sqrt, _, _ = _ops_of(x)
+    mean = mean_of(x, red)
+    var = mean_of((x - mean) ** 2, red)
+    y = (x - mean) / sqrt(var + eps) * g + b
+    return y.clip(min=0) if relu else y
+
+
+def renorm_formula(x, g, b, axis, eps, renorm_mean, renorm_std, clipping, relu=False):
+    """Batch renormalization's training output (Keras 3's ``renorm``), NumPy or torch.
+
+    ``y = ((x - mean) / std * r + d) * g + b``, ``r = clip(std / s, rmin, rmax)``,
+    ``d = clip((mean - renorm_mean) / s, -dmax, dmax)``, ``s = max(renorm_std,
+    sqrt(eps))``, with ``r`` and ``d`` detached (constants); ``g``, ``b``, ``renorm_*``
+    broadcast to ``x``.
+    """
+    mean_of, sqrt, clip, const = _ops_of(x)
+    red = _axes(x, axis)[0]
+    mean = mean_of(x, red)
+    std = sqrt(mean_of((x - mean) ** 2, red) + eps)
+    rmin, rmax, dmax = clipping
+    s = renorm_std.clip(min=eps**0.5)
+    r = const(clip(std / s, rmin, rmax))
+    d = const(clip((mean - renorm_mean) / s, -dmax, dmax))
+    y = ((x - mean) / std * r + d) * g + b
+    return y.clip(min=0) if relu else y
+
+
+def ghost_formula(x, g, b, axis, eps, k, relu=False):
+    """Ghost batch normalization's training output: plain BatchNorm on each chunk of
+    ``k`` consecutive samples along axis 0 (``g``, ``b`` broadcast), NumPy or torch."""
+    red = _axes(x, axis)[0]
+    chunks = [_bn_chunk(x[i : i + k], g, b, red, eps, relu) for i in range(0, x.shape[0], k)]
+    if isinstance(x, np.ndarray):
+        return np.concatenate(chunks, axis=0)
+    import torch
+
+    return torch.cat(chunks, dim=0)
+
+
+def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
+    """``(y, dx, dgamma, dbeta)`` of ``formula(x, g, b, axis, *args)`` against ``sum(dy * y)``.
+
+    PyTorch's autograd in float64 when torch is installed, else central finite
+    differences (step 1e-6, exact to ~1e-8 on these smooth functions away from ReLU
+    kinks). ``gamma``/``beta`` None: 1 / 0, their gradient None.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    C = x.shape[axis % x.ndim]
+    g = _param(gamma, C, 1.0)
+    b = _param(beta, C, 0.0)
+    extra = [_bcast(a, x, axis) if isinstance(a, np.ndarray) else a for a in args]
+    y = formula(x, _bcast(g, x, axis), _bcast(b, x, axis), axis, *extra, **kwargs)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        X, G, B = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, g, b))
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        targs = [torch.tensor(a) if isinstance(a, np.ndarray) else a for a in extra]
+        out = formula(X, G.reshape(shape), B.reshape(shape), axis, *targs, **kwargs)
+        (out * torch.tensor(dy)).sum().backward()
+        dx, dg, db = (t.grad.numpy() for t in (X, G, B))
+    else:
+
+        def loss(xx, gg, bb):
+            out = formula(xx, _bcast(gg, x, axis), _bcast(bb, x, axis), axis, *extra, **kwargs)
+            return float((dy * out).sum())
+
+        def numeric(a, f):
+            grad = np.zeros_like(a)
+            for i in np.ndindex(a.shape):
+                step = np.zeros_like(a)
+                step[i] = 1e-6
+                grad[i] = (f(a + step) - f(a - step)) / 2e-6
+            return grad
+
+        dx = numeric(x, lambda v: loss(v, g, b))
+        dg = numeric(g, lambda v: loss(x, v, b))
+        db = numeric(b, lambda v: loss(x, g, v))
+    return y, dx, None if gamma is None else dg, None if beta is None else db
+
+
+def batch_moments(x, axis):
+    """Mean and biased variance per channel of the whole batch (float64)."""
+    x = np.asarray(x, np.float64)
+    red, _ = _axes(x, axis)
+    return x.mean(axis=red), x.var(axis=red)
+
+
+def renorm_update(state, x, axis, eps, renorm_momentum, factor, unbiased=False):
+    """Keras 3's renorm step on ``state`` (a dict of float64 arrays: ``renorm_mean``,
+    ``renorm_stddev``, ``running_mean``, ``running_stddev``, ``running_var``), returned as
+    a new dict.
+
+    The renorm statistics move towards the batch's mean and ``sqrt(var + eps)`` with
+    ``renorm_momentum`` (weight of the old value); the running mean and standard deviation
+    towards the batch's with ``factor`` (weight of the new; the standard deviation from
+    the unbiased variance when ``unbiased``); ``running_var = max(running_stddev**2 -
+    eps, 0)``.
+    """
+    mean, var = batch_moments(x, axis)
+    m = np.asarray(x).size // mean.size
+    std = np.sqrt(var + eps)
+    std_running = np.sqrt(var * (m / (m - 1) if unbiased else 1.0) + eps)
+    w = renorm_momentum
+    running_std = (1 - factor) * state["running_stddev"] + factor * std_running
+    return dict(
+        renorm_mean=w * state["renorm_mean"] + (1 - w) * mean,
+        renorm_stddev=w * state["renorm_stddev"] + (1 - w) * std,
+        running_mean=(1 - factor) * state["running_mean"] + factor * mean,
+        running_stddev=running_std,
+        running_var=np.maximum(running_std**2 - eps, 0.0),
+    )

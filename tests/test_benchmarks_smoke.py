@@ -342,3 +342,24 @@ def test_interleaved_rounds(report_module, tmp_path):
     assert "### With glibc's default allocator" in page
     assert "interleaved rounds, glibc's default allocator** against PyTorch" in page
     assert f"| {result['case']} | backward | 5 x 3 |" in page
+
+
+def test_torch_cnn_calls_run_and_agree(monkeypatch):
+    """benchmarks/torch_cnn.py's calls on a small activation, untimed: both providers run
+    every op, and the BatchNorm layers' input gradients are the same."""
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import torch_cnn
+
+    shape = (4, 8, 6, 6)
+    for op in torch_cnn.OPS:
+        result = torch_cnn.paired(torch_cnn.make_calls(op, shape), rounds=2)
+        assert result["torch"] > 0 and result["fastbn"] > 0 and result["speedup"] > 0
+        assert result["best"]["fastbn"] <= result["fastbn"]
+    torch_cnn.direct_small_call()()
+    grads = {}
+    for name, call in torch_cnn.make_calls("bn-layers", shape).items():
+        call()
+        grads[name] = [x.grad.clone() for x in call.inputs]
+    for theirs, ours in zip(grads["torch"], grads["fastbn"]):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)

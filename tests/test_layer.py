@@ -86,8 +86,8 @@ def test_keras_conventions():
     # Keras: moving = 0.99 * moving + 0.01 * batch, biased batch variance
     assert_close(bn.running_mean, 0.01 * mean, **tol(np.float32))
     assert_close(bn.running_var, 0.99 + 0.01 * var, **tol(np.float32))
-    with pytest.raises(ValueError, match="center and scale"):
-        fastbn.BatchNorm.keras(3, center=False)
+    # center and scale are independent switches (tests/test_layer_variants.py)
+    assert fastbn.BatchNorm.keras(3, center=False).beta is None
 
 
 def test_no_running_stats_and_no_affine():

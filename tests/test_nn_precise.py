@@ -213,3 +213,41 @@ def test_any_split_of_the_data_gives_its_statistics(n, features, offset, cuts, s
     bn = model.layers[0].bn
     np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-14, atol=1e-12 * np.sqrt(var).max())
     np.testing.assert_allclose(bn.running_var, var, rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.parametrize("convention", ["keras", "torch"])
+def test_renorm_and_ghost_layers_get_the_exact_statistics_and_keep_them(convention):
+    x = _data(np.float64)
+    unbiased = convention == "torch"
+    mean, var = reference.population_moments([x], unbiased)
+    for variant in (dict(renorm=True), dict(virtual_batch_size=10)):
+        layer = nn.BatchNorm(6, convention=convention, dtype=np.float64, **variant)
+        model = nn.Sequential([layer])
+        model.forward(x[:100], training=True)
+        renorm_state = {
+            k: v.copy() for k, v in layer.state_dict().items() if k.startswith("renorm_")
+        }
+        nn.update_bn_stats(model, _batches(x))
+        bn = layer.bn
+        _assert_stats(bn, mean, var, np.float64)
+        state = layer.state_dict()
+        for key, value in renorm_state.items():  # training's own statistics stay
+            np.testing.assert_array_equal(state[key], value)
+        if variant.get("renorm"):
+            np.testing.assert_allclose(bn.running_stddev, np.sqrt(var + bn.eps), rtol=1e-14)
+        # The next training step moves on from the exact statistics (not from the old ones).
+        batch = x[:30]
+        model.forward(batch, training=True)
+        batch_mean = batch.mean(axis=0)
+        np.testing.assert_allclose(
+            bn.running_mean, (1 - bn.momentum) * mean + bn.momentum * batch_mean, rtol=1e-12
+        )
+        batch_var = batch.var(axis=0, ddof=1 if unbiased else 0)
+        if variant.get("renorm"):
+            stddev = (1 - bn.momentum) * np.sqrt(var + bn.eps) + bn.momentum * np.sqrt(
+                batch_var + bn.eps
+            )
+            expected_var = np.maximum(stddev**2 - bn.eps, 0.0)
+        else:
+            expected_var = (1 - bn.momentum) * var + bn.momentum * batch_var
+        np.testing.assert_allclose(bn.running_var, expected_var, rtol=1e-12)

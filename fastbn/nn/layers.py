@@ -402,6 +402,11 @@ class BatchNorm(_Layer):
         Learn ``gamma`` and ``beta`` (Keras's ``center=scale=True``); when False the layer
         has no parameters and normalizes only.
     dtype : numpy dtype, default float32
+    renorm : bool, default False
+        Batch renormalization (Keras's ``renorm``, default clipping and
+        ``renorm_momentum``); its statistics join :meth:`state_dict`.
+    virtual_batch_size : int, optional
+        Ghost batches of this many samples (each training batch must be a multiple).
 
     Attributes
     ----------
@@ -431,7 +436,10 @@ class BatchNorm(_Layer):
         activation=None,
         affine=True,
         dtype=np.float32,
+        renorm=False,
+        virtual_batch_size=None,
     ):
+        variants = dict(renorm=renorm, virtual_batch_size=virtual_batch_size)
         if convention == "keras":
             self.bn = _core_layer.BatchNorm.keras(
                 num_features,
@@ -442,6 +450,7 @@ class BatchNorm(_Layer):
                 scale=bool(affine),
                 dtype=dtype,
                 activation=activation,
+                **variants,
             )
         elif convention == "torch":
             self.bn = _core_layer.BatchNorm(
@@ -452,6 +461,7 @@ class BatchNorm(_Layer):
                 affine=bool(affine),
                 dtype=dtype,
                 activation=activation,
+                **variants,
             )
         else:
             raise ValueError(f"convention must be 'keras' or 'torch', got {convention!r}")
@@ -466,8 +476,18 @@ class BatchNorm(_Layer):
         return (
             f"BatchNorm({self.num_features}, convention={self.convention!r}, "
             f"momentum={self.bn.momentum:.4g}, eps={self.bn.eps:g}, "
-            f"activation={self.activation!r}" + ("" if self.affine else ", affine=False") + ")"
+            f"activation={self.activation!r}"
+            + ("" if self.affine else ", affine=False")
+            + (", renorm=True" if self.bn.renorm else "")
+            + (
+                f", virtual_batch_size={self.bn.virtual_batch_size}"
+                if self.bn.virtual_batch_size is not None
+                else ""
+            )
+            + ")"
         )
+
+    _STATS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "running_stddev")
 
     def param_specs(self):
         """``[("gamma", ones), ("beta", zeros)]``, or ``[]`` when not affine."""
@@ -482,8 +502,9 @@ class BatchNorm(_Layer):
             self.bn.gamma, self.gamma_grad = params["gamma"].value, params["gamma"].grad
             self.bn.beta, self.beta_grad = params["beta"].value, params["beta"].grad
         if xp is not np:
-            self.bn.running_mean = xp.asarray(self.bn.running_mean)
-            self.bn.running_var = xp.asarray(self.bn.running_var)
+            for key in self._STATS:
+                if getattr(self.bn, key) is not None:
+                    setattr(self.bn, key, xp.asarray(getattr(self.bn, key)))
 
     @property
     def gamma(self):
@@ -531,22 +552,27 @@ class BatchNorm(_Layer):
     def state_dict(self):
         """Running statistics.
 
-        ``running_mean``, ``running_var`` (host copies), ``num_batches_tracked``.
+        ``running_mean``, ``running_var`` (host copies), with ``renorm`` also
+        ``renorm_mean``, ``renorm_stddev`` and ``running_stddev``, and
+        ``num_batches_tracked``.
         """
-        return {
-            "running_mean": np.array(_device.to_host(self.bn.running_mean)),
-            "running_var": np.array(_device.to_host(self.bn.running_var)),
-            "num_batches_tracked": np.asarray(self.bn.num_batches_tracked, np.int64),
+        state = {
+            key: np.array(_device.to_host(getattr(self.bn, key)))
+            for key in self._STATS
+            if getattr(self.bn, key) is not None
         }
+        state["num_batches_tracked"] = np.asarray(self.bn.num_batches_tracked, np.int64)
+        return state
 
     def load_state_dict(self, state):
         """Load what :meth:`state_dict` returned (in place, any device)."""
-        for key in ("running_mean", "running_var"):
+        keys = [key for key in self._STATS if getattr(self.bn, key) is not None]
+        for key in keys:
             value = np.asarray(state[key])
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
-        self.bn.running_mean[...] = self.xp.asarray(np.asarray(state["running_mean"]))
-        self.bn.running_var[...] = self.xp.asarray(np.asarray(state["running_var"]))
+        for key in keys:
+            getattr(self.bn, key)[...] = self.xp.asarray(np.asarray(state[key]))
         self.bn.num_batches_tracked = int(state["num_batches_tracked"])
 
 
@@ -729,11 +755,6 @@ class Sequential:
                         f"layers.{i}.{key} must have shape ({layer.num_features},), got {shape}"
                     )
         for i, layer in bn_layers:
-            layer.load_state_dict(
-                {
-                    k: state[f"layers.{i}.{k}"]
-                    for k in ("running_mean", "running_var", "num_batches_tracked")
-                }
-            )
+            layer.load_state_dict({k: state[f"layers.{i}.{k}"] for k in layer.state_dict()})
         for p in self.store:
             p.value[...] = self.xp.asarray(np.asarray(state[p.name], dtype=self.dtype))

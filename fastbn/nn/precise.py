@@ -70,7 +70,9 @@ def update_bn_stats(model, batches):
     that input is what the model computes in inference mode with the BatchNorm layers
     before it already holding their new statistics. The variance follows the layer's
     convention: unbiased (``/(n - 1)``) for PyTorch's, biased (``/n``) for Keras's.
-    Parameters, ``num_batches_tracked`` and the momentum are left as they are.
+    Parameters, ``num_batches_tracked`` and the momentum are left as they are. A layer
+    with batch renormalization also gets ``running_stddev = sqrt(var + eps)`` (from which
+    it derives ``running_var``); its renorm statistics, used only in training, stay.
 
     ``batches`` is read once (a generator works): the input of the first BatchNorm layer
     is kept for every sample (``n x features`` values of the model's dtype) and carried
@@ -138,7 +140,7 @@ def update_bn_stats(model, batches):
         raise ValueError("batches must hold at least one sample, got none")
 
     saved = [
-        (model.layers[i].bn.running_mean.copy(), model.layers[i].bn.running_var.copy())
+        {key: getattr(model.layers[i].bn, key).copy() for key in _statistics(model.layers[i])}
         for i in targets
     ]
     try:
@@ -151,11 +153,24 @@ def update_bn_stats(model, batches):
                         h = layer.forward(h, training=False)
                     inputs[j] = h.copy()
     except BaseException:
-        for i, (mean, var) in zip(targets, saved):
-            model.layers[i].bn.running_mean[...] = mean
-            model.layers[i].bn.running_var[...] = var
+        for i, state in zip(targets, saved):
+            for key, value in state.items():
+                getattr(model.layers[i].bn, key)[...] = value
         raise
     return count
+
+
+def _statistics(layer):
+    """The running statistics that inference uses, by attribute name of the core layer.
+
+    ``running_mean`` and ``running_var``; with batch renormalization also
+    ``running_stddev``, of which the layer derives ``running_var`` after each step (its
+    renorm statistics, which only training uses, are not among them).
+    """
+    keys = ["running_mean", "running_var"]
+    if getattr(layer.bn, "running_stddev", None) is not None:
+        keys.append("running_stddev")
+    return keys
 
 
 def _set_exact_statistics(layer, index, inputs):
@@ -194,3 +209,9 @@ def _set_exact_statistics(layer, index, inputs):
     xp = layer.xp
     bn.running_mean[...] = xp.asarray(stats[0])
     bn.running_var[...] = xp.asarray(stats[1])
+    if "running_stddev" in _statistics(layer):
+        # Batch renormalization keeps sqrt(var + eps) and derives running_var from it:
+        # both must hold the exact statistics, or the next training step undoes them.
+        with np.errstate(over="ignore"):
+            stddev = np.sqrt(np.asarray(var, np.float64) + bn.eps).astype(stats[1].dtype)
+        bn.running_stddev[...] = xp.asarray(stddev)

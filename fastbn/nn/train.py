@@ -57,6 +57,8 @@ DEFAULTS = {
     "bn_position": "after_relu",
     "bn_convention": "keras",
     "bn_momentum": None,
+    "bn_renorm": False,
+    "bn_virtual_batch_size": None,
     "init": "glorot_uniform",
     "optimizer": "adam",
     "lr": 1e-3,
@@ -69,7 +71,15 @@ DEFAULTS = {
 _EVAL_BATCH = 2048
 # Options that fix the shapes and meaning of a checkpoint's arrays: a resumed run must
 # keep them.
-_ARCHITECTURE = ("hidden", "batch_norm", "bn_position", "bn_convention", "optimizer", "dtype")
+_ARCHITECTURE = (
+    "hidden",
+    "batch_norm",
+    "bn_position",
+    "bn_convention",
+    "bn_renorm",
+    "optimizer",
+    "dtype",
+)
 
 
 def build_mlp(
@@ -85,6 +95,8 @@ def build_mlp(
     dtype=np.float32,
     rng=None,
     device="cpu",
+    bn_renorm=False,
+    bn_virtual_batch_size=None,
 ):
     """The MLP of the design's Keras example (or a variant of it).
 
@@ -113,6 +125,11 @@ def build_mlp(
     rng : numpy.random.Generator or int, optional
         Source of the initial weights.
     device : {"cpu", "cuda"}, default "cpu"
+    bn_renorm : bool, default False
+        Batch renormalization in every BatchNorm layer (:class:`fastbn.BatchNorm`'s
+        ``renorm``, Keras's default clipping and ``renorm_momentum``).
+    bn_virtual_batch_size : int, optional
+        Ghost batches of this many samples in every BatchNorm layer.
 
     Returns
     -------
@@ -133,6 +150,7 @@ def build_mlp(
         raise ValueError(f"hidden widths must be positive, got {hidden}")
     rng = np.random.default_rng(rng)
     layers, width = [], int(num_features)
+    variants = dict(renorm=bool(bn_renorm), virtual_batch_size=bn_virtual_batch_size)
     for h in hidden:
         if batch_norm and bn_position == "before_relu":
             layers.append(Dense(width, h, None, init=init, rng=rng, dtype=dtype))
@@ -143,13 +161,20 @@ def build_mlp(
                     momentum=bn_momentum,
                     activation="relu",
                     dtype=dtype,
+                    **variants,
                 )
             )
         else:
             layers.append(Dense(width, h, "relu", init=init, rng=rng, dtype=dtype))
             if batch_norm:
                 layers.append(
-                    BatchNorm(h, convention=bn_convention, momentum=bn_momentum, dtype=dtype)
+                    BatchNorm(
+                        h,
+                        convention=bn_convention,
+                        momentum=bn_momentum,
+                        dtype=dtype,
+                        **variants,
+                    )
                 )
         width = h
     layers.append(Dense(width, int(num_classes), None, init=init, rng=rng, dtype=dtype))
@@ -609,6 +634,11 @@ def _resolve_config(options, resumed):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config['optimizer']!r}")
     if int(config["batch_size"]) < 1:
         raise ValueError(f"batch_size must be >= 1, got {config['batch_size']}")
+    k = config["bn_virtual_batch_size"]
+    if k is not None and (int(k) < 1 or int(config["batch_size"]) % int(k)):
+        raise ValueError(
+            f"bn_virtual_batch_size={k} must be >= 1 and divide batch_size ({config['batch_size']})"
+        )
     if np.dtype(config["dtype"]) not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {config['dtype']}")
     return config
@@ -634,6 +664,8 @@ def fit(
     bn_position=None,
     bn_convention=None,
     bn_momentum=None,
+    bn_renorm=None,
+    bn_virtual_batch_size=None,
     init=None,
     optimizer=None,
     device="cpu",
@@ -675,6 +707,11 @@ def fit(
         BatchNorm momentum in the convention's meaning; default 0.9 for ``"keras"`` (not
         Keras's layer default 0.99, whose running statistics lag: see docs/trainer.md)
         and 0.1 for ``"torch"``: both weigh each new batch by 0.1.
+    bn_renorm : bool, optional (False)
+        Batch renormalization in the BatchNorm layers (see :func:`build_mlp`).
+    bn_virtual_batch_size : int, optional
+        Ghost batches of this many samples in the BatchNorm layers; it must divide
+        ``batch_size`` and the size of the epoch's last, shorter batch.
     init : str, optional ("glorot_uniform")
     optimizer : {"adam", "sgd"}, optional ("adam"; SGD uses momentum 0.9)
     device : {"cpu", "cuda"}, default "cpu"
@@ -744,6 +781,8 @@ def fit(
         "bn_position": bn_position,
         "bn_convention": bn_convention,
         "bn_momentum": bn_momentum,
+        "bn_renorm": bn_renorm,
+        "bn_virtual_batch_size": bn_virtual_batch_size,
         "init": init,
         "optimizer": optimizer,
         "lr": lr,
@@ -774,6 +813,14 @@ def fit(
         ds = dataset
     else:
         ds = _data.load_dataset(config["dataset"], data_dir, seed=config["seed"], download=download)
+    last = ds.x_train.shape[0] % int(config["batch_size"])
+    k = config["bn_virtual_batch_size"]
+    if k is not None and last % int(k):
+        raise ValueError(
+            f"bn_virtual_batch_size={k} must divide the epoch's last batch too: "
+            f"{ds.x_train.shape[0]} training samples leave a batch of {last} after "
+            f"batches of {config['batch_size']}"
+        )
     xp = _device.array_module(device)
     np_dtype = np.dtype(config["dtype"])
     x_train = xp.asarray(ds.x_train.astype(np_dtype, copy=False))
@@ -796,6 +843,8 @@ def fit(
             dtype=np_dtype,
             rng=rng,
             device=device,
+            bn_renorm=config["bn_renorm"],
+            bn_virtual_batch_size=config["bn_virtual_batch_size"],
         )
         if config["optimizer"] == "adam":
             return model, Adam(model.store, lr=config["lr"])
