@@ -121,6 +121,7 @@ def _summary(runs):
         "test_acc_min": min(acc),
         "test_acc_max": max(acc),
         "epoch_seconds_median": statistics.median(seconds),
+        "epoch_seconds_min": min(seconds),
         "precise_bn_seconds_median": statistics.median(precise) if precise else None,
     }
 
@@ -153,19 +154,22 @@ def _save(path, report):
 def table(report):
     """The Markdown table of docs/trainer.md from a results report."""
     lines = [
-        "| variant | test accuracy, mean ± std (min–max) | s/epoch (median) | precise pass (s) |",
-        "| --- | --- | --- | --- |",
+        "| variant | test accuracy, mean ± std (min–max) | s/epoch, median (best) "
+        "| precise pass (s) | load average |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, (label, _) in VARIANTS.items():
         entry = report["variants"].get(name)
         if entry is None:
             continue
-        s = entry["summary"]
+        s = _summary(entry["runs"])
         precise = s["precise_bn_seconds_median"]
+        load = entry["machine"]["load_average"][0]
         lines.append(
             f"| {label} | {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} "
             f"({s['test_acc_min']:.4f}–{s['test_acc_max']:.4f}) | "
-            f"{s['epoch_seconds_median']:.2f} | {'—' if precise is None else f'{precise:.2f}'} |"
+            f"{s['epoch_seconds_median']:.2f} ({s['epoch_seconds_min']:.2f}) | "
+            f"{'—' if precise is None else f'{precise:.2f}'} | {load:.0f} |"
         )
     return "\n".join(lines)
 
