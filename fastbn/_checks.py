@@ -84,9 +84,10 @@ def check_not_masked(name, a):
     """
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(
-            f"{name} must be a plain array, got a numpy.ma.MaskedArray: masked "
-            f"statistics are not supported yet; pass {name}.filled(value) or "
-            f"{name}.data to drop the mask explicitly"
+            f"{name} must be a plain array, got a numpy.ma.MaskedArray, whose mask "
+            f"{name} cannot take (masked statistics take x as a masked array, or "
+            f"mask=, in training); pass {name}.filled(value) or {name}.data to drop "
+            f"the mask explicitly"
         )
 
 
@@ -341,6 +342,113 @@ def check_batch(shape, axis, training):
                 f"{tuple(shape)} (1 value per channel along axis {axis})"
             )
     return C, m
+
+
+def check_mask(mask, shape, axis):
+    """Check ``mask=``: a boolean array of x's shape without the channel axis, or of a
+    shape that NumPy broadcasts to it; returns that shape.
+
+    Parameters
+    ----------
+    mask : array or None
+    shape : tuple of int
+        x's shape.
+    axis : int
+        Non-negative channel axis.
+
+    Raises
+    ------
+    TypeError
+        Not an array, or not of a boolean dtype.
+    ValueError
+        A shape that does not broadcast to x's shape without the channel axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_mask(np.ones((8, 5), bool), (8, 3, 5), 1)
+    (8, 5)
+    >>> check_mask(np.ones(5, bool), (8, 3, 5), 1)
+    (8, 5)
+    """
+    shape = tuple(shape)
+    reduced = shape[:axis] + shape[axis + 1 :]
+    if mask is None:
+        return reduced
+    check_not_masked("mask", mask)
+    if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
+        raise TypeError(
+            f"mask must be a boolean array of shape {reduced}, got {type(mask).__name__}"
+        )
+    dtype = np.dtype(mask.dtype)
+    if dtype.kind != "b":
+        raise TypeError(
+            f"mask must be a boolean array (True: the position enters the statistics), "
+            f"got dtype {dtype}"
+        )
+    try:
+        fits = np.broadcast_shapes(tuple(mask.shape), reduced) == reduced
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask must have x's shape without the channel axis {reduced} (axis {axis} of "
+            f"x of shape {shape}), or a shape that broadcasts to it, got {tuple(mask.shape)}"
+        )
+    return reduced
+
+
+def check_mask_count(count, m):
+    """Masked training needs more than 1 True position (when the batch is not empty).
+
+    Parameters
+    ----------
+    count : int
+        True positions of the mask (values per channel that enter the statistics).
+    m : int
+        Values per channel.
+
+    Examples
+    --------
+    >>> check_mask_count(2, 10)
+    """
+    if m and count < 2:
+        raise ValueError(
+            f"training needs more than 1 value per channel, got {count} True position(s) "
+            f"in mask (of {m} values per channel)"
+        )
+
+
+def mask_layout(mask, shape, axis, order, shape3):
+    """A checked host mask as the kernels read it: broadcast to x's shape without the
+    channel axis, laid out in x's memory ``order`` (that of its canonical view) as a
+    C-contiguous ``(outer, inner)`` uint8 array; and its count of True positions.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+    shape : tuple of int
+        x's shape.
+    axis : int
+        Non-negative channel axis.
+    order : tuple of int
+        The memory order of x's canonical view.
+    shape3 : tuple of int
+        ``(outer, C, inner)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w, count = mask_layout(np.array([True, False, True]), (2, 4, 3), 1, (0, 1, 2), (2, 4, 3))
+    >>> w.tolist(), count
+    ([[1, 0, 1], [1, 0, 1]], 4)
+    """
+    reduced = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
+    full = np.expand_dims(np.broadcast_to(mask, reduced), axis)
+    if tuple(order) != _identity(len(shape)):
+        full = full.transpose(order)
+    w = np.ascontiguousarray(full).reshape(shape3[0], shape3[2]).view(np.uint8)
+    return w, int(np.count_nonzero(w))
 
 
 def check_backward_args(dy, x, mean, invstd, gamma, beta, axis, out, activation):

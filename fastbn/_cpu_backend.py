@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import _checks, _ops, cpu
+from . import _checks, _ops, cpu, cpu_masked
 
 NAME = "cpu"
 DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call itself
@@ -47,6 +47,49 @@ def wrap(name, a):
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
     return a
+
+
+def from_masked_array(x, axis, mask):
+    """``(x, mask)`` with a ``numpy.ma`` ``x`` turned into its data and its mask.
+
+    numpy.ma marks the *invalid* positions; ``mask=`` the valid ones, for every channel
+    at once. So the mask of ``x`` must not vary along ``axis``, else a TypeError says
+    why; its valid positions become ``mask`` (and-ed with a given host ``mask``, which
+    is checked first). Any other ``x`` comes back as it is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.ma.masked_array(np.zeros((3, 2)), mask=[[0, 0], [1, 1], [0, 0]])
+    >>> from_masked_array(x, 1, None)[1]
+    array([ True, False,  True])
+    """
+    if not isinstance(x, np.ma.MaskedArray):
+        return x, mask
+    data = x.data
+    if data.ndim < 2:  # the checks of x say what is wrong
+        return data, mask
+    axis = _checks.normalize_axis(axis, data.ndim)
+    invalid = np.ma.getmaskarray(x)
+    if data.shape[axis] and not (invalid == np.take(invalid, [0], axis=axis)).all():
+        raise TypeError(
+            f"x is a numpy.ma.MaskedArray whose mask varies across the channels (axis "
+            f"{axis}): masked statistics take one mask for every channel (the positions "
+            f"along the other axes). Pass x.filled(value) or x.data, with mask= of shape "
+            f"{data.shape[:axis] + data.shape[axis + 1 :]} if you want one"
+        )
+    valid = (
+        ~invalid.any(axis=axis)
+        if data.shape[axis]
+        else np.ones(data.shape[:axis] + data.shape[axis + 1 :], bool)
+    )
+    if mask is None:
+        return data, valid
+    if isinstance(mask, np.ma.MaskedArray) or _checks.is_cuda_array(mask):
+        return data, mask  # refused by the checks (a masked mask; mixed devices)
+    mask = np.asarray(mask)
+    _checks.check_mask(mask, data.shape, axis)
+    return data, valid & mask
 
 
 def unwrap(a):
@@ -464,8 +507,17 @@ def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
 # --------------------------------------------------------------------------------------
 
 
-def shard_moments(x, v, st=None):
-    """``(mean, M2)`` per channel of this array (float64)."""
+def mask_view(mask, x, axis, v, st=None):
+    """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it, and
+    its count of True positions: see :func:`fastbn._checks.mask_layout`."""
+    return _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
+
+
+def shard_moments(x, v, st=None, mask=None):
+    """``(mean, M2)`` per channel of this array (float64); over the True positions of
+    ``mask`` (from :func:`mask_view`) when given."""
+    if mask is not None:
+        return cpu_masked.moments(_compute_view(v, x.dtype), mask)
     return cpu.moments(_compute_view(v, x.dtype))
 
 
@@ -544,13 +596,28 @@ def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st=None):
     return cpu.grad_sums(_compute_view(dyv, x.dtype), x3, coef, relu)
 
 
-def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
+def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, mask=None):
     """dx from sums over ``count`` values per channel (every rank's); returns
-    ``(dgamma, dbeta)`` as :func:`backward` does."""
+    ``(dgamma, dbeta)`` as :func:`backward` does. With ``mask`` (from :func:`mask_view`),
+    ``count`` is the True positions' and only those carry the statistics' terms."""
     x3 = _compute_view(v, x.dtype)
     coef, invstd64, g = _coefficients(x3, x, mean, invstd, gamma, beta)
     s_dy, s_dyx = sums
-    if x3.size:
+    if x3.size and mask is not None:
+        cpu_masked.input_grad(
+            _compute_view(dyv, x.dtype),
+            x3,
+            mask,
+            coef,
+            s_dy,
+            s_dyx,
+            count,
+            invstd64,
+            np.asarray(g, dtype=np.float64),
+            relu,
+            dest.work,
+        )
+    elif x3.size:
         cpu.input_grad(
             _compute_view(dyv, x.dtype),
             x3,

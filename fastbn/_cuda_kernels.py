@@ -921,6 +921,141 @@ def _frozen_backward_kernel(compute):
     return frozen_backward
 
 
+# --------------------------------------------------------------------------------------
+# Masked statistics (mask=): their own kernels, the unmasked ones untouched
+# --------------------------------------------------------------------------------------
+
+
+@cuda.jit(**_DEVICE)
+def _thread_masked_moments(x, w, c, o, i, count, step_o, step_i):
+    """``(n, mean, M2)`` in float64 of the values this thread visits where ``w[o, i]``.
+
+    The loop of :func:`_thread_moments`: ``_BATCH`` positions at a time into registers
+    (with their mask bits), each batch's True values reduced two-pass and merged with
+    Chan's formula (a batch without one is skipped).
+    """
+    inner = x.shape[2]
+    buf = cuda.local.array(_BATCH, numba.float64)
+    keep = cuda.local.array(_BATCH, numba.float64)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    done = 0
+    while done < count:
+        nb = min(_BATCH, count - done)
+        s = 0.0
+        k = 0.0
+        for b in range(_BATCH):
+            if b < nb:
+                t = 1.0 if w[o, i] else 0.0
+                v = np.float64(x[o, c, i]) if t else 0.0
+                buf[b] = v
+                keep[b] = t
+                s += v
+                k += t
+                o += step_o
+                i += step_i
+                if i >= inner:
+                    i -= inner
+                    o += 1
+        if k > 0.0:
+            mean_b = s / k
+            q = 0.0
+            for b in range(_BATCH):
+                if b < nb:
+                    d = (buf[b] - mean_b) * keep[b]
+                    q += d * d
+            n, mean, m2 = _chan_merge(n, mean, m2, k, mean_b, q)
+        done += nb
+    return n, mean, m2
+
+
+@cuda.jit(**_JIT)
+def masked_forward_partials(x, w, width, nblk, chunk, part):
+    """:func:`forward_partials` over the True positions of ``w`` (uint8, shape
+    ``(outer, inner)``): per-(channel, chunk) ``(n, mean, M2)``, ``n`` possibly 0.
+
+    One read of x and of the mask; :func:`merge_partials` then merges them.
+    """
+    sh_n = cuda.shared.array(THREADS, numba.float64)
+    sh_mean = cuda.shared.array(THREADS, numba.float64)
+    sh_m2 = cuda.shared.array(THREADS, numba.float64)
+    c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
+    n, mean, m2 = _thread_masked_moments(x, w, c, o, i, count, step_o, step_i)
+    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
+    if cuda.threadIdx.x < width and c < x.shape[1]:
+        part[0, c, k] = n
+        part[1, c, k] = mean
+        part[2, c, k] = m2
+
+
+def _masked_input_grad_kernel(compute):
+    """The masked dx kernel for ``compute`` (float32 for float16 and float32 data).
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``masked_input_grad``.
+    """
+    CT = np.dtype(compute).type
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _affine = dev.affine
+
+    @cuda.jit(**_JIT)
+    def masked_input_grad(
+        dy,
+        x,
+        w,
+        dx,
+        width,
+        nblk,
+        chunk,
+        sums,
+        m,
+        mean,
+        invstd,
+        gamma,
+        has_gamma,
+        beta,
+        has_beta,
+        relu,
+    ):
+        """``dx = a * dy`` where ``w`` is False, ``a * dy + b * (x - mean) + d`` where it
+        is True, from the sums over every position ``sums`` (float64, ``(2, C, 1)``) and
+        the True positions' count ``m`` (float): one read of dy, x and the mask, one write
+        of dx (``a``, ``b``, ``d`` as in :func:`_backward_apply_kernel`)."""
+        c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
+        if count > 0:
+            inv = np.float64(invstd[c])
+            g = _param(gamma, c, has_gamma, 1.0)
+            hi, lo, scale, shift = _coefficients(
+                np.float64(mean[c]), g * inv, _param(beta, c, has_beta, 0.0)
+            )
+            kk = g * inv
+            a = CT(kk)
+            b = CT(-kk * inv * (inv * sums[1, c, 0]) / m)
+            d = CT(-kk * sums[0, c, 0] / m)
+            inner = x.shape[2]
+            zero = CT(0)
+            for _ in range(count):
+                xv = x[o, c, i]
+                gv = CT(dy[o, c, i])
+                if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+                    gv = zero
+                v = a * gv
+                if w[o, i]:
+                    v = a * gv + b * ((CT(xv) - hi) - lo) + d
+                dx[o, c, i] = v
+                o += step_o
+                i += step_i
+                if i >= inner:
+                    i -= inner
+                    o += 1
+
+    return masked_input_grad
+
+
 @functools.cache
 def build(compute):
     """Compile-on-first-use kernels whose coefficients are in ``compute`` dtype.
@@ -937,7 +1072,8 @@ def build(compute):
     -------
     types.SimpleNamespace
         ``forward_partials``, ``forward_apply``, ``backward_partials``,
-        ``backward_apply``, ``inference``, ``frozen_backward``.
+        ``backward_apply``, ``inference``, ``frozen_backward``,
+        ``masked_forward_partials``, ``masked_input_grad``.
     """
     return types.SimpleNamespace(
         forward_partials=forward_partials,
@@ -946,6 +1082,8 @@ def build(compute):
         backward_partials=_backward_partials_kernel(compute),
         backward_apply=_backward_apply_kernel(compute),
         frozen_backward=_frozen_backward_kernel(compute),
+        masked_forward_partials=masked_forward_partials,
+        masked_input_grad=_masked_input_grad_kernel(compute),
     )
 
 

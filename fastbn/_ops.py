@@ -208,7 +208,7 @@ def update_running(be, running, mean, var, m, st):
 
 
 def train_forward(
-    be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None, comm=None
+    be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None, comm=None, mask=None
 ):
     """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
 
@@ -221,6 +221,10 @@ def train_forward(
         ``running.on_nonfinite``); nothing is written to ``out`` before the check.
     comm : fastbn.distributed.Sync, optional
         The statistics are those of every rank's ``x`` (two collectives).
+    mask : array, optional
+        Checked by :func:`fastbn._checks.check_mask`: the statistics are those of the
+        True positions (with ``comm``, of every rank's, each rank weighted by its count);
+        ``y`` is written everywhere. A mask that is all True takes the unmasked path.
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
@@ -231,14 +235,18 @@ def train_forward(
             return y, be.stats(x, C, dtype, st, math.nan), be.stats(x, C, dtype, st, math.nan)
         v = be.view(x, axis, st)
         dest = be.output(out, v, x, st)
-        if comm is not None:
-            outer, _, inner = v.x3.shape
-            n_local = outer * inner if x.size else 0
-            mean, var = comm.moments_from_local(
-                C, n_local, lambda: be.shard_moments(x, v, st), dtype=x.dtype
-            )
+        w, count = _masked(be, mask, x, axis, v, st, comm)
+        if comm is not None or w is not None:  # the statistics first, on the host
+            if comm is not None:
+                mean, var = comm.moments_from_local(
+                    C, count, lambda: _shard_moments(be, x, v, st, w), dtype=x.dtype
+                )
+                m = comm.count
+            else:
+                mean, m2 = _shard_moments(be, x, v, st, w)
+                var, m = m2 / count, count
             if running is not None:
-                update_running(be, running, mean, var, comm.count, st)
+                update_running(be, running, mean, var, m, st)
             if x.size:
                 be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
             invstd = 1.0 / np.sqrt(var + eps)
@@ -288,7 +296,28 @@ def train_forward(
         return dest.finish(), mean, invstd
 
 
-def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None):
+def _shard_moments(be, x, v, st, w):
+    """This array's ``(mean, M2)``: over the True positions of ``w`` when given."""
+    return be.shard_moments(x, v, st) if w is None else be.shard_moments(x, v, st, mask=w)
+
+
+def _masked(be, mask, x, axis, v, st, comm):
+    """``(w, count)``: the mask as the backend's kernels take it (None when there is none,
+    or when it is all True: the unmasked kernels then run, bitwise the unmasked result)
+    and the values per channel of this array that enter the statistics. Without ``comm``
+    fewer than 2 True positions in a non-empty batch are a ValueError."""
+    outer, _, inner = v.x3.shape
+    if mask is None:
+        return None, outer * inner if x.size else 0
+    w, count = be.mask_view(mask, x, axis, v, st)
+    if comm is None:
+        _checks.check_mask_count(count, outer * inner)
+    return (None if count == outer * inner else w), count
+
+
+def backward(
+    be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None, mask=None
+):
     """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``.
 
     Parameters
@@ -299,6 +328,10 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
     comm : fastbn.distributed.Sync, optional
         ``dgamma`` and ``dbeta`` are sums over every rank's batch and ``dx`` uses the
         global count (two collectives).
+    mask : array, optional
+        The forward's mask: ``dgamma`` and ``dbeta`` are still sums over every position
+        (``y`` depends on gamma and beta everywhere), the statistics' terms of ``dx``
+        use the True positions' count and enter at those positions only (docs/math.md).
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
@@ -311,19 +344,24 @@ def backward(be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grad
         v = be.view(x, axis, st)
         dyv = be.view(dy, axis, st, order=v.order)
         dest = be.output(out, v, x, st, also=dyv)
-        if comm is None:
+        w, count = _masked(be, mask, x, axis, v, st, comm)
+        if comm is None and w is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
             return dest.finish(), dgamma, dbeta
         outer, _, inner = v.x3.shape
-        n_local = outer * inner if x.size else 0
-        sums = comm.grad_sums_from_local(
-            C,
-            n_local,
-            lambda: be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st),
-            dtype=x.dtype,
-        )
+
+        def local():
+            return be.shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st)
+
+        if comm is None:
+            sums = local()
+        else:  # the header carries the statistics' count, the payload every position's sums
+            n_local = outer * inner if x.size else 0
+            sums = comm.grad_sums_from_local(C, n_local, local, dtype=x.dtype, count=count)
+            count = comm.count
+        extra = {} if w is None else {"mask": w}
         dgamma, dbeta = be.input_grad(
-            x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, comm.count, st, grads
+            x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, **extra
         )
         return dest.finish(), dgamma, dbeta
 

@@ -26,6 +26,7 @@ from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
+from ._cpu_backend import from_masked_array as _from_masked_array
 from ._cpu_backend import is_tensor as _is_tensor
 from ._cpu_backend import param as _param
 from ._cpu_backend import tensor_call as _tensor_call
@@ -75,6 +76,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -88,9 +90,12 @@ def batch_norm_forward(
     x : array, ndim >= 2
         float16, float32 or float64, any byte order on the host (results in native
         order). NumPy arrays run on the CPU kernels, CUDA arrays (Numba device arrays,
-        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array is a
-        TypeError. An empty batch (no value per channel) gives an empty ``y`` and NaN
-        ``mean``/``invstd`` of shape (C,); one value per channel is a ValueError.
+        CuPy, PyTorch CUDA tensors) on the GPU kernels. A ``numpy.ma`` masked array
+        whose mask is the same for every channel gives its mask to ``mask`` (its
+        unmasked positions are True; with ``mask`` given too, both must hold); one whose
+        mask varies across channels is a TypeError. An empty batch (no value per
+        channel) gives an empty ``y`` and NaN ``mean``/``invstd`` of shape (C,); one
+        value per channel is a ValueError.
     gamma, beta : array of shape (C,), optional
         Scale and shift; None means 1 and 0.
     axis : int, default 1
@@ -101,6 +106,12 @@ def batch_norm_forward(
         Preallocated output of x's shape and dtype (may be ``x`` itself).
     activation : {None, "relu"}, optional
         ``"relu"`` applies ``max(y, 0)`` in the same pass.
+    mask : bool array, optional
+        Masked statistics: x's shape without the channel axis (``(N,)`` for ``(N, C)``,
+        ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for NCHW and NHWC), or a shape NumPy
+        broadcasts to it. The mean and variance are those of the True positions only;
+        ``y`` is computed at every position (Keras's semantics). Fewer than 2 True
+        positions is a ValueError. The array kind of ``x`` (a device array on the GPU).
     stream : CUDA stream, optional
         GPU arrays only: the stream to launch on (a Numba stream, ``cupy.cuda.Stream`` or
         ``torch.cuda.Stream``); default the current stream of the array's library.
@@ -125,8 +136,8 @@ def batch_norm_forward(
         ``x`` or a parameter is not a float array; host and GPU arrays are mixed.
     ValueError
         ndim < 2, bad axis, parameter shape not ``(C,)``, fewer than 2 values per
-        channel (in the global batch with ``comm``), eps <= 0, ``out`` of the wrong shape
-        or dtype.
+        channel (in the global batch with ``comm``; True positions with ``mask``), eps
+        <= 0, ``out`` of the wrong shape or dtype, ``mask`` of the wrong shape.
     fastbn.distributed.DistributedError
         With ``comm``: another rank failed (it raises its own error).
 
@@ -140,10 +151,18 @@ def batch_norm_forward(
            [ 1.,  1.]], dtype=float32)
     >>> mean
     array([ 2., 20.], dtype=float32)
+
+    With a mask, the third row (padding) stays out of the statistics:
+
+    >>> x = np.array([[1.0], [3.0], [100.0]])
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, mask=np.array([True, True, False]))
+    >>> mean, np.round(y.ravel(), 3)
+    (array([2.]), array([-1.,  1., 98.]))
     """
     x3 = _direct_view(x, axis, stream, gamma, beta)
     if (
         x3 is not None
+        and mask is None
         and comm is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
@@ -161,11 +180,13 @@ def batch_norm_forward(
         )
         stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
         return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
-    be = backends.backend_for(("x", "gamma", "beta", "out"), x, gamma, beta, out)
+    x, mask = _from_masked_array(x, axis, mask)
+    be = backends.backend_for(("x", "gamma", "beta", "out", "mask"), x, gamma, beta, out, mask)
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_mask(mask, x.shape, axis)
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
@@ -180,6 +201,7 @@ def batch_norm_forward(
         stream,
         dtype=_ops.stats_dtype(x.dtype),
         comm=comm,
+        mask=mask,
     )
 
 
@@ -197,6 +219,7 @@ def batch_norm_backward(
     out: Any = None,
     activation: str | None = None,
     training: bool = True,
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> tuple[Any, Any, Any]:
@@ -233,6 +256,13 @@ def batch_norm_backward(
         (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
         (running statistics, :func:`batch_norm_inference`): the gradient through fixed
         statistics. Not a bool: TypeError.
+    mask : bool array, optional
+        The forward's ``mask`` (a ``numpy.ma`` ``x`` gives its own, as in the forward):
+        the gradient of the masked forward. With ``m`` True positions,
+        ``dx = gamma * invstd * (dy - mask * (dbeta + xhat * dgamma) / m)``: positions
+        out of the mask receive ``gamma * invstd * dy`` only; ``dgamma`` and ``dbeta``
+        are sums over every position (``y`` depends on gamma and beta everywhere).
+        With ``training=False`` a ValueError (fixed statistics take no mask).
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
@@ -275,9 +305,15 @@ def batch_norm_backward(
     """
     if training is not True and training is not False:
         training = _checks.check_flag("training", training)
+    if not training and mask is not None:
+        raise ValueError(
+            "mask= applies to training=True (batch statistics); with training=False the "
+            "statistics were fixed and the gradient does not depend on a mask"
+        )
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     if (
         x3 is not None
+        and mask is None
         and comm is None
         and mean is not None
         and invstd is not None
@@ -303,22 +339,42 @@ def batch_norm_backward(
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta
+    if training:
+        x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for(
-        ("dy", "x", "mean", "invstd", "gamma", "beta", "out"), dy, x, mean, invstd, gamma, beta, out
+        ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "mask"),
+        *(dy, x, mean, invstd, gamma, beta, out, mask),
     )
     be.check_stream(stream)
     dy, x = be.wrap("dy", dy), be.wrap("x", x)
     mean, invstd = be.wrap("mean", mean), be.wrap("invstd", invstd)
     gamma, beta = be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     dtype, axis, C, relu = _checks.check_backward_args(
         dy, x, mean, invstd, gamma, beta, axis, out, activation
     )
+    _checks.check_mask(mask, x.shape, axis)
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    operation = _ops.backward if training else _ops.frozen_backward
-    return operation(
-        be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+    if not training:
+        return _ops.frozen_backward(
+            be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+        )
+    return _ops.backward(
+        be,
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+        axis,
+        relu,
+        out,
+        stream,
+        grads=grads,
+        comm=comm,
+        mask=mask,
     )
 
 
@@ -420,6 +476,7 @@ def batch_norm(
     num_batches_tracked: int | None = None,
     running_var_unbiased: bool = True,
     on_nonfinite: str = "raise",
+    mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
 ) -> Any:
@@ -460,6 +517,11 @@ def batch_norm(
         std 1e20, float16 running statistics past 65504): raise ``FloatingPointError``
         before anything is written, or warn and return the output while leaving the
         running statistics untouched. Either way they never take in NaN or inf.
+    mask : bool array, optional
+        Training only: masked statistics (see :func:`batch_norm_forward`); the running
+        variance's unbiased correction uses the count of True positions ``m``:
+        ``var * m / (m - 1)``. With ``training=False`` a ValueError (the running
+        statistics take no mask). A ``numpy.ma`` ``x`` in training gives its mask.
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
     comm : mpi4py.MPI.Comm, optional
@@ -487,7 +549,7 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    if training and comm is None and out is None and running_mean is not None:
+    if training and comm is None and out is None and running_mean is not None and mask is None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
         if (
@@ -518,13 +580,23 @@ def batch_norm(
                 stacklevel=2,
             )
             return y
-    be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
+    if not training and mask is not None:
+        raise ValueError(
+            "mask= applies to training (batch statistics); with training=False the "
+            "running statistics normalize every position, and a mask would change nothing"
+        )
+    if training:
+        x, mask = _from_masked_array(x, axis, mask)
+    be = backends.backend_for(
+        (*_NORMALIZE_ARGS, "mask"), x, running_mean, running_var, gamma, beta, out, mask
+    )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap_running("running_mean", running_mean)
     running_var = be.wrap_running("running_var", running_var)
-    out = be.wrap_out(out)
+    out, mask = be.wrap_out(out), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
         if running_mean is None or running_var is None:
@@ -548,5 +620,16 @@ def batch_norm(
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
     return _ops.train_forward(
-        be, x, gamma, beta, axis, float(eps), relu, out, stream, running=running, comm=comm
+        be,
+        x,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        running=running,
+        comm=comm,
+        mask=mask,
     )[0]

@@ -1020,10 +1020,30 @@ def store(arg, values, st):
     _store(arg, values, st[0])
 
 
-def shard_moments(x, v, st):
+def mask_view(mask, x, axis, v, st):
+    """The mask on the device as the kernels read it (uint8, ``(outer, inner)`` in x's
+    memory order) and its count of True positions: laid out on the host
+    (:func:`fastbn._checks.mask_layout`; the count is needed there before anything is
+    written), so a call with a mask copies it to the host and back (synchronizes)."""
+    w, count = _checks.mask_layout(to_host(mask), x.shape, axis, v.order, v.x3.shape)
+    return _nbcuda.to_device(w, stream=st[0]), count
+
+
+def shard_moments(x, v, st, mask=None):
     """``(mean, M2)`` per channel of this array (float64 host arrays; synchronizes):
-    launch 1 of the forward, then a merge; only ``2 * C`` float64 reach the host."""
+    launch 1 of the forward, then a merge; only ``2 * C`` float64 reach the host. With
+    ``mask`` (from :func:`mask_view`), over its True positions."""
     device_key, x3, cfg, kernels = _setup(x, v)
+    if mask is not None:
+        part = _nbcuda.device_array((3, x3.shape[1], cfg.nblk), np.float64, stream=st[0])
+        _launch(
+            kernels.masked_forward_partials,
+            cfg.grid,
+            cfg.threads,
+            st[0],
+            *(x3, mask, cfg.width, cfg.nblk, cfg.chunk, part),
+        )
+        return _stage(part, True, st[0])
     _, part, _ = _moment_partials(x3, cfg, kernels, (device_key, st[1]), 0, st[0])
     return _stage(part, True, st[0])
 
@@ -1113,14 +1133,23 @@ def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
     )
 
 
-def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads):
+def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, mask=None):
     """dx from sums over ``count`` values per channel (one launch); returns
-    ``(dgamma, dbeta)`` as :func:`backward` does."""
+    ``(dgamma, dbeta)`` as :func:`backward` does. With ``mask`` (from :func:`mask_view`),
+    ``count`` is the True positions' and only those carry the statistics' terms."""
     stream, key = st
     C = v.x3.shape[1]
     dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, C, stream)
     s_dy, s_dyx = sums
-    if x.size:
+    if x.size and mask is not None:
+        device_key, x3, cfg, kernels = _setup(x, v)
+        g, has_g = _dev(gamma, device_key)
+        b, has_b = _dev(beta, device_key)
+        sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
+        args = (dyv.x3, x3, mask, dest.y3, cfg.width, cfg.nblk, cfg.chunk, sums_dev)
+        args += (float(count), mean.dev, invstd.dev, g, has_g, b, has_b, bool(relu))
+        _launch(kernels.masked_input_grad, cfg.grid, cfg.threads, stream, *args)
+    elif x.size:
         sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
         _backward(
             x,
@@ -1139,7 +1168,8 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
             sums=sums_dev,
             count=count,
         )
-    elif grads is not None:
+        return dgamma, dbeta
+    if grads is not None:  # from the host sums (masked, or an empty shard)
         _store(dgamma_dev, s_dyx * to_host(invstd).astype(np.float64), stream)
         _store(dbeta_dev, s_dy, stream)
     return dgamma, dbeta

@@ -519,8 +519,11 @@ class Sync:
             [errors[r] for r in ranks],
         )
 
-    def _exchange(self, kind, C, n_local, local, dtype):
+    def _exchange(self, kind, C, n_local, local, dtype, has_values=None):
         """Header, this rank's summary, payload: the ``(P, 2, C)`` table and the counts.
+
+        ``n_local`` is the count the header carries; ``local`` is computed when
+        ``has_values`` (default: ``n_local > 0``).
 
         A call exchanges once: a second request of the same reduction returns the first
         result without communicating (only some ranks may ask twice, e.g. ``batch_norm``
@@ -535,7 +538,7 @@ class Sync:
             return self._result[2]
         counts = self.agree(C, n_local, kind, dtype)
         values = np.zeros(2 * C)
-        if n_local:  # a failure here enters the payload as failed (abort)
+        if n_local if has_values is None else has_values:  # a failure: payload as failed
             first, second = local() if callable(local) else local
             values[:C] = first
             values[C:] = second
@@ -633,7 +636,7 @@ class Sync:
             dtype=x3.dtype if dtype is None else dtype,
         )
 
-    def grad_sums_from_local(self, C, n_local, local, dtype=None, kind=GRAD_SUMS):
+    def grad_sums_from_local(self, C, n_local, local, dtype=None, kind=GRAD_SUMS, count=None):
         """:meth:`grad_sums` from this rank's own sums, wherever they were computed.
 
         Parameters
@@ -649,13 +652,18 @@ class Sync:
         kind : int, default GRAD_SUMS
             :data:`GRAD_SUMS` (the training backward) or :data:`FROZEN_GRAD_SUMS` (the
             backward through fixed statistics), agreed on by the ranks.
+        count : int, optional
+            The values per channel of this rank that entered the forward's statistics,
+            when not all did (``mask=``; default ``n_local``): :attr:`count` is their
+            sum over the ranks, the sums are still those of every value.
 
         Returns
         -------
         sum_dy, sum_dy_xmu : ndarray of float64, shape (C,)
             Bitwise identical on every rank. Sets :attr:`count`.
         """
-        counts, table = self._exchange(kind, C, n_local, local, dtype)
+        header_count = n_local if count is None else count
+        counts, table = self._exchange(kind, C, header_count, local, dtype, n_local > 0)
         total = sum_in_order(table)
         self.count = sum(counts)
         return total[0], total[1]

@@ -205,6 +205,7 @@ class BatchNorm:
         self.dbeta = None
         self.training = True
         self._saved = None
+        self._saved_mask = None
 
     def _init_variants(self, renorm, renorm_clipping, renorm_momentum, renorm_ramp):
         """Check and set the batch-renormalization options (before any state exists)."""
@@ -329,8 +330,8 @@ class BatchNorm:
             parts.append(f"virtual_batch_size={self.virtual_batch_size}")
         return "".join(", " + p for p in parts)
 
-    def __call__(self, x: ArrayLike, training: bool | None = None) -> Any:
-        return self.forward(x, training=training)
+    def __call__(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
+        return self.forward(x, training=training, mask=mask)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
@@ -408,7 +409,7 @@ class BatchNorm:
             setattr(self, name, backends.cuda().as_device(new, kind) if kind else new)
         self.dtype = dtype
 
-    def forward(self, x: ArrayLike, training: bool | None = None) -> Any:
+    def forward(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
         """Normalize ``x``.
 
         Parameters
@@ -422,6 +423,13 @@ class BatchNorm:
             always uses its running statistics. Either way :meth:`backward` gives the
             gradient of this forward: through the batch statistics, or through the fixed
             running ones (``dx = gamma * invstd * dy``).
+        mask : bool array, optional
+            With batch statistics: masked statistics (see
+            :func:`fastbn.batch_norm_forward`; a ``numpy.ma`` ``x`` gives its own mask);
+            the running variance's unbiased correction uses the True positions' count.
+            The layer keeps it for :meth:`backward`. A ValueError with running
+            statistics (``training=False``, ``frozen``), which take no mask, and with
+            ``renorm`` or ``virtual_batch_size`` (not supported with a mask).
 
         Returns
         -------
@@ -449,6 +457,11 @@ class BatchNorm:
         >>> bn = fastbn.BatchNorm(2)
         >>> bn.forward(np.array([[1.0, 2.0], [3.0, 4.0]]), training=False).dtype
         dtype('float64')
+        >>> y = bn.forward(np.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]), training=True,
+        ...                mask=np.array([True, True, False]))
+        >>> np.round(y[:2], 3)
+        array([[-1., -1.],
+               [ 1.,  1.]])
         """
         training = self.training if training is None else bool(training)
         if self.frozen:
@@ -456,12 +469,25 @@ class BatchNorm:
                 raise ValueError("a frozen layer needs running statistics (track_running_stats)")
             training = False
         batch_statistics = training or not self.track_running_stats
-        return self._forward(x, training, comm=self.comm if batch_statistics else None)
+        if mask is not None or isinstance(x, np.ma.MaskedArray):
+            if not batch_statistics and mask is not None:
+                raise ValueError(
+                    "mask= applies to batch statistics (training=True); the running "
+                    "statistics normalize every position, and a mask would change nothing"
+                )
+            if batch_statistics:
+                if self.renorm or self.virtual_batch_size is not None:
+                    raise ValueError(
+                        "mask= (or a numpy.ma x) is not supported with renorm or virtual_batch_size"
+                    )
+                x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
+        return self._forward(x, training, comm=self.comm if batch_statistics else None, mask=mask)
 
     @distributed.synchronized("BatchNorm.forward")
-    def _forward(self, x, training, comm=None):
+    def _forward(self, x, training, comm=None, mask=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        if training or not self.track_running_stats:
+        self._saved_mask = None
+        if (training or not self.track_running_stats) and mask is None:
             update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
@@ -517,12 +543,15 @@ class BatchNorm:
             x = be.wrap("x", x)
             self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None, None)
             return y
-        x = be.wrap("x", x)
+        if mask is not None and _checks.is_cuda_array(mask) != _checks.is_cuda_array(x):
+            raise TypeError("mask must live on the same device as x")
+        x, mask = be.wrap("x", x), be.wrap("mask", mask)
         gamma, beta = be.wrap_state("gamma", self.gamma), be.wrap_state("beta", self.beta)
         axis, relu = _ops.check_forward_args(
             x, gamma, beta, self.axis, self.eps, None, self.activation
         )
         self._check_channels(x, axis)
+        _checks.check_mask(mask, x.shape, axis)
         running = None
         if training and self.track_running_stats and self.update_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
@@ -552,10 +581,12 @@ class BatchNorm:
             dtype=_FLOAT64,
             running=running,
             comm=comm,
+            mask=mask,
         )
         if running is not None:
             self.num_batches_tracked += 1
         self._saved = (be.unwrap(x), axis, mean, invstd, None)
+        self._saved_mask = mask
         return y
 
     def _variant(self, training, shape):
@@ -655,6 +686,7 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward(x)")
         x, axis, mean, invstd, variant = self._saved
+        mask = self._saved_mask
         frozen = mean is None  # the forward normalized with the running statistics
         if frozen:
             if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
@@ -665,6 +697,7 @@ class BatchNorm:
             )
         if (
             variant is None
+            and mask is None
             and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
@@ -720,6 +753,7 @@ class BatchNorm:
                 None,
                 grads=grads,
                 comm=comm,
+                **({} if frozen else {"mask": mask}),
             )
         elif variant[0] == "renorm":
             _, gamma_r, beta_r, r, d = variant

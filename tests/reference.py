@@ -156,6 +156,69 @@ def mlp_inference(x, layers):
     return h
 
 
+def expand_mask(mask, x, axis=1):
+    """``mask`` (x's shape without the channel axis, or broadcastable to it) as a
+    float64 0/1 array of x's shape (the same for every channel)."""
+    axis = axis % x.ndim
+    reduced = x.shape[:axis] + x.shape[axis + 1 :]
+    w = np.expand_dims(np.broadcast_to(np.asarray(mask, dtype=bool), reduced), axis)
+    return np.broadcast_to(w, x.shape).astype(np.float64)
+
+
+def masked_forward(x, mask, gamma=None, beta=None, axis=1, eps=1e-5, activation=None):
+    """Masked training forward: statistics over the True positions, output everywhere.
+
+    Returns ``(y, mean, invstd, var, m)``, float64, ``m`` the count of True positions.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    red, axis = _axes(x, axis)
+    C = x.shape[axis]
+    w = expand_mask(mask, x, axis)
+    m = int(w.sum() // C) if C else 0
+    mean = (w * x).sum(axis=red) / m
+    var = (w * (x - _bcast(mean, x, axis)) ** 2).sum(axis=red) / m
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - _bcast(mean, x, axis)) * _bcast(invstd, x, axis)
+    y = _bcast(_param(gamma, C, 1.0), x, axis) * xhat + _bcast(_param(beta, C, 0.0), x, axis)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y, mean, invstd, var, m
+
+
+def masked_backward(dy, x, mask, mean, invstd, gamma=None, beta=None, axis=1, activation=None):
+    """Backward of :func:`masked_forward` from the given statistics: ``(dx, dgamma, dbeta)``.
+
+    Every output depends on the masked statistics, so the sums run over every position;
+    the statistics depend on the True positions only (docs/math.md)::
+
+        dbeta  = sum dy,  dgamma = sum dy * xhat          (every position)
+        dx     = gamma * invstd * (dy - mask * (dbeta + xhat * dgamma) / m)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    red, axis = _axes(x, axis)
+    C = x.shape[axis]
+    w = expand_mask(mask, x, axis)
+    m = w.sum() / C
+    g = _param(gamma, C, 1.0)
+    xhat = (x - _bcast(mean, x, axis)) * _bcast(invstd, x, axis)
+    if activation == "relu":
+        pre = _bcast(g, x, axis) * xhat + _bcast(_param(beta, C, 0.0), x, axis)
+        dy = np.where(pre > 0, dy, 0.0)
+    dbeta = dy.sum(axis=red)
+    dgamma = (dy * xhat).sum(axis=red)
+    dx = _bcast(g * np.asarray(invstd, dtype=np.float64), x, axis) * (
+        dy - w * (_bcast(dbeta, x, axis) + xhat * _bcast(dgamma, x, axis)) / m
+    )
+    return dx, dgamma, dbeta
+
+
+def masked_loss_for_gradcheck(x, mask, gamma, beta, w, axis=1, eps=1e-5, activation=None):
+    """A scalar ``sum(w * y)`` of the masked forward (its gradient: :func:`masked_backward`)."""
+    y = masked_forward(x, mask, gamma, beta, axis, eps, activation)[0]
+    return float((w * y).sum())
+
+
 # --------------------------------------------------------------------------------------
 # The layer's variants: batch renormalization and ghost batches
 #

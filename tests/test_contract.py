@@ -221,9 +221,11 @@ def _masked(a):
 @cpu_only
 @pytest.mark.parametrize(
     "target",
-    ["x", "gamma", "out", "running_mean", "dy", "mean", "layer_x", "layer_dy", "inference_x"],
+    ["gamma", "out", "running_mean", "dy", "mean", "layer_dy", "inference_x"],
 )
 def test_masked_arrays_are_refused(target):
+    """A masked array whose mask would be dropped is refused (a training ``x`` gives its
+    mask to ``mask=`` instead: test_masked_x_in_training_gives_its_mask)."""
     x = data((6, 3), np.float32)
     y, mean, invstd = fastbn.batch_norm_forward(x)
     args = dict(
@@ -260,6 +262,33 @@ def test_masked_arrays_are_refused(target):
             )
     for k, v in before.items():
         np.testing.assert_array_equal(np.asarray(args[k]), v, err_msg=k)
+
+
+@cpu_only
+@pytest.mark.parametrize("target", ["forward", "batch_norm", "layer"])
+def test_masked_x_in_training_gives_its_mask(target):
+    x = data((6, 3), np.float32)
+    invalid = np.zeros(x.shape, bool)
+    invalid[4:] = True  # the last two rows, in every channel
+    valid = ~invalid[:, 0]
+
+    def call(a, out):
+        if target == "forward":
+            return fastbn.batch_norm_forward(a, out=out)[0]
+        if target == "batch_norm":
+            return fastbn.batch_norm(
+                a, np.zeros(3, np.float32), np.ones(3, np.float32), training=True, out=out
+            )
+        return fastbn.BatchNorm(3).forward(a, training=True)
+
+    y = call(np.ma.masked_array(x, mask=invalid), None)
+    np.testing.assert_array_equal(y, fastbn.batch_norm_forward(x, mask=valid)[0])
+    varying = invalid.copy()
+    varying[0, 1] = True
+    out = np.full_like(x, 7)
+    with pytest.raises(TypeError, match="varies across the channels"):
+        call(np.ma.masked_array(x, mask=varying), out)
+    assert (out == 7).all()
 
 
 @cpu_only

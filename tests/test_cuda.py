@@ -132,6 +132,11 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
     sigs["frozen_backward", data] = (k.frozen_backward, (x3, x3, x3, i64, i64, i64, st, st, p1,
         b1, p1, b1, b1, A(f64, 3)))
     sigs["frozen_grads", data] = (K.frozen_grads, (A(f64, 3), st, st, st))
+    w2 = A(nt.uint8, 2)
+    sigs["masked_forward_partials", data] = (k.masked_forward_partials, (x3, w2, i64, i64, i64,
+        A(f64, 3)))
+    sigs["masked_input_grad", data] = (k.masked_input_grad, (x3, x3, w2, x3, i64, i64, i64,
+        A(f64, 3), f64, st, st, p1, b1, p1, b1, b1))
 sigs["gather", 0] = (K.gather, (A(nt.float32, 1), A(f64, 1), nt.UniTuple(i64, 4),
     nt.UniTuple(i64, 4), i64))
 sigs["scatter", 0] = (K.scatter, (A(nt.float16, 1), A(nt.float16, 1), nt.UniTuple(i64, 3),
@@ -770,3 +775,79 @@ def test_layer_backward_after_eval_forward_on_the_gpu():
     close(host(gpu_layer.dbeta), cpu_layer.dbeta, np.float32, scale=10, name="dbeta")
     assert np.array_equal(host(gpu_layer.running_mean), cpu_layer.running_mean)
     assert gpu_layer.num_batches_tracked == 1
+
+
+# --------------------------------------------------------------------------------------
+# Masked statistics (mask=)
+# --------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("shape, axis", [((7, 3, 41), 1), ((4, 5, 6, 3), -1), ((70, 37), 1)])
+def test_masked_forward_backward(shape, axis, dtype):
+    """The masked kernels against the float64 reference and the CPU: strided and rows
+    families, several blocks per channel, chunks with no True position."""
+    x = data(shape, dtype, seed=21)
+    dy = data(shape, dtype, seed=22, offset=0.0)
+    ax = axis % len(shape)
+    C = shape[ax]
+    gamma, beta = params(C, dtype)
+    rng = np.random.default_rng(23)
+    mask = rng.random(shape[:ax] + shape[ax + 1 :]) < 0.5
+    mask[: max(1, shape[0] // 3)] = False  # whole chunks without a True position
+    mask.reshape(-1)[-2:] = True
+    for activation in (None, "relu"):
+        y, mean, invstd = fastbn.batch_norm_forward(
+            dev(x), dev(gamma), dev(beta), axis=axis, mask=dev(mask), activation=activation
+        )
+        dx, dgamma, dbeta = fastbn.batch_norm_backward(
+            dev(dy),
+            dev(x),
+            mean,
+            invstd,
+            dev(gamma),
+            dev(beta),
+            axis=axis,
+            mask=dev(mask),
+            activation=activation,
+        )
+        y_ref, mean_ref, invstd_ref = ref.masked_forward(
+            x, mask, gamma, beta, axis, activation=activation
+        )[:3]
+        close(host(y), y_ref, dtype, name="y")
+        close(host(mean), mean_ref, np.float64 if dtype == np.float64 else np.float32)
+        close(host(invstd), invstd_ref, np.float64 if dtype == np.float64 else np.float32)
+        dx_ref, dgamma_ref, dbeta_ref = ref.masked_backward(
+            dy, x, mask, host(mean), host(invstd), gamma, beta, axis, activation
+        )
+        close(host(dx), dx_ref, dtype, name="dx")
+        scale = np.sqrt(x.size // C)
+        sdt = np.float64 if dtype == np.float64 else np.float32
+        close(host(dgamma), dgamma_ref, sdt, scale, name="dgamma")
+        close(host(dbeta), dbeta_ref, sdt, scale, name="dbeta")
+        if dtype != np.float16:  # the CPU path gives the same statistics
+            _, mean_cpu, _ = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, mask=mask)
+            close(host(mean), mean_cpu, dtype, name="mean vs CPU")
+
+
+@needs_cuda
+def test_masked_running_statistics_and_layer():
+    x = data((9, 3, 5), np.float32, seed=24)
+    dy = data((9, 3, 5), np.float32, seed=25, offset=0.0)
+    mask = np.random.default_rng(26).random((9, 5)) < 0.6
+    mask[0, :2] = True
+    rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
+    fastbn.batch_norm(dev(x), rm, rv, training=True, mask=dev(mask), momentum=0.5)
+    _, mean, _, var, m = ref.masked_forward(x, mask)
+    rm_ref, rv_ref = ref.update_running(np.zeros(3), np.ones(3), mean, var, m, 0.5)
+    close(host(rm), rm_ref, np.float32)
+    close(host(rv), rv_ref, np.float32)
+    layer = fastbn.BatchNorm(3).to("cuda")
+    layer.forward(dev(x), training=True, mask=dev(mask))
+    dx = layer.backward(dev(dy))
+    cpu_layer = fastbn.BatchNorm(3)
+    cpu_layer.forward(x, training=True, mask=mask)
+    close(host(dx), cpu_layer.backward(dy), np.float32, name="layer dx")
+    with pytest.raises(TypeError, match="all be CUDA arrays or all host arrays"):
+        fastbn.batch_norm_forward(dev(x), mask=mask)

@@ -88,6 +88,30 @@ def test_synchronized_equals_single_process(sync_results):
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_masked_synchronized_equals_single_process():
+    """mask= under mpiexec -n 3: uneven shards and masks, a rank whose shard has no True
+    position (its count 0 still weighs in), an empty rank, a rank without a mask."""
+    result = run_mpi(SCRIPTS / "mask_checks.py", 3)
+    cases = result["cases"]
+    assert any(c["empty_rank"] is not None for c in cases)
+    assert any(0 in c["rows"] for c in cases)
+    assert any(c["unmasked_rank"] is not None for c in cases)
+    failures = []
+    for c in cases:
+        label = f"{c['layout']} {c['dtype']} rows={c['rows']} empty={c['empty_rank']}"
+        # float32 y and dx are rounded from float64 statistics; the layer and the
+        # per-channel results are float64: REL_TOL of the case's dtype covers both
+        for name, (abs_diff, rel) in c["diffs"].items():
+            if not rel <= REL_TOL[c["dtype"]]:
+                failures.append(f"{label}: {name} differs by {rel:.3g} (abs {abs_diff:.3g})")
+        for name, same in c["identical"].items():
+            if not same:
+                failures.append(f"{label}: {name} not bitwise identical on every rank")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_statistics_and_gradients_bitwise_identical_on_every_rank(sync_results):
     not_identical = [
         f"{c['op']} {c['layout']} {c['dtype']} rows={c['rows']}: {name}"

@@ -317,10 +317,12 @@ def test_every_cpu_kernel_has_a_locked_cache():
     fcntl = pytest.importorskip("fcntl")  # noqa: F841 (POSIX only)
     from numba.core.registry import CPUDispatcher
 
-    from fastbn import _config, cpu
+    from fastbn import _config, cpu, cpu_masked
 
     kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)] + cpu.drivers()
-    assert len(kernels) > 20
+    kernels += [v for v in vars(cpu_masked).values() if isinstance(v, CPUDispatcher)]
+    kernels += cpu_masked.drivers()
+    assert len(kernels) > 30
     for kernel in kernels:
         assert type(kernel._cache._cache_file) is _config._LockedCacheFile, kernel
 

@@ -1,0 +1,491 @@
+"""CPU kernels of masked statistics (``mask=``): Numba ``prange`` loops over the canonical
+``(outer, C, inner)`` view and the mask's ``(outer, inner)`` view.
+
+The mask selects the positions whose values enter the statistics; it is the same for
+every channel, so the count ``m`` of True positions is one number. Two kernels are new,
+the others are those of the unmasked path (:mod:`fastbn.cpu`):
+
+- :func:`moments`: per-channel mean and M2 over the True positions (the forward's
+  statistics; the forward then normalizes every position with :func:`fastbn.cpu.normalize`).
+- :func:`input_grad`: ``dx = a * dy + mask * (b * (x - mean) + d)`` (the backward's sums
+  are those of every position, :func:`fastbn.cpu.grad_sums`; see docs/math.md).
+
+They are separate kernels, not a flag of the unmasked ones, so that the unmasked path's
+code, hence its speed, is untouched.
+
+Determinism and accuracy follow :mod:`fastbn.cpu`: a fixed partition into chunks of whole
+rows that depends on the shape and dtype only, one thread per (channel, chunk), chunk
+summaries ``(shift, dev, M2)`` in float64 shifted by the chunk's first True value (the
+two-pass method from cache when that value is an outlier), merged per channel in chunk
+order through their pooled mean (no ``E[x^2] - E[x]^2`` cancellation). A chunk without a
+True position contributes nothing. Masked-out values are never read into a sum (a select,
+not a multiplication by 0: a NaN in the padding stays out).
+"""
+
+import types
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from . import _config, cpu
+from ._config import njit
+
+_REDUCE = _config.JIT_OPTIONS
+_ELEMENTWISE = _config.ELEMENTWISE_JIT_OPTIONS
+_EXACT = _config.EXACT_JIT_OPTIONS
+
+MEAN_HI, MEAN_LO, SCALE, SHIFT = cpu.MEAN_HI, cpu.MEAN_LO, cpu.SCALE, cpu.SHIFT
+_MERGE_BLOCK = _config.MERGE_BLOCK
+
+
+class _Builds(NamedTuple):
+    """A ``parallel=True`` build of a driver and a serial one, for calls too small to pay
+    for a parallel region (``_config.SERIAL_BYTES``), as :func:`fastbn.cpu._builds` does."""
+
+    parallel: object
+    serial: object
+
+
+def _two_builds(options):
+    """Decorator: compile a driver twice, parallel and serial, each under its own
+    qualified name (its own entry in Numba's on-disk cache)."""
+
+    def build(fn):
+        copy = types.FunctionType(
+            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__
+        )
+        copy.__qualname__ = fn.__qualname__ + "_serial"
+        copy.__doc__ = fn.__doc__
+        return _Builds(njit(parallel=True, **options)(fn), njit(**options)(copy))
+
+    return build
+
+
+def _build(builds, x3):
+    """The build of a driver for ``x3``'s size."""
+    return builds.serial if x3.nbytes < _config.SERIAL_BYTES else builds.parallel
+
+
+# --------------------------------------------------------------------------------------
+# The partition
+# --------------------------------------------------------------------------------------
+
+
+def chunk_rows(shape, itemsize):
+    """Outer rows per reduction chunk of an ``(outer, C, inner)`` shape (a function of
+    the shape and dtype only, never of the thread count).
+
+    As many rows as make ``_config.CHUNK_BYTES`` of all channels, and, for the strided
+    family, at least ``_config.CHUNK_MIN_CHANNEL_BYTES`` of one channel (see
+    :func:`fastbn.cpu._chunk`); at least one row.
+
+    Examples
+    --------
+    >>> chunk_rows((1000, 64, 1), 4)
+    1024
+    """
+    outer, C, inner = shape
+    rows = _config.CHUNK_BYTES // max(1, C * inner * itemsize)
+    if inner > 1:
+        rows = max(rows, -(-_config.CHUNK_MIN_CHANNEL_BYTES // (inner * itemsize)))
+    return max(1, rows)
+
+
+@njit(**_EXACT)  # serial: it reads the mask only (1/C of x), a parallel region costs more
+def _chunk_counts(w1, inner, rows, counts, first):
+    """True positions of each chunk of ``rows`` outer rows, and the flat position of its
+    first one (-1 when none).
+
+    Parameters
+    ----------
+    w1 : ndarray of uint8, 1-D
+        The flat ``(outer, inner)`` mask.
+    inner, rows : int
+    counts, first : ndarray of int64, shape (n_chunks,)
+        Outputs.
+    """
+    total = w1.shape[0]
+    for k in range(counts.shape[0]):
+        j0 = k * rows * inner
+        j1 = min(j0 + rows * inner, total)
+        n = 0
+        f = -1
+        for j in range(j0, j1):
+            if w1[j]:
+                n += 1
+                if f < 0:
+                    f = j
+        counts[k] = n
+        first[k] = f
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_REDUCE)
+def _masked_sums_strided(x1, w1, C, inner, c, o0, o1, k):
+    """``(sum(x - k), sum((x - k)**2))`` in float64 over the True positions of rows
+    ``[o0, o1)`` of channel ``c`` (flat arrays, unsigned offsets)."""
+    s = 0.0
+    q = 0.0
+    n = np.uint64(inner)
+    for o in range(o0, o1):
+        base = np.uint64((o * C + c) * inner)
+        wbase = np.uint64(o * inner)
+        for i in range(n):
+            d = np.float64(x1[base + i]) - k if w1[wbase + i] else 0.0
+            s += d
+            q += d * d
+    return s, q
+
+
+@njit(**_REDUCE)
+def _masked_sums_rows(x, rows, j0, j1, k, s, q):
+    """Per channel, ``s = sum(x - k)`` and ``q = sum((x - k)**2)`` over the rows
+    ``rows[j0:j1]`` (the True rows of a chunk, in order), vectorized across channels.
+
+    The loop of :func:`fastbn.cpu._shifted_sums_rows` through the row indices: the four
+    quarters at once (four memory streams: the unmasked kernel measured 1.4-1.55x faster
+    so), then the rows left. False rows are never read.
+    """
+    C = x.shape[1]
+    s[:] = 0.0
+    q[:] = 0.0
+    h = (j1 - j0) // 4
+    for j in range(j0, j0 + h):
+        r0, r1, r2, r3 = rows[j], rows[j + h], rows[j + 2 * h], rows[j + 3 * h]
+        for c in range(C):
+            d0 = np.float64(x[r0, c]) - k[c]
+            d1 = np.float64(x[r1, c]) - k[c]
+            d2 = np.float64(x[r2, c]) - k[c]
+            d3 = np.float64(x[r3, c]) - k[c]
+            s[c] += (d0 + d1) + (d2 + d3)
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for j in range(j0 + 4 * h, j1):
+        r = rows[j]
+        for c in range(C):
+            d = np.float64(x[r, c]) - k[c]
+            s[c] += d
+            q[c] += d * d
+
+
+@njit(**_EXACT)
+def _merge_masked(part_shift, part_dev, part_m2, counts, k0, c0, c1, m, mean, m2):
+    """Merge the chunk summaries of channels ``c0 <= c < c1`` (see
+    :func:`fastbn.cpu._merge_chunks`), skipping chunks without a True position; ``k0``
+    is the first chunk with one (its shift is the reference), ``m`` the total count."""
+    for c in range(c0, c1):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    for k in range(counts.shape[0]):
+        n_k = counts[k]
+        if n_k == 0:
+            continue
+        for c in range(c0, c1):
+            mean[c] += n_k * ((part_shift[k, c] - part_shift[k0, c]) + part_dev[k, c])
+    for c in range(c0, c1):
+        mean[c] = mean[c] / m
+    for k in range(counts.shape[0]):
+        n_k = counts[k]
+        if n_k == 0:
+            continue
+        for c in range(c0, c1):
+            d = ((part_shift[k, c] - part_shift[k0, c]) + part_dev[k, c]) - mean[c]
+            m2[c] += part_m2[k, c] + n_k * (d * d)
+    for c in range(c0, c1):
+        mean[c] = part_shift[k0, c] + mean[c]
+
+
+@_two_builds(_REDUCE)
+def _moments_strided(x, w, rows, counts, first, mean, m2):
+    """Masked mean and M2 per channel, strided family (``inner > 1``).
+
+    One read of x and of the mask per channel (a chunk whose first True value is an
+    outlier is reduced again, from cache). Work items are ``(chunk, channel)`` pairs in
+    chunk-major order.
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, inner)
+    w : ndarray of uint8, shape (outer, inner)
+    rows : int
+        Outer rows per chunk.
+    counts, first : ndarray of int64, shape (n_chunks,)
+        From :func:`_chunk_counts`.
+    mean, m2 : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    outer, C, inner = x.shape
+    n_chunks = counts.shape[0]
+    part_shift = np.zeros((n_chunks, C))
+    part_dev = np.zeros((n_chunks, C))
+    part_m2 = np.zeros((n_chunks, C))
+    x1 = x.reshape(-1)
+    w1 = w.reshape(-1)
+    for t in prange(C * n_chunks):
+        k = t // C
+        c = t - k * C
+        n = counts[k]
+        if n == 0:
+            continue
+        o0 = k * rows
+        o1 = min(o0 + rows, outer)
+        j = first[k]
+        o = j // inner
+        kk = np.float64(x1[(o * C + c) * inner + (j - o * inner)])
+        s, q = _masked_sums_strided(x1, w1, C, inner, c, o0, o1, kk)
+        if not q <= 16.0 * (q - s * s / n):  # also true for a NaN
+            s, _ = _masked_sums_strided(x1, w1, C, inner, c, o0, o1, 0.0)
+            kk = s / n
+            s, q = _masked_sums_strided(x1, w1, C, inner, c, o0, o1, kk)
+        dev = s / n
+        part_shift[k, c] = kk
+        part_dev[k, c] = dev
+        part_m2[k, c] = q - s * dev
+    m = 0
+    k0 = -1
+    for k in range(n_chunks):
+        m += counts[k]
+        if k0 < 0 and counts[k] > 0:
+            k0 = k
+    block = _MERGE_BLOCK
+    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
+        c0 = b * block
+        _merge_masked(
+            part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
+        )
+
+
+@_two_builds(_REDUCE)
+def _moments_rows(x, w, rows, counts, first, mean, m2):
+    """Masked mean and M2 per channel, rows family (``inner == 1``): each chunk of rows
+    reduces every channel at once, over its True rows only (never reading the others).
+
+    Parameters as :func:`_moments_strided` (``x`` of shape ``(outer, C, 1)``, ``w`` of
+    shape ``(outer, 1)``).
+    """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    true_rows = np.flatnonzero(w.reshape(-1))
+    n_chunks = counts.shape[0]
+    start = np.zeros(n_chunks + 1, np.int64)
+    for k in range(n_chunks):
+        start[k + 1] = start[k] + counts[k]
+    part_shift = np.zeros((n_chunks, C))
+    part_dev = np.zeros((n_chunks, C))
+    part_m2 = np.zeros((n_chunks, C))
+    for k in prange(n_chunks):
+        n = counts[k]
+        if n == 0:
+            continue
+        j0 = start[k]
+        j1 = start[k + 1]
+        kk = np.empty(C)
+        s = np.empty(C)
+        q = np.empty(C)
+        for c in range(C):
+            kk[c] = x2[first[k], c]
+        _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
+        well_conditioned = True
+        for c in range(C):
+            if not q[c] <= 16.0 * (q[c] - s[c] * s[c] / n):  # also true for a NaN
+                well_conditioned = False
+        if not well_conditioned:
+            kk[:] = 0.0
+            _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
+            for c in range(C):
+                kk[c] = s[c] / n
+            _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
+        for c in range(C):
+            dev = s[c] / n
+            part_shift[k, c] = kk[c]
+            part_dev[k, c] = dev
+            part_m2[k, c] = q[c] - s[c] * dev
+    m = 0
+    k0 = -1
+    for k in range(n_chunks):
+        m += counts[k]
+        if k0 < 0 and counts[k] > 0:
+            k0 = k
+    block = _MERGE_BLOCK
+    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
+        c0 = b * block
+        _merge_masked(
+            part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Input gradient
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_ELEMENTWISE)
+def _affine(x, hi, lo, scale, shift):
+    """The forward's normalized value, written as :func:`fastbn.cpu.affine` writes it (the
+    same options, so that the recomputed ReLU mask is the forward's bit for bit)."""
+    return ((x - hi) - lo) * scale + shift
+
+
+@_two_builds(_ELEMENTWISE)
+def _input_grad_rows(dy, x, w, coef, dcoef, relu, dx):
+    """``dx = a * dy`` at False rows, ``a * dy + b * (x - mean) + d`` at True rows; one
+    read of dy, x and the mask, one write of dx (rows family).
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, 1)
+    w : ndarray of uint8, shape (outer, 1)
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+        ``a``, ``b``, ``d`` (:func:`fastbn.cpu.fill_grad_coefficients` with the masked count).
+    relu : bool
+    """
+    outer, C, _ = x.shape
+    x2 = x.reshape(outer, C)
+    dy2 = dy.reshape(outer, C)
+    dx2 = dx.reshape(outer, C)
+    w1 = w.reshape(-1)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    a, b, d = dcoef[0], dcoef[1], dcoef[2]
+    zero = coef.dtype.type(0)
+    for r in prange(outer):
+        if w1[r]:
+            for c in range(C):
+                xv = x2[r, c]
+                g = dy2[r, c]
+                if relu and _affine(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                    g = zero
+                dx2[r, c] = a[c] * g + b[c] * ((xv - hi[c]) - lo[c]) + d[c]
+        else:
+            for c in range(C):
+                g = dy2[r, c]
+                if relu and _affine(x2[r, c], hi[c], lo[c], scale[c], shift[c]) <= zero:
+                    g = zero
+                dx2[r, c] = a[c] * g
+
+
+@_two_builds(_ELEMENTWISE)
+def _input_grad_strided(dy, x, w, coef, dcoef, relu, dx):
+    """:func:`_input_grad_rows` for the strided family; a work item is one run (one
+    outer row of one channel)."""
+    outer, C, inner = x.shape
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
+    w1 = w.reshape(-1)
+    zero = coef.dtype.type(0)
+    n = np.uint64(inner)
+    for t in prange(outer * C):
+        o = t // C
+        c = t - o * C
+        hi = coef[MEAN_HI, c]
+        lo = coef[MEAN_LO, c]
+        scale = coef[SCALE, c]
+        shift = coef[SHIFT, c]
+        a = dcoef[0, c]
+        b = dcoef[1, c]
+        d = dcoef[2, c]
+        base = np.uint64(t * inner)
+        wbase = np.uint64(o * inner)
+        for i in range(n):
+            xv = x1[base + i]
+            g = dy1[base + i]
+            if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+                g = zero
+            v = a * g
+            if w1[wbase + i]:
+                v = a * g + b * ((xv - hi) - lo) + d
+            dx1[base + i] = v
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def moments(x3, w2):
+    """Per-channel mean and M2 of ``x3`` over the True positions of ``w2``, in float64.
+
+    Parameters
+    ----------
+    x3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
+    w2 : ndarray of uint8 (or bool), shape (outer, inner), C-contiguous
+        At least one True position.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(mean, m2)``, float64, shape (C,).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([1.0, 2.0, 100.0, 4.0]).reshape(4, 1, 1)
+    >>> mean, m2 = moments(x, np.array([[1], [1], [0], [1]], np.uint8))
+    >>> mean, m2
+    (array([2.33333333]), array([4.66666667]))
+    """
+    outer, C, inner = x3.shape
+    w2 = w2.view(np.uint8)
+    rows = chunk_rows(x3.shape, x3.dtype.itemsize)
+    n_chunks = max(1, -(-outer // rows))
+    counts = np.empty(n_chunks, np.int64)
+    first = np.empty(n_chunks, np.int64)
+    _chunk_counts(w2.reshape(-1), inner, rows, counts, first)
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    kernel = _build(_moments_rows if inner == 1 else _moments_strided, x3)
+    kernel(x3, w2, rows, counts, first, mean, m2)
+    return mean, m2
+
+
+def input_grad(dy3, x3, w2, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
+    """Write the masked ``dx`` from the sums over every position and the masked count.
+
+    ``dx = gamma * invstd * (dy - mask * (s_dy + xhat * dgamma) / m)`` with
+    ``dgamma = invstd * s_dyx``: one read of dy, x and the mask, one write of dx.
+
+    Parameters
+    ----------
+    dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    w2 : ndarray of uint8 (or bool), shape (outer, inner)
+    coef : ndarray, shape (4, C)
+        :func:`fastbn.cpu.coefficients` of the saved statistics.
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        ``sum dy`` and ``sum dy * (x - mean)`` over every position (every rank's).
+    m : int
+        True positions (every rank's).
+    invstd, gamma : ndarray of float64, shape (C,)
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([0.0, 2.0, 5.0]).reshape(3, 1, 1)
+    >>> w = np.array([[1], [1], [0]], np.uint8)
+    >>> coef = cpu.coefficients(np.ones(1), np.ones(1), np.ones(1), np.zeros(1), x.dtype)
+    >>> dx = np.empty_like(x)
+    >>> input_grad(np.ones_like(x), x, w, coef, np.array([3.0]), np.array([4.0]), 2,
+    ...            np.ones(1), np.ones(1), False, dx)
+    >>> dx.ravel()
+    array([ 1.5, -2.5,  1. ])
+    """
+    dcoef = np.empty((3, x3.shape[1]), x3.dtype)
+    cpu.fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef)
+    kernel = _build(_input_grad_rows if x3.shape[2] == 1 else _input_grad_strided, x3)
+    kernel(dy3, x3, w2.view(np.uint8), coef, dcoef, relu, dx3)
+
+
+def drivers():
+    """Every driver of this module (the dispatchers the host side calls).
+
+    Returns
+    -------
+    list of numba Dispatcher
+    """
+    builds = (_moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
+    return [_chunk_counts] + [build for pair in builds for build in pair]
