@@ -308,6 +308,42 @@ def check_out(name, out, shape, dtype):
         raise ValueError(f"{name} must be writable")
 
 
+def check_residual(residual, shape, dtype):
+    """Check ``residual=`` (z of ``act(bn(x) + z)``): x's shape and dtype, any layout.
+
+    Parameters
+    ----------
+    residual : array or None
+        Anything with ``shape`` and ``dtype`` (None: nothing to check).
+    shape : tuple of int
+    dtype : numpy.dtype
+        x's shape and dtype.
+
+    Raises
+    ------
+    TypeError
+        Not a float16, float32 or float64 array.
+    ValueError
+        Another shape or dtype than x's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_residual(np.zeros((2, 3)).T, (3, 2), np.dtype(np.float64))
+    """
+    if residual is None:
+        return
+    if not hasattr(residual, "shape") or not hasattr(residual, "dtype"):
+        raise TypeError(f"residual must be an array, got {type(residual).__name__}")
+    got = check_input("residual", residual, min_ndim=0)
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(
+            f"residual must have the shape of x {tuple(shape)}, got {tuple(residual.shape)}"
+        )
+    if got.newbyteorder("=") != np.dtype(dtype).newbyteorder("="):
+        raise ValueError(f"residual must have the dtype of x ({dtype}), got {got}")
+
+
 def check_batch(shape, axis, training):
     """Check that a batch has enough values per channel; return ``(C, m)``.
 

@@ -533,19 +533,30 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
     return saved(mean, dtype), saved(invstd, dtype), (mean, var)
 
 
-def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st=None):
-    """``y`` from given float64 statistics (the batch's, or the global batch's)."""
+def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st=None, residual=None):
+    """``y`` from given float64 statistics (the batch's, or the global batch's); with
+    ``residual`` (the view of z in x's order), ``act(bn(x) + z)`` in the same pass."""
     x3 = _compute_view(v, x.dtype)
     C = x3.shape[1]
     invstd = 1.0 / np.sqrt(var + eps)
     coef = cpu.coefficients(
         mean, invstd, param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), x3.dtype
     )
-    cpu.normalize(x3, coef, relu, dest.work)
+    if residual is None:
+        cpu.normalize(x3, coef, relu, dest.work)
+    else:
+        cpu.normalize_residual(x3, _compute_view(residual, x.dtype), coef, relu, dest.work)
 
 
-def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st=None):
-    """``y`` from the running statistics."""
+def inference(
+    x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st=None, residual=None
+):
+    """``y`` from the running statistics (``residual``: as in :func:`normalize`)."""
+    if residual is not None:
+        mean = channel(running_mean).astype(FLOAT64, copy=False)
+        var = channel(running_var).astype(FLOAT64, copy=False)
+        normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st, residual)
+        return
     x3 = _compute_view(v, x.dtype)
     C = x3.shape[1]
     cpu.inference(
@@ -579,6 +590,17 @@ def backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
     if grads is None:
         return None, None
     return dgamma.astype(grads[1], copy=False), dbeta.astype(grads[1], copy=False)
+
+
+def residual_grad(x, v, dyv, zv, dest, mean, invstd, gamma, beta, relu, st=None):
+    """The gradient of ``bn(x) + z`` in ``act(bn(x) + z)`` into ``dest``: ``dy``, masked
+    with ``relu`` where the recomputed sum is not positive (``zv``: z's view in x's
+    order; not read without ``relu``)."""
+    x3 = _compute_view(v, x.dtype)
+    dy3 = _compute_view(dyv, x.dtype)
+    coef, _, _ = _coefficients(x3, x, mean, invstd, gamma, beta)
+    z3 = _compute_view(zv, x.dtype) if relu else dy3
+    cpu.residual_grad(dy3, x3, z3, coef, relu, dest.work)
 
 
 def _coefficients(x3, x, mean, invstd, gamma, beta):

@@ -458,12 +458,36 @@ def _compute_functions(compute):
                 i -= inner
                 o += 1
 
+    @cuda.jit(**_DEVICE)
+    def _thread_residual(
+        a, x, z, out, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu, grad
+    ):
+        """Over this thread's values: ``out = act(_affine(x) + z)``, or with ``grad``
+        ``out = a`` (dy) zeroed with ``relu`` where that sum is not positive. The sum is
+        the same expression in both, so the backward's mask is the forward's bit for bit."""
+        inner = x.shape[2]
+        zero = CT(0)
+        for _ in range(count):
+            v = _affine(x[o, c, i], hi, lo, scale, shift) + CT(z[o, c, i])
+            if grad:
+                out[o, c, i] = a[o, c, i] if not relu or v > zero else zero
+            else:
+                if relu and v < zero:
+                    v = zero
+                out[o, c, i] = v
+            o += step_o
+            i += step_i
+            if i >= inner:
+                i -= inner
+                o += 1
+
     return types.SimpleNamespace(
         affine=_affine,
         coefficients=_coefficients,
         thread_normalize=_thread_normalize,
         thread_grad_sums=_thread_grad_sums,
         thread_input_grad=_thread_input_grad,
+        thread_residual=_thread_residual,
     )
 
 
@@ -709,6 +733,62 @@ def _inference_kernel(compute):
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
 
     return inference
+
+
+def _residual_kernel(compute):
+    """The residual kernel (the fused ``act(bn(x) + z)`` and its mask) for ``compute``.
+
+    Parameters
+    ----------
+    compute : numpy dtype
+        float32 (float16 and float32 data) or float64.
+
+    Returns
+    -------
+    numba.cuda dispatcher
+        ``residual``.
+    """
+    dev = _compute_functions(compute)
+    _coefficients = dev.coefficients
+    _thread_residual = dev.thread_residual
+
+    @cuda.jit(**_JIT)
+    def residual(
+        a,
+        x,
+        z,
+        out,
+        width,
+        nblk,
+        chunk,
+        mean,
+        spread,
+        is_var,
+        eps,
+        gamma,
+        has_gamma,
+        beta,
+        has_beta,
+        relu,
+        grad,
+    ):
+        """``out = act(bn(x) + z)`` from given statistics (one read of x and z, one write),
+        or with ``grad`` the masked ``out = a`` (dy; one more read). ``spread`` is the
+        variance (``is_var``: ``invstd = 1 / sqrt(var + eps)``) or ``invstd`` itself."""
+        c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
+        if count > 0:
+            invstd = np.float64(spread[c])
+            if is_var:
+                invstd = 1.0 / math.sqrt(invstd + eps)
+            g = _param(gamma, c, has_gamma, 1.0)
+            hi, lo, scale, shift = _coefficients(
+                np.float64(mean[c]), g * invstd, _param(beta, c, has_beta, 0.0)
+            )
+            _thread_residual(
+                a, x, z, out, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu, grad
+            )
+
+    return residual
 
 
 def _backward_partials_kernel(compute):
@@ -1072,13 +1152,14 @@ def build(compute):
     -------
     types.SimpleNamespace
         ``forward_partials``, ``forward_apply``, ``backward_partials``,
-        ``backward_apply``, ``inference``, ``frozen_backward``,
+        ``backward_apply``, ``inference``, ``residual``, ``frozen_backward``,
         ``masked_forward_partials``, ``masked_input_grad``.
     """
     return types.SimpleNamespace(
         forward_partials=forward_partials,
         forward_apply=_forward_apply_kernel(compute),
         inference=_inference_kernel(compute),
+        residual=_residual_kernel(compute),
         backward_partials=_backward_partials_kernel(compute),
         backward_apply=_backward_apply_kernel(compute),
         frozen_backward=_frozen_backward_kernel(compute),

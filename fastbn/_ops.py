@@ -208,12 +208,28 @@ def update_running(be, running, mean, var, m, st):
 
 
 def train_forward(
-    be, x, gamma, beta, axis, eps, relu, out, stream, dtype=None, running=None, comm=None, mask=None
+    be,
+    x,
+    gamma,
+    beta,
+    axis,
+    eps,
+    relu,
+    out,
+    stream,
+    dtype=None,
+    running=None,
+    comm=None,
+    residual=None,
+    mask=None,
 ):
     """The training forward on checked, wrapped arguments: ``(y, mean, invstd)``.
 
     Parameters
     ----------
+    residual : array, optional
+        z of ``y = act(bn(x) + z)`` (checked by :func:`fastbn._checks.check_residual`): added in the
+        normalizing pass, after the statistics pass (it does not change them).
     dtype : numpy.dtype or None
         The dtype of the returned ``mean`` and ``invstd`` (None: not needed, None returned).
     running : Running, optional
@@ -234,9 +250,11 @@ def train_forward(
                 return y, None, None
             return y, be.stats(x, C, dtype, st, math.nan), be.stats(x, C, dtype, st, math.nan)
         v = be.view(x, axis, st)
-        dest = be.output(out, v, x, st)
+        zv = None if residual is None else be.view(residual, axis, st, order=v.order)
+        dest = be.output(out, v, x, st, also=zv)
         w, count = _masked(be, mask, x, axis, v, st, comm)
-        if comm is not None or w is not None:  # the statistics first, on the host
+        if comm is not None or w is not None or residual is not None:
+            # the statistics first, on the host, then one normalizing pass (+ z)
             if comm is not None:
                 mean, var = comm.moments_from_local(
                     C, count, lambda: _shard_moments(be, x, v, st, w), dtype=x.dtype
@@ -248,7 +266,7 @@ def train_forward(
             if running is not None:
                 update_running(be, running, mean, var, m, st)
             if x.size:
-                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st)
+                be.normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st, residual=zv)
             invstd = 1.0 / np.sqrt(var + eps)
             return (
                 dest.finish(),
@@ -315,13 +333,51 @@ def _masked(be, mask, x, axis, v, st, comm):
     return (None if count == outer * inner else w), count
 
 
+def _residual_dy(be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st):
+    """The gradient of the sum ``bn(x) + z`` in ``act(bn(x) + z)``: ``(dz, its view)``.
+
+    ``dz = dy * [bn(x) + z > 0]`` with ``relu`` (the mask recomputed from ``residual``'s
+    view), a copy of ``dy`` without: a new x-shaped array of x's kind, which the
+    BatchNorm backward then takes as its ``dy``, without ReLU.
+    """
+    zv = be.view(residual, axis, st, order=v.order) if relu else dyv
+    g = be.output(None, v, x, st)
+    if x.size:
+        be.residual_grad(x, v, dyv, zv, g, mean, invstd, gamma, beta, relu, st)
+    dz = g.finish()
+    return dz, be.view(be.wrap("dz", dz), axis, st, order=v.order)
+
+
 def backward(
-    be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None, mask=None
+    be,
+    dy,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    axis,
+    relu,
+    out,
+    stream,
+    grads=None,
+    comm=None,
+    mask=None,
+    residual=None,
+    residual_grad=False,
 ):
-    """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``.
+    """The backward on checked, wrapped arguments: ``(dx, dgamma, dbeta)``, and the
+    residual's gradient ``dz`` fourth with ``residual_grad``.
 
     Parameters
     ----------
+    residual : array, optional
+        The forward's z of ``y = act(bn(x) + z)`` (needed with ``relu`` only: the mask).
+    residual_grad : bool, optional
+        Also return ``dz``: ``dy`` masked where ``bn(x) + z <= 0`` with ``relu``, a copy
+        of ``dy`` without. With ``relu`` and ``residual``, ``dz`` is computed first and
+        the plain backward (no mask) runs on it: one more pass than the ReLU backward,
+        the one that writes ``dz``.
     grads : tuple, optional
         ``(like, dtype)``: return ``dgamma`` and ``dbeta`` in ``dtype``, as arrays of
         ``like``'s kind; None: neither (both None).
@@ -337,17 +393,25 @@ def backward(
     with be.scope(x, stream) as st:
         if comm is None and x.size == 0:  # zero gradients, an empty dx
             dx = be.empty_output(x, axis, out, st)
+            dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
             if grads is None:
-                return dx, None, None
+                return (dx, None, None) + dz
             like, dtype = grads
-            return dx, be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            return (dx, *zeros) + dz
         v = be.view(x, axis, st)
         dyv = be.view(dy, axis, st, order=v.order)
+        dz = ()
+        if residual_grad or (relu and residual is not None):
+            dz, dyv = _residual_dy(
+                be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st
+            )
+            dz, relu = (dz,) if residual_grad else (), False
         dest = be.output(out, v, x, st, also=dyv)
         w, count = _masked(be, mask, x, axis, v, st, comm)
         if comm is None and w is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
-            return dest.finish(), dgamma, dbeta
+            return (dest.finish(), dgamma, dbeta) + dz
         outer, _, inner = v.x3.shape
 
         def local():
@@ -363,14 +427,29 @@ def backward(
         dgamma, dbeta = be.input_grad(
             x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, **extra
         )
-        return dest.finish(), dgamma, dbeta
+        return (dest.finish(), dgamma, dbeta) + dz
 
 
 def frozen_backward(
-    be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=None, comm=None
+    be,
+    dy,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    axis,
+    relu,
+    out,
+    stream,
+    grads=None,
+    comm=None,
+    residual=None,
+    residual_grad=False,
 ):
     """The backward through fixed statistics on checked, wrapped arguments:
-    ``(dx, dgamma, dbeta)``.
+    ``(dx, dgamma, dbeta)``, and ``dz`` fourth with ``residual_grad`` (``residual`` and
+    ``residual_grad`` as in :func:`backward`).
 
     ``mean`` and ``invstd`` were constants of the forward, so ``dx = gamma * invstd * dy``
     (ReLU-masked) needs no reduction, and ``dgamma = invstd * sum dy * (x - mean)``,
@@ -391,18 +470,26 @@ def frozen_backward(
     with be.scope(x, stream) as st:
         if comm is None and x.size == 0:  # zero gradients, an empty dx
             dx = be.empty_output(x, axis, out, st)
+            dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
             if grads is None:
-                return dx, None, None
+                return (dx, None, None) + dz
             like, dtype = grads
-            return dx, be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+            return (dx, *zeros) + dz
         v = be.view(x, axis, st)
         dyv = be.view(dy, axis, st, order=v.order)
+        dz = ()
+        if residual_grad or (relu and residual is not None):
+            dz, dyv = _residual_dy(
+                be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st
+            )
+            dz, relu = (dz,) if residual_grad else (), False
         dest = be.output(out, v, x, st, also=dyv)
         if comm is None:
             dgamma, dbeta = be.frozen_backward(
                 x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads
             )
-            return dest.finish(), dgamma, dbeta
+            return (dest.finish(), dgamma, dbeta) + dz
         outer, _, inner = v.x3.shape
         n_local = outer * inner if x.size else 0
         s_dy, s_dyx = comm.grad_sums_from_local(
@@ -415,14 +502,14 @@ def frozen_backward(
         if x.size:
             be.frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, None)
         if grads is None:
-            return dest.finish(), None, None
+            return (dest.finish(), None, None) + dz
         like, dtype = grads
         dgamma = s_dyx * np.asarray(be.to_host(invstd), dtype=np.float64)
         return (
             dest.finish(),
             be.stats_from_host(dgamma, like, dtype, st),
             be.stats_from_host(s_dy, like, dtype, st),
-        )
+        ) + dz
 
 
 def frozen_statistics(be, like, running_mean, running_var, eps):
@@ -442,10 +529,20 @@ def frozen_statistics(be, like, running_mean, running_var, eps):
         )
 
 
-def inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream):
-    """The inference on checked, wrapped arguments: ``y``."""
+def inference(
+    be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream, residual=None
+):
+    """The inference on checked, wrapped arguments: ``y`` (``act(bn(x) + z)`` with
+    ``residual``, in the same pass)."""
     with be.scope(x, stream) as st:
         v = be.view(x, axis, st)
-        dest = be.output(out, v, x, st)
-        be.inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st)
+        if residual is None:
+            dest = be.output(out, v, x, st)
+            be.inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st)
+        else:
+            zv = be.view(residual, axis, st, order=v.order)
+            dest = be.output(out, v, x, st, also=zv)
+            be.inference(
+                x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st, residual=zv
+            )
         return dest.finish()

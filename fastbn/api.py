@@ -41,7 +41,9 @@ __all__ = [
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
-_NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out")
+_NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out", "residual")
+_FORWARD_ARGS = ("x", "gamma", "beta", "out", "residual")
+_BACKWARD_ARGS = ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "residual")
 
 
 def _tensors(function):
@@ -76,6 +78,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
@@ -83,7 +86,9 @@ def batch_norm_forward(
     """Normalize ``x`` with its batch statistics (training forward).
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` per channel, where ``mean`` and
-    the biased ``var`` are taken over every axis but ``axis``.
+    the biased ``var`` are taken over every axis but ``axis``; with ``residual=z``,
+    ``y = act(gamma * (x - mean) / sqrt(var + eps) + beta + z)`` (a ResNet block's
+    ``relu(bn(x) + z)`` with ``activation="relu"``), the add in the normalizing pass.
 
     Parameters
     ----------
@@ -106,6 +111,11 @@ def batch_norm_forward(
         Preallocated output of x's shape and dtype (may be ``x`` itself).
     activation : {None, "relu"}, optional
         ``"relu"`` applies ``max(y, 0)`` in the same pass.
+    residual : array, optional
+        ``z``, added to the normalized ``x`` before the activation: x's shape and dtype,
+        any memory layout, the same kind of array as ``x``; ``out`` may be ``z`` itself.
+        It does not enter the statistics. Its gradient is
+        ``batch_norm_backward(..., residual=z, residual_grad=True)``'s fourth result.
     mask : bool array, optional
         Masked statistics: x's shape without the channel axis (``(N,)`` for ``(N, C)``,
         ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for NCHW and NHWC), or a shape NumPy
@@ -152,6 +162,14 @@ def batch_norm_forward(
     >>> mean
     array([ 2., 20.], dtype=float32)
 
+    A ResNet block's ``relu(bn(x) + z)`` in one pass over ``x`` and ``z``:
+
+    >>> z = np.array([[0.5, 2.0], [-3.0, 0.5]], dtype=np.float32)
+    >>> y, _, _ = fastbn.batch_norm_forward(x, residual=z, activation="relu")
+    >>> np.round(y, 3)
+    array([[0. , 1. ],
+           [0. , 1.5]], dtype=float32)
+
     With a mask, the third row (padding) stays out of the statistics:
 
     >>> x = np.array([[1.0], [3.0], [100.0]])
@@ -164,6 +182,7 @@ def batch_norm_forward(
         x3 is not None
         and mask is None
         and comm is None
+        and residual is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
         and x3.shape[1]
@@ -181,11 +200,12 @@ def batch_norm_forward(
         stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
         return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
     x, mask = _from_masked_array(x, axis, mask)
-    be = backends.backend_for(("x", "gamma", "beta", "out", "mask"), x, gamma, beta, out, mask)
+    be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out, mask = be.wrap_out(out), be.wrap("mask", mask)
+    out, residual, mask = be.wrap_out(out), be.wrap("residual", residual), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     _checks.check_mask(mask, x.shape, axis)
     if comm is None:  # with comm the rule applies to the global batch (Sync)
         _checks.check_batch(x.shape, axis, training=True)
@@ -201,6 +221,7 @@ def batch_norm_forward(
         stream,
         dtype=_ops.stats_dtype(x.dtype),
         comm=comm,
+        residual=residual,
         mask=mask,
     )
 
@@ -218,12 +239,15 @@ def batch_norm_backward(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
+    residual_grad: bool = False,
     training: bool = True,
     mask: ArrayLike | None = None,
     stream: Any = None,
     comm: Any = None,
-) -> tuple[Any, Any, Any]:
-    """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
+) -> tuple[Any, ...]:
+    """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta (and
+    the residual, with ``residual_grad=True``).
 
     ``dx = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)`` with
     ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` and ``xhat = (x - mean) * invstd``.
@@ -251,6 +275,14 @@ def batch_norm_backward(
         Preallocated ``dx`` (may be ``dy`` itself).
     activation : {None, "relu"}, optional
         The forward's activation: ``dy`` is masked where the recomputed ``y`` is <= 0.
+    residual : array, optional
+        The forward's ``residual`` z: with ``activation="relu"`` the mask is that of
+        ``bn(x) + z`` (recomputed from x, the statistics, gamma, beta and z). Without an
+        activation it is not needed (checked when given).
+    residual_grad : bool, default False
+        Also return the residual's gradient ``dz`` (fourth): ``dy`` masked where
+        ``bn(x) + z <= 0`` with ``activation="relu"``, a copy of ``dy`` without. It
+        needs ``residual`` with ``activation="relu"``.
     training : bool, default True
         True: ``mean`` and ``invstd`` are the batch statistics of a training forward
         (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
@@ -283,6 +315,9 @@ def batch_norm_backward(
         Both come back whenever the call is affine (``gamma`` or ``beta`` given):
         ``dbeta = sum(dy)`` does not need ``beta``. Both are None only when neither is
         given. Statistics dtype. On an empty batch: zeros.
+    dz : array
+        With ``residual_grad=True`` only: the residual's gradient, a new array of x's
+        shape, dtype and kind.
 
     Examples
     --------
@@ -293,6 +328,16 @@ def batch_norm_backward(
     ...                                                gamma=np.ones(1), beta=np.zeros(1))
     >>> dx.ravel(), dbeta
     (array([0., 0.]), array([2.]))
+
+    Through ``relu(bn(x) + z)``: ``dz`` is ``dy`` where the output is positive.
+
+    >>> z = np.array([[-5.0], [0.5]])
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, residual=z, activation="relu")
+    >>> dx, _, _, dz = fastbn.batch_norm_backward(np.array([[1.0], [1.0]]), x, mean, invstd,
+    ...                                           activation="relu", residual=z,
+    ...                                           residual_grad=True)
+    >>> np.round(y.ravel(), 3), dz.ravel()
+    (array([0. , 1.5]), array([0., 1.]))
 
     Through fixed statistics (frozen BatchNorm), ``dx = gamma * invstd * dy``:
 
@@ -315,6 +360,8 @@ def batch_norm_backward(
         x3 is not None
         and mask is None
         and comm is None
+        and residual is None
+        and not residual_grad
         and mean is not None
         and invstd is not None
         and type(dy) is np.ndarray
@@ -342,23 +389,43 @@ def batch_norm_backward(
     if training:
         x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for(
-        ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "mask"),
-        *(dy, x, mean, invstd, gamma, beta, out, mask),
+        (*_BACKWARD_ARGS, "mask"), *(dy, x, mean, invstd, gamma, beta, out, residual, mask)
     )
     be.check_stream(stream)
     dy, x = be.wrap("dy", dy), be.wrap("x", x)
     mean, invstd = be.wrap("mean", mean), be.wrap("invstd", invstd)
     gamma, beta = be.wrap("gamma", gamma), be.wrap("beta", beta)
-    out, mask = be.wrap_out(out), be.wrap("mask", mask)
+    out, residual, mask = be.wrap_out(out), be.wrap("residual", residual), be.wrap("mask", mask)
     dtype, axis, C, relu = _checks.check_backward_args(
         dy, x, mean, invstd, gamma, beta, axis, out, activation
     )
+    _checks.check_residual(residual, x.shape, dtype)
     _checks.check_mask(mask, x.shape, axis)
+    if residual_grad and relu and residual is None:
+        raise ValueError(
+            "residual_grad=True with activation='relu' needs residual=, the forward's z: "
+            "the ReLU mask depends on it"
+        )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
+    residual_grad = bool(residual_grad)
     if not training:
         return _ops.frozen_backward(
-            be, dy, x, mean, invstd, gamma, beta, axis, relu, out, stream, grads=grads, comm=comm
+            be,
+            dy,
+            x,
+            mean,
+            invstd,
+            gamma,
+            beta,
+            axis,
+            relu,
+            out,
+            stream,
+            grads=grads,
+            comm=comm,
+            residual=residual,
+            residual_grad=residual_grad,
         )
     return _ops.backward(
         be,
@@ -374,6 +441,8 @@ def batch_norm_backward(
         stream,
         grads=grads,
         comm=comm,
+        residual=residual,
+        residual_grad=bool(residual_grad),
         mask=mask,
     )
 
@@ -390,11 +459,13 @@ def batch_norm_inference(
     eps: float = 1e-5,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     stream: Any = None,
 ) -> Any:
     """Normalize ``x`` with given (running) statistics: one read of x, one write of y.
 
-    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; with
+    ``residual=z``, ``act(... + z)`` in the same pass (one more read, of z).
 
     Parameters
     ----------
@@ -405,6 +476,8 @@ def batch_norm_inference(
     eps : float, default 1e-5
     out : array, optional
     activation : {None, "relu"}, optional
+    residual : array, optional
+        ``z`` added before the activation (see :func:`batch_norm_forward`).
     stream : CUDA stream, optional
         GPU arrays only (see :func:`batch_norm_forward`).
 
@@ -424,6 +497,7 @@ def batch_norm_inference(
     x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
     if (
         x3 is not None
+        and residual is None
         and running_mean is not None
         and running_var is not None
         and _direct_options(eps, activation)
@@ -441,20 +515,34 @@ def batch_norm_inference(
             y.reshape(x3.shape),
         )
         return y
-    be = backends.backend_for(_NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out)
+    be = backends.backend_for(
+        _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
+    )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap("running_mean", running_mean)
     running_var = be.wrap("running_var", running_var)
-    out = be.wrap_out(out)
+    out, residual = be.wrap_out(out), be.wrap("residual", residual)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     C = x.shape[axis]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required for inference")
     _checks.check_channel_param("running_mean", running_mean, C, axis)
     _checks.check_channel_param("running_var", running_var, C, axis)
     return _ops.inference(
-        be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+        be,
+        x,
+        running_mean,
+        running_var,
+        gamma,
+        beta,
+        axis,
+        float(eps),
+        relu,
+        out,
+        stream,
+        residual=residual,
     )
 
 
@@ -473,6 +561,7 @@ def batch_norm(
     axis: int = 1,
     out: Any = None,
     activation: str | None = None,
+    residual: Any = None,
     num_batches_tracked: int | None = None,
     running_var_unbiased: bool = True,
     on_nonfinite: str = "raise",
@@ -507,6 +596,8 @@ def batch_norm(
     axis : int, default 1
     out : array, optional
     activation : {None, "relu"}, optional
+    residual : array, optional
+        ``z`` added before the activation, in both modes (see :func:`batch_norm_forward`).
     num_batches_tracked : int, optional
         With ``momentum=None``: how many batches the running statistics already average.
         An integer >= 0 (checked whenever given).
@@ -549,7 +640,14 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    if training and comm is None and out is None and running_mean is not None and mask is None:
+    if (
+        training
+        and comm is None
+        and out is None
+        and residual is None
+        and running_mean is not None
+        and mask is None
+    ):
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
         if (
@@ -588,14 +686,16 @@ def batch_norm(
     if training:
         x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for(
-        (*_NORMALIZE_ARGS, "mask"), x, running_mean, running_var, gamma, beta, out, mask
+        (*_NORMALIZE_ARGS, "mask"),
+        *(x, running_mean, running_var, gamma, beta, out, residual, mask),
     )
     be.check_stream(stream)
     x, gamma, beta = be.wrap("x", x), be.wrap("gamma", gamma), be.wrap("beta", beta)
     running_mean = be.wrap_running("running_mean", running_mean)
     running_var = be.wrap_running("running_var", running_var)
-    out, mask = be.wrap_out(out), be.wrap("mask", mask)
+    out, residual, mask = be.wrap_out(out), be.wrap("residual", residual), be.wrap("mask", mask)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
+    _checks.check_residual(residual, x.shape, x.dtype)
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
@@ -604,7 +704,18 @@ def batch_norm(
         _checks.check_channel_param("running_mean", running_mean, C, axis)
         _checks.check_channel_param("running_var", running_var, C, axis)
         return _ops.inference(
-            be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream
+            be,
+            x,
+            running_mean,
+            running_var,
+            gamma,
+            beta,
+            axis,
+            float(eps),
+            relu,
+            out,
+            stream,
+            residual=residual,
         )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
@@ -631,5 +742,6 @@ def batch_norm(
         stream,
         running=running,
         comm=comm,
+        residual=residual,
         mask=mask,
     )[0]

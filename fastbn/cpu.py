@@ -862,6 +862,73 @@ def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
 
 
 # --------------------------------------------------------------------------------------
+# The fused residual add: y = act(bn(x) + z), and the ReLU mask of its backward
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_ELEMENTWISE)
+def _residual_value(x, z, hi, lo, scale, shift, relu, zero):
+    """The output of the fused residual add at one value: ``_affine(x) + z``, then ReLU.
+
+    Neither contracted nor reassociated (``_ELEMENTWISE``): the backward recomputes the
+    same sum with :func:`_residual_grad_value`, so both agree on the mask bit for bit.
+    """
+    v = _affine_inline(x, hi, lo, scale, shift) + z
+    if relu and v < zero:
+        v = zero
+    return v
+
+
+_residual_value_inline = _inlined(_residual_value, _ELEMENTWISE)
+
+
+@njit(**_ELEMENTWISE)
+def _residual_grad_value(g, x, z, hi, lo, scale, shift, relu, zero):
+    """The gradient of the sum ``bn(x) + z`` at one value: ``dy = g``, or 0 with ``relu``
+    where the forward's ``_affine(x) + z`` is not positive."""
+    if relu and _affine_inline(x, hi, lo, scale, shift) + z <= zero:
+        return zero
+    return g
+
+
+_residual_grad_value_inline = _inlined(_residual_grad_value, _ELEMENTWISE)
+
+
+@njit(**_ELEMENTWISE)
+def _residual_run(x1, z1, y1, start, n, coef, c, relu):
+    """``y = act(bn(x) + z)`` over ``n`` contiguous values of channel ``c`` (flat arrays,
+    unsigned offsets, as :func:`_normalize_run`)."""
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    zero = coef.dtype.type(0)
+    base = np.uint64(start)
+    for i in range(np.uint64(n)):
+        y1[base + i] = _residual_value_inline(
+            x1[base + i], z1[base + i], hi, lo, scale, shift, relu, zero
+        )
+
+
+@njit(**_ELEMENTWISE)
+def _residual_grad_run(dy1, x1, z1, g1, start, n, coef, c, relu):
+    """``g = dy``, zeroed with ``relu`` where ``bn(x) + z`` is not positive, over ``n``
+    contiguous values of channel ``c`` (as :func:`_residual_run`). One loop per
+    function: with both in one function behind a flag, LLVM left the forward's scalar
+    (10x slower on (64, 256, 196) float32)."""
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    zero = coef.dtype.type(0)
+    base = np.uint64(start)
+    for i in range(np.uint64(n)):
+        g1[base + i] = _residual_grad_value_inline(
+            dy1[base + i], x1[base + i], z1[base + i], hi, lo, scale, shift, relu, zero
+        )
+
+
+# --------------------------------------------------------------------------------------
 # Drivers: one call from Python per operation. Each holds the prange loops, and each is
 # written for one family (rows or strided), so that a call compiles the code of its own
 # layout only (docs/cpu.md, "Compile time").
@@ -1159,6 +1226,64 @@ def _backward_fused(dy, x, chunk, mean, invstd, gamma, beta, relu, dx, dgamma, d
         _input_grad_channel(dy, x, dx, c, 0, m, coef, dcoef, relu)
 
 
+def _residual_rows(a, x, z, coef, relu, grad, out):
+    """The residual pass, rows family: ``out = act(bn(x) + z)`` (one read of x and z,
+    one write), or with ``grad`` ``out = dy`` masked where that sum is not positive
+    (``dy = a``; one read of dy, x and z, one write). In memory order, like
+    :func:`_normalize_rows`.
+
+    Parameters
+    ----------
+    a, x, z, out : ndarray, shape (outer, C, 1)
+        ``a`` is read only with ``grad`` (pass ``x`` otherwise).
+    coef : ndarray, shape (4, C)
+    relu, grad : bool
+    """
+    outer, C, _ = x.shape
+    a2 = a.reshape(outer, C)
+    x2 = x.reshape(outer, C)
+    z2 = z.reshape(outer, C)
+    out2 = out.reshape(outer, C)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    if grad:
+        for r in prange(outer):
+            for c in range(C):
+                out2[r, c] = _residual_grad_value(
+                    a2[r, c], x2[r, c], z2[r, c], hi[c], lo[c], scale[c], shift[c], relu, zero
+                )
+    else:
+        for r in prange(outer):
+            for c in range(C):
+                out2[r, c] = _residual_value(
+                    x2[r, c], z2[r, c], hi[c], lo[c], scale[c], shift[c], relu, zero
+                )
+
+
+def _residual_strided(a, x, z, coef, relu, grad, out):
+    """:func:`_residual_rows` for the strided family, like :func:`_normalize_strided`."""
+    outer, C, inner = x.shape
+    total = outer * C * inner
+    chunk = _ELEMENTWISE_CHUNK
+    a1 = a.reshape(-1)
+    x1 = x.reshape(-1)
+    z1 = z.reshape(-1)
+    out1 = out.reshape(-1)
+    for k in prange((total + chunk - 1) // chunk):
+        e0 = k * chunk
+        e1 = min(e0 + chunk, total)
+        r0 = e0 // inner
+        c = r0 % C  # then counted, as in _normalize_strided
+        for r in range(r0, (e1 - 1) // inner + 1):
+            start = max(e0, r * inner)
+            n = min(e1, (r + 1) * inner) - start
+            if grad:
+                _residual_grad_run(a1, x1, z1, out1, start, n, coef, c, relu)
+            else:
+                _residual_run(x1, z1, out1, start, n, coef, c, relu)
+            c = c + 1 if c + 1 < C else 0
+
+
 def _frozen_backward_rows(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     """Backward through fixed statistics, rows family: ``dx = scale * dy`` written while
     the per-channel ``sum dy`` and ``sum dy * (x - mean)`` accumulate.
@@ -1388,6 +1513,7 @@ backward_two_pass_kernels = _two_pass(
     _backward_two_pass, {"grad_sums": grad_sums_kernels, "input_grad": input_grad_kernels}
 )
 inference_kernels = _two_pass(_inference, {"normalize": normalize_kernels})
+residual_kernels = _Kernels(_builds(_residual_rows), _builds(_residual_strided))
 
 
 @njit(**_EXACT)
@@ -1466,6 +1592,7 @@ def drivers():
         forward_two_pass_kernels,
         backward_two_pass_kernels,
         inference_kernels,
+        residual_kernels,
         frozen_backward_kernels,
     ):
         found += [*kernels.rows, *kernels.strided]
@@ -1824,6 +1951,57 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
         kernel = _kernel(backward_two_pass_kernels, x3, plan)
     kernel(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1])
     return grads[0], grads[1]
+
+
+def normalize_residual(x3, z3, coef, relu, y3):
+    """Write ``((x - hi) - lo) * scale + shift + z`` (then ReLU) into ``y3``: the
+    normalization and the residual add in one pass (1 read of x and z, 1 write).
+
+    Parameters
+    ----------
+    x3, z3, y3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+        ``y3`` may be ``x3`` or ``z3`` itself (each value is read before it is written).
+    coef : ndarray, shape (4, C), same dtype (from :func:`coefficients`)
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(4.0).reshape(2, 2, 1)
+    >>> y = np.empty_like(x)
+    >>> coef = coefficients(np.array([1.0, 2.0]), np.ones(2), np.ones(2), np.zeros(2), x.dtype)
+    >>> normalize_residual(x, np.full_like(x, 0.5), coef, True, y)
+    >>> y.ravel()
+    array([0. , 0. , 1.5, 1.5])
+    """
+    _kernel(residual_kernels, x3, _plan(x3))(x3, x3, z3, coef, relu, False, y3)
+
+
+def residual_grad(dy3, x3, z3, coef, relu, g3):
+    """The gradient of the sum in ``act(bn(x) + z)``: ``g3 = dy3``, zeroed with ``relu``
+    where ``((x - hi) - lo) * scale + shift + z`` (the forward's, bit for bit) is not
+    positive. It is the residual's gradient and the ``dy`` of the plain backward.
+
+    One read of dy, x and z, one write (without ``relu`` ``z`` is not needed: pass
+    ``dy3`` for it).
+
+    Parameters
+    ----------
+    dy3, x3, z3, g3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    coef : ndarray, shape (4, C), same dtype (from :func:`coefficients`)
+    relu : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(4.0).reshape(2, 2, 1)
+    >>> g = np.empty_like(x)
+    >>> coef = coefficients(np.array([1.0, 2.0]), np.ones(2), np.ones(2), np.zeros(2), x.dtype)
+    >>> residual_grad(np.ones_like(x), x, np.full_like(x, 0.5), coef, True, g)
+    >>> g.ravel()
+    array([0., 0., 1., 1.])
+    """
+    _kernel(residual_kernels, x3, _plan(x3))(dy3, x3, z3, coef, relu, True, g3)
 
 
 def frozen_backward(dy3, x3, coef, relu, dx3):

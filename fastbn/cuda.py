@@ -803,6 +803,36 @@ def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, s
     )
 
 
+def _residual(x, view, a3, z3, out3, mean, spread, is_var, gamma, beta, eps, relu, grad, stream):
+    """One launch of the residual kernel (see :func:`fastbn._cuda_kernels._residual_kernel`)."""
+    device_key, x3, cfg, kernels = _setup(x, view)
+    g, has_g = _dev(gamma, device_key)
+    b, has_b = _dev(beta, device_key)
+    _launch(
+        kernels.residual,
+        cfg.grid,
+        cfg.threads,
+        stream,
+        a3,
+        x3,
+        z3,
+        out3,
+        cfg.width,
+        cfg.nblk,
+        cfg.chunk,
+        mean,
+        spread,
+        bool(is_var),
+        float(eps),
+        g,
+        has_g,
+        b,
+        has_b,
+        bool(relu),
+        bool(grad),
+    )
+
+
 def _backward(
     x,
     view,
@@ -1064,9 +1094,16 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
     return mean, invstd, None
 
 
-def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st):
-    """``y`` from given float64 host statistics: the inference kernel (one launch)."""
+def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st, residual=None):
+    """``y`` from given float64 host statistics: the inference kernel (one launch); with
+    ``residual`` (z's view in x's order), ``act(bn(x) + z)``: the residual kernel."""
     stats64 = _nbcuda.to_device(np.stack([mean, var]), stream=st[0])
+    if residual is not None:
+        _residual(
+            x, v, v.x3, residual.x3, dest.y3, stats64[0], stats64[1], True,
+            gamma, beta, eps, relu, False, st[0],
+        )  # fmt: skip
+        return
     _inference(
         x,
         v,
@@ -1081,10 +1118,24 @@ def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st):
     )
 
 
-def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st):
-    """``y`` from the running statistics (one launch)."""
-    if x.size:
+def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st, residual=None):
+    """``y`` from the running statistics (one launch; ``residual`` as in :func:`normalize`)."""
+    if x.size and residual is not None:
+        _residual(
+            x, v, v.x3, residual.x3, dest.y3, running_mean.dev, running_var.dev, True,
+            gamma, beta, eps, relu, False, st[0],
+        )  # fmt: skip
+    elif x.size:
         _inference(x, v, dest.y3, running_mean, running_var, gamma, beta, eps, relu, st[0])
+
+
+def residual_grad(x, v, dyv, zv, dest, mean, invstd, gamma, beta, relu, st):
+    """dy masked where ``bn(x) + z <= 0`` (with ``relu``; a copy of dy without), into
+    ``dest`` (one launch)."""
+    _residual(
+        x, v, dyv.x3, zv.x3, dest.y3, mean.dev, invstd.dev, False,
+        gamma, beta, 0.0, relu, True, st[0],
+    )  # fmt: skip
 
 
 def _grads(grads, C, stream):

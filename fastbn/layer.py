@@ -21,7 +21,9 @@ class BatchNorm:
     (zeros) and ``running_var`` (ones), and ``num_batches_tracked``. ``forward`` in
     training normalizes with batch statistics and updates the running ones; otherwise it
     normalizes with the running ones. ``backward(dy)`` returns ``dx`` and stores
-    ``dgamma`` and ``dbeta``.
+    ``dgamma`` and ``dbeta``. ``forward(x, residual=z)`` computes a ResNet block's
+    ``act(bn(x) + z)`` in one pass; its ``backward`` also stores ``dresidual``, the
+    gradient with respect to ``z``.
 
     The defaults follow PyTorch (``momentum=0.1`` weighs the *new* batch, ``eps=1e-5``,
     unbiased running variance). :meth:`keras` builds the Keras equivalent.
@@ -203,8 +205,10 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.dgamma = None
         self.dbeta = None
+        self.dresidual = None
         self.training = True
         self._saved = None
+        self._residual = None  # z of the last forward(x, residual=z), for its backward
         self._saved_mask = None
 
     def _init_variants(self, renorm, renorm_clipping, renorm_momentum, renorm_ramp):
@@ -330,8 +334,10 @@ class BatchNorm:
             parts.append(f"virtual_batch_size={self.virtual_batch_size}")
         return "".join(", " + p for p in parts)
 
-    def __call__(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
-        return self.forward(x, training=training, mask=mask)
+    def __call__(
+        self, x: ArrayLike, training: bool | None = None, mask: Any = None, residual: Any = None
+    ) -> Any:
+        return self.forward(x, training=training, mask=mask, residual=residual)
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Set training mode (the default of :meth:`forward`); returns ``self``."""
@@ -409,7 +415,13 @@ class BatchNorm:
             setattr(self, name, backends.cuda().as_device(new, kind) if kind else new)
         self.dtype = dtype
 
-    def forward(self, x: ArrayLike, training: bool | None = None, mask: Any = None) -> Any:
+    def forward(
+        self,
+        x: ArrayLike,
+        training: bool | None = None,
+        mask: Any = None,
+        residual: ArrayLike | None = None,
+    ) -> Any:
         """Normalize ``x``.
 
         Parameters
@@ -430,6 +442,11 @@ class BatchNorm:
             The layer keeps it for :meth:`backward`. A ValueError with running
             statistics (``training=False``, ``frozen``), which take no mask, and with
             ``renorm`` or ``virtual_batch_size`` (not supported with a mask).
+        residual : array, optional
+            ``z`` of x's shape, dtype and kind (any layout): the output is
+            ``act(bn(x) + z)``, the add in the normalizing pass (see
+            :func:`fastbn.batch_norm_forward`). The layer keeps a reference to it for
+            :meth:`backward`, which then sets ``dresidual``.
 
         Returns
         -------
@@ -462,6 +479,18 @@ class BatchNorm:
         >>> np.round(y[:2], 3)
         array([[-1., -1.],
                [ 1.,  1.]])
+
+        A ResNet block's ``relu(bn(x) + z)``, and the gradient of ``z``:
+
+        >>> block = fastbn.BatchNorm(2, dtype=np.float64, activation="relu")
+        >>> x, z = np.array([[1.0, 2.0], [3.0, 6.0]]), np.array([[0.5, 0.5], [-2.0, 0.5]])
+        >>> np.round(block.forward(x, training=True, residual=z), 3)
+        array([[0. , 0. ],
+               [0. , 1.5]])
+        >>> dx = block.backward(np.ones_like(x))
+        >>> block.dresidual
+        array([[0., 0.],
+               [0., 1.]])
         """
         training = self.training if training is None else bool(training)
         if self.frozen:
@@ -481,13 +510,17 @@ class BatchNorm:
                         "mask= (or a numpy.ma x) is not supported with renorm or virtual_batch_size"
                     )
                 x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
-        return self._forward(x, training, comm=self.comm if batch_statistics else None, mask=mask)
+        y = self._forward(
+            x, training, residual, comm=self.comm if batch_statistics else None, mask=mask
+        )
+        self._residual = residual if self._saved is not None else None
+        return y
 
     @distributed.synchronized("BatchNorm.forward")
-    def _forward(self, x, training, comm=None, mask=None):
+    def _forward(self, x, training, residual=None, comm=None, mask=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         self._saved_mask = None
-        if (training or not self.track_running_stats) and mask is None:
+        if (training or not self.track_running_stats) and mask is None and residual is None:
             update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
@@ -538,11 +571,17 @@ class BatchNorm:
                 axis=self.axis,
                 eps=self.eps,
                 activation=self.activation,
+                residual=residual,
             )
             # for a backward through the fixed statistics (read when it runs)
             x = be.wrap("x", x)
             self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None, None)
             return y
+        if residual is not None and _checks.is_cuda_array(residual) != _checks.is_cuda_array(x):
+            raise TypeError(
+                f"residual must live on the same device as x: x is a "
+                f"{'CUDA' if _checks.is_cuda_array(x) else 'host'} array, residual is not"
+            )
         if mask is not None and _checks.is_cuda_array(mask) != _checks.is_cuda_array(x):
             raise TypeError("mask must live on the same device as x")
         x, mask = be.wrap("x", x), be.wrap("mask", mask)
@@ -551,6 +590,13 @@ class BatchNorm:
             x, gamma, beta, self.axis, self.eps, None, self.activation
         )
         self._check_channels(x, axis)
+        residual = be.wrap("residual", residual)
+        _checks.check_residual(residual, x.shape, x.dtype)
+        if residual is not None and self._variant(training, x.shape):
+            raise ValueError(
+                "residual= is not supported in training with renorm=True or "
+                "virtual_batch_size smaller than the batch: add z after the layer"
+            )
         _checks.check_mask(mask, x.shape, axis)
         running = None
         if training and self.track_running_stats and self.update_running_stats:
@@ -581,6 +627,7 @@ class BatchNorm:
             dtype=_FLOAT64,
             running=running,
             comm=comm,
+            residual=residual,
             mask=mask,
         )
         if running is not None:
@@ -651,7 +698,8 @@ class BatchNorm:
         -------
         array
             ``dx``; ``self.dgamma`` and ``self.dbeta`` are set (both when the layer is
-            affine, both None when not).
+            affine, both None when not), and ``self.dresidual``: the gradient with
+            respect to the forward's ``residual`` (None when it had none).
 
         Raises
         ------
@@ -686,6 +734,7 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward(x)")
         x, axis, mean, invstd, variant = self._saved
+        residual = self._residual
         mask = self._saved_mask
         frozen = mean is None  # the forward normalized with the running statistics
         if frozen:
@@ -697,6 +746,7 @@ class BatchNorm:
             )
         if (
             variant is None
+            and residual is None
             and mask is None
             and comm is None
             and type(dy) is np.ndarray
@@ -723,6 +773,7 @@ class BatchNorm:
                 self._set_grads(
                     dgamma.astype(self.dtype, copy=False), dbeta.astype(self.dtype, copy=False)
                 )
+                self.dresidual = None
                 return dx
         if _checks.is_cuda_array(dy) != _checks.is_cuda_array(x):
             raise TypeError("dy must live on the same device as the forward's input")
@@ -739,7 +790,7 @@ class BatchNorm:
         relu = self.activation == "relu"
         if variant is None:
             operation = _ops.frozen_backward if frozen else _ops.backward
-            dx, dgamma, dbeta = operation(
+            dx, dgamma, dbeta, *dz = operation(
                 be,
                 dy,
                 x,
@@ -753,6 +804,8 @@ class BatchNorm:
                 None,
                 grads=grads,
                 comm=comm,
+                residual=None if residual is None else be.wrap("residual", residual),
+                residual_grad=residual is not None,
                 **({} if frozen else {"mask": mask}),
             )
         elif variant[0] == "renorm":
@@ -777,6 +830,7 @@ class BatchNorm:
                 be, dy, x, mean, invstd, gamma, beta, axis, relu, grads, comm=comm
             )
         self._set_grads(dgamma, dbeta)
+        self.dresidual = dz[0] if variant is None and dz else None
         return dx
 
     def _set_grads(self, dgamma, dbeta):

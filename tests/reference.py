@@ -156,6 +156,56 @@ def mlp_inference(x, layers):
     return h
 
 
+def residual_forward(x, z, gamma=None, beta=None, axis=1, eps=1e-5, activation=None):
+    """``act(bn(x) + z)`` with batch statistics: ``(y, mean, invstd)``, float64."""
+    y, mean, invstd, _ = forward(x, gamma, beta, axis, eps)
+    y = y + np.asarray(z, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y, mean, invstd
+
+
+def residual_inference(
+    x, z, running_mean, running_var, gamma=None, beta=None, axis=1, eps=1e-5, activation=None
+):
+    """``act(bn(x) + z)`` with given statistics, float64."""
+    y = inference(x, running_mean, running_var, gamma, beta, axis, eps) + np.asarray(z, np.float64)
+    return np.maximum(y, 0.0) if activation == "relu" else y
+
+
+def residual_backward(
+    dy, x, z, mean, invstd, gamma=None, beta=None, axis=1, activation=None, training=True
+):
+    """Gradients of :func:`residual_forward`: ``(dx, dgamma, dbeta, dz)``, float64.
+
+    The sum ``s = bn(x) + z`` receives ``ds = dy * [s > 0]`` (``dy`` without ReLU); ``z``'s
+    gradient is ``ds`` and ``x``, ``gamma``, ``beta`` get :func:`backward` of ``ds``
+    (:func:`frozen_backward` when not ``training``: fixed statistics).
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    if activation == "relu":
+        red, axis_ = _axes(x64, axis)
+        C = x64.shape[axis_]
+        xhat = (x64 - _bcast(mean, x64, axis_)) * _bcast(invstd, x64, axis_)
+        s = (
+            _bcast(_param(gamma, C, 1.0), x64, axis_) * xhat
+            + _bcast(_param(beta, C, 0.0), x64, axis_)
+            + np.asarray(z, dtype=np.float64)
+        )
+        dy = np.where(s > 0, dy, 0.0)
+    grads = backward if training else frozen_backward
+    dx, dgamma, dbeta = grads(dy, x64, mean, invstd, gamma, beta, axis)
+    return dx, dgamma, dbeta, dy
+
+
+def residual_loss_for_gradcheck(x, z, gamma, beta, w, axis=1, eps=1e-5, activation=None):
+    """A scalar ``sum(w * act(bn(x) + z))``: its gradients are :func:`residual_backward`'s
+    with ``dy = w``."""
+    y = residual_forward(x, z, gamma, beta, axis, eps, activation)[0]
+    return float((w * y).sum())
+
+
 def expand_mask(mask, x, axis=1):
     """``mask`` (x's shape without the channel axis, or broadcastable to it) as a
     float64 0/1 array of x's shape (the same for every channel)."""

@@ -344,6 +344,24 @@ def test_interleaved_rounds(report_module, tmp_path):
     assert f"| {result['case']} | backward | 5 x 3 |" in page
 
 
+@pytest.mark.parametrize(
+    "layout, shape, axis", [("NCHW", (4, 3, 5, 5), 1), ("NHWC", (4, 5, 5, 3), -1)]
+)
+def test_residual_benchmark_variants_agree_and_measure(report_module, layout, shape, axis):
+    """The fused residual benchmark compares like with like (fused, fastbn + NumPy add +
+    ReLU, PyTorch's ``relu(bn(x) + z)``), and its paired measurement fills every field."""
+    from benchmarks import residual
+    from benchmarks.cases import Case, make_inputs
+
+    case = Case(layout, shape, axis, "float32")
+    inputs = make_inputs(case)
+    residual.check_agreement(inputs, residual.residual_of(inputs))
+    result = residual.measure(case, "residual_forward", rounds=3, progress=None)
+    assert result["times"]["fastbn"] > 0 and result["ratios"]["fastbn"] == 1.0
+    assert result["bytes"]["fastbn"] * 2 == result["bytes"]["fastbn+numpy"]
+    assert f"| {case.id} | residual_forward | 3 |" in residual.format_table([result])
+
+
 def test_torch_cnn_calls_run_and_agree(monkeypatch):
     """benchmarks/torch_cnn.py's calls on a small activation, untimed: both providers run
     every op, and the BatchNorm layers' input gradients are the same."""

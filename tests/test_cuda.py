@@ -125,6 +125,8 @@ for data, compute in ((nt.float32, np.float32), (nt.float16, np.float32), (nt.fl
         i64))
     sigs["inference", data] = (k.inference, (x3, x3, i64, i64, i64, p1, p1, f64, p1, b1, p1,
         b1, b1))
+    sigs["residual", data] = (k.residual, (x3, x3, x3, x3, i64, i64, i64, st, st, b1, f64, p1,
+        b1, p1, b1, b1, b1))
     sigs["backward_partials", data] = (k.backward_partials, (x3, x3, i64, i64, i64, st, st, p1, b1,
         p1, b1, b1, A(f64, 3)))
     sigs["backward_apply", data] = (k.backward_apply, (x3, x3, x3, i64, i64, i64, A(f64, 3), i64,
@@ -667,6 +669,82 @@ def test_empty_channels_launch_nothing(launches):
     y, mean, invstd = fastbn.batch_norm_forward(x)
     assert y.shape == (4, 0, 3) and mean.shape == (0,)
     assert launches == []
+
+
+# --------------------------------------------------------------------------------------
+# The fused residual add: residual=z, y = act(bn(x) + z)
+# --------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "shape, axis, dtype",
+    [
+        ((7, 3, 41), 1, np.float32),  # strided, 2 blocks per channel, tail
+        ((4, 5, 6, 3), -1, np.float32),  # NHWC: rows
+        ((70, 37), 1, np.float64),  # two rows tiles
+        ((6, 3, 50), 1, np.float16),
+    ],
+)
+def test_residual_forward_backward(shape, axis, dtype):
+    x = data(shape, dtype)
+    z = np.asfortranarray(data(shape, dtype, seed=7, offset=0.0))  # another layout than x
+    C = shape[axis]
+    gamma, beta = params(C, dtype)
+    y, mean, invstd = fastbn.batch_norm_forward(
+        dev(x), dev(gamma), dev(beta), axis=axis, residual=cuda.to_device(z), activation="relu"
+    )
+    yr, _, _ = ref.residual_forward(x, z, gamma, beta, axis, activation="relu")
+    scale = 4 if dtype == np.float16 else 1  # float16 y: rounded from float32 (+ z rounding)
+    close(host(y), yr, dtype, scale=scale, name="y")
+    dy = data(shape, dtype, seed=5, offset=0.0)
+    dx, dgamma, dbeta, dz = fastbn.batch_norm_backward(
+        dev(dy), dev(x), mean, invstd, dev(gamma), dev(beta), axis=axis, activation="relu",
+        residual=dev(z), residual_grad=True,
+    )  # fmt: skip
+    dxr, dgr, dbr, dzr = ref.residual_backward(
+        dy, x, z, host(mean), host(invstd), gamma, beta, axis, activation="relu"
+    )
+    m = x.size // C
+    stats = np.float32 if dtype == np.float16 else dtype
+    close(host(dz), dzr, dtype, name="dz")
+    close(host(dx), dxr, dtype, scale=scale, name="dx")
+    close(host(dgamma), dgr, stats, scale=np.sqrt(m), name="dgamma")
+    close(host(dbeta), dbr, stats, scale=np.sqrt(m), name="dbeta")
+    # the backward's mask is the forward's, bit for bit
+    assert np.array_equal(host(dz), np.where(host(y) > 0, dy, 0))
+    # the GPU agrees with the CPU
+    y_cpu = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, residual=z, activation="relu")[0]
+    close(host(y), y_cpu, dtype, scale=scale, name="y vs cpu")
+
+
+@needs_cuda
+def test_residual_inference_in_place_layer_and_errors(launches):
+    x = data((4, 3, 5, 7), np.float32)
+    z = data(x.shape, np.float32, seed=9, offset=0.0)
+    rm, rv = (
+        np.linspace(2.0, 4.0, 3).astype(np.float32),
+        np.linspace(1.0, 5.0, 3).astype(np.float32),
+    )
+    zd = dev(z)
+    y = fastbn.batch_norm_inference(dev(x), dev(rm), dev(rv), out=zd, residual=zd)
+    assert y is zd and len(launches) == 1  # one pass: x and z read, y written
+    close(host(zd), ref.residual_inference(x, z, rm, rv), np.float32, name="inference")
+    bn = fastbn.BatchNorm(3, activation="relu").to("cuda")
+    y = bn.forward(dev(x), training=True, residual=dev(z))
+    close(host(y), ref.residual_forward(x, z, activation="relu")[0], np.float32, name="layer")
+    dy = data(x.shape, np.float32, seed=2, offset=0.0)
+    bn.backward(dev(dy))
+    y_h = host(y)
+    close(host(bn.dresidual), np.where(y_h > 0, dy, 0), np.float32, name="dresidual")
+    with pytest.raises(TypeError, match="residual"):
+        fastbn.batch_norm_forward(dev(x), residual=z)  # a host z for a device x
+    with pytest.raises(TypeError, match="residual"):
+        bn.forward(dev(x), training=True, residual=z)
+    out = dev(np.full(x.shape, 7.0, np.float32))
+    with pytest.raises(ValueError, match="residual must have the shape"):
+        fastbn.batch_norm_forward(dev(x), out=out, residual=dev(z[:, :2]))
+    assert (host(out) == 7.0).all()
 
 
 # --------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def mismatch_cases(x, dy):
 
     def layer_forward_vs_backward():
         bn = fastbn.BatchNorm(C, dtype=np.float64, comm=COMM)
-        bn._saved = (x, 1, mean, invstd)  # as after a forward, without its collective
+        bn._saved = (x, 1, mean, invstd, None)  # as after a forward, without its collective
         if RANK == 0:
             bn.forward(x, training=True)
         else:
