@@ -510,10 +510,7 @@ def batch_norm_inference(
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
     _checks.check_residual(residual, x.shape, x.dtype)
     C = x.shape[axis]
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required for inference")
-    _checks.check_channel_param("running_mean", running_mean, C, axis)
-    _checks.check_channel_param("running_var", running_var, C, axis)
+    _checks.check_running_stats(running_mean, running_var, C, axis, "for inference")
     return _ops.inference(
         be,
         x,
@@ -683,10 +680,7 @@ def batch_norm(
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        _checks.check_channel_param("running_mean", running_mean, C, axis)
-        _checks.check_channel_param("running_var", running_var, C, axis)
+        _checks.check_running_stats(running_mean, running_var, C, axis, "when training=False")
         return _ops.inference(
             be,
             x,
