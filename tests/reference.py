@@ -278,6 +278,21 @@ def masked_loss_for_gradcheck(x, mask, gamma, beta, w, axis=1, eps=1e-5, activat
 # --------------------------------------------------------------------------------------
 
 
+# The NumPy counterpart of torch's ``detach`` for finite differences: while
+# ``_CONSTANTS["replay"]`` holds the values a formula's constants took at the unperturbed
+# point, each ``_constant`` call returns the next of them, so that a perturbed evaluation
+# sees r and d (say) held fixed, as autograd does.
+_CONSTANTS = {"record": None, "replay": None}
+
+
+def _constant(v):
+    if _CONSTANTS["replay"] is not None:
+        return _CONSTANTS["replay"].pop(0)
+    if _CONSTANTS["record"] is not None:
+        _CONSTANTS["record"].append(v)
+    return v
+
+
 def _ops_of(a):
     """``(mean over axes keeping them, sqrt, clip, constant)`` for NumPy or torch."""
     if isinstance(a, np.ndarray):
@@ -285,7 +300,7 @@ def _ops_of(a):
             lambda v, red: v.mean(axis=red, keepdims=True),
             np.sqrt,
             np.clip,
-            lambda v: v,
+            _constant,
         )
     import torch
 
@@ -337,12 +352,29 @@ def ghost_formula(x, g, b, axis, eps, k, relu=False):
     return torch.cat(chunks, dim=0)
 
 
+def _has_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Whether :func:`formula_grads` differentiates exactly (torch's autograd) or by central
+# finite differences; their error, about 1e-16 * |loss| / 1e-6 of rounding plus the
+# step's truncation, stays below FD_TOL on the tests' losses (|loss| < 100).
+AUTOGRAD = _has_torch()
+FD_TOL = 1e-6
+
+
 def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
     """``(y, dx, dgamma, dbeta)`` of ``formula(x, g, b, axis, *args)`` against ``sum(dy * y)``.
 
     PyTorch's autograd in float64 when torch is installed, else central finite
     differences (step 1e-6, exact to ~1e-8 on these smooth functions away from ReLU
-    kinks). ``gamma``/``beta`` None: 1 / 0, their gradient None.
+    kinks; see :data:`FD_TOL`) with the formula's constants (torch's ``detach``) held at
+    their values at the unperturbed point. ``gamma``/``beta`` None: 1 / 0, their
+    gradient None.
     """
     x = np.asarray(x, np.float64)
     dy = np.asarray(dy, np.float64)
@@ -350,11 +382,16 @@ def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
     g = _param(gamma, C, 1.0)
     b = _param(beta, C, 0.0)
     extra = [_bcast(a, x, axis) if isinstance(a, np.ndarray) else a for a in args]
-    y = formula(x, _bcast(g, x, axis), _bcast(b, x, axis), axis, *extra, **kwargs)
     try:
         import torch
     except ImportError:
         torch = None
+    recorded = []
+    _CONSTANTS["record"] = recorded
+    try:
+        y = formula(x, _bcast(g, x, axis), _bcast(b, x, axis), axis, *extra, **kwargs)
+    finally:
+        _CONSTANTS["record"] = None
     if torch is not None:
         X, G, B = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, g, b))
         shape = [1] * x.ndim
@@ -366,7 +403,11 @@ def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
     else:
 
         def loss(xx, gg, bb):
-            out = formula(xx, _bcast(gg, x, axis), _bcast(bb, x, axis), axis, *extra, **kwargs)
+            _CONSTANTS["replay"] = list(recorded)
+            try:
+                out = formula(xx, _bcast(gg, x, axis), _bcast(bb, x, axis), axis, *extra, **kwargs)
+            finally:
+                _CONSTANTS["replay"] = None
             return float((dy * out).sum())
 
         def numeric(a, f):

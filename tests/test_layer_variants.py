@@ -75,7 +75,11 @@ def state64(bn):
 
 
 def check(actual, expected, dtype, name, scale=1.0):
-    assert_close(host(actual), expected, **tol(dtype, scale), name=name)
+    t = tol(dtype, scale)
+    if name in ("dx", "dgamma", "dbeta") and not ref.AUTOGRAD:
+        # the reference gradients are finite differences (no torch): their own error
+        t = {k: max(v, ref.FD_TOL) for k, v in t.items()}
+    assert_close(host(actual), expected, **t, name=name)
 
 
 # --------------------------------------------------------------------------------------
