@@ -142,6 +142,14 @@ def _add_train_parser(subparsers):
         default=None,
         help="adam (Keras defaults) or sgd with momentum 0.9 (default adam)",
     )
+    model.add_argument(
+        "--precise-bn",
+        action="store_true",
+        default=None,
+        help="after each epoch, before evaluating, set every BatchNorm layer's running "
+        "statistics to the exact statistics of its input over the whole training set "
+        "(fastbn.nn.update_bn_stats); the weights are those of the run without it",
+    )
     model.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     model.add_argument(
         "--dtype",
@@ -209,6 +217,14 @@ def _add_train_parser(subparsers):
         metavar="FILE.npz",
         default=None,
         help="continue a run from its checkpoint (up to --epochs in total)",
+    )
+    out.add_argument(
+        "--fold",
+        metavar="FILE.npz",
+        default=None,
+        help="after training, write the inference model with every BatchNorm folded "
+        "into a Dense layer (fastbn.nn.fold_batch_norm); its test accuracy goes to the "
+        "metrics",
     )
     out.add_argument(
         "--plot",
@@ -378,6 +394,7 @@ def _check_train_options(args):
     for option, path in (
         ("--save", args.save),
         ("--metrics-out", args.metrics_out),
+        ("--fold", args.fold),
         ("--plot", args.plot),
     ):
         problem = path is not None and _check_output_file(option, path)
@@ -459,6 +476,7 @@ def _train(args, interrupts):
         device=args.device,
         seed=args.seed,
         dtype=args.dtype,
+        precise_bn=args.precise_bn,
         threads=args.threads,
         blas_threads=args.blas_threads,
         progress=False if args.quiet else None,
@@ -484,6 +502,7 @@ def _train(args, interrupts):
             save=args.save,
             resume=args.resume,
             metrics_out=None if args.compare_no_bn else args.metrics_out,
+            fold=args.fold,
             **common,
         )
         runs = {("without BatchNorm" if args.no_bn else "with BatchNorm"): history}

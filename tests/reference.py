@@ -122,6 +122,40 @@ def loss_for_gradcheck(x, gamma, beta, w, axis=1, eps=1e-5, activation=None):
     return float((w * y).sum())
 
 
+def population_moments(batches, unbiased):
+    """Mean and variance of the rows of all ``batches`` concatenated, float64.
+
+    ``unbiased`` divides the sum of squared deviations by ``n - 1`` (PyTorch's running
+    variance), else by ``n`` (Keras's).
+    """
+    x = np.concatenate([np.asarray(b, dtype=np.float64) for b in batches])
+    mean = x.mean(axis=0)
+    ss = ((x - mean) ** 2).sum(axis=0)
+    return mean, ss / (x.shape[0] - 1 if unbiased else x.shape[0])
+
+
+def mlp_inference(x, layers):
+    """Inference of a stack of layers, float64.
+
+    ``layers``: tuples ``("dense", weight (in, out), bias, activation)``,
+    ``("bn", running_mean, running_var, gamma, beta, eps, activation)`` (gamma/beta None
+    for a layer without them) or ``("relu",)``.
+    """
+    h = np.asarray(x, dtype=np.float64)
+    for spec in layers:
+        if spec[0] == "dense":
+            _, w, b, activation = spec
+            h = h @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+            if activation == "relu":
+                h = np.maximum(h, 0.0)
+        elif spec[0] == "bn":
+            _, mean, var, gamma, beta, eps, activation = spec
+            h = inference(h, mean, var, gamma, beta, axis=1, eps=eps, activation=activation)
+        else:
+            h = np.maximum(h, 0.0)
+    return h
+
+
 def residual_forward(x, z, gamma=None, beta=None, axis=1, eps=1e-5, activation=None):
     """``act(bn(x) + z)`` with batch statistics: ``(y, mean, invstd)``, float64."""
     y, mean, invstd, _ = forward(x, gamma, beta, axis, eps)

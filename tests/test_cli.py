@@ -451,3 +451,33 @@ def test_signal_handler_is_restored(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     assert cli.main(["train", *FAST, "--epochs", "1"]) == 0
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# --------------------------------------------------------------------------------------
+# --precise-bn and --fold
+# --------------------------------------------------------------------------------------
+
+
+def test_precise_bn_and_fold_flags_reach_the_metrics(tmp_path, capsys):
+    metrics, folded = tmp_path / "m.json", tmp_path / "folded.npz"
+    argv = ["train", "--dataset", "synthetic", "--hidden", "8", "--epochs", "2"]
+    argv += ["--precise-bn", "--fold", str(folded), "--metrics-out", str(metrics)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "precise BN" in out and f"written to {folded}" in out
+    record = json.loads(metrics.read_text())
+    assert record["config"]["precise_bn"] is True
+    assert all("precise_bn_seconds" in epoch for epoch in record["epochs"])
+    assert record["fold"]["path"] == str(folded) and folded.exists()
+    assert record["fold"]["test_acc"] == record["epochs"][-1]["test_acc"]
+    with np.load(folded) as saved:
+        assert sorted(saved) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("bias", "weight")]
+    # Without the flags: neither in the metrics.
+    assert cli.main(["train", *FAST, "--epochs", "1", "--metrics-out", str(metrics)]) == 0
+    record = json.loads(metrics.read_text())
+    assert record["config"]["precise_bn"] is False and "fold" not in record
+
+
+def test_an_unwritable_fold_file_is_an_error_before_training(tmp_path, capsys, no_training):
+    assert cli.main(["train", *FAST, "--fold", str(tmp_path)]) == 1
+    assert "--fold" in capsys.readouterr().err

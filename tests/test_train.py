@@ -310,3 +310,75 @@ def test_python_dash_m_fastbn_train(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(metrics.read_text())["epochs"][0]["test_acc"] > 0.5
+
+
+# --------------------------------------------------------------------------------------
+# Precise statistics and the folded inference model
+# --------------------------------------------------------------------------------------
+
+
+def test_precise_bn_sets_exact_statistics_and_leaves_the_weights_alone(small):
+    common = dict(epochs=2, hidden=(16, 8), batch_size=64, log=None)
+    plain = nn.fit(small, **common)
+    precise = nn.fit(small, precise_bn=True, **common)
+    assert precise.config["precise_bn"] is True and plain.config["precise_bn"] is False
+    # Training normalizes with batch statistics: the weights are bitwise those without it.
+    np.testing.assert_array_equal(precise.model.store.values, plain.model.store.values)
+    assert all(r["precise_bn_seconds"] >= 0 for r in precise.epochs)
+    assert all("precise_bn_seconds" not in r for r in plain.epochs)
+    # The final running statistics are the exact ones of the training set...
+    twin = nn.build_mlp(small.num_features, small.num_classes, (16, 8), rng=0)
+    twin.load_state_dict(precise.model.state_dict())
+    for layer in twin.layers:
+        if isinstance(layer, nn.BatchNorm):
+            layer.bn.running_mean[...] = 0.0
+            layer.bn.running_var[...] = 1.0
+    nn.update_bn_stats(twin, [small.x_train])
+    got, want = precise.model.state_dict(), twin.state_dict()
+    for key in want:
+        # fit runs the BLAS on one thread, this test on the default count: the matrix
+        # products may round differently (float32, one ulp ~1.2e-7 relative).
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    # ...and the batch counts are those of the training steps.
+    assert (
+        got["layers.1.num_batches_tracked"]
+        == plain.model.state_dict()["layers.1.num_batches_tracked"]
+    )
+    # The reported test accuracy is the model's with those statistics.
+    acc = nn.evaluate(precise.model, nn.SoftmaxCrossEntropy(), small.x_test, small.y_test)[1]
+    assert precise.epochs[-1]["test_acc"] == acc
+
+
+def test_precise_bn_is_kept_when_resuming(small, tmp_path):
+    ck = tmp_path / "ck.npz"
+    common = dict(hidden=(8,), batch_size=64, log=None)
+    nn.fit(small, epochs=1, precise_bn=True, save=str(ck), **common)
+    resumed = nn.fit(small, epochs=2, resume=str(ck), **common)
+    assert resumed.config["precise_bn"] is True
+    assert "precise_bn_seconds" in resumed.epochs[-1]
+    whole = nn.fit(small, epochs=2, precise_bn=True, **common)
+    np.testing.assert_array_equal(resumed.model.store.values, whole.model.store.values)
+    assert resumed.epochs[-1]["test_acc"] == whole.epochs[-1]["test_acc"]
+
+
+def test_fold_writes_an_inference_model_that_predicts_like_the_trained_one(small, tmp_path):
+    path = tmp_path / "folded.npz"
+    history = nn.fit(small, epochs=1, hidden=(16, 8), fold=str(path), log=None)
+    record = history.to_dict()["fold"]
+    assert record["path"] == str(path)
+    assert record["layers"] == [
+        "Dense(784, 16, activation='relu')",
+        "Dense(16, 8, activation='relu')",
+        "Dense(8, 10, activation=None)",
+    ]
+    assert record["max_rel_logit_diff"] <= 1e-4  # float32 (tests/test_nn_fold.py)
+    with np.load(path) as saved:
+        state = dict(saved)
+    model = nn.build_mlp(hidden=(16, 8), batch_norm=False, rng=1)
+    model.load_state_dict(state)
+    loss = nn.SoftmaxCrossEntropy()
+    test_loss, test_acc = nn.evaluate(model, loss, small.x_test, small.y_test)
+    assert (test_loss, test_acc) == (record["test_loss"], record["test_acc"])
+    trained = history.model.predict(small.x_test)
+    scale = np.abs(trained).max()
+    assert np.abs(model.predict(small.x_test) - trained).max() <= 1e-4 * scale

@@ -3,7 +3,9 @@
 Layers (:class:`Dense`, :class:`ReLU`, :class:`BatchNorm`), the :class:`Sequential`
 model, the fused :class:`SoftmaxCrossEntropy` loss, the :class:`Adam` and :class:`SGD`
 optimizers, the trainer (:func:`fit`, which ``fastbn train`` runs) and its data-parallel
-hook over MPI (:class:`DataParallel`, in :mod:`fastbn.nn.parallel`). Matrix products
+hook over MPI (:class:`DataParallel`, in :mod:`fastbn.nn.parallel`), exact population
+statistics for the BatchNorm layers (:func:`update_bn_stats`) and BatchNorm folded into
+the Dense layers for inference (:func:`fold_batch_norm`). Matrix products
 use NumPy's BLAS on the CPU and CuPy's cuBLAS on a GPU (``device="cuda"``); the rest runs
 on fastbn's kernels.
 
@@ -20,10 +22,12 @@ Examples
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .fold import fold_batch_norm
 from .layers import INITIALIZERS, BatchNorm, Dense, Parameter, ParameterStore, ReLU, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
 from .parallel import DataParallel
+from .precise import update_bn_stats
 from .train import DEFAULTS, History, build_mlp, evaluate, fit, set_threads, train_epoch
 
 __all__ = [
@@ -48,4 +52,6 @@ __all__ = [
     "load_checkpoint",
     "CheckpointError",
     "DataParallel",
+    "update_bn_stats",
+    "fold_batch_norm",
 ]

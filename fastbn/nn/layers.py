@@ -398,6 +398,9 @@ class BatchNorm(_Layer):
         Override the convention's defaults; ``momentum`` keeps the convention's meaning.
     activation : {None, "relu"}, optional
         Fuse a ReLU after the normalization (one kernel forward, one backward).
+    affine : bool, default True
+        Learn ``gamma`` and ``beta`` (Keras's ``center=scale=True``); when False the layer
+        has no parameters and normalizes only.
     dtype : numpy dtype, default float32
     renorm : bool, default False
         Batch renormalization (Keras's ``renorm``, default clipping and
@@ -431,6 +434,7 @@ class BatchNorm(_Layer):
         momentum=None,
         eps=None,
         activation=None,
+        affine=True,
         dtype=np.float32,
         renorm=False,
         virtual_batch_size=None,
@@ -442,6 +446,8 @@ class BatchNorm(_Layer):
                 axis=-1,
                 momentum=0.99 if momentum is None else momentum,
                 epsilon=1e-3 if eps is None else eps,
+                center=bool(affine),
+                scale=bool(affine),
                 dtype=dtype,
                 activation=activation,
                 **variants,
@@ -452,6 +458,7 @@ class BatchNorm(_Layer):
                 axis=1,
                 momentum=0.1 if momentum is None else momentum,
                 eps=1e-5 if eps is None else eps,
+                affine=bool(affine),
                 dtype=dtype,
                 activation=activation,
                 **variants,
@@ -461,6 +468,7 @@ class BatchNorm(_Layer):
         self.convention = convention
         self.num_features = int(num_features)
         self.activation = activation
+        self.affine = bool(affine)
         self.dtype = np.dtype(dtype)
         self.gamma_grad = self.beta_grad = None
 
@@ -469,6 +477,7 @@ class BatchNorm(_Layer):
             f"BatchNorm({self.num_features}, convention={self.convention!r}, "
             f"momentum={self.bn.momentum:.4g}, eps={self.bn.eps:g}, "
             f"activation={self.activation!r}"
+            + ("" if self.affine else ", affine=False")
             + (", renorm=True" if self.bn.renorm else "")
             + (
                 f", virtual_batch_size={self.bn.virtual_batch_size}"
@@ -481,14 +490,17 @@ class BatchNorm(_Layer):
     _STATS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "running_stddev")
 
     def param_specs(self):
-        """``[("gamma", ones), ("beta", zeros)]``."""
+        """``[("gamma", ones), ("beta", zeros)]``, or ``[]`` when not affine."""
+        if not self.affine:
+            return []
         return [("gamma", np.ones(self.num_features)), ("beta", np.zeros(self.num_features))]
 
     def bind(self, xp, ops, params):
         """Point the wrapped layer's ``gamma``/``beta`` at the model's views."""
         super().bind(xp, ops, params)
-        self.bn.gamma, self.gamma_grad = params["gamma"].value, params["gamma"].grad
-        self.bn.beta, self.beta_grad = params["beta"].value, params["beta"].grad
+        if self.affine:
+            self.bn.gamma, self.gamma_grad = params["gamma"].value, params["gamma"].grad
+            self.bn.beta, self.beta_grad = params["beta"].value, params["beta"].grad
         if xp is not np:
             for key in self._STATS:
                 if getattr(self.bn, key) is not None:
@@ -496,12 +508,12 @@ class BatchNorm(_Layer):
 
     @property
     def gamma(self):
-        """array: The scale (a view into the model's parameters)."""
+        """array or None: The scale (a view into the model's parameters; None if not affine)."""
         return self.bn.gamma
 
     @property
     def beta(self):
-        """array: The shift (a view into the model's parameters)."""
+        """array or None: The shift (a view into the model's parameters; None if not affine)."""
         return self.bn.beta
 
     def forward(self, x, training=True):
@@ -532,8 +544,9 @@ class BatchNorm(_Layer):
         array
         """
         dx = self.bn.backward(dy)
-        self.gamma_grad[...] = self.bn.dgamma
-        self.beta_grad[...] = self.bn.dbeta
+        if self.affine:
+            self.gamma_grad[...] = self.bn.dgamma
+            self.beta_grad[...] = self.bn.dbeta
         return dx if input_grad else None
 
     def state_dict(self):

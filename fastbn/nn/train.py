@@ -26,10 +26,12 @@ from .. import _config
 from .. import data as _data
 from . import _device
 from . import checkpoint as _checkpoint
+from .fold import fold_batch_norm
 from .layers import BatchNorm, Dense, Sequential
 from .loss import SoftmaxCrossEntropy
 from .optim import SGD, Adam
 from .parallel import DataParallel
+from .precise import update_bn_stats
 
 __all__ = [
     "fit",
@@ -63,7 +65,10 @@ DEFAULTS = {
     "batch_size": 128,
     "seed": 0,
     "dtype": "float32",
+    "precise_bn": False,
 }
+# Rows per forward of evaluate() and of the precise-statistics pass.
+_EVAL_BATCH = 2048
 # Options that fix the shapes and meaning of a checkpoint's arrays: a resumed run must
 # keep them.
 _ARCHITECTURE = (
@@ -184,11 +189,15 @@ class History:
     epochs : list of dict
         One record per epoch: ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``,
         ``test_acc``, ``seconds`` (training time of the epoch), ``samples_per_s``,
-        ``eval_seconds``.
+        ``eval_seconds``, and with ``precise_bn`` ``precise_bn_seconds`` (the time of
+        :func:`~fastbn.nn.update_bn_stats` before that epoch's evaluation).
     config : dict
         The resolved options of the run.
     model : Sequential
     optimizer : Adam or SGD
+    fold : dict or None
+        With ``fit(fold=...)``: the folded inference model's file, layers, test loss and
+        accuracy, and its largest logit difference from the trained model on the test set.
 
     Examples
     --------
@@ -202,6 +211,7 @@ class History:
         self.config = dict(config)
         self.model = model
         self.optimizer = optimizer
+        self.fold = None
 
     def __getitem__(self, key):
         return self.to_dict()[key]
@@ -214,8 +224,11 @@ class History:
         )
 
     def to_dict(self):
-        """``{"config": ..., "epochs": [...]}`` (JSON-serializable)."""
-        return {"config": self.config, "epochs": self.epochs}
+        """``{"config": ..., "epochs": [...]}`` (JSON-serializable), and ``"fold"`` if set."""
+        record = {"config": self.config, "epochs": self.epochs}
+        if self.fold is not None:
+            record["fold"] = self.fold
+        return record
 
 
 def set_threads(threads, blas_threads=None):
@@ -495,7 +508,23 @@ def evaluate(model, loss, x, y, batch_size=2048, parallel=None):
     return float(acc[0]) / max(n, 1), float(acc[1]) / max(n, 1)
 
 
-def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size, eval_batch_size=2048):
+def _row_batches(x, batch_size):
+    """Consecutive slices of ``batch_size`` rows of ``x`` (the last one may be smaller)."""
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size]
+
+
+def warm_up(
+    model,
+    optimizer,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    batch_size,
+    eval_batch_size=2048,
+    precise_bn=False,
+):
     """Run every kernel a training run will call, on a throwaway ``model`` and ``optimizer``.
 
     One training step per distinct batch size of an epoch (the full batch and the last,
@@ -514,6 +543,9 @@ def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size, eval
     batch_size : int
     eval_batch_size : int, default 2048
         :func:`evaluate`'s batch size.
+    precise_bn : bool, default False
+        Also run :func:`~fastbn.nn.update_bn_stats` over the training rows in batches of
+        ``eval_batch_size``, as ``fit(precise_bn=True)`` does after each epoch.
 
     Examples
     --------
@@ -539,6 +571,9 @@ def warm_up(model, optimizer, x_train, y_train, x_test, y_test, batch_size, eval
     rows = n_test if n_test <= eval_batch_size else eval_batch_size + n_test % eval_batch_size
     if rows:
         evaluate(model, loss, x_test[:rows], y_test[:rows], eval_batch_size)
+    rows = n if n <= eval_batch_size else eval_batch_size + n % eval_batch_size
+    if precise_bn and rows > 1:
+        update_bn_stats(model, _row_batches(x_train[:rows], eval_batch_size))
 
 
 def _progress_bar(total, desc, enabled):
@@ -636,11 +671,13 @@ def fit(
     device="cpu",
     seed=None,
     dtype=None,
+    precise_bn=None,
     threads=None,
     blas_threads=1,
     save=None,
     resume=None,
     metrics_out=None,
+    fold=None,
     progress=None,
     log=print,
     download=True,
@@ -681,6 +718,14 @@ def fit(
     seed : int, optional (0)
         Seeds the initial weights, the shuffles and the synthetic dataset.
     dtype : {"float32", "float64"}, optional ("float32")
+    precise_bn : bool, optional (False)
+        After each epoch's training, before its evaluation, replace every BatchNorm
+        layer's running statistics with the exact statistics of its input over the whole
+        training set (:func:`~fastbn.nn.update_bn_stats`, in batches of 2048 rows): each
+        epoch's ``test_acc`` and the saved model use them. The next epoch's training
+        updates them with the momentum again from there (training itself normalizes with
+        batch statistics, so the weights are those of the run without ``precise_bn``).
+        The pass's time is the epoch's ``precise_bn_seconds``.
     threads : int, optional
         Threads for the Numba kernels (:func:`numba.set_num_threads`); all cores when None.
     blas_threads : int or None, default 1
@@ -696,6 +741,13 @@ def fit(
         epoch counter, RNG state and the history so far.
     metrics_out : str, optional
         JSON file rewritten after every epoch: ``{"config": ..., "epochs": [...]}``.
+    fold : str, optional
+        After training, write the inference model with every BatchNorm folded into a
+        Dense layer (:func:`~fastbn.nn.fold_batch_norm`) to this ``.npz`` file: its
+        ``state_dict()``, the same names and shapes as the model built with
+        ``batch_norm=False``. Its test loss and accuracy and its largest logit difference
+        from the trained model on the test set are ``History.fold`` (and ``"fold"`` in
+        the metrics JSON).
     progress : bool, optional
         tqdm bar per epoch; None shows it when stderr is a terminal.
     log : callable or None, default print
@@ -737,6 +789,7 @@ def fit(
         "batch_size": batch_size,
         "seed": seed,
         "dtype": dtype,
+        "precise_bn": precise_bn,
     }
     if state is not None:
         with _checkpoint_errors(resume):  # the checkpoint's own configuration is valid
@@ -860,7 +913,15 @@ def fit(
     local_batch = -(-int(config["batch_size"]) // (1 if parallel is None else parallel.size))
     t_warm = time.perf_counter()
     with _config.on_compile(announce), _BlasThreads(blas_threads):
-        warm_up(*build(np.random.default_rng(0)), x_train, y_train, x_test, y_test, local_batch)
+        warm_up(
+            *build(np.random.default_rng(0)),
+            x_train,
+            y_train,
+            x_test,
+            y_test,
+            local_batch,
+            precise_bn=bool(config["precise_bn"]),
+        )
     history.config["warmup_seconds"] = time.perf_counter() - t_warm
     if announced and say is not None:
         print(
@@ -890,6 +951,9 @@ def fit(
             finally:
                 if bar is not None:
                     bar.close()
+            if config["precise_bn"]:
+                update_bn_stats(model, _row_batches(x_train, _EVAL_BATCH))
+            t_precise = time.perf_counter()
             test_loss, test_acc = evaluate(model, loss, x_test, y_test, parallel=parallel)
             t2 = time.perf_counter()
             record = {
@@ -900,8 +964,10 @@ def fit(
                 "test_acc": test_acc,
                 "seconds": t1 - t0,
                 "samples_per_s": ds.x_train.shape[0] / (t1 - t0),
-                "eval_seconds": t2 - t1,
+                "eval_seconds": t2 - t_precise,
             }
+            if config["precise_bn"]:
+                record["precise_bn_seconds"] = t_precise - t1
             history.epochs.append(record)
             if not root:
                 continue
@@ -923,8 +989,60 @@ def fit(
                     f"epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
                     f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  "
                     f"{t1 - t0:6.2f}s  {record['samples_per_s']:,.0f} samples/s"
+                    + (f"  precise BN {t_precise - t1:.2f}s" if config["precise_bn"] else "")
                 )
+    if fold is not None and root:
+        history.fold = _fold_and_save(model, loss, x_test, y_test, fold)
+        if metrics_out is not None:
+            _write_metrics(metrics_out, history)
+        if say is not None:
+            say(
+                f"folded inference model ({len(model.layers)} -> "
+                f"{len(history.fold['layers'])} layers) written to {fold}: "
+                f"test_acc {history.fold['test_acc']:.4f}"
+            )
     return history
+
+
+def _fold_and_save(model, loss, x_test, y_test, path):
+    """Fold ``model``'s BatchNorm layers, check the result on the test set, save it.
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : SoftmaxCrossEntropy
+    x_test, y_test : arrays on the model's device
+    path : str
+        ``.npz`` file for the folded model's ``state_dict()`` (written atomically).
+
+    Returns
+    -------
+    dict
+        ``path``, ``layers`` (their reprs), ``test_loss``, ``test_acc``,
+        ``max_abs_logit_diff`` and ``max_rel_logit_diff`` (over the largest logit).
+    """
+    import io
+
+    folded = fold_batch_norm(model)
+    test_loss, test_acc = evaluate(folded, loss, x_test, y_test)
+    diff = scale = 0.0
+    for start in range(0, x_test.shape[0], _EVAL_BATCH):
+        rows = x_test[start : start + _EVAL_BATCH]
+        a = _device.to_host(model.forward(rows, training=False)).astype(np.float64)
+        b = _device.to_host(folded.forward(rows, training=False)).astype(np.float64)
+        diff = max(diff, float(np.abs(a - b).max()))
+        scale = max(scale, float(np.abs(a).max()))
+    buffer = io.BytesIO()
+    np.savez(buffer, **folded.state_dict())
+    _checkpoint.atomic_write_bytes(path, buffer.getvalue())
+    return {
+        "path": os.fspath(path),
+        "layers": [repr(layer) for layer in folded.layers],
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "max_abs_logit_diff": diff,
+        "max_rel_logit_diff": diff / scale if scale else 0.0,
+    }
 
 
 @contextlib.contextmanager
