@@ -549,7 +549,17 @@ def direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu):
 def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     """The backward of the direct path: ``dx3`` written; returns ``(dgamma, dbeta)`` in
     the statistics dtype (the kernel of :func:`backward`, on the same views: bitwise its
-    results; see :func:`direct_forward` for what is spared)."""
+    results; see :func:`direct_forward` for what is spared).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.array([[[0.0]], [[2.0]]])
+    >>> dx3 = np.empty_like(x3)
+    >>> direct_backward(np.array([[[1.0]], [[3.0]]]), x3, np.ones(1), np.ones(1), None, None,
+    ...                 False, dx3)
+    (array([2.]), array([4.]))
+    """
     C = x3.shape[1]
     drivers = cpu.drivers_for(x3)
     grads = np.empty((2, C), FLOAT64 if x3.dtype is FLOAT64 else FLOAT32)

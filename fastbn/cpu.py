@@ -1812,7 +1812,15 @@ def _use_fused(fuse, planned, x3):
 def forward_kernel(x3, plan, fuse=None):
     """The training forward's driver for ``x3`` and its ``plan``: fused or two-pass (see
     :func:`forward_training`), serial or parallel build. Its arguments are
-    ``(x3, plan.chunk, eps, gamma, beta, relu, y3, mean, var, invstd)``."""
+    ``(x3, plan.chunk, eps, gamma, beta, relu, y3, mean, var, invstd)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((256, 64, 1), np.float32)
+    >>> forward_kernel(x3, plan(x3)) is forward_two_pass_kernels.rows.serial
+    True
+    """
     if _use_fused(fuse, plan.fuse_forward, x3):
         return _build_of(forward_fused_kernels, plan)
     return _kernel(forward_two_pass_kernels, x3, plan)
@@ -1821,7 +1829,15 @@ def forward_kernel(x3, plan, fuse=None):
 def backward_kernel(x3, plan, fuse=None):
     """The backward's driver for ``x3`` and its ``plan`` (see :func:`backward`). Its
     arguments are ``(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, dgamma,
-    dbeta)``."""
+    dbeta)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((256, 64, 1), np.float32)
+    >>> backward_kernel(x3, plan(x3)) is backward_two_pass_kernels.rows.serial
+    True
+    """
     if _use_fused(fuse, plan.fuse_backward, x3):
         return _build_of(backward_fused_kernels, plan)
     return _kernel(backward_two_pass_kernels, x3, plan)
@@ -1829,7 +1845,15 @@ def backward_kernel(x3, plan, fuse=None):
 
 def inference_kernel(x3, plan):
     """Inference's driver for ``x3`` and its ``plan`` (see :func:`inference`). Its
-    arguments are ``(x3, running_mean, running_var, gamma, beta, eps, relu, y3)``."""
+    arguments are ``(x3, running_mean, running_var, gamma, beta, eps, relu, y3)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((4, 64, 1), np.float64)
+    >>> inference_kernel(x3, plan(x3)) is inference_kernels.rows.serial
+    True
+    """
     return _kernel(inference_kernels, x3, plan)
 
 
