@@ -227,6 +227,24 @@ def check_activation(activation):
     return activation == "relu"
 
 
+def check_running_stats(running_mean, running_var, C, axis, when):
+    """Check the running statistics that an inference normalizes with: both given
+    (``when`` ends the message: why they are needed), each a float array of shape
+    ``(C,)`` (:func:`check_channel_param`).
+
+    Raises
+    ------
+    ValueError
+        Either is None, or a wrong shape.
+    TypeError
+        Not a float array.
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError(f"running_mean and running_var are required {when}")
+    check_channel_param("running_mean", running_mean, C, axis)
+    check_channel_param("running_var", running_var, C, axis)
+
+
 def check_channel_param(name, p, C, axis):
     """Check a per-channel parameter: a float array of shape ``(C,)``.
 

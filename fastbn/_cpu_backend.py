@@ -712,36 +712,22 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     x3 = _compute_view(v, x.dtype)
     coef, invstd64, g = _coefficients(x3, x, mean, invstd, gamma, beta)
     s_dy, s_dyx = sums
-    if x3.size and mask is not None:
-        cpu_masked.input_grad(
-            _compute_view(dyv, x.dtype),
-            x3,
-            mask,
-            coef,
-            s_dy,
-            s_dyx,
-            count,
-            invstd64,
-            np.asarray(g, dtype=np.float64),
-            relu,
-            dest.work,
-        )
-    elif x3.size:
-        cpu.input_grad(
-            _compute_view(dyv, x.dtype),
-            x3,
-            coef,
-            s_dy,
-            s_dyx,
-            count,
-            invstd64,
-            np.asarray(g, dtype=np.float64),
-            relu,
-            dest.work,
-        )
+    if x3.size:
+        dy3 = _compute_view(dyv, x.dtype)
+        rest = (coef, s_dy, s_dyx, count, invstd64, np.asarray(g, dtype=np.float64), relu)
+        if mask is None:
+            cpu.input_grad(dy3, x3, *rest, dest.work)
+        else:
+            cpu_masked.input_grad(dy3, x3, mask, *rest, dest.work)
+    return _param_grads(s_dy, s_dyx, invstd64, grads)
+
+
+def _param_grads(s_dy, s_dyx, invstd64, grads):
+    """``(dgamma, dbeta) = (invstd * sum dy * (x - mean), sum dy)`` in ``grads``' dtype
+    (see :func:`backward`), or ``(None, None)`` without ``grads``."""
     if grads is None:
         return None, None
-    return ((s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False))
+    return (s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False)
 
 
 def frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads):
@@ -751,6 +737,4 @@ def frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
     x3 = _compute_view(v, x.dtype)
     coef, invstd64, _ = _coefficients(x3, x, mean, invstd, gamma, beta)
     s_dy, s_dyx = cpu.frozen_backward(_compute_view(dyv, x.dtype), x3, coef, relu, dest.work)
-    if grads is None:
-        return None, None
-    return (s_dyx * invstd64).astype(grads[1], copy=False), s_dy.astype(grads[1], copy=False)
+    return _param_grads(s_dy, s_dyx, invstd64, grads)

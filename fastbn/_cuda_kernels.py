@@ -264,6 +264,28 @@ def _block_sum2(a, b, width, sh_a, sh_b):
 
 
 @cuda.jit(**_DEVICE)
+def _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2):
+    """Merge the block's summaries (:func:`_block_merge`) and write channel ``c``'s
+    partial ``part[:, c, k] = (n, mean, M2)`` (lanes ``< width``, ``c < C``). Every
+    thread of the block must call it."""
+    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
+    if cuda.threadIdx.x < width and c < part.shape[1]:
+        part[0, c, k] = n
+        part[1, c, k] = mean
+        part[2, c, k] = m2
+
+
+@cuda.jit(**_DEVICE)
+def _store_sums(a, b, width, c, k, part, sh_a, sh_b):
+    """Sum the block's ``(a, b)`` (:func:`_block_sum2`) and write channel ``c``'s partial
+    ``part[:, c, k] = (a, b)``, as :func:`_store_moments` does."""
+    a, b = _block_sum2(a, b, width, sh_a, sh_b)
+    if cuda.threadIdx.x < width and c < part.shape[1]:
+        part[0, c, k] = a
+        part[1, c, k] = b
+
+
+@cuda.jit(**_DEVICE)
 def _assign(x, width, nblk, chunk):
     """This thread's share of the partition (see the module docstring).
 
@@ -314,6 +336,19 @@ def _assign(x, width, nblk, chunk):
 
 
 @cuda.jit(**_DEVICE)
+def _advance(o, i, step_o, step_i, inner):
+    """The next position ``(o, i)`` of a thread's walk: ``step_o`` rows and ``step_i``
+    columns on, carried over ``inner`` (one compare, never a division; see :func:`_assign`).
+    """
+    o += step_o
+    i += step_i
+    if i >= inner:
+        i -= inner
+        o += 1
+    return o, i
+
+
+@cuda.jit(**_DEVICE)
 def _thread_moments(x, c, o, i, count, step_o, step_i):
     """``(n, mean, M2)`` in float64 of the ``count`` values this thread visits.
 
@@ -334,11 +369,7 @@ def _thread_moments(x, c, o, i, count, step_o, step_i):
                 v = np.float64(x[o, c, i])
                 buf[b] = v
                 s += v
-                o += step_o
-                i += step_i
-                if i >= inner:
-                    i -= inner
-                    o += 1
+                o, i = _advance(o, i, step_o, step_i, inner)
         mean_b = s / nb
         q = 0.0
         for b in range(_BATCH):
@@ -400,6 +431,24 @@ def _compute_functions(compute):
         return hi, lo, CT(scale64), CT(shift64)
 
     @cuda.jit(**_DEVICE)
+    def _channel_coefficients(mean, invstd, gamma, has_gamma, beta, has_beta, c):
+        """:func:`_coefficients` of channel ``c`` from its float64 ``mean`` and
+        ``invstd``: ``scale = gamma[c] * invstd``, ``shift = beta[c]`` (1 and 0 when not
+        given)."""
+        return _coefficients(
+            mean, _param(gamma, c, has_gamma, 1.0) * invstd, _param(beta, c, has_beta, 0.0)
+        )
+
+    @cuda.jit(**_DEVICE)
+    def _grad_coefficients(kk, invstd, s_dy, s_dyx, m):
+        """``(a, b, d)`` of ``dx = a * dy + b * (x - mean) + d`` in the compute dtype:
+        ``a = kk`` (``gamma * invstd``), ``b = -a * invstd * dgamma / m`` with
+        ``dgamma = invstd * s_dyx``, ``d = -a * s_dy / m``, from the float64 sums over
+        ``m`` values."""
+        dgamma = invstd * s_dyx
+        return CT(kk), CT(-kk * invstd * dgamma / m), CT(-kk * s_dy / m)
+
+    @cuda.jit(**_DEVICE)
     def _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu):
         """``y = ((x - hi) - lo) * scale + shift`` (then ReLU) over this thread's values."""
         inner = x.shape[2]
@@ -409,11 +458,7 @@ def _compute_functions(compute):
             if relu and v < zero:
                 v = zero
             y[o, c, i] = v
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += 1
+            o, i = _advance(o, i, step_o, step_i, inner)
 
     @cuda.jit(**_DEVICE)
     def _thread_grad_sums(dy, x, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu):
@@ -432,11 +477,7 @@ def _compute_functions(compute):
                 g = 0.0
             s_dy += g
             s_dyx += g * (np.float64(x[o, c, i]) - mean)
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += 1
+            o, i = _advance(o, i, step_o, step_i, inner)
         return s_dy, s_dyx
 
     @cuda.jit(**_DEVICE)
@@ -452,11 +493,7 @@ def _compute_functions(compute):
             if relu and _affine(xv, hi, lo, scale, shift) <= zero:
                 g = zero
             dx[o, c, i] = a * g + b * ((CT(xv) - hi) - lo) + d
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += 1
+            o, i = _advance(o, i, step_o, step_i, inner)
 
     @cuda.jit(**_DEVICE)
     def _thread_residual(
@@ -475,15 +512,13 @@ def _compute_functions(compute):
                 if relu and v < zero:
                     v = zero
                 out[o, c, i] = v
-            o += step_o
-            i += step_i
-            if i >= inner:
-                i -= inner
-                o += 1
+            o, i = _advance(o, i, step_o, step_i, inner)
 
     return types.SimpleNamespace(
         affine=_affine,
         coefficients=_coefficients,
+        channel_coefficients=_channel_coefficients,
+        grad_coefficients=_grad_coefficients,
         thread_normalize=_thread_normalize,
         thread_grad_sums=_thread_grad_sums,
         thread_input_grad=_thread_input_grad,
@@ -573,11 +608,7 @@ def forward_partials(x, width, nblk, chunk, part, counter):
     sh_m2 = cuda.shared.array(THREADS, numba.float64)
     c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
     n, mean, m2 = _thread_moments(x, c, o, i, count, step_o, step_i)
-    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
-    if cuda.threadIdx.x < width and c < x.shape[1]:
-        part[0, c, k] = n
-        part[1, c, k] = mean
-        part[2, c, k] = m2
+    _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2)
     if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
         counter[0] = 0
 
@@ -596,7 +627,7 @@ def _forward_apply_kernel(compute):
         ``forward_apply``.
     """
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
     _thread_normalize = dev.thread_normalize
 
     @cuda.jit(**_JIT)
@@ -667,9 +698,8 @@ def _forward_apply_kernel(compute):
         if count > 0:
             lane = tid % width
             invstd = sh_m2[lane]
-            g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(
-                sh_mean[lane], g * invstd, _param(beta, c, has_beta, 0.0)
+            hi, lo, scale, shift = _channel_coefficients(
+                sh_mean[lane], invstd, gamma, has_gamma, beta, has_beta, c
             )
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
         if update:
@@ -703,7 +733,7 @@ def _inference_kernel(compute):
         ``inference``.
     """
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
     _thread_normalize = dev.thread_normalize
 
     @cuda.jit(**_JIT)
@@ -726,9 +756,8 @@ def _inference_kernel(compute):
         c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
         if count > 0:
             invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
-            g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(
-                np.float64(running_mean[c]), g * invstd, _param(beta, c, has_beta, 0.0)
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(running_mean[c]), invstd, gamma, has_gamma, beta, has_beta, c
             )
             _thread_normalize(x, y, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu)
 
@@ -749,7 +778,7 @@ def _residual_kernel(compute):
         ``residual``.
     """
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
     _thread_residual = dev.thread_residual
 
     @cuda.jit(**_JIT)
@@ -780,9 +809,8 @@ def _residual_kernel(compute):
             invstd = np.float64(spread[c])
             if is_var:
                 invstd = 1.0 / math.sqrt(invstd + eps)
-            g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(
-                np.float64(mean[c]), g * invstd, _param(beta, c, has_beta, 0.0)
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(mean[c]), invstd, gamma, has_gamma, beta, has_beta, c
             )
             _thread_residual(
                 a, x, z, out, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu, grad
@@ -805,7 +833,7 @@ def _backward_partials_kernel(compute):
         ``backward_partials``.
     """
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
     _thread_grad_sums = dev.thread_grad_sums
 
     @cuda.jit(**_JIT)
@@ -823,18 +851,13 @@ def _backward_partials_kernel(compute):
         s_dyx = 0.0
         if count > 0:
             inv = np.float64(invstd[c])
-            hi, lo, scale, shift = _coefficients(
-                np.float64(mean[c]),
-                _param(gamma, c, has_gamma, 1.0) * inv,
-                _param(beta, c, has_beta, 0.0),
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(mean[c]), inv, gamma, has_gamma, beta, has_beta, c
             )
             s_dy, s_dyx = _thread_grad_sums(
                 dy, x, c, o, i, count, step_o, step_i, hi, lo, scale, shift, relu
             )
-        s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
-        if cuda.threadIdx.x < width and c < x.shape[1]:
-            part[0, c, k] = s_dy
-            part[1, c, k] = s_dyx
+        _store_sums(s_dy, s_dyx, width, c, k, part, sh_a, sh_b)
 
     return backward_partials
 
@@ -852,9 +875,9 @@ def _backward_apply_kernel(compute):
     numba.cuda dispatcher
         ``backward_apply``.
     """
-    CT = np.dtype(compute).type
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
+    _grad_coefficients = dev.grad_coefficients
     _thread_input_grad = dev.thread_input_grad
 
     @cuda.jit(**_JIT)
@@ -919,15 +942,12 @@ def _backward_apply_kernel(compute):
             s_dy = sh_a[lane]
             s_dyx = sh_b[lane]
             inv = np.float64(invstd[c])
-            g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(
-                np.float64(mean[c]), g * inv, _param(beta, c, has_beta, 0.0)
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(mean[c]), inv, gamma, has_gamma, beta, has_beta, c
             )
-            kk = g * inv
-            dgamma = inv * s_dyx
-            a = CT(kk)
-            b = CT(-kk * inv * dgamma / m)
-            d = CT(-kk * s_dy / m)
+            a, b, d = _grad_coefficients(
+                _param(gamma, c, has_gamma, 1.0) * inv, inv, s_dy, s_dyx, m
+            )
             _thread_input_grad(
                 dy, x, dx, c, o, i, count, step_o, step_i, hi, lo, scale, shift, a, b, d, relu
             )
@@ -951,7 +971,7 @@ def _frozen_backward_kernel(compute):
     CT = np.dtype(compute).type
     dev = _compute_functions(compute)
     _affine = dev.affine
-    _coefficients = dev.coefficients
+    _channel_coefficients = dev.channel_coefficients
 
     @cuda.jit(**_JIT)
     def frozen_backward(
@@ -972,10 +992,8 @@ def _frozen_backward_kernel(compute):
         if count > 0:
             inner = x.shape[2]
             inv = np.float64(invstd[c])
-            hi, lo, scale, shift = _coefficients(
-                np.float64(mean[c]),
-                _param(gamma, c, has_gamma, 1.0) * inv,
-                _param(beta, c, has_beta, 0.0),
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(mean[c]), inv, gamma, has_gamma, beta, has_beta, c
             )
             mean64 = np.float64(hi) + np.float64(lo)
             zero = CT(0)
@@ -988,15 +1006,8 @@ def _frozen_backward_kernel(compute):
                 g64 = np.float64(g)
                 s_dy += g64
                 s_dyx += g64 * (np.float64(xv) - mean64)
-                o += step_o
-                i += step_i
-                if i >= inner:
-                    i -= inner
-                    o += 1
-        s_dy, s_dyx = _block_sum2(s_dy, s_dyx, width, sh_a, sh_b)
-        if cuda.threadIdx.x < width and c < x.shape[1]:
-            part[0, c, k] = s_dy
-            part[1, c, k] = s_dyx
+                o, i = _advance(o, i, step_o, step_i, inner)
+        _store_sums(s_dy, s_dyx, width, c, k, part, sh_a, sh_b)
 
     return frozen_backward
 
@@ -1033,11 +1044,7 @@ def _thread_masked_moments(x, w, c, o, i, count, step_o, step_i):
                 keep[b] = t
                 s += v
                 k += t
-                o += step_o
-                i += step_i
-                if i >= inner:
-                    i -= inner
-                    o += 1
+                o, i = _advance(o, i, step_o, step_i, inner)
         if k > 0.0:
             mean_b = s / k
             q = 0.0
@@ -1062,11 +1069,7 @@ def masked_forward_partials(x, w, width, nblk, chunk, part):
     sh_m2 = cuda.shared.array(THREADS, numba.float64)
     c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
     n, mean, m2 = _thread_masked_moments(x, w, c, o, i, count, step_o, step_i)
-    n, mean, m2 = _block_merge(n, mean, m2, width, sh_n, sh_mean, sh_m2)
-    if cuda.threadIdx.x < width and c < x.shape[1]:
-        part[0, c, k] = n
-        part[1, c, k] = mean
-        part[2, c, k] = m2
+    _store_moments(n, mean, m2, width, c, k, part, sh_n, sh_mean, sh_m2)
 
 
 def _masked_input_grad_kernel(compute):
@@ -1079,7 +1082,8 @@ def _masked_input_grad_kernel(compute):
     """
     CT = np.dtype(compute).type
     dev = _compute_functions(compute)
-    _coefficients = dev.coefficients
+    _grad_coefficients = dev.grad_coefficients
+    _channel_coefficients = dev.channel_coefficients
     _affine = dev.affine
 
     @cuda.jit(**_JIT)
@@ -1108,14 +1112,12 @@ def _masked_input_grad_kernel(compute):
         c, o, i, count, step_o, step_i, k = _assign(x, width, nblk, chunk)
         if count > 0:
             inv = np.float64(invstd[c])
-            g = _param(gamma, c, has_gamma, 1.0)
-            hi, lo, scale, shift = _coefficients(
-                np.float64(mean[c]), g * inv, _param(beta, c, has_beta, 0.0)
+            hi, lo, scale, shift = _channel_coefficients(
+                np.float64(mean[c]), inv, gamma, has_gamma, beta, has_beta, c
             )
-            kk = g * inv
-            a = CT(kk)
-            b = CT(-kk * inv * (inv * sums[1, c, 0]) / m)
-            d = CT(-kk * sums[0, c, 0] / m)
+            a, b, d = _grad_coefficients(
+                _param(gamma, c, has_gamma, 1.0) * inv, inv, sums[0, c, 0], sums[1, c, 0], m
+            )
             inner = x.shape[2]
             zero = CT(0)
             for _ in range(count):
@@ -1127,11 +1129,7 @@ def _masked_input_grad_kernel(compute):
                 if w[o, i]:
                     v = a * gv + b * ((CT(xv) - hi) - lo) + d
                 dx[o, c, i] = v
-                o += step_o
-                i += step_i
-                if i >= inner:
-                    i -= inner
-                    o += 1
+                o, i = _advance(o, i, step_o, step_i, inner)
 
     return masked_input_grad
 

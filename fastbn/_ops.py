@@ -348,6 +348,36 @@ def _residual_dy(be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual,
     return dz, be.view(be.wrap("dz", dz), axis, st, order=v.order)
 
 
+def _empty_backward(be, x, axis, out, grads, residual_grad, st):
+    """The backward of an empty batch: an empty dx (and dz), zero gradients."""
+    dx = be.empty_output(x, axis, out, st)
+    dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
+    if grads is None:
+        return (dx, None, None) + dz
+    like, dtype = grads
+    C = x.shape[axis]
+    zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
+    return (dx, *zeros) + dz
+
+
+def _backward_views(
+    be, dy, x, axis, mean, invstd, gamma, beta, relu, out, residual, residual_grad, st
+):
+    """The views and output of a backward: ``(v, dyv, dest, dz, relu)``.
+
+    With ``residual_grad``, or ``relu`` and ``residual``, dy becomes the residual's
+    gradient ``dz`` (:func:`_residual_dy`) and the BatchNorm backward runs on it without
+    ReLU; ``dz`` is ``(dz,)`` to return with ``residual_grad``, else ``()``.
+    """
+    v = be.view(x, axis, st)
+    dyv = be.view(dy, axis, st, order=v.order)
+    dz = ()
+    if residual_grad or (relu and residual is not None):
+        dz, dyv = _residual_dy(be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st)
+        dz, relu = (dz,) if residual_grad else (), False
+    return v, dyv, be.output(out, v, x, st, also=dyv), dz, relu
+
+
 def backward(
     be,
     dy,
@@ -391,23 +421,11 @@ def backward(
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
-        if comm is None and x.size == 0:  # zero gradients, an empty dx
-            dx = be.empty_output(x, axis, out, st)
-            dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
-            if grads is None:
-                return (dx, None, None) + dz
-            like, dtype = grads
-            zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
-            return (dx, *zeros) + dz
-        v = be.view(x, axis, st)
-        dyv = be.view(dy, axis, st, order=v.order)
-        dz = ()
-        if residual_grad or (relu and residual is not None):
-            dz, dyv = _residual_dy(
-                be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st
-            )
-            dz, relu = (dz,) if residual_grad else (), False
-        dest = be.output(out, v, x, st, also=dyv)
+        if comm is None and x.size == 0:
+            return _empty_backward(be, x, axis, out, grads, residual_grad, st)
+        v, dyv, dest, dz, relu = _backward_views(
+            be, dy, x, axis, mean, invstd, gamma, beta, relu, out, residual, residual_grad, st
+        )
         w, count = _masked(be, mask, x, axis, v, st, comm)
         if comm is None and w is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
@@ -468,23 +486,11 @@ def frozen_backward(
     """
     C = x.shape[axis]
     with be.scope(x, stream) as st:
-        if comm is None and x.size == 0:  # zero gradients, an empty dx
-            dx = be.empty_output(x, axis, out, st)
-            dz = (be.empty_output(x, axis, None, st),) if residual_grad else ()
-            if grads is None:
-                return (dx, None, None) + dz
-            like, dtype = grads
-            zeros = be.stats(like, C, dtype, st, 0.0), be.stats(like, C, dtype, st, 0.0)
-            return (dx, *zeros) + dz
-        v = be.view(x, axis, st)
-        dyv = be.view(dy, axis, st, order=v.order)
-        dz = ()
-        if residual_grad or (relu and residual is not None):
-            dz, dyv = _residual_dy(
-                be, x, v, dyv, axis, mean, invstd, gamma, beta, relu, residual, st
-            )
-            dz, relu = (dz,) if residual_grad else (), False
-        dest = be.output(out, v, x, st, also=dyv)
+        if comm is None and x.size == 0:
+            return _empty_backward(be, x, axis, out, grads, residual_grad, st)
+        v, dyv, dest, dz, relu = _backward_views(
+            be, dy, x, axis, mean, invstd, gamma, beta, relu, out, residual, residual_grad, st
+        )
         if comm is None:
             dgamma, dbeta = be.frozen_backward(
                 x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads

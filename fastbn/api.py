@@ -406,25 +406,9 @@ def batch_norm_backward(
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
     residual_grad = bool(residual_grad)
-    if not training:
-        return _ops.frozen_backward(
-            be,
-            dy,
-            x,
-            mean,
-            invstd,
-            gamma,
-            beta,
-            axis,
-            relu,
-            out,
-            stream,
-            grads=grads,
-            comm=comm,
-            residual=residual,
-            residual_grad=residual_grad,
-        )
-    return _ops.backward(
+    # fixed statistics take no mask (refused by the checks above)
+    extra = {"mask": mask} if training else {}
+    return (_ops.backward if training else _ops.frozen_backward)(
         be,
         dy,
         x,
@@ -439,8 +423,8 @@ def batch_norm_backward(
         grads=grads,
         comm=comm,
         residual=residual,
-        residual_grad=bool(residual_grad),
-        mask=mask,
+        residual_grad=residual_grad,
+        **extra,
     )
 
 
@@ -514,10 +498,7 @@ def batch_norm_inference(
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
     _checks.check_residual(residual, x.shape, x.dtype)
     C = x.shape[axis]
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required for inference")
-    _checks.check_channel_param("running_mean", running_mean, C, axis)
-    _checks.check_channel_param("running_var", running_var, C, axis)
+    _checks.check_running_stats(running_mean, running_var, C, axis, "for inference")
     return _ops.inference(
         be,
         x,
@@ -687,10 +668,7 @@ def batch_norm(
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        _checks.check_channel_param("running_mean", running_mean, C, axis)
-        _checks.check_channel_param("running_var", running_var, C, axis)
+        _checks.check_running_stats(running_mean, running_var, C, axis, "when training=False")
         return _ops.inference(
             be,
             x,

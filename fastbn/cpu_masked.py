@@ -199,6 +199,26 @@ def _merge_masked(part_shift, part_dev, part_m2, counts, k0, c0, c1, m, mean, m2
         mean[c] = part_shift[k0, c] + mean[c]
 
 
+@njit(**_EXACT)
+def _merge_all_chunks(part_shift, part_dev, part_m2, counts, mean, m2):
+    """Every channel's chunk summaries ``(n_chunks, C)`` merged into ``mean`` and ``m2``
+    (:func:`_merge_masked`, blocks of channels in order), serially: one parallel region
+    fewer for the drivers that call it."""
+    n_chunks, C = part_shift.shape
+    m = 0
+    k0 = -1
+    for k in range(n_chunks):
+        m += counts[k]
+        if k0 < 0 and counts[k] > 0:
+            k0 = k
+    block = _MERGE_BLOCK
+    for b in range((C + block - 1) // block):
+        c0 = b * block
+        _merge_masked(
+            part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
+        )
+
+
 @_two_builds(_REDUCE)
 def _moments_strided(x, w, rows, counts, first, mean, m2):
     """Masked mean and M2 per channel, strided family (``inner > 1``).
@@ -245,18 +265,7 @@ def _moments_strided(x, w, rows, counts, first, mean, m2):
         part_shift[k, c] = kk
         part_dev[k, c] = dev
         part_m2[k, c] = q - s * dev
-    m = 0
-    k0 = -1
-    for k in range(n_chunks):
-        m += counts[k]
-        if k0 < 0 and counts[k] > 0:
-            k0 = k
-    block = _MERGE_BLOCK
-    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
-        c0 = b * block
-        _merge_masked(
-            part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
-        )
+    _merge_all_chunks(part_shift, part_dev, part_m2, counts, mean, m2)
 
 
 @_two_builds(_REDUCE)
@@ -304,18 +313,7 @@ def _moments_rows(x, w, rows, counts, first, mean, m2):
             part_shift[k, c] = kk[c]
             part_dev[k, c] = dev
             part_m2[k, c] = q[c] - s[c] * dev
-    m = 0
-    k0 = -1
-    for k in range(n_chunks):
-        m += counts[k]
-        if k0 < 0 and counts[k] > 0:
-            k0 = k
-    block = _MERGE_BLOCK
-    for b in range((C + block - 1) // block):  # serial: one parallel region fewer
-        c0 = b * block
-        _merge_masked(
-            part_shift, part_dev, part_m2, counts, k0, c0, min(c0 + block, C), m, mean, m2
-        )
+    _merge_all_chunks(part_shift, part_dev, part_m2, counts, mean, m2)
 
 
 # --------------------------------------------------------------------------------------

@@ -673,6 +673,12 @@ def _dev(arg, device_key):
     return arg.dev, True
 
 
+def _params(gamma, beta, relu, device_key):
+    """``(gamma, has_gamma, beta, has_beta, relu)``: the arguments every statistics kernel
+    takes in this order (:func:`_dev` views)."""
+    return (*_dev(gamma, device_key), *_dev(beta, device_key), bool(relu))
+
+
 # --------------------------------------------------------------------------------------
 # Operations on checked arguments
 # --------------------------------------------------------------------------------------
@@ -733,8 +739,6 @@ def _forward_training(
     n_part = 3 * C * cfg.nblk
     work, part, ticket = _moment_partials(x3, cfg, kernels, (device_key, stream_key), 2 * C, stream)
     stats = work[n_part : n_part + 2 * C].reshape(2, C)
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     dummy = _dummy(device_key)
     write_stats = mean_out is not None
     if running is None:
@@ -755,11 +759,7 @@ def _forward_training(
         cfg.chunk,
         part,
         float(eps),
-        g,
-        has_g,
-        b,
-        has_b,
-        bool(relu),
+        *_params(gamma, beta, relu, device_key),
         mean_out if write_stats else dummy,
         invstd_out if write_stats else dummy,
         write_stats,
@@ -780,8 +780,6 @@ def _forward_training(
 def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, stream):
     """One launch: ``y`` from the given statistics."""
     device_key, x3, cfg, kernels = _setup(x, view)
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     _launch(
         kernels.inference,
         cfg.grid,
@@ -795,19 +793,13 @@ def _inference(x, view, y3, running_mean, running_var, gamma, beta, eps, relu, s
         running_mean.dev,
         running_var.dev,
         float(eps),
-        g,
-        has_g,
-        b,
-        has_b,
-        bool(relu),
+        *_params(gamma, beta, relu, device_key),
     )
 
 
 def _residual(x, view, a3, z3, out3, mean, spread, is_var, gamma, beta, eps, relu, grad, stream):
     """One launch of the residual kernel (see :func:`fastbn._cuda_kernels._residual_kernel`)."""
     device_key, x3, cfg, kernels = _setup(x, view)
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     _launch(
         kernels.residual,
         cfg.grid,
@@ -824,11 +816,7 @@ def _residual(x, view, a3, z3, out3, mean, spread, is_var, gamma, beta, eps, rel
         spread,
         bool(is_var),
         float(eps),
-        g,
-        has_g,
-        b,
-        has_b,
-        bool(relu),
+        *_params(gamma, beta, relu, device_key),
         bool(grad),
     )
 
@@ -863,8 +851,6 @@ def _backward(
         npart, count = cfg.nblk, outer * inner
     else:
         part, npart = sums, 1
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     dummy = _dummy(device_key)
     _launch(
         kernels.backward_apply,
@@ -882,11 +868,7 @@ def _backward(
         float(count),
         mean.dev,
         invstd.dev,
-        g,
-        has_g,
-        b,
-        has_b,
-        bool(relu),
+        *_params(gamma, beta, relu, device_key),
         dummy if dgamma_out is None else dgamma_out,
         dgamma_out is not None,
         dummy if dbeta_out is None else dbeta_out,
@@ -901,8 +883,6 @@ def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, st
     n_part = 2 * C * cfg.nblk
     work, _ = _workspace((device_key, stream_key), n_part, stream)
     part = work[:n_part].reshape(2, C, cfg.nblk)
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     _launch(
         kernels.backward_partials,
         cfg.grid,
@@ -915,11 +895,7 @@ def _backward_partials(x, view, dy3, mean, invstd, gamma, beta, relu, stream, st
         cfg.chunk,
         mean.dev,
         invstd.dev,
-        g,
-        has_g,
-        b,
-        has_b,
-        bool(relu),
+        *_params(gamma, beta, relu, device_key),
         part,
     )
     return part
@@ -1095,31 +1071,16 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
 
 
 def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st, residual=None):
-    """``y`` from given float64 host statistics: the inference kernel (one launch); with
-    ``residual`` (z's view in x's order), ``act(bn(x) + z)``: the residual kernel."""
+    """``y`` from given float64 host statistics, copied to the device: :func:`inference`
+    with them."""
     stats64 = _nbcuda.to_device(np.stack([mean, var]), stream=st[0])
-    if residual is not None:
-        _residual(
-            x, v, v.x3, residual.x3, dest.y3, stats64[0], stats64[1], True,
-            gamma, beta, eps, relu, False, st[0],
-        )  # fmt: skip
-        return
-    _inference(
-        x,
-        v,
-        dest.y3,
-        types.SimpleNamespace(dev=stats64[0]),
-        types.SimpleNamespace(dev=stats64[1]),
-        gamma,
-        beta,
-        eps,
-        relu,
-        st[0],
-    )
+    mean64, var64 = (types.SimpleNamespace(dev=a) for a in stats64)
+    inference(x, v, dest, mean64, var64, gamma, beta, eps, relu, st, residual)
 
 
 def inference(x, v, dest, running_mean, running_var, gamma, beta, eps, relu, st, residual=None):
-    """``y`` from the running statistics (one launch; ``residual`` as in :func:`normalize`)."""
+    """``y`` from the running statistics (one launch): the inference kernel; with
+    ``residual`` (z's view in x's order), ``act(bn(x) + z)``: the residual kernel."""
     if x.size and residual is not None:
         _residual(
             x, v, v.x3, residual.x3, dest.y3, running_mean.dev, running_var.dev, True,
@@ -1165,10 +1126,8 @@ def frozen_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
     C = x3.shape[1]
     dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, C, stream)
     part = _workspace((device_key, key), 2 * C * cfg.nblk, stream)[0].reshape(2, C, cfg.nblk)
-    g, has_g = _dev(gamma, device_key)
-    b, has_b = _dev(beta, device_key)
     views = (dyv.x3, x3, dest.y3, cfg.width, cfg.nblk, cfg.chunk, mean.dev, invstd.dev)
-    params = (g, has_g, b, has_b, bool(relu), part)
+    params = (*_params(gamma, beta, relu, device_key), part)
     _launch(kernels.frozen_backward, cfg.grid, cfg.threads, stream, *views, *params)
     if grads is not None:
         grid = -(-C // cfg.threads)
@@ -1192,16 +1151,14 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     C = v.x3.shape[1]
     dgamma, dbeta, dgamma_dev, dbeta_dev = _grads(grads, C, stream)
     s_dy, s_dyx = sums
+    if x.size:
+        sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
     if x.size and mask is not None:
         device_key, x3, cfg, kernels = _setup(x, v)
-        g, has_g = _dev(gamma, device_key)
-        b, has_b = _dev(beta, device_key)
-        sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
         args = (dyv.x3, x3, mask, dest.y3, cfg.width, cfg.nblk, cfg.chunk, sums_dev)
-        args += (float(count), mean.dev, invstd.dev, g, has_g, b, has_b, bool(relu))
+        args += (float(count), mean.dev, invstd.dev, *_params(gamma, beta, relu, device_key))
         _launch(kernels.masked_input_grad, cfg.grid, cfg.threads, stream, *args)
     elif x.size:
-        sums_dev = _nbcuda.to_device(np.stack([s_dy, s_dyx]).reshape(2, C, 1), stream=stream)
         _backward(
             x,
             v,
