@@ -493,6 +493,37 @@ def torch_provider(op, inputs):
     return forward_backward
 
 
+def torch_native_provider(op, inputs):
+    """:func:`torch_provider` with PyTorch's own kernels for every op: the forward and
+    inference through ``torch.ops.aten.native_batch_norm`` too, no Python wrapper (the
+    yardstick of the small-call target: what PyTorch's dispatcher costs, without
+    ``torch.nn.functional``'s Python checks).
+
+    Parameters
+    ----------
+    op : str
+        One of :data:`OPS`.
+    inputs : Inputs
+        The arrays.
+
+    Returns
+    -------
+    callable
+        The timed call.
+    """
+    torch = pytest.importorskip("torch")
+    d, axis = inputs, inputs.case.axis
+    x = torch_channels_at_1(torch, d.x, axis)
+    weight, bias = torch.from_numpy(d.gamma), torch.from_numpy(d.beta)
+    running_mean, running_var = torch.from_numpy(d.running_mean), torch.from_numpy(d.running_var)
+    native_forward = torch.ops.aten.native_batch_norm
+    if op == "forward":
+        return lambda: native_forward(x, weight, bias, None, None, True, 0.1, EPS)
+    if op == "inference":
+        return lambda: native_forward(x, weight, bias, running_mean, running_var, False, 0.1, EPS)
+    return torch_provider(op, inputs)
+
+
 # ----------------------------------------------------------------------------- fastbn
 
 

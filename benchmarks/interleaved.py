@@ -7,7 +7,9 @@ the next, for fastbn and PyTorch alike, which swung the suite's speed-up of the 
 case between 0.7x and 1.4x from one run to another, and the large cases drift by ±10%
 between providers in the same way. Here every round times ``iterations`` calls of each
 provider in turn (the order alternating between rounds), so that both see the same
-machine state, and the speed-up is the median of the per-round ratios. The suite's
+machine state, and the speed-up is the median of the per-round ratios. PyTorch runs its
+own kernels (``torch.ops.aten.native_batch_norm`` / ``native_batch_norm_backward``, no
+Python wrapper: :func:`benchmarks.cases.torch_native_provider`). The suite's
 table keeps its own numbers; this is the paired comparison. Pairing removes the drift in
 time, not every difference between processes: two runs on that VM still disagreed by up
 to 15% on a cell.
@@ -23,18 +25,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
-from benchmarks.cases import CPU_CASES, OPS, fastbn_provider, make_inputs, torch_provider
+from benchmarks.cases import CPU_CASES, OPS, fastbn_provider, make_inputs, torch_native_provider
 from benchmarks.conftest import _set_threads
 from benchmarks.formatting import format_time
 
 #: The case measured: the suite's small call.
 SMALL = next(case for case in CPU_CASES if case.tag == "small")
 
-PROVIDERS = {"fastbn": fastbn_provider, "torch": torch_provider}
+#: PyTorch through its own kernels (``native_batch_norm``, ``native_batch_norm_backward``),
+#: no Python wrapper: the small-call target's yardstick (issue 23).
+PROVIDERS = {"fastbn": fastbn_provider, "torch": torch_native_provider}
 
 #: ``(case, rounds, iterations)`` measured by :func:`measure_all`.
 CASES = ((SMALL, 200, 50),) + tuple(
@@ -168,8 +173,16 @@ def main(argv=None):
         prog="python -m benchmarks.interleaved", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--threads", type=int, help="threads of Numba and PyTorch (default: the suite's)"
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="the small case only (200 rounds of 50 calls)"
+    )
     args = parser.parse_args(argv)
-    results = measure_all()
+    if args.threads:
+        os.environ["FASTBN_BENCH_THREADS"] = str(args.threads)
+    results = measure_all(CASES[:1] if args.small else CASES)
     if results is None:
         print("PyTorch is not installed: nothing to compare", file=sys.stderr)
         return 1

@@ -476,20 +476,107 @@ def direct_train(
     return mean, var, invstd
 
 
-def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
-    """The backward of the direct path: ``dx3`` written; returns the float64
-    ``(dgamma, dbeta)`` (the kernels of :func:`backward`, on the same views)."""
+def direct_forward(x3, y, gamma, beta, eps, relu):
+    """The training forward of the direct path (no running statistics): ``y`` (from
+    :func:`direct_out`) written from ``x3`` (from :func:`direct_view`); returns
+    ``(y, mean, invstd)``, the statistics in the statistics dtype.
+
+    The kernel of :func:`cpu.forward_training` on the same view, bitwise its results,
+    with less around it, since a small call is mostly host time (docs/cpu.md, "Small
+    calls"): the plan and the driver are looked up once, gamma and beta (None or native
+    float32/float64, as :func:`direct_view` admits) go to the kernel as they are, and
+    the kernel writes the mean and ``invstd`` into adjacent rows of one buffer, so that
+    float32 statistics take one conversion.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[1.0], [3.0]], np.float32)
+    >>> y, mean, invstd = direct_forward(x.reshape(2, 1, 1), np.empty_like(x), None, None,
+    ...                                  1e-5, False)
+    >>> y.ravel(), mean, mean.dtype
+    (array([-0.999995,  0.999995], dtype=float32), array([2.], dtype=float32), dtype('float32'))
+    """
     C = x3.shape[1]
-    return cpu.backward(
+    drivers = cpu.drivers_for(x3)
+    # rows: mean, invstd, var (the kernel's order is mean, var, invstd)
+    stats = np.empty((3, C))
+    drivers.forward(
+        x3,
+        drivers.chunk,
+        eps,
+        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
+        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
+        relu,
+        y.reshape(x3.shape),
+        stats[0],
+        stats[2],
+        stats[1],
+    )
+    if x3.dtype is FLOAT64:
+        return y, stats[0], stats[1]
+    pair = stats[:2].astype(FLOAT32)
+    return y, pair[0], pair[1]
+
+
+def direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu):
+    """Inference on the direct path: ``y`` (from :func:`direct_out`) written from ``x3``
+    and the given statistics (native float32/float64 ``(C,)`` arrays); returns ``y``.
+    The kernel of :func:`cpu.inference` on the same view (see :func:`direct_forward`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[1.0], [3.0]])
+    >>> direct_inference(x.reshape(2, 1, 1), np.empty_like(x), np.array([2.0]),
+    ...                  np.array([1.0]), None, None, 0.0, False).ravel()
+    array([-1.,  1.])
+    """
+    C = x3.shape[1]
+    cpu.drivers_for(x3).inference(
+        x3,
+        running_mean,
+        running_var,
+        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
+        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
+        eps,
+        relu,
+        y.reshape(x3.shape),
+    )
+    return y
+
+
+def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
+    """The backward of the direct path: ``dx3`` written; returns ``(dgamma, dbeta)`` in
+    the statistics dtype (the kernel of :func:`backward`, on the same views: bitwise its
+    results; see :func:`direct_forward` for what is spared).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.array([[[0.0]], [[2.0]]])
+    >>> dx3 = np.empty_like(x3)
+    >>> direct_backward(np.array([[[1.0]], [[3.0]]]), x3, np.ones(1), np.ones(1), None, None,
+    ...                 False, dx3)
+    (array([2.]), array([4.]))
+    """
+    C = x3.shape[1]
+    drivers = cpu.drivers_for(x3)
+    grads = np.empty((2, C), FLOAT64 if x3.dtype is FLOAT64 else FLOAT32)
+    drivers.backward(
         dy3,
         x3,
+        drivers.chunk,
         mean,
         invstd,
-        param(gamma, C, 1.0, x3.dtype),
-        param(beta, C, 0.0, x3.dtype),
+        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
+        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
         relu,
         dx3,
+        grads[0],
+        grads[1],
     )
+    return grads[0], grads[1]
 
 
 def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):

@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _checks, _ops, backends, cpu, distributed
+from . import _checks, _ops, backends, distributed
 from ._checks import is_cuda_array
 from ._cpu_backend import direct_backward as _direct_backward
+from ._cpu_backend import direct_forward as _direct_forward
 from ._cpu_backend import direct_frozen_backward as _direct_frozen_backward
+from ._cpu_backend import direct_inference as _direct_inference
 from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
 from ._cpu_backend import from_masked_array as _from_masked_array
 from ._cpu_backend import is_tensor as _is_tensor
-from ._cpu_backend import param as _param
 from ._cpu_backend import tensor_call as _tensor_call
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
     "is_cuda_array",
 ]
 
-_FLOAT32 = np.dtype(np.float32)
-_FLOAT64 = np.dtype(np.float64)
 _NORMALIZE_ARGS = ("x", "running_mean", "running_var", "gamma", "beta", "out", "residual")
 _FORWARD_ARGS = ("x", "gamma", "beta", "out", "residual")
 _BACKWARD_ARGS = ("dy", "x", "mean", "invstd", "gamma", "beta", "out", "residual")
@@ -51,11 +50,19 @@ def _tensors(function):
     both ways (:func:`fastbn._cpu_backend.tensor_call`); tensors that require grad are
     read detached. A NumPy first argument costs one type check."""
     names = tuple(inspect.signature(function).parameters)
+    # A NumPy call without comm= goes to the function itself, past the wrapper of
+    # distributed.synchronized (which does just that when comm is None): one Python
+    # call less on every small call.
+    plain = getattr(function, "__wrapped__", function)
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         first = args[0] if args else kwargs.get("x", kwargs.get("dy"))
-        if type(first) is np.ndarray or not _is_tensor(first):
+        if type(first) is np.ndarray:
+            return (
+                plain(*args, **kwargs) if kwargs.get("comm") is None else function(*args, **kwargs)
+            )
+        if not _is_tensor(first):
             return function(*args, **kwargs)
         return _tensor_call(function, names, first, args, kwargs)
 
@@ -188,17 +195,7 @@ def batch_norm_forward(
         and x3.shape[1]
         and (y := _direct_out(out, x, x)) is not None
     ):
-        C = x3.shape[1]
-        mean, _, invstd = cpu.forward_training(
-            x3,
-            _param(gamma, C, 1.0, x.dtype),
-            _param(beta, C, 0.0, x.dtype),
-            eps,
-            activation == "relu",
-            y.reshape(x3.shape),
-        )
-        stats = _FLOAT64 if x.dtype is _FLOAT64 else _FLOAT32
-        return y, mean.astype(stats, copy=False), invstd.astype(stats, copy=False)
+        return _direct_forward(x3, y, gamma, beta, eps, activation == "relu")
     x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)
@@ -487,18 +484,9 @@ def batch_norm_inference(
         and _direct_options(eps, activation)
         and (y := _direct_out(out, x, x)) is not None
     ):
-        C = x3.shape[1]
-        cpu.inference(
-            x3,
-            running_mean,
-            running_var,
-            _param(gamma, C, 1.0, x.dtype),
-            _param(beta, C, 0.0, x.dtype),
-            eps,
-            activation == "relu",
-            y.reshape(x3.shape),
+        return _direct_inference(
+            x3, y, running_mean, running_var, gamma, beta, eps, activation == "relu"
         )
-        return y
     be = backends.backend_for(
         _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
     )

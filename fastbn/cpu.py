@@ -1649,6 +1649,9 @@ def _plan(x3):
     return _plan_of(x3.shape, x3.dtype.itemsize)
 
 
+plan = _plan  # the host's name for it (the direct path and the benchmarks plan once)
+
+
 def _build_of(builds, plan):
     """The build of a driver (:class:`_Builds`) that ``plan`` asks for."""
     return builds.serial if plan.serial else builds.parallel
@@ -1797,15 +1800,107 @@ def inference(x3, running_mean, running_var, gamma, beta, eps, relu, y3):
     >>> y.ravel()
     array([-1.,  1.])
     """
-    _kernel(inference_kernels, x3, _plan(x3))(
-        x3, running_mean, running_var, gamma, beta, eps, relu, y3
-    )
+    inference_kernel(x3, _plan(x3))(x3, running_mean, running_var, gamma, beta, eps, relu, y3)
 
 
 def _use_fused(fuse, planned, x3):
     """Whether a training pass runs fused: as planned (``fuse`` None), or as asked, the
     fused kernels being for the strided family only."""
     return planned if fuse is None else bool(fuse) and x3.shape[2] > 1
+
+
+def forward_kernel(x3, plan, fuse=None):
+    """The training forward's driver for ``x3`` and its ``plan``: fused or two-pass (see
+    :func:`forward_training`), serial or parallel build. Its arguments are
+    ``(x3, plan.chunk, eps, gamma, beta, relu, y3, mean, var, invstd)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((256, 64, 1), np.float32)
+    >>> forward_kernel(x3, plan(x3)) is forward_two_pass_kernels.rows.serial
+    True
+    """
+    if _use_fused(fuse, plan.fuse_forward, x3):
+        return _build_of(forward_fused_kernels, plan)
+    return _kernel(forward_two_pass_kernels, x3, plan)
+
+
+def backward_kernel(x3, plan, fuse=None):
+    """The backward's driver for ``x3`` and its ``plan`` (see :func:`backward`). Its
+    arguments are ``(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, dgamma,
+    dbeta)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((256, 64, 1), np.float32)
+    >>> backward_kernel(x3, plan(x3)) is backward_two_pass_kernels.rows.serial
+    True
+    """
+    if _use_fused(fuse, plan.fuse_backward, x3):
+        return _build_of(backward_fused_kernels, plan)
+    return _kernel(backward_two_pass_kernels, x3, plan)
+
+
+def inference_kernel(x3, plan):
+    """Inference's driver for ``x3`` and its ``plan`` (see :func:`inference`). Its
+    arguments are ``(x3, running_mean, running_var, gamma, beta, eps, relu, y3)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((4, 64, 1), np.float64)
+    >>> inference_kernel(x3, plan(x3)) is inference_kernels.rows.serial
+    True
+    """
+    return _kernel(inference_kernels, x3, plan)
+
+
+class Drivers(NamedTuple):
+    """The plan's chunk and the drivers of one shape and dtype, for the direct path.
+
+    Attributes
+    ----------
+    chunk : int
+        See :class:`_Plan`.
+    forward, backward, inference : numba Dispatcher
+        :func:`forward_kernel`, :func:`backward_kernel`, :func:`inference_kernel`.
+    """
+
+    chunk: int
+    forward: object
+    backward: object
+    inference: object
+
+
+@functools.lru_cache(maxsize=1024)
+def _drivers_of(shape, itemsize):
+    """The :class:`Drivers` of an ``(outer, C, inner)`` shape (cached as the plan is)."""
+    planned = _plan_of(shape, itemsize)
+    family = "rows" if shape[2] == 1 else "strided"  # as _kernel picks it
+    forward = forward_fused_kernels if planned.fuse_forward else forward_two_pass_kernels
+    backward = backward_fused_kernels if planned.fuse_backward else backward_two_pass_kernels
+    return Drivers(
+        planned.chunk,
+        _build_of(forward if planned.fuse_forward else getattr(forward, family), planned),
+        _build_of(backward if planned.fuse_backward else getattr(backward, family), planned),
+        _build_of(getattr(inference_kernels, family), planned),
+    )
+
+
+def drivers_for(x3):
+    """The :class:`Drivers` of ``x3``: one cached look-up for the plan and the driver of a
+    small call, whose host time is a large part of it (docs/cpu.md, "Small calls").
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x3 = np.zeros((256, 64, 1), np.float32)
+    >>> drivers_for(x3).forward is forward_kernel(x3, plan(x3))
+    True
+    """
+    return _drivers_of(x3.shape, x3.dtype.itemsize)
 
 
 def forward_training(x3, gamma, beta, eps, relu, y3, fuse=None):
@@ -1840,12 +1935,10 @@ def forward_training(x3, gamma, beta, eps, relu, y3, fuse=None):
     (array([2., 4.]), array([1., 4.]))
     """
     stats = np.empty((3, x3.shape[1]))
-    plan = _plan(x3)
-    if _use_fused(fuse, plan.fuse_forward, x3):
-        kernel = _build_of(forward_fused_kernels, plan)
-    else:
-        kernel = _kernel(forward_two_pass_kernels, x3, plan)
-    kernel(x3, plan.chunk, eps, gamma, beta, relu, y3, stats[0], stats[1], stats[2])
+    planned = _plan(x3)
+    forward_kernel(x3, planned, fuse)(
+        x3, planned.chunk, eps, gamma, beta, relu, y3, stats[0], stats[1], stats[2]
+    )
     return stats[0], stats[1], stats[2]
 
 
@@ -1944,12 +2037,10 @@ def backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3, fuse=None):
     (array([2.]), array([4.]))
     """
     grads = np.empty((2, x3.shape[1]), np.float64 if x3.dtype.char == "d" else np.float32)
-    plan = _plan(x3)
-    if _use_fused(fuse, plan.fuse_backward, x3):
-        kernel = _build_of(backward_fused_kernels, plan)
-    else:
-        kernel = _kernel(backward_two_pass_kernels, x3, plan)
-    kernel(dy3, x3, plan.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1])
+    planned = _plan(x3)
+    backward_kernel(x3, planned, fuse)(
+        dy3, x3, planned.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1]
+    )
     return grads[0], grads[1]
 
 

@@ -344,6 +344,34 @@ def test_interleaved_rounds(report_module, tmp_path):
     assert f"| {result['case']} | backward | 5 x 3 |" in page
 
 
+@pytest.mark.parametrize("op", ["forward", "inference", "backward"])
+def test_small_call_stages_compute_what_the_public_call_does(op):
+    """The stages of benchmarks.small_call time the public call's work: the host stage and
+    the kernel stage write the public call's output bit for bit, PyTorch's native kernel
+    agrees to float32 rounding, and the breakdown table renders every stage."""
+    pytest.importorskip("torch")
+    from benchmarks import small_call
+    from benchmarks.cases import make_inputs
+
+    inputs = make_inputs(small_call.SMALL)
+    calls = small_call.stages(op, inputs)
+    public = calls["public"]()
+    host = calls["host"]()
+    first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+    if op == "backward":  # the host stage returns (dgamma, dbeta), dx being its argument
+        np.testing.assert_array_equal(np.stack(host), np.stack(public[1:]))
+    else:
+        np.testing.assert_array_equal(first(host), first(public))
+        # float32 outputs of order 1 computed by two float32 formulas: a few ulps apart
+        np.testing.assert_allclose(
+            first(calls["torch"]()).numpy(), first(public), rtol=1e-4, atol=1e-4
+        )
+    times = small_call.measure(op, rounds=3, iterations=2)
+    assert set(times) == set(calls) and all(t > 0 for t in times.values())
+    table = small_call.format_table({op: times}, 1)
+    assert f"| {op} |" in table and "torch / public" in table
+
+
 @pytest.mark.parametrize(
     "layout, shape, axis", [("NCHW", (4, 3, 5, 5), 1), ("NHWC", (4, 5, 5, 3), -1)]
 )
