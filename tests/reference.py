@@ -382,17 +382,10 @@ def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
     g = _param(gamma, C, 1.0)
     b = _param(beta, C, 0.0)
     extra = [_bcast(a, x, axis) if isinstance(a, np.ndarray) else a for a in args]
-    try:
+    if AUTOGRAD:
         import torch
-    except ImportError:
-        torch = None
-    recorded = []
-    _CONSTANTS["record"] = recorded
-    try:
+
         y = formula(x, _bcast(g, x, axis), _bcast(b, x, axis), axis, *extra, **kwargs)
-    finally:
-        _CONSTANTS["record"] = None
-    if torch is not None:
         X, G, B = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, g, b))
         shape = [1] * x.ndim
         shape[axis % x.ndim] = -1
@@ -401,6 +394,12 @@ def formula_grads(formula, x, gamma, beta, dy, axis, *args, **kwargs):
         (out * torch.tensor(dy)).sum().backward()
         dx, dg, db = (t.grad.numpy() for t in (X, G, B))
     else:
+        recorded = []  # the constants' values at the unperturbed point
+        _CONSTANTS["record"] = recorded
+        try:
+            y = formula(x, _bcast(g, x, axis), _bcast(b, x, axis), axis, *extra, **kwargs)
+        finally:
+            _CONSTANTS["record"] = None
 
         def loss(xx, gg, bb):
             _CONSTANTS["replay"] = list(recorded)
