@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _checks, _cpu_backend, _ops, api, backends
 
@@ -52,11 +51,11 @@ def _array(t):
 
 
 def _tensor(a, dtype):
-    """A result as a tensor of ``dtype`` (NumPy results shared, not copied)."""
+    """A result as a tensor of ``dtype`` (None: its own; NumPy results shared, not copied)."""
     if a is None:
         return None
     t = torch.from_numpy(a) if type(a) is np.ndarray else a
-    return t if t.dtype == dtype else t.to(dtype)
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def _running(t):
@@ -157,32 +156,64 @@ class _BatchNormFunction(torch.autograd.Function):
         return _tensor(y, input.dtype)
 
     @staticmethod
-    @once_differentiable  # a double backward raises instead of giving wrong zeros
     def backward(ctx, dy):
-        needs = ctx.needs_input_grad
-        if ctx.training:
-            input, weight, bias = ctx.saved_tensors
-            x, w, b, mean, invstd = ctx.arrays
-            dx, dweight, dbias = api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
+        input, weight, bias = ctx.saved_tensors[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
+            dx, dweight, dbias = _differentiable_backward(ctx, dy)
         else:
-            # the frozen-statistics gradient: the running statistics were constants of
-            # the forward (their values then: autograd refuses them modified in place)
-            input, weight, bias, running_mean, running_var = ctx.saved_tensors
-            mean = running_mean.detach().to(torch.float64)
-            invstd = torch.rsqrt(running_var.detach().to(torch.float64) + ctx.eps)
-            dx, dweight, dbias = api.batch_norm_backward(
-                _array(dy),
-                _array(input),
-                _array(mean),
-                _array(invstd),
-                _array(weight),
-                _array(bias),
-                training=False,
-            )
-        dx = _tensor(dx, input.dtype) if needs[0] else None
-        dweight = _tensor(dweight, weight.dtype) if needs[1] else None
-        dbias = _tensor(dbias, bias.dtype) if needs[2] else None
+            dx, dweight, dbias = (_tensor(a, None) for a in _kernel_backward(ctx, dy))
+        needs = ctx.needs_input_grad
+        dx = dx.to(input.dtype) if needs[0] else None
+        dweight = dweight.to(weight.dtype) if needs[1] else None
+        dbias = dbias.to(bias.dtype) if needs[2] else None
         return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _kernel_backward(ctx, dy):
+    """The gradient of :class:`_BatchNormFunction` on fastbn's kernels: dx, dweight, dbias."""
+    if ctx.training:
+        x, w, b, mean, invstd = ctx.arrays
+        return api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
+    # the frozen-statistics gradient: the running statistics were constants of the
+    # forward (their values then: autograd refuses them modified in place)
+    input, weight, bias, running_mean, running_var = ctx.saved_tensors
+    mean = running_mean.detach().to(torch.float64)
+    invstd = torch.rsqrt(running_var.detach().to(torch.float64) + ctx.eps)
+    return api.batch_norm_backward(
+        *map(_array, (dy, input, mean, invstd, weight, bias)), training=False
+    )
+
+
+def _differentiable_backward(ctx, dy):
+    """The gradient of :class:`_BatchNormFunction` in torch operations, for a double backward.
+
+    Under ``create_graph=True`` the gradient must itself be a node of the graph: it is
+    computed from the saved input with the formula of docs/math.md (in training the
+    batch statistics recomputed from the input, so that their dependence on it is part of
+    the graph; in eval mode the running statistics, constants), in float32 for float16 and
+    bfloat16 tensors, in the input's dtype otherwise. Returns dx, dweight, dbias (dweight
+    and dbias also when the parameters are None).
+    """
+    input, weight, bias = ctx.saved_tensors[:3]
+    acc = input.dtype if input.dtype == torch.float64 else torch.float32
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    x, g = input.to(acc), dy.to(acc)
+    if ctx.training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + ctx.eps)
+    else:
+        running_mean, running_var = ctx.saved_tensors[3:]
+        mean = running_mean.detach().to(acc).reshape(shape)
+        invstd = torch.rsqrt(running_var.detach().to(acc).reshape(shape) + ctx.eps)
+    xhat = (x - mean) * invstd
+    dbias = g.sum(dims)
+    dweight = (g * xhat).sum(dims)
+    scale = invstd if weight is None else weight.to(acc).reshape(shape) * invstd
+    if ctx.training:
+        m = x.numel() // max(x.shape[1], 1)
+        g = g - (dbias.reshape(shape) + xhat * dweight.reshape(shape)) / m
+    return scale * g, dweight, dbias
 
 
 # --------------------------------------------------------------------------------------

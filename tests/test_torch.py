@@ -210,6 +210,30 @@ def test_pickle_repr_and_factory_kwargs(torch_cls, ours_cls):
         torch.testing.assert_close(again(x), ours(x))
 
 
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("torch_cls, ours_cls", PAIRS, ids=lambda c: c.__name__)
+def test_grad_and_gradgrad_of_module_inputs(torch_cls, ours_cls, training, check):
+    """test_modules.py's test_grad and test_gradgrad: float64 gradcheck and gradgradcheck
+    of the module with respect to its input and its parameters, every case."""
+    for case in _module_inputs(torch_cls, torch.float64, training):
+        x = case.forward_input.args[0].detach()
+        if x.numel() == 0:
+            continue
+        _, ours = _pair(torch_cls, ours_cls, case.constructor_input, torch.float64)
+        ours.train(training)
+        names, params = zip(*ours.named_parameters()) if ours.affine else ((), ())
+
+        def function(x, *values, module=ours, names=names):
+            return torch.func.functional_call(module, dict(zip(names, values)), (x,))
+
+        inputs = (
+            x.clone().requires_grad_(),
+            *(p.detach().clone().requires_grad_() for p in params),
+        )
+        assert getattr(torch.autograd, check)(function, inputs), case.desc
+
+
 @pytest.mark.parametrize("torch_cls, ours_cls", PAIRS, ids=lambda c: c.__name__)
 def test_non_contiguous_inputs(torch_cls, ours_cls):
     """test_modules.py's test_non_contiguous_tensors: inputs and gradients that are
@@ -449,12 +473,39 @@ def test_gradcheck_float64(training, shape):
     assert torch.autograd.gradcheck(function, (x, w, b))
 
 
-def test_double_backward_is_refused():
-    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    y = fbt.batch_norm(x, None, None, training=True)
-    (grad,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5), (2, 3, 3, 2)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_float64(training, shape):
+    """Double backward (create_graph=True), as PyTorch's module tests check it."""
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def function(x, w, b):
+        stats = (rm.clone(), rv.clone()) if training else (rm, rv)
+        return fbt.batch_norm(x, *stats, w, b, training=training, eps=1e-3)
+
+    assert torch.autograd.gradgradcheck(function, (x, w, b))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_matches_torch(training):
+    """The second derivatives against torch.nn.functional.batch_norm's own, float32."""
+    torch.manual_seed(4)
+    x0, w0, b0 = torch.randn(6, 3, 4), torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    results = []
+    for function in (fbt.batch_norm, torch.nn.functional.batch_norm):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = function(x, rm.clone(), rv.clone(), w, b, training=training)
+        gx, gw = torch.autograd.grad(y.pow(3).sum(), (x, w), create_graph=True)
+        results.append(
+            (gx, gw, *torch.autograd.grad((gx.sin().sum() + gw.pow(2).sum()), (x, w, b)))
+        )
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
