@@ -300,6 +300,10 @@ def batch_norm(
                 raise ValueError(
                     f"{name} must have shape ({C},) to match input.shape[1], got {tuple(t.shape)}"
                 )
+    if input.is_meta:  # shapes only (deferred initialization, tracing): no data to compute
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     return _BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, bool(training), momentum, eps,
         on_nonfinite,

@@ -744,6 +744,16 @@ def test_import_fastbn_does_not_import_torch():
     assert result.stdout.strip() == "False", result.stderr
 
 
+def test_meta_tensors_give_shapes_like_pytorch():
+    """Modules built on the meta device (deferred initialization) run on meta inputs."""
+    for cls, shape in ((fbt.BatchNorm1d, (4, 3)), (fbt.BatchNorm2d, (2, 3, 4, 5))):
+        module = cls(3, device="meta")
+        x = torch.empty(shape, device="meta")
+        for training in (True, False):
+            y = module.train(training)(x)
+            assert y.is_meta and y.shape == x.shape and y.dtype == x.dtype
+
+
 def test_save_and_load_through_torch_save():
     ours = fbt.BatchNorm2d(3)
     ours(torch.randn(4, 3, 2, 2))
