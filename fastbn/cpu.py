@@ -733,47 +733,50 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
 
 
 @njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
-def _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero):
-    """``(sum dy, sum dy * (x - mean))`` in float64 over values ``[i0, i1)`` of the run
-    at flat offset ``base`` (unsigned offsets, as :func:`_shifted_sums_strided`); with
-    ``relu``, ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not
-    positive. It only reads: its vectorized order never depends on where dx is written
-    (with ``out=dy``, a loop that also stored would run LLVM's unvectorized copy, and sum
-    in another order)."""
+def _frozen_run(dy1, x1, out1, base, out_base, n, hi, lo, scale, shift, mean, relu, zero):
+    """``out = scale * dy`` (ReLU-masked dy) over the ``n`` values at flat offset ``base``,
+    written from ``out_base`` on, and their ``(sum dy, sum dy * (x - mean))`` in float64,
+    in one loop (unsigned offsets, as :func:`_shifted_sums_strided`). With ``relu``,
+    ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not positive.
+
+    ``out1`` must not overlap ``dy1`` or ``x1``: the loop is vectorized behind LLVM's
+    runtime overlap check, and where that check fails it runs the scalar copy of the
+    loop, which sums in another order (see :func:`_chunk_frozen_strided`)."""
     s_dy = 0.0
     s_dyx = 0.0
-    for i in range(i0, i1):
+    for i in range(n):
         xv = x1[base + i]
         g = dy1[base + i]
         if relu and _affine(xv, hi, lo, scale, shift) <= zero:
             g = zero
+        out1[out_base + i] = scale * g
         g64 = np.float64(g)
         s_dy += g64
         s_dyx += g64 * (np.float64(xv) - mean)
     return s_dy, s_dyx
 
 
-@njit(**_ELEMENTWISE)
-def _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero):
-    """``dx = scale * dy`` (ReLU-masked dy) over values ``[i0, i1)`` of the run at flat
-    offset ``base``."""
-    for i in range(i0, i1):
-        g = dy1[base + i]
-        if relu and _affine_inline(x1[base + i], hi, lo, scale, shift) <= zero:
-            g = zero
-        dx1[base + i] = scale * g
+# Values per call of _frozen_run: a run longer than this is summed piece by piece, so that
+# the buffer of the in-place path (see _chunk_frozen_strided) stays in L1.
+_FROZEN_PIECE = _config.FROZEN_PIECE
 
 
 @njit(**_EXACT)
-def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
+def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu, buffer):
     """Backward through fixed statistics over one chunk of channel ``c``: writes
     ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
 
-    Run by run: the sums of the run (:func:`_frozen_sums_run`), then its dx
-    (:func:`_frozen_dx_run`) while dy and x are in L1. Memory sees one read of each and
-    one write of dx; the sums come first so that ``out=dy`` still reads dy. With
-    ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's output,
-    recomputed by :func:`_affine`, is not positive.
+    One loop per run (:func:`_frozen_run`, runs longer than ``_FROZEN_PIECE`` values
+    piece by piece) reads dy and x once, writes dx and accumulates both sums: memory sees
+    one read of each and one write of dx. With ``relu``, ``dy`` counts as 0 (in dx and in
+    both sums) where the forward's output, recomputed by :func:`_affine`, is not
+    positive.
+
+    When dx is dy or x (``out=dy``), the loop writes into ``buffer`` (a separate array
+    of ``_FROZEN_PIECE`` values or fewer) and the piece is then copied into dx, from L1:
+    the same compiled loop, with an output that overlaps nothing, computes in both cases,
+    so the sums are bitwise those of a separate dx (written straight into dx, the loop
+    would take LLVM's scalar fallback and sum in another order).
 
     Parameters
     ----------
@@ -787,6 +790,8 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
         Coefficients of the fixed statistics: the mean (``MEAN_HI`` + ``MEAN_LO``),
         ``SCALE = gamma * invstd`` (the factor of dx) and ``SHIFT`` (the ReLU mask).
     relu : bool
+    buffer : ndarray, 1-D
+        Empty when dx overlaps neither dy nor x; else room for a piece.
 
     Returns
     -------
@@ -798,14 +803,26 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     shift = coef[SHIFT, c]
     zero = coef.dtype.type(0)
     mean = np.float64(hi) + np.float64(lo)
+    piece = np.uint64(_FROZEN_PIECE)
     s_dy = 0.0
     s_dyx = 0.0
     for o in range(o0, o1):
         base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
-        a, b = _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero)
-        s_dy += a
-        s_dyx += b
-        _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero)
+        p = base + i0
+        end = base + i1
+        while p < end:
+            n = min(end - p, piece)
+            if buffer.size:
+                a, b = _frozen_run(
+                    dy1, x1, buffer, p, np.uint64(0), n, hi, lo, scale, shift, mean, relu, zero
+                )
+                for i in range(n):
+                    dx1[p + i] = buffer[i]
+            else:
+                a, b = _frozen_run(dy1, x1, dx1, p, p, n, hi, lo, scale, shift, mean, relu, zero)
+            s_dy += a
+            s_dyx += b
+            p += n
     return s_dy, s_dyx
 
 
@@ -1332,7 +1349,8 @@ def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     """:func:`_frozen_backward_rows` for the strided family (``chunk``: values per chunk).
 
     Work items are the ``(chunk, channel)`` pairs of :func:`_grad_sums_strided`, in
-    chunk-major order (consecutive items are consecutive in memory).
+    chunk-major order (consecutive items are consecutive in memory); each is one pass of
+    :func:`_chunk_frozen_strided` over its runs.
     """
     outer, C, inner = x.shape
     m = outer * inner
@@ -1343,12 +1361,19 @@ def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     dy1 = dy.reshape(-1)
     x1 = x.reshape(-1)
     dx1 = dx.reshape(-1)
+    # dx coincides with dy or x (the host passes no other overlap): each item then writes
+    # through a buffer of its own (see _chunk_frozen_strided).
+    in_place = dx1.size > 0 and (
+        dx1.ctypes.data == dy1.ctypes.data or dx1.ctypes.data == x1.ctypes.data
+    )
+    no_buffer = np.empty(0, dx.dtype)
     for t in prange(C * n_chunks):
         k = t // C
         c = t - k * C
         o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
+        buffer = np.empty(min(_FROZEN_PIECE, chunk), dx.dtype) if in_place else no_buffer
         part_dy[k, c], part_dyx[k, c] = _chunk_frozen_strided(
-            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu
+            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu, buffer
         )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
