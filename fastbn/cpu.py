@@ -826,6 +826,33 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     return s_dy, s_dyx
 
 
+@njit(**_ELEMENTWISE)
+def _frozen_row(dy_row, x_row, out, hi, lo, scale, shift, mean, relu, zero, a, b):
+    """One row of :func:`_chunk_frozen_rows` written into ``out`` (its in-place path): the
+    arithmetic of its loops, in the same order, so the same bits."""
+    C = x_row.shape[0]
+    if relu:
+        for c in range(C):
+            xv = x_row[c]
+            g = dy_row[c]
+            if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                g = zero
+            out[c] = scale[c] * g
+            g64 = np.float64(g)
+            a[c] += g64
+            b[c] += g64 * (np.float64(xv) - mean[c])
+    else:
+        for c in range(C):
+            g = dy_row[c]
+            out[c] = scale[c] * g
+            g64 = np.float64(g)
+            a[c] += g64
+            b[c] += g64 * (np.float64(x_row[c]) - mean[c])
+
+
+_frozen_row_inline = _inlined(_frozen_row, _ELEMENTWISE)
+
+
 # The rows helper writes dx in the loop that sums: it takes the elementwise options (no
 # reassociation), so that each channel's sums are in row order whatever LLVM vectorizes
 # (across channels) and whether or not dx aliases dy.
@@ -873,6 +900,40 @@ def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
                 g64 = np.float64(g)
                 a[c] += g64
                 b[c] += g64 * (np.float64(x[r, c]) - mean[c])
+    for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
+        s_dy[c] = a[c]
+        s_dyx[c] = b[c]
+
+
+@njit(**_ELEMENTWISE)
+def _chunk_frozen_rows_in_place(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
+    """:func:`_chunk_frozen_rows` when dx is dy or x (``out=dy``): each row of dx is
+    computed into a buffer (:func:`_frozen_row`, the same arithmetic in the same order:
+    the same bits), then copied. Written in place, the loop fails LLVM's runtime overlap
+    check and runs its unvectorized copy (1.9-2.4x the time, docs/cpu.md).
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    C = x.shape[1]
+    a = np.zeros(C)
+    b = np.zeros(C)
+    mean = np.empty(C)
+    for c in range(C):
+        mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    buffer = np.empty(C, dx.dtype)
+    for r in range(r0, r1):
+        _frozen_row_inline(dy[r], x[r], buffer, hi, lo, scale, shift, mean, relu, zero, a, b)
+        for c in range(C):
+            dx[r, c] = buffer[c]
     for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
         s_dy[c] = a[c]
         s_dyx[c] = b[c]
@@ -1328,18 +1389,16 @@ def _frozen_backward_rows(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     n_chunks = (outer + chunk - 1) // chunk
     part_dy = np.empty((n_chunks, C))
     part_dyx = np.empty((n_chunks, C))
+    # dx coincides with dy or x (the host passes no other overlap): see
+    # _chunk_frozen_rows_in_place
+    in_place = dx.size > 0 and (dx.ctypes.data == dy.ctypes.data or dx.ctypes.data == x.ctypes.data)
     for k in prange(n_chunks):
-        _chunk_frozen_rows(
-            dy2,
-            x2,
-            dx2,
-            k * chunk,
-            min((k + 1) * chunk, outer),
-            coef,
-            relu,
-            part_dy[k],
-            part_dyx[k],
-        )
+        r0 = k * chunk
+        r1 = min(r0 + chunk, outer)
+        if in_place:
+            _chunk_frozen_rows_in_place(dy2, x2, dx2, r0, r1, coef, relu, part_dy[k], part_dyx[k])
+        else:
+            _chunk_frozen_rows(dy2, x2, dx2, r0, r1, coef, relu, part_dy[k], part_dyx[k])
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
