@@ -762,7 +762,7 @@ _FROZEN_PIECE = _config.FROZEN_PIECE
 
 
 @njit(**_EXACT)
-def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu, buffer):
+def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu, in_place):
     """Backward through fixed statistics over one chunk of channel ``c``: writes
     ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
 
@@ -772,11 +772,14 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     both sums) where the forward's output, recomputed by :func:`_affine`, is not
     positive.
 
-    When dx is dy or x (``out=dy``), the loop writes into ``buffer`` (a separate array
-    of ``_FROZEN_PIECE`` values or fewer) and the piece is then copied into dx, from L1:
-    the same compiled loop, with an output that overlaps nothing, computes in both cases,
-    so the sums are bitwise those of a separate dx (written straight into dx, the loop
-    would take LLVM's scalar fallback and sum in another order).
+    With ``in_place`` (dx is dy or x: ``out=dy``), the loop writes into a buffer of the
+    item (``_FROZEN_PIECE`` values or fewer) and the piece is then copied into dx, from
+    L1: the same compiled loop, with an output that overlaps nothing, computes in both
+    cases, so the sums are bitwise those of a separate dx (written straight into dx, the
+    loop would take LLVM's scalar fallback and sum in another order). The buffer is
+    allocated here, in that case only: an array handed to every item by the driver (empty
+    for a separate dx) made the separate-dx case up to 10 % slower (presumably its
+    reference count, shared by the threads, changing at every item).
 
     Parameters
     ----------
@@ -790,8 +793,8 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
         Coefficients of the fixed statistics: the mean (``MEAN_HI`` + ``MEAN_LO``),
         ``SCALE = gamma * invstd`` (the factor of dx) and ``SHIFT`` (the ReLU mask).
     relu : bool
-    buffer : ndarray, 1-D
-        Empty when dx overlaps neither dy nor x; else room for a piece.
+    in_place : bool
+        dx coincides with dy or x.
 
     Returns
     -------
@@ -806,23 +809,33 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     piece = np.uint64(_FROZEN_PIECE)
     s_dy = 0.0
     s_dyx = 0.0
-    for o in range(o0, o1):
-        base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
-        p = base + i0
-        end = base + i1
-        while p < end:
-            n = min(end - p, piece)
-            if buffer.size:
+    if in_place:
+        buffer = np.empty(min(_FROZEN_PIECE, inner), dx1.dtype)
+        for o in range(o0, o1):
+            base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+            p = base + i0
+            end = base + i1
+            while p < end:
+                n = min(end - p, piece)
                 a, b = _frozen_run(
                     dy1, x1, buffer, p, np.uint64(0), n, hi, lo, scale, shift, mean, relu, zero
                 )
                 for i in range(n):
                     dx1[p + i] = buffer[i]
-            else:
+                s_dy += a
+                s_dyx += b
+                p += n
+    else:
+        for o in range(o0, o1):
+            base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+            p = base + i0
+            end = base + i1
+            while p < end:
+                n = min(end - p, piece)
                 a, b = _frozen_run(dy1, x1, dx1, p, p, n, hi, lo, scale, shift, mean, relu, zero)
-            s_dy += a
-            s_dyx += b
-            p += n
+                s_dy += a
+                s_dyx += b
+                p += n
     return s_dy, s_dyx
 
 
@@ -1425,14 +1438,12 @@ def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     in_place = dx1.size > 0 and (
         dx1.ctypes.data == dy1.ctypes.data or dx1.ctypes.data == x1.ctypes.data
     )
-    no_buffer = np.empty(0, dx.dtype)
     for t in prange(C * n_chunks):
         k = t // C
         c = t - k * C
         o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
-        buffer = np.empty(min(_FROZEN_PIECE, chunk), dx.dtype) if in_place else no_buffer
         part_dy[k, c], part_dyx[k, c] = _chunk_frozen_strided(
-            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu, buffer
+            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu, in_place
         )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
