@@ -129,6 +129,12 @@ SERIAL_BYTES = 256 * 1024
 # takes one row per item). Does not affect results.
 ELEMENTWISE_CHUNK = 16384
 
+# Values per loop of the strided backward through fixed statistics (cpu._frozen_run): runs
+# longer than this are summed piece by piece, and with ``out=dy`` a piece goes through a
+# buffer of this many values, which stays in L1 (16 KiB of float32). Changing it changes
+# the last bits of dgamma and dbeta for runs longer than it, nothing else.
+FROZEN_PIECE = 4096
+
 # Channels per work item of the merge of chunk partials (cpu._merge_chunks): rows of
 # 1 KiB of the float64 partials, and work for both cores from C = 256 on. Does not affect
 # results.

@@ -733,47 +733,53 @@ def _input_grad_channel(dy, x, dx, c, j0, j1, coef, dcoef, relu):
 
 
 @njit(**_REDUCE)  # its reduction loop is here: see _INLINE_REDUCE
-def _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero):
-    """``(sum dy, sum dy * (x - mean))`` in float64 over values ``[i0, i1)`` of the run
-    at flat offset ``base`` (unsigned offsets, as :func:`_shifted_sums_strided`); with
-    ``relu``, ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not
-    positive. It only reads: its vectorized order never depends on where dx is written
-    (with ``out=dy``, a loop that also stored would run LLVM's unvectorized copy, and sum
-    in another order)."""
+def _frozen_run(dy1, x1, out1, base, out_base, n, hi, lo, scale, shift, mean, relu, zero):
+    """``out = scale * dy`` (ReLU-masked dy) over the ``n`` values at flat offset ``base``,
+    written from ``out_base`` on, and their ``(sum dy, sum dy * (x - mean))`` in float64,
+    in one loop (unsigned offsets, as :func:`_shifted_sums_strided`). With ``relu``,
+    ``dy`` counts as 0 where the output recomputed by :func:`_affine` is not positive.
+
+    ``out1`` must not overlap ``dy1`` or ``x1``: the loop is vectorized behind LLVM's
+    runtime overlap check, and where that check fails it runs the scalar copy of the
+    loop, which sums in another order (see :func:`_chunk_frozen_strided`)."""
     s_dy = 0.0
     s_dyx = 0.0
-    for i in range(i0, i1):
+    for i in range(n):
         xv = x1[base + i]
         g = dy1[base + i]
         if relu and _affine(xv, hi, lo, scale, shift) <= zero:
             g = zero
+        out1[out_base + i] = scale * g
         g64 = np.float64(g)
         s_dy += g64
         s_dyx += g64 * (np.float64(xv) - mean)
     return s_dy, s_dyx
 
 
-@njit(**_ELEMENTWISE)
-def _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero):
-    """``dx = scale * dy`` (ReLU-masked dy) over values ``[i0, i1)`` of the run at flat
-    offset ``base``."""
-    for i in range(i0, i1):
-        g = dy1[base + i]
-        if relu and _affine_inline(x1[base + i], hi, lo, scale, shift) <= zero:
-            g = zero
-        dx1[base + i] = scale * g
+# Values per call of _frozen_run: a run longer than this is summed piece by piece, so that
+# the buffer of the in-place path (see _chunk_frozen_strided) stays in L1.
+_FROZEN_PIECE = _config.FROZEN_PIECE
 
 
 @njit(**_EXACT)
-def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu):
+def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, coef, relu, in_place):
     """Backward through fixed statistics over one chunk of channel ``c``: writes
     ``dx = scale * dy`` and returns ``(sum dy, sum dy * (x - mean))`` (float64).
 
-    Run by run: the sums of the run (:func:`_frozen_sums_run`), then its dx
-    (:func:`_frozen_dx_run`) while dy and x are in L1. Memory sees one read of each and
-    one write of dx; the sums come first so that ``out=dy`` still reads dy. With
-    ``relu``, ``dy`` counts as 0 (in dx and in both sums) where the forward's output,
-    recomputed by :func:`_affine`, is not positive.
+    One loop per run (:func:`_frozen_run`, runs longer than ``_FROZEN_PIECE`` values
+    piece by piece) reads dy and x once, writes dx and accumulates both sums: memory sees
+    one read of each and one write of dx. With ``relu``, ``dy`` counts as 0 (in dx and in
+    both sums) where the forward's output, recomputed by :func:`_affine`, is not
+    positive.
+
+    With ``in_place`` (dx is dy or x: ``out=dy``), the loop writes into a buffer of the
+    item (``_FROZEN_PIECE`` values or fewer) and the piece is then copied into dx, from
+    L1: the same compiled loop, with an output that overlaps nothing, computes in both
+    cases, so the sums are bitwise those of a separate dx (written straight into dx, the
+    loop would take LLVM's scalar fallback and sum in another order). The buffer is
+    allocated here, in that case only: an array handed to every item by the driver (empty
+    for a separate dx) made the separate-dx case up to 10 % slower (presumably its
+    reference count, shared by the threads, changing at every item).
 
     Parameters
     ----------
@@ -787,6 +793,8 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
         Coefficients of the fixed statistics: the mean (``MEAN_HI`` + ``MEAN_LO``),
         ``SCALE = gamma * invstd`` (the factor of dx) and ``SHIFT`` (the ReLU mask).
     relu : bool
+    in_place : bool
+        dx coincides with dy or x.
 
     Returns
     -------
@@ -798,15 +806,64 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     shift = coef[SHIFT, c]
     zero = coef.dtype.type(0)
     mean = np.float64(hi) + np.float64(lo)
+    piece = np.uint64(_FROZEN_PIECE)
     s_dy = 0.0
     s_dyx = 0.0
-    for o in range(o0, o1):
-        base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
-        a, b = _frozen_sums_run(dy1, x1, base, i0, i1, hi, lo, scale, shift, mean, relu, zero)
-        s_dy += a
-        s_dyx += b
-        _frozen_dx_run(dy1, x1, dx1, base, i0, i1, hi, lo, scale, shift, relu, zero)
+    if in_place:
+        buffer = np.empty(min(_FROZEN_PIECE, inner), dx1.dtype)
+        for o in range(o0, o1):
+            base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+            p = base + i0
+            end = base + i1
+            while p < end:
+                n = min(end - p, piece)
+                a, b = _frozen_run(
+                    dy1, x1, buffer, p, np.uint64(0), n, hi, lo, scale, shift, mean, relu, zero
+                )
+                for i in range(n):
+                    dx1[p + i] = buffer[i]
+                s_dy += a
+                s_dyx += b
+                p += n
+    else:
+        for o in range(o0, o1):
+            base, i0, i1 = _chunk_run(o, o0, o1, i_first, i_last, C, c, inner)
+            p = base + i0
+            end = base + i1
+            while p < end:
+                n = min(end - p, piece)
+                a, b = _frozen_run(dy1, x1, dx1, p, p, n, hi, lo, scale, shift, mean, relu, zero)
+                s_dy += a
+                s_dyx += b
+                p += n
     return s_dy, s_dyx
+
+
+@njit(**_ELEMENTWISE)
+def _frozen_row(dy_row, x_row, out, hi, lo, scale, shift, mean, relu, zero, a, b):
+    """One row of :func:`_chunk_frozen_rows` written into ``out`` (its in-place path): the
+    arithmetic of its loops, in the same order, so the same bits."""
+    C = x_row.shape[0]
+    if relu:
+        for c in range(C):
+            xv = x_row[c]
+            g = dy_row[c]
+            if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                g = zero
+            out[c] = scale[c] * g
+            g64 = np.float64(g)
+            a[c] += g64
+            b[c] += g64 * (np.float64(xv) - mean[c])
+    else:
+        for c in range(C):
+            g = dy_row[c]
+            out[c] = scale[c] * g
+            g64 = np.float64(g)
+            a[c] += g64
+            b[c] += g64 * (np.float64(x_row[c]) - mean[c])
+
+
+_frozen_row_inline = _inlined(_frozen_row, _ELEMENTWISE)
 
 
 # The rows helper writes dx in the loop that sums: it takes the elementwise options (no
@@ -856,6 +913,40 @@ def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
                 g64 = np.float64(g)
                 a[c] += g64
                 b[c] += g64 * (np.float64(x[r, c]) - mean[c])
+    for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
+        s_dy[c] = a[c]
+        s_dyx[c] = b[c]
+
+
+@njit(**_ELEMENTWISE)
+def _chunk_frozen_rows_in_place(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
+    """:func:`_chunk_frozen_rows` when dx is dy or x (``out=dy``): each row of dx is
+    computed into a buffer (:func:`_frozen_row`, the same arithmetic in the same order:
+    the same bits), then copied. Written in place, the loop fails LLVM's runtime overlap
+    check and runs its unvectorized copy (1.9-2.4x the time, docs/cpu.md).
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (rows, C)
+    r0, r1 : int
+    coef : ndarray, shape (4, C)
+    relu : bool
+    s_dy, s_dyx : ndarray of float64, shape (C,)
+        Outputs.
+    """
+    C = x.shape[1]
+    a = np.zeros(C)
+    b = np.zeros(C)
+    mean = np.empty(C)
+    for c in range(C):
+        mean[c] = np.float64(coef[MEAN_HI, c]) + np.float64(coef[MEAN_LO, c])
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    buffer = np.empty(C, dx.dtype)
+    for r in range(r0, r1):
+        _frozen_row_inline(dy[r], x[r], buffer, hi, lo, scale, shift, mean, relu, zero, a, b)
+        for c in range(C):
+            dx[r, c] = buffer[c]
     for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
         s_dy[c] = a[c]
         s_dyx[c] = b[c]
@@ -1311,18 +1402,16 @@ def _frozen_backward_rows(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     n_chunks = (outer + chunk - 1) // chunk
     part_dy = np.empty((n_chunks, C))
     part_dyx = np.empty((n_chunks, C))
+    # dx coincides with dy or x (the host passes no other overlap): see
+    # _chunk_frozen_rows_in_place
+    in_place = dx.size > 0 and (dx.ctypes.data == dy.ctypes.data or dx.ctypes.data == x.ctypes.data)
     for k in prange(n_chunks):
-        _chunk_frozen_rows(
-            dy2,
-            x2,
-            dx2,
-            k * chunk,
-            min((k + 1) * chunk, outer),
-            coef,
-            relu,
-            part_dy[k],
-            part_dyx[k],
-        )
+        r0 = k * chunk
+        r1 = min(r0 + chunk, outer)
+        if in_place:
+            _chunk_frozen_rows_in_place(dy2, x2, dx2, r0, r1, coef, relu, part_dy[k], part_dyx[k])
+        else:
+            _chunk_frozen_rows(dy2, x2, dx2, r0, r1, coef, relu, part_dy[k], part_dyx[k])
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK
         _sum_chunks(part_dy, part_dyx, c0, min(c0 + _MERGE_BLOCK, C), s_dy, s_dyx)
@@ -1332,7 +1421,8 @@ def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     """:func:`_frozen_backward_rows` for the strided family (``chunk``: values per chunk).
 
     Work items are the ``(chunk, channel)`` pairs of :func:`_grad_sums_strided`, in
-    chunk-major order (consecutive items are consecutive in memory).
+    chunk-major order (consecutive items are consecutive in memory); each is one pass of
+    :func:`_chunk_frozen_strided` over its runs.
     """
     outer, C, inner = x.shape
     m = outer * inner
@@ -1343,12 +1433,17 @@ def _frozen_backward_strided(dy, x, chunk, coef, relu, dx, s_dy, s_dyx):
     dy1 = dy.reshape(-1)
     x1 = x.reshape(-1)
     dx1 = dx.reshape(-1)
+    # dx coincides with dy or x (the host passes no other overlap): each item then writes
+    # through a buffer of its own (see _chunk_frozen_strided).
+    in_place = dx1.size > 0 and (
+        dx1.ctypes.data == dy1.ctypes.data or dx1.ctypes.data == x1.ctypes.data
+    )
     for t in prange(C * n_chunks):
         k = t // C
         c = t - k * C
         o0, o1, i0, i1 = _chunk_span(k, chunk, runs, outer, inner)
         part_dy[k, c], part_dyx[k, c] = _chunk_frozen_strided(
-            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu
+            dy1, x1, dx1, C, inner, c, o0, o1, i0, i1, coef, relu, in_place
         )
     for j in prange((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):
         c0 = j * _MERGE_BLOCK

@@ -243,6 +243,34 @@ def test_out_and_out_is_dy(dtype):
     assert np.array_equal(out_f, expected[0])
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [
+        ((16, 8, 1001), 1),  # strided, runs vectorized and remainders
+        ((2, 4, 9001), 1),  # strided, runs longer than _config.FROZEN_PIECE
+        ((30, 20, 20, 9), -1),  # rows
+        ((20000, 37), 1),  # rows, odd C
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_is_dy_or_x_bitwise_on_vectorized_sizes(shape, axis, dtype):
+    """``out=dy`` and ``out=x`` give the bits of a separate out, on arrays large enough for
+    the parallel build and runs long enough for the vectorized loops (where an in-place
+    write would send LLVM to its scalar fallback, which sums in another order)."""
+    x, dy, mean, invstd, gamma, beta = case(shape, axis, dtype, seed=4)
+    for activation in (None, "relu"):
+        kw = dict(axis=axis, activation=activation, training=False)
+        expected = fastbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, **kw)
+        dy2 = dy.copy()
+        got_dy = fastbn.batch_norm_backward(dy2, x, mean, invstd, gamma, beta, out=dy2, **kw)
+        x2 = x.copy()
+        got_x = fastbn.batch_norm_backward(dy, x2, mean, invstd, gamma, beta, out=x2, **kw)
+        assert got_dy[0] is dy2 and got_x[0] is x2
+        for got in (got_dy, got_x):
+            for a, b, name in zip(got, expected, ("dx", "dgamma", "dbeta")):
+                assert np.array_equal(a, b), f"{name} differs in place: {shape} {activation}"
+
+
 def test_direct_and_general_paths_bitwise_equal():
     """The direct path (C-contiguous NumPy) and the general one (here: a list gamma) run
     the same kernel on the same view."""
