@@ -499,19 +499,18 @@ def direct_forward(x3, y, gamma, beta, eps, relu):
     """
     C = x3.shape[1]
     drivers = cpu.drivers_for(x3)
+    if gamma is None:
+        gamma = _constant(C, 1.0, stats_dtype(x3.dtype))
+    if beta is None:
+        beta = _constant(C, 0.0, stats_dtype(x3.dtype))
+    if drivers.small:  # the statistics written by the kernel in their dtype
+        stats = np.empty((2, C), x3.dtype)
+        cpu.small_forward_kernel(x3, eps, gamma, beta, relu, y.reshape(x3.shape), stats)
+        return y, stats[0], stats[1]
     # rows: mean, invstd, var (the kernel's order is mean, var, invstd)
     stats = np.empty((3, C))
     drivers.forward(
-        x3,
-        drivers.chunk,
-        eps,
-        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
-        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
-        relu,
-        y.reshape(x3.shape),
-        stats[0],
-        stats[2],
-        stats[1],
+        x3, drivers.chunk, eps, gamma, beta, relu, y.reshape(x3.shape), stats[0], stats[2], stats[1]
     )
     if x3.dtype is FLOAT64:
         return y, stats[0], stats[1]
@@ -533,7 +532,8 @@ def direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu):
     array([-1.,  1.])
     """
     C = x3.shape[1]
-    cpu.drivers_for(x3).inference(
+    drivers = cpu.drivers_for(x3)
+    (cpu.small_inference_kernel if drivers.small else drivers.inference)(
         x3,
         running_mean,
         running_var,
@@ -562,20 +562,17 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     """
     C = x3.shape[1]
     drivers = cpu.drivers_for(x3)
-    grads = np.empty((2, C), FLOAT64 if x3.dtype is FLOAT64 else FLOAT32)
-    drivers.backward(
-        dy3,
-        x3,
-        drivers.chunk,
-        mean,
-        invstd,
-        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
-        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
-        relu,
-        dx3,
-        grads[0],
-        grads[1],
-    )
+    grads = np.empty((2, C), x3.dtype)
+    if gamma is None:
+        gamma = _constant(C, 1.0, stats_dtype(x3.dtype))
+    if beta is None:
+        beta = _constant(C, 0.0, stats_dtype(x3.dtype))
+    if drivers.small:
+        cpu.small_backward_kernel(dy3, x3, mean, invstd, gamma, beta, relu, dx3, grads)
+    else:
+        drivers.backward(
+            dy3, x3, drivers.chunk, mean, invstd, gamma, beta, relu, dx3, grads[0], grads[1]
+        )
     return grads[0], grads[1]
 
 

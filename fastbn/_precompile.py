@@ -136,6 +136,8 @@ def run_job(job):
     for g, b in ((gamma, beta), constant):
         if job.operation in ("forward", "forward_fused"):
             cpu.forward_training(x3, g, b, 1e-5, False, out, fuse=job.operation == "forward_fused")
+            if job.operation == "forward":  # the small calls' driver (rows, serial)
+                _cpu_backend.direct_forward(x3, out, g, b, 1e-5, False)
         elif job.operation in ("backward", "backward_fused"):
             cpu.backward(
                 x3, x3, mean, invstd, g, b, False, out, fuse=job.operation == "backward_fused"
@@ -152,6 +154,12 @@ def run_job(job):
                     out,
                     fuse=job.operation == "backward_fused",
                 )
+            if job.operation == "backward":  # the small calls' driver (rows, serial)
+                _cpu_backend.direct_backward(x3, x3, mean, invstd, g, b, False, out)
+                if g is gamma:
+                    _cpu_backend.direct_backward(
+                        x3, x3, mean.astype(np.float64), invstd.astype(np.float64), g, b, False, out
+                    )
         elif job.operation == "frozen_backward":  # as the API and the layer call it
             _cpu_backend.direct_frozen_backward(x3, x3, mean, invstd, g, b, False, out)
             if g is gamma:  # the layer's fixed statistics are float64
@@ -160,6 +168,9 @@ def run_job(job):
                 )
         elif job.operation == "inference":
             cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False, out)
+            _cpu_backend.direct_inference(
+                x3, out, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False
+            )
     if job.operation == "passes":  # of the guarded and synchronized paths
         mean64, m2 = cpu.moments(x3)
         invstd64 = 1.0 / np.sqrt(m2 / (x3.size // C) + 1e-5)
