@@ -12,7 +12,8 @@ the call. This script times, for the training forward, inference and backward:
     (:func:`fastbn._cpu_backend.direct_forward` and friends): the public call less its
     wrappers and its checks.
 ``kernel``
-    The compiled driver alone, every array preallocated.
+    The compiled driver that the direct path calls (for this case, a small-call driver:
+    ``cpu.small_forward_kernel`` and friends), every array preallocated.
 ``dispatch``
     A compiled function that does nothing, called with the kernel's arguments: Numba's
     dispatch (typing each argument, unboxing it).
@@ -73,18 +74,22 @@ def stages(op, inputs):
     x3 = x.reshape(x.shape[0], x.shape[1], 1)
     dy3 = dy.reshape(x3.shape)
     y3 = np.empty_like(x3)
-    plan = cpu.plan(x3)
+    drivers = cpu.drivers_for(x3)  # the drivers the direct path calls
     found = {}
     if op == "forward":
-        kernel = cpu.forward_kernel(x3, plan)
-        stats = np.empty((3, x3.shape[1]))
-        args = (x3, plan.chunk, EPS, g, b, False, y3, stats[0], stats[1], stats[2])
+        if drivers.small:
+            kernel = cpu.small_forward_kernel
+            args = (x3, EPS, g, b, False, y3, np.empty((2, x3.shape[1]), x.dtype))
+        else:
+            kernel = drivers.forward
+            stats = np.empty((3, x3.shape[1]))
+            args = (x3, drivers.chunk, EPS, g, b, False, y3, stats[0], stats[1], stats[2])
         found["public"] = lambda: fastbn.batch_norm_forward(x, g, b, eps=EPS)
         found["host"] = lambda: _cpu_backend.direct_forward(
             x3, np.empty(x.shape, x.dtype), g, b, EPS, False
         )
     elif op == "inference":
-        kernel = cpu.inference_kernel(x3, plan)
+        kernel = cpu.small_inference_kernel if drivers.small else drivers.inference
         rm, rv = d.running_mean, d.running_var
         args = (x3, rm, rv, g, b, EPS, False, y3)
         found["public"] = lambda: fastbn.batch_norm_inference(x, rm, rv, g, b, eps=EPS)
@@ -92,10 +97,14 @@ def stages(op, inputs):
             x3, np.empty(x.shape, x.dtype), rm, rv, g, b, EPS, False
         )
     else:
-        kernel = cpu.backward_kernel(x3, plan)
-        grads = np.empty((2, x3.shape[1]), np.float32)
+        grads = np.empty((2, x3.shape[1]), x.dtype)
         mean, invstd = d.mean, d.invstd
-        args = (dy3, x3, plan.chunk, mean, invstd, g, b, False, y3, grads[0], grads[1])
+        if drivers.small:
+            kernel = cpu.small_backward_kernel
+            args = (dy3, x3, mean, invstd, g, b, False, y3, grads)
+        else:
+            kernel = drivers.backward
+            args = (dy3, x3, drivers.chunk, mean, invstd, g, b, False, y3, grads[0], grads[1])
         found["public"] = lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, g, b)
         found["host"] = lambda: _cpu_backend.direct_backward(
             dy3, x3, mean, invstd, g, b, False, np.empty(x3.shape, x.dtype)

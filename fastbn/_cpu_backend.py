@@ -499,19 +499,18 @@ def direct_forward(x3, y, gamma, beta, eps, relu):
     """
     C = x3.shape[1]
     drivers = cpu.drivers_for(x3)
+    if gamma is None:
+        gamma = _constant(C, 1.0, stats_dtype(x3.dtype))
+    if beta is None:
+        beta = _constant(C, 0.0, stats_dtype(x3.dtype))
+    if drivers.small:  # the statistics written by the kernel in their dtype, y as it is
+        stats = np.empty((2, C), x3.dtype)
+        cpu.small_forward_kernel(x3, eps, gamma, beta, relu, y, stats)
+        return y, stats[0], stats[1]
     # rows: mean, invstd, var (the kernel's order is mean, var, invstd)
     stats = np.empty((3, C))
     drivers.forward(
-        x3,
-        drivers.chunk,
-        eps,
-        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
-        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
-        relu,
-        y.reshape(x3.shape),
-        stats[0],
-        stats[2],
-        stats[1],
+        x3, drivers.chunk, eps, gamma, beta, relu, y.reshape(x3.shape), stats[0], stats[2], stats[1]
     )
     if x3.dtype is FLOAT64:
         return y, stats[0], stats[1]
@@ -533,23 +532,26 @@ def direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu):
     array([-1.,  1.])
     """
     C = x3.shape[1]
-    cpu.drivers_for(x3).inference(
-        x3,
-        running_mean,
-        running_var,
-        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
-        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
-        eps,
-        relu,
-        y.reshape(x3.shape),
-    )
+    drivers = cpu.drivers_for(x3)
+    if gamma is None:
+        gamma = _constant(C, 1.0, stats_dtype(x3.dtype))
+    if beta is None:
+        beta = _constant(C, 0.0, stats_dtype(x3.dtype))
+    if drivers.small:  # y as it is (the kernel views it as x3)
+        cpu.small_inference_kernel(x3, running_mean, running_var, gamma, beta, eps, relu, y)
+    else:
+        drivers.inference(
+            x3, running_mean, running_var, gamma, beta, eps, relu, y.reshape(x3.shape)
+        )
     return y
 
 
-def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
-    """The backward of the direct path: ``dx3`` written; returns ``(dgamma, dbeta)`` in
+def direct_backward(dy, x3, mean, invstd, gamma, beta, relu, dx):
+    """The backward of the direct path: ``dx`` written; returns ``(dgamma, dbeta)`` in
     the statistics dtype (the kernel of :func:`backward`, on the same views: bitwise its
-    results; see :func:`direct_forward` for what is spared).
+    results; see :func:`direct_forward` for what is spared). ``dy`` and ``dx``:
+    C-contiguous, of ``x3``'s dtype and size, in ``x3``'s shape or the caller's (x's):
+    a small call's driver views them as ``x3`` itself, which spares two reshapes.
 
     Examples
     --------
@@ -562,29 +564,38 @@ def direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     """
     C = x3.shape[1]
     drivers = cpu.drivers_for(x3)
-    grads = np.empty((2, C), FLOAT64 if x3.dtype is FLOAT64 else FLOAT32)
-    drivers.backward(
-        dy3,
-        x3,
-        drivers.chunk,
-        mean,
-        invstd,
-        _constant(C, 1.0, stats_dtype(x3.dtype)) if gamma is None else gamma,
-        _constant(C, 0.0, stats_dtype(x3.dtype)) if beta is None else beta,
-        relu,
-        dx3,
-        grads[0],
-        grads[1],
-    )
+    grads = np.empty((2, C), x3.dtype)
+    if gamma is None:
+        gamma = _constant(C, 1.0, stats_dtype(x3.dtype))
+    if beta is None:
+        beta = _constant(C, 0.0, stats_dtype(x3.dtype))
+    if drivers.small:
+        cpu.small_backward_kernel(dy, x3, mean, invstd, gamma, beta, relu, dx, grads)
+    else:
+        shape = x3.shape
+        drivers.backward(
+            dy.reshape(shape),
+            x3,
+            drivers.chunk,
+            mean,
+            invstd,
+            gamma,
+            beta,
+            relu,
+            dx.reshape(shape),
+            grads[0],
+            grads[1],
+        )
     return grads[0], grads[1]
 
 
-def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
-    """The backward through fixed statistics of the direct path: ``dx3`` written;
+def direct_frozen_backward(dy, x3, mean, invstd, gamma, beta, relu, dx):
+    """The backward through fixed statistics of the direct path: ``dx`` written;
     returns ``(dgamma, dbeta)`` in the statistics dtype (the kernel of
-    :func:`frozen_backward`, on the same views: bitwise its results)."""
+    :func:`frozen_backward`, on the same views: bitwise its results). ``dy`` and ``dx``
+    as in :func:`direct_backward`."""
     coef, invstd64, _ = _coefficients(x3, x3, mean, invstd, gamma, beta)
-    s_dy, s_dyx = cpu.frozen_backward(dy3, x3, coef, relu, dx3)
+    s_dy, s_dyx = cpu.frozen_backward(dy.reshape(x3.shape), x3, coef, relu, dx.reshape(x3.shape))
     dtype = stats_dtype(x3.dtype)
     return (s_dyx * invstd64).astype(dtype, copy=False), s_dy.astype(dtype, copy=False)
 

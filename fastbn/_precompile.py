@@ -133,9 +133,14 @@ def run_job(job):
     constant = np.ones(C, stats), np.zeros(C, stats)
     for a in constant:
         a.flags.writeable = False
+    # the direct path's arrays as an (N, C) call passes them (the small-call drivers take
+    # the caller's y, dy and dx as they are)
+    x2, out2 = (x3[:, :, 0], out[:, :, 0]) if job.family == "rows" else (x3, out)
     for g, b in ((gamma, beta), constant):
         if job.operation in ("forward", "forward_fused"):
             cpu.forward_training(x3, g, b, 1e-5, False, out, fuse=job.operation == "forward_fused")
+            if job.operation == "forward":  # the small calls' driver (rows, serial)
+                _cpu_backend.direct_forward(x3, out2, g, b, 1e-5, False)
         elif job.operation in ("backward", "backward_fused"):
             cpu.backward(
                 x3, x3, mean, invstd, g, b, False, out, fuse=job.operation == "backward_fused"
@@ -152,6 +157,19 @@ def run_job(job):
                     out,
                     fuse=job.operation == "backward_fused",
                 )
+            if job.operation == "backward":  # the small calls' driver (rows, serial)
+                _cpu_backend.direct_backward(x2, x3, mean, invstd, g, b, False, out2)
+                if g is gamma:
+                    _cpu_backend.direct_backward(
+                        x2,
+                        x3,
+                        mean.astype(np.float64),
+                        invstd.astype(np.float64),
+                        g,
+                        b,
+                        False,
+                        out2,
+                    )
         elif job.operation == "frozen_backward":  # as the API and the layer call it
             _cpu_backend.direct_frozen_backward(x3, x3, mean, invstd, g, b, False, out)
             if g is gamma:  # the layer's fixed statistics are float64
@@ -160,6 +178,9 @@ def run_job(job):
                 )
         elif job.operation == "inference":
             cpu.inference(x3, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False, out)
+            _cpu_backend.direct_inference(
+                x3, out2, mean.astype(channel), invstd.astype(channel), g, b, 1e-5, False
+            )
     if job.operation == "passes":  # of the guarded and synchronized paths
         mean64, m2 = cpu.moments(x3)
         invstd64 = 1.0 / np.sqrt(m2 / (x3.size // C) + 1e-5)

@@ -370,16 +370,7 @@ def batch_norm_backward(
         and (dx := _direct_out(out, x, x, dy)) is not None
     ):
         direct = _direct_backward if training else _direct_frozen_backward
-        dgamma, dbeta = direct(
-            dy.reshape(x3.shape),
-            x3,
-            mean,
-            invstd,
-            gamma,
-            beta,
-            activation == "relu",
-            dx.reshape(x3.shape),
-        )
+        dgamma, dbeta = direct(dy, x3, mean, invstd, gamma, beta, activation == "relu", dx)
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta

@@ -1611,6 +1611,218 @@ inference_kernels = _two_pass(_inference, {"normalize": normalize_kernels})
 residual_kernels = _Kernels(_builds(_residual_rows), _builds(_residual_strided))
 
 
+# --------------------------------------------------------------------------------------
+# Small calls: one serial driver per operation for a rows batch of one chunk, with fewer
+# arguments than the general drivers and its statistics written in their final dtype
+# (docs/cpu.md, "Small calls"). Each runs the serial rows passes, inlined as in the
+# serial two-pass builds, on a one-chunk batch: the same operations in the same order,
+# so bitwise the results of the general drivers.
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_ELEMENTWISE)
+def _normalize_small(x, coef, relu, y):
+    """:func:`_normalize_rows` for a small call (serial): four rows per pass of the
+    channel loop.
+
+    Each coefficient vector is loaded once for four rows, not once per row: the
+    normalize pass of a (256, 64) float32 batch loads five vectors per vector written
+    (x and the four coefficients), which limits it, not the arithmetic. The same formula
+    per value, so the same results as :func:`_normalize_rows`. Flat arrays and unsigned
+    offsets, as in :func:`_normalize_run` (with 2-D indexing the loop did not vectorize).
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, 1)
+    coef : ndarray, shape (4, C)
+    relu : bool
+    """
+    outer, C, _ = x.shape
+    x1 = x.reshape(-1)
+    y1 = y.reshape(-1)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    zero = coef.dtype.type(0)
+    width = np.uint64(C)
+    for k in range(outer // 4):
+        r0 = np.uint64(4 * k * C)
+        r1 = r0 + width
+        r2 = r1 + width
+        r3 = r2 + width
+        for c in range(width):
+            h, lo_c, s, t = hi[c], lo[c], scale[c], shift[c]
+            y1[r0 + c] = _normalized(x1[r0 + c], h, lo_c, s, t, relu, zero)
+            y1[r1 + c] = _normalized(x1[r1 + c], h, lo_c, s, t, relu, zero)
+            y1[r2 + c] = _normalized(x1[r2 + c], h, lo_c, s, t, relu, zero)
+            y1[r3 + c] = _normalized(x1[r3 + c], h, lo_c, s, t, relu, zero)
+    for r in range(outer - outer % 4, outer):
+        r0 = np.uint64(r * C)
+        for c in range(width):
+            y1[r0 + c] = _normalized(x1[r0 + c], hi[c], lo[c], scale[c], shift[c], relu, zero)
+
+
+@njit(**_ELEMENTWISE)
+def _input_grad_small(dy, x, coef, dcoef, relu, dx):
+    """:func:`_input_grad_rows` for a small call (serial): four rows per pass of the
+    channel loop, as in :func:`_normalize_small` (seven coefficient vectors per vector
+    written, else).
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, 1)
+    coef : ndarray, shape (4, C)
+    dcoef : ndarray, shape (3, C)
+    relu : bool
+    """
+    outer, C, _ = x.shape
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
+    hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
+    a, b, d = dcoef[0], dcoef[1], dcoef[2]
+    zero = coef.dtype.type(0)
+    width = np.uint64(C)
+    for k in range(outer // 4):
+        r0 = np.uint64(4 * k * C)
+        r1 = r0 + width
+        r2 = r1 + width
+        r3 = r2 + width
+        for c in range(width):
+            h, lo_c, s, t = hi[c], lo[c], scale[c], shift[c]
+            a_c, b_c, d_c = a[c], b[c], d[c]
+            dx1[r0 + c] = _input_grad_value(
+                dy1[r0 + c], x1[r0 + c], h, lo_c, s, t, a_c, b_c, d_c, relu, zero
+            )
+            dx1[r1 + c] = _input_grad_value(
+                dy1[r1 + c], x1[r1 + c], h, lo_c, s, t, a_c, b_c, d_c, relu, zero
+            )
+            dx1[r2 + c] = _input_grad_value(
+                dy1[r2 + c], x1[r2 + c], h, lo_c, s, t, a_c, b_c, d_c, relu, zero
+            )
+            dx1[r3 + c] = _input_grad_value(
+                dy1[r3 + c], x1[r3 + c], h, lo_c, s, t, a_c, b_c, d_c, relu, zero
+            )
+    for r in range(outer - outer % 4, outer):
+        r0 = np.uint64(r * C)
+        for c in range(width):
+            dx1[r0 + c] = _input_grad_value(
+                dy1[r0 + c],
+                x1[r0 + c],
+                hi[c],
+                lo[c],
+                scale[c],
+                shift[c],
+                a[c],
+                b[c],
+                d[c],
+                relu,
+                zero,
+            )
+
+
+def _small_forward(x, eps, gamma, beta, relu, y, stats):
+    """Training forward of a one-chunk rows batch: :func:`_forward_two_pass` with the
+    statistics written in their final dtype.
+
+    Two passes over ``x`` (statistics, normalize), both from cache at this size.
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, 1), C-contiguous
+        ``outer`` at most one reduction chunk (see :class:`Drivers`).
+    eps : float
+    gamma, beta : ndarray, shape (C,), float32 or float64 (used as float64)
+    relu : bool
+    y : ndarray, x's dtype and size, C-contiguous, any shape
+        Output (viewed as ``x``'s shape here: the caller passes the array it returns and
+        spares a reshape, ~0.15 us of a small call).
+    stats : ndarray, shape (2, C)
+        Output: the batch mean and ``1 / sqrt(var + eps)``, each computed in float64 and
+        stored in ``stats``'s dtype.
+    """
+    outer, C, _ = x.shape
+    y3 = y.reshape(x.shape)
+    mean = np.empty(C)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    # one chunk of `outer` rows: the chunk of the plan (>= outer) reduces the same rows
+    moments(x, outer, mean, var)
+    for c in range(C):
+        var[c], invstd[c] = _variance_invstd(var[c], outer, eps)
+        stats[0, c] = mean[c]
+        stats[1, c] = invstd[c]
+    _normalize_small(x, _coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y3)
+
+
+def _small_backward(dy, x, mean, invstd, gamma, beta, relu, dx, grads):
+    """Backward of a one-chunk rows batch: :func:`_backward_two_pass` with ``dgamma`` and
+    ``dbeta`` in one array.
+
+    Parameters
+    ----------
+    dy : ndarray, x's dtype and size, C-contiguous, any shape
+        Viewed as ``x``'s shape here (see ``y`` in :func:`_small_forward`).
+    x : ndarray, shape (outer, C, 1), C-contiguous
+        ``outer`` at most one reduction chunk.
+    mean, invstd, gamma, beta : ndarray, shape (C,), float32 or float64
+    relu : bool
+    dx : ndarray, x's dtype and size, C-contiguous, any shape
+        Output, viewed as ``x``'s shape.
+    grads : ndarray, shape (2, C)
+        Output: ``dgamma``, ``dbeta``, computed in float64 and stored in its dtype.
+    """
+    outer, C, _ = x.shape
+    dy3 = dy.reshape(x.shape)
+    dx3 = dx.reshape(x.shape)
+    coef = _coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    dcoef = np.empty((3, C), x.dtype)
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
+    grad_sums(dy3, x, outer, coef, relu, s_dy, s_dyx)
+    for c in range(C):
+        invstd_c = np.float64(invstd[c])
+        _fill_grad_coefficients(
+            s_dy[c], s_dyx[c], outer, invstd_c, np.float64(gamma[c]), c, coef, dcoef
+        )
+        grads[1, c] = s_dy[c]
+        grads[0, c] = s_dyx[c] * invstd_c
+    _input_grad_small(dy3, x, coef, dcoef, relu, dx3)
+
+
+def _small_inference(x, running_mean, running_var, gamma, beta, eps, relu, y):
+    """Inference of a small rows batch: :func:`_inference` with
+    :func:`_normalize_small`; same arguments and results, but ``y`` of any shape (see
+    :func:`_small_forward`)."""
+    y3 = y.reshape(x.shape)
+    coef = np.empty((4, x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        _fill_coefficients(
+            np.float64(running_mean[c]),
+            _invstd(np.float64(running_var[c]), eps),
+            np.float64(gamma[c]),
+            np.float64(beta[c]),
+            c,
+            coef,
+        )
+    _normalize_small(x, coef, relu, y3)
+
+
+def _small_build(fn, calls):
+    """The serial build of a small-call driver, with the serial rows pass drivers it
+    calls by name (``{global name: _Kernels}``) inlined, as in :func:`_two_pass`."""
+    scope = dict(fn.__globals__)
+    for name, kernels in calls.items():
+        scope[name] = njit(inline="always", **_config.JIT_OPTIONS)(kernels.rows.serial.py_func)
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    return njit(**_config.JIT_OPTIONS)(copy)
+
+
+small_forward_kernel = _small_build(_small_forward, {"moments": moments_kernels})
+small_backward_kernel = _small_build(_small_backward, {"grad_sums": grad_sums_kernels})
+small_inference_kernel = _small_build(_small_inference, {})
+
+
 @njit(**_EXACT)
 def fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef):
     """dx coefficient table of every channel (see :func:`_fill_grad_coefficients`).
@@ -1691,7 +1903,8 @@ def drivers():
         frozen_backward_kernels,
     ):
         found += [*kernels.rows, *kernels.strided]
-    return found + [*forward_fused_kernels, *backward_fused_kernels]
+    found += [*forward_fused_kernels, *backward_fused_kernels]
+    return found + [small_forward_kernel, small_backward_kernel, small_inference_kernel]
 
 
 # --------------------------------------------------------------------------------------
@@ -1961,12 +2174,17 @@ class Drivers(NamedTuple):
         See :class:`_Plan`.
     forward, backward, inference : numba Dispatcher
         :func:`forward_kernel`, :func:`backward_kernel`, :func:`inference_kernel`.
+    small : bool
+        A serial rows batch of one chunk, which :data:`small_forward_kernel` and
+        :data:`small_backward_kernel` take (fewer arguments, statistics in their final
+        dtype; bitwise the results of ``forward`` and ``backward``).
     """
 
     chunk: int
     forward: object
     backward: object
     inference: object
+    small: bool
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1981,6 +2199,7 @@ def _drivers_of(shape, itemsize):
         _build_of(forward if planned.fuse_forward else getattr(forward, family), planned),
         _build_of(backward if planned.fuse_backward else getattr(backward, family), planned),
         _build_of(getattr(inference_kernels, family), planned),
+        planned.serial and family == "rows" and planned.chunk >= shape[0],
     )
 
 

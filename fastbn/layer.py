@@ -761,14 +761,7 @@ class BatchNorm:
                     _cpu_backend.direct_frozen_backward if frozen else _cpu_backend.direct_backward
                 )
                 dgamma, dbeta = direct(
-                    dy.reshape(x3.shape),
-                    x3,
-                    mean,
-                    invstd,
-                    self.gamma,
-                    self.beta,
-                    self.activation == "relu",
-                    dx.reshape(x3.shape),
+                    dy, x3, mean, invstd, self.gamma, self.beta, self.activation == "relu", dx
                 )
                 self._set_grads(
                     dgamma.astype(self.dtype, copy=False), dbeta.astype(self.dtype, copy=False)

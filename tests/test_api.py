@@ -471,6 +471,64 @@ def test_direct_and_general_host_paths_agree_bitwise(shape, axis, dtype, activat
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 64, 255])
+@pytest.mark.parametrize("C", [1, 3, 64, 100])
+def test_small_call_drivers_agree_bitwise_with_the_general_ones(rows, C, dtype):
+    """The direct path runs a small serial rows batch (one reduction chunk) through the
+    small-call drivers (``cpu.small_forward_kernel`` and friends: fewer arguments,
+    statistics in their final dtype, the elementwise passes four rows at a time). They
+    must give every bit of the general drivers' results (compared byte for byte, so the
+    sign of zero counts), the rows left after the groups of four included, with an
+    outlier first row (the two-pass fallback of the statistics) and ReLU."""
+    from fastbn import _cpu_backend, cpu
+
+    rng = np.random.default_rng(rows * 1000 + C)
+    x = make((rows, C), dtype, rng, offset=3.0)
+    x[0, ::2] = 1e4  # an outlier first row in half the channels
+    dy = make((rows, C), dtype, rng)
+    dy[:, 0] = -0.0
+    x3, dy3 = x.reshape(rows, C, 1), dy.reshape(rows, C, 1)
+    drivers = cpu.drivers_for(x3)
+    assert drivers.small
+    for gamma, beta in (params(C, rng, dtype), params(C, rng, np.float64)):
+        for relu in (False, True):
+            stats = np.empty((3, C))
+            y3 = np.empty_like(x3)
+            drivers.forward(x3, drivers.chunk, 1e-5, gamma, beta, relu, y3, *stats)
+            y, mean, invstd = _cpu_backend.direct_forward(
+                x3, np.empty_like(x), gamma, beta, 1e-5, relu
+            )
+            assert y.tobytes() == y3.tobytes()
+            assert mean.tobytes() == stats[0].astype(dtype).tobytes()
+            assert invstd.tobytes() == stats[2].astype(dtype).tobytes()
+            rv = rng.uniform(0.5, 2, C).astype(gamma.dtype)
+            drivers.inference(x3, mean, rv, gamma, beta, 1e-5, relu, y3)
+            y = _cpu_backend.direct_inference(
+                x3, np.empty_like(x), mean, rv, gamma, beta, 1e-5, relu
+            )
+            assert y.tobytes() == y3.tobytes()
+            grads = np.empty((2, C), dtype)
+            dx3 = np.empty_like(x3)
+            drivers.backward(dy3, x3, drivers.chunk, mean, invstd, gamma, beta, relu, dx3, *grads)
+            dx = np.empty_like(x3)
+            dgamma, dbeta = _cpu_backend.direct_backward(
+                dy3, x3, mean, invstd, gamma, beta, relu, dx
+            )
+            assert dx.tobytes() == dx3.tobytes()
+            assert dgamma.tobytes() == grads[0].tobytes() and dbeta.tobytes() == grads[1].tobytes()
+
+
+def test_small_call_drivers_only_for_one_chunk_serial_rows():
+    """A batch over one reduction chunk, a parallel one, or a strided one takes the
+    general drivers."""
+    from fastbn import cpu
+
+    assert cpu.drivers_for(np.zeros((256, 64, 1), np.float32)).small
+    assert not cpu.drivers_for(np.zeros((256, 64, 7), np.float32)).small
+    assert not cpu.drivers_for(np.zeros((70000, 64, 1), np.float32)).small
+
+
 @pytest.mark.parametrize("param_dtype", [">f4", ">f8", np.float16])
 def test_other_parameter_dtypes_take_the_general_path(param_dtype):
     """The direct path passes per-channel arrays to the kernels as they are, so it takes
