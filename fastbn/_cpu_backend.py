@@ -20,6 +20,7 @@ DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call its
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
+BOOL = np.dtype(np.bool_)
 
 
 # --------------------------------------------------------------------------------------
@@ -587,6 +588,94 @@ def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
     s_dy, s_dyx = cpu.frozen_backward(dy3, x3, coef, relu, dx3)
     dtype = stats_dtype(x3.dtype)
     return (s_dyx * invstd64).astype(dtype, copy=False), s_dy.astype(dtype, copy=False)
+
+
+def direct_mask(mask, x, axis, x3):
+    """``mask``'s ``(outer, inner)`` uint8 view as the masked direct path takes it, and
+    its count of True positions; None when the call takes the general path.
+
+    Qualifies: a plain C-contiguous boolean NumPy array of exactly x's shape without the
+    channel axis (``x3`` from :func:`direct_view`, so x is C-contiguous: the mask's
+    memory order is then that of the canonical view, and the view is what
+    :func:`fastbn._checks.mask_layout` would copy). Broadcast masks and the rest take
+    the general path, whose checks raise the errors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((2, 3, 4))
+    >>> w, count = direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4))
+    >>> w.tolist(), count
+    ([[1, 0, 0, 0], [0, 1, 0, 0]], 2)
+    >>> direct_mask(np.ones(4, bool), x, 1, x.reshape(2, 3, 4)) is None
+    True
+    """
+    if type(mask) is not np.ndarray or mask.dtype is not BOOL or not mask.flags.c_contiguous:
+        return None
+    shape = x.shape
+    axis %= len(shape)
+    if mask.shape != shape[:axis] + shape[axis + 1 :]:
+        return None
+    return mask.reshape(x3.shape[0], x3.shape[2]).view(np.uint8), int(np.count_nonzero(mask))
+
+
+def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
+    """The masked training forward of the direct path (``w2`` and ``count`` from
+    :func:`direct_mask`): returns ``(y, mean, invstd)`` as :func:`direct_forward` does.
+
+    A mask that is all True takes :func:`direct_forward` (as the general path takes the
+    unmasked kernels); fewer than 2 True positions are the general path's ValueError,
+    raised before ``y`` is written. Otherwise :func:`fastbn.cpu_masked.forward`, the
+    general path's kernels in one dispatch: bitwise its results (tested).
+    """
+    outer, C, inner = x3.shape
+    if count == outer * inner:
+        return direct_forward(x3, y, gamma, beta, eps, relu)
+    _checks.check_mask_count(count, outer * inner)
+    dtype = stats_dtype(x3.dtype)
+    stats = cpu_masked.forward(
+        x3,
+        w2,
+        count,
+        _constant(C, 1.0, dtype) if gamma is None else gamma,
+        _constant(C, 0.0, dtype) if beta is None else beta,
+        eps,
+        relu,
+        y.reshape(x3.shape),
+    )
+    if x3.dtype is FLOAT64:
+        return y, stats[0], stats[1]
+    pair = stats[:2].astype(FLOAT32)
+    return y, pair[0], pair[1]
+
+
+def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, dx3):
+    """The masked backward of the direct path (``w2`` and ``count`` from
+    :func:`direct_mask`): ``dx3`` written; returns ``(dgamma, dbeta)`` as
+    :func:`direct_backward` does, which an all-True mask takes (as the general path
+    does); fewer than 2 True positions are the general path's ValueError, raised before
+    ``dx3`` is written. Bitwise the general path's results (tested).
+    """
+    outer, C, inner = x3.shape
+    if count == outer * inner:
+        return direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3)
+    _checks.check_mask_count(count, outer * inner)
+    dtype = stats_dtype(x3.dtype)
+    grads = np.empty((2, C), dtype)
+    cpu_masked.backward(
+        dy3,
+        x3,
+        w2,
+        count,
+        mean,
+        invstd,
+        _constant(C, 1.0, dtype) if gamma is None else gamma,
+        _constant(C, 0.0, dtype) if beta is None else beta,
+        relu,
+        dx3,
+        grads,
+    )
+    return grads[0], grads[1]
 
 
 # --------------------------------------------------------------------------------------

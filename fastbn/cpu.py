@@ -435,6 +435,12 @@ def _coefficient_table(mean, invstd, gamma, beta, dtype):
     return coef
 
 
+# Names for the drivers of other kernel modules (fastbn.cpu_masked), which compose these
+# helpers with their own passes: the same functions, hence the same bits.
+variance_invstd = _variance_invstd
+coefficient_table = _coefficient_table
+
+
 @njit(**_ELEMENTWISE)
 def _affine(x, hi, lo, scale, shift):
     """``((x - hi) - lo) * scale + shift`` in the data's dtype, never reassociated.
@@ -1650,6 +1656,7 @@ def _plan(x3):
 
 
 plan = _plan  # the host's name for it (the direct path and the benchmarks plan once)
+plan_of = _plan_of  # by shape and itemsize (fastbn.cpu_masked caches its plans so)
 
 
 def _build_of(builds, plan):

@@ -22,6 +22,7 @@ True position contributes nothing. Masked-out values are never read into a sum (
 not a multiplication by 0: a NaN in the padding stays out).
 """
 
+import functools
 import types
 from typing import NamedTuple
 
@@ -401,6 +402,141 @@ def _input_grad_strided(dy, x, w, coef, dcoef, relu, dx):
 
 
 # --------------------------------------------------------------------------------------
+# Whole operations: one call from Python (the direct path's drivers)
+# --------------------------------------------------------------------------------------
+
+
+def _forward(x, w, rows, m, eps, gamma, beta, relu, y, stats):
+    """The masked training forward in one call: the chunk counts, the masked statistics
+    (``moments``: :func:`_moments_rows` or :func:`_moments_strided`), then the normalize
+    pass over every position (``normalize``: :func:`fastbn.cpu.normalize`'s driver).
+
+    The kernels of the general path (:func:`moments`, then
+    :func:`fastbn.cpu.coefficients` and :func:`fastbn.cpu.normalize`), in its order and
+    with its arithmetic: bitwise its results. One Numba dispatch instead of several, for
+    small calls, whose time is mostly host time.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer, C, inner)
+    w : ndarray of uint8, shape (outer, inner)
+    rows : int
+        :func:`chunk_rows`.
+    m : int
+        True positions of ``w`` (at least 2).
+    eps : float
+    gamma, beta : ndarray, shape (C,), any float dtype
+    relu : bool
+    stats : ndarray of float64, shape (3, C)
+        Output: mean, ``invstd`` and the biased variance, in these rows.
+    """
+    outer, C, inner = x.shape
+    n_chunks = max(1, (outer + rows - 1) // rows)
+    counts = np.empty(n_chunks, np.int64)
+    first = np.empty(n_chunks, np.int64)
+    _chunk_counts(w.reshape(-1), inner, rows, counts, first)
+    mean = stats[0]
+    invstd = stats[1]
+    var = stats[2]
+    moments(x, w, rows, counts, first, mean, var)
+    for c in range(C):
+        var[c], invstd[c] = cpu.variance_invstd(var[c], m, eps)
+    normalize(x, cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
+
+
+def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
+    """The masked backward in one call: the gradient sums over every position
+    (``grad_sums``: :func:`fastbn.cpu.grad_sums`'s driver), then the masked dx
+    (``input_grad``: :func:`_input_grad_rows` or :func:`_input_grad_strided`).
+
+    The kernels and arithmetic of the general path (:func:`fastbn.cpu.grad_sums`, then
+    :func:`input_grad`): bitwise its results, in one Numba dispatch.
+
+    Parameters
+    ----------
+    dy, x, dx : ndarray, shape (outer, C, inner)
+    w : ndarray of uint8, shape (outer, inner)
+    chunk : int
+        The reduction chunk of :func:`fastbn.cpu.plan`.
+    m : int
+        True positions of ``w``.
+    mean, invstd, gamma, beta : ndarray, shape (C,), any float dtype
+    relu : bool
+    grads : ndarray, shape (2, C)
+        Output: ``dgamma`` and ``dbeta``.
+    """
+    C = x.shape[1]
+    coef = cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    s_dy = np.empty(C)
+    s_dyx = np.empty(C)
+    grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx)
+    invstd64 = np.empty(C)
+    gamma64 = np.empty(C)
+    for c in range(C):
+        invstd64[c] = np.float64(invstd[c])
+        gamma64[c] = np.float64(gamma[c])
+    dcoef = np.empty((3, C), x.dtype)
+    cpu.fill_grad_coefficients(s_dy, s_dyx, m, invstd64, gamma64, coef, dcoef)
+    input_grad(dy, x, w, coef, dcoef, relu, dx)
+    for c in range(C):
+        grads[0, c] = s_dyx[c] * invstd64[c]
+        grads[1, c] = s_dy[c]
+
+
+class _Families(NamedTuple):
+    """The builds of a whole-operation driver for each family."""
+
+    rows: _Builds
+    strided: _Builds
+
+
+def _composed(fn, calls):
+    """Build ``fn`` for each family and build: its global names bound to the pass
+    drivers of ``calls`` (``{name: {family: _Builds}}``), serial ones in the serial build.
+    The parallel build is not ``parallel=True`` itself: it calls the separately compiled
+    parallel passes (their prange loops inlined into a caller ran slower, see
+    :func:`fastbn.cpu._two_pass`)."""
+    families = []
+    for family in _Families._fields:
+        builds = []
+        for serial in (False, True):
+            scope = dict(fn.__globals__)
+            for name, by_family in calls.items():
+                scope[name] = getattr(by_family[family], "serial" if serial else "parallel")
+            suffix = "_" + family + ("_serial" if serial else "")
+            copy = types.FunctionType(
+                fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__, fn.__closure__
+            )
+            copy.__qualname__ = fn.__qualname__ + suffix
+            copy.__doc__ = fn.__doc__
+            builds.append(njit(**_REDUCE)(copy))
+        families.append(_Builds(*builds))
+    return _Families(*families)
+
+
+_forward_kernels = _composed(
+    _forward,
+    {
+        "moments": {"rows": _moments_rows, "strided": _moments_strided},
+        "normalize": {
+            "rows": cpu.normalize_kernels.rows,
+            "strided": cpu.normalize_kernels.strided,
+        },
+    },
+)
+_backward_kernels = _composed(
+    _backward,
+    {
+        "grad_sums": {
+            "rows": cpu.grad_sums_kernels.rows,
+            "strided": cpu.grad_sums_kernels.strided,
+        },
+        "input_grad": {"rows": _input_grad_rows, "strided": _input_grad_strided},
+    },
+)
+
+
+# --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
 
@@ -478,6 +614,86 @@ def input_grad(dy3, x3, w2, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     kernel(dy3, x3, w2.view(np.uint8), coef, dcoef, relu, dx3)
 
 
+def forward(x3, w2, m, gamma, beta, eps, relu, y3):
+    """The masked training forward of the direct path: ``y3`` written from the
+    statistics of ``x3`` over the ``m`` True positions of ``w2`` (bitwise the results of
+    :func:`moments` followed by :func:`fastbn.cpu.normalize`, in one dispatch).
+
+    Parameters
+    ----------
+    x3, y3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
+    w2 : ndarray of uint8, shape (outer, inner), C-contiguous
+    m : int
+        True positions of ``w2`` (at least 2).
+    gamma, beta : ndarray, shape (C,), float32 or float64
+    eps : float
+    relu : bool
+
+    Returns
+    -------
+    ndarray of float64, shape (3, C)
+        Mean, ``invstd``, biased variance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([1.0, 3.0, 100.0]).reshape(3, 1, 1)
+    >>> y = np.empty_like(x)
+    >>> stats = forward(x, np.array([[1], [1], [0]], np.uint8), 2, np.ones(1), np.zeros(1),
+    ...                 0.0, False, y)
+    >>> stats[0], y.ravel()
+    (array([2.]), array([-1.,  1., 98.]))
+    """
+    stats = np.empty((3, x3.shape[1]))
+    rows, _, kernels = _plan_of(x3.shape, x3.dtype.itemsize)
+    _build(kernels[0], x3)(x3, w2, rows, m, eps, gamma, beta, relu, y3, stats)
+    return stats
+
+
+def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads):
+    """The masked backward of the direct path: ``dx3`` written and ``grads`` (shape
+    ``(2, C)``) set to ``dgamma`` and ``dbeta`` (bitwise the results of
+    :func:`fastbn.cpu.grad_sums` followed by :func:`input_grad`, in one dispatch).
+
+    Parameters
+    ----------
+    dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
+    w2 : ndarray of uint8, shape (outer, inner), C-contiguous
+    m : int
+        True positions of ``w2``.
+    mean, invstd, gamma, beta : ndarray, shape (C,), float32 or float64
+    relu : bool
+    grads : ndarray, shape (2, C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([0.0, 2.0, 5.0]).reshape(3, 1, 1)
+    >>> dx, grads = np.empty_like(x), np.empty((2, 1))
+    >>> one = np.ones(1)
+    >>> backward(np.ones_like(x), x, np.array([[1], [1], [0]], np.uint8), 2, one, one, one,
+    ...          np.zeros(1), False, dx, grads)
+    >>> dx.ravel(), grads[1]
+    (array([ 1.5, -2.5,  1. ]), array([3.]))
+    """
+    _, chunk, kernels = _plan_of(x3.shape, x3.dtype.itemsize)
+    _build(kernels[1], x3)(dy3, x3, w2, chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_of(shape, itemsize):
+    """``(rows, chunk, (forward builds, backward builds))`` of a shape: the masked
+    statistics' chunk rows, the gradient sums' chunk (:func:`fastbn.cpu.plan`, which also
+    starts Numba's threading layer before a parallel build runs) and the whole-operation
+    drivers of its family (cached: a training loop sees few shapes)."""
+    family = "rows" if shape[2] == 1 else "strided"
+    chunk = cpu.plan_of(shape, itemsize).chunk
+    return chunk_rows(shape, itemsize), chunk, (
+        getattr(_forward_kernels, family),
+        getattr(_backward_kernels, family),
+    )
+
+
 def drivers():
     """Every driver of this module (the dispatchers the host side calls).
 
@@ -486,4 +702,5 @@ def drivers():
     list of numba Dispatcher
     """
     builds = (_moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
+    builds += tuple(_forward_kernels) + tuple(_backward_kernels)
     return [_chunk_counts] + [build for pair in builds for build in pair]

@@ -219,6 +219,60 @@ def test_all_true_mask_is_the_unmasked_result_bitwise(shape, axis, dtype):
     np.testing.assert_array_equal(rv_a, rv_b)
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", SHAPES[:-1] + MEDIUM + [((256, 64), 1)])
+def test_direct_and_general_masked_paths_agree_bitwise(shape, axis, dtype, activation):
+    """A plain C-contiguous NumPy call with a boolean mask of x's shape without the
+    channel axis takes the masked direct path (fastbn._cpu_backend.direct_mask); a NumPy
+    integer axis sends the same call through the general path. Every output must agree
+    bit for bit, with and without gamma/beta and out=, for a random and an all-True mask
+    (which both paths send to the unmasked kernels)."""
+    from fastbn import api
+
+    rng = np.random.default_rng(29)
+    x = make(shape, dtype, rng, 3.0, 2.0)
+    dy = make(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = rng.uniform(0.5, 1.5, C).astype(dtype), rng.normal(size=C).astype(dtype)
+    x3 = api._direct_view(x, axis, None)
+    for mask in (random_mask(shape, axis, rng), np.ones(reduced(shape, axis), bool)):
+        assert api._direct_mask(mask, x, axis, x3) is not None
+        for gb in ((gamma, beta), (None, None)):
+            results = []
+            for ax in (axis, np.int64(axis)):
+                kw = dict(axis=ax, activation=activation, mask=mask)
+                y, mean, invstd = fastbn.batch_norm_forward(x, *gb, **kw)
+                out = np.full_like(x, np.nan)
+                fastbn.batch_norm_forward(x, *gb, out=out, **kw)
+                grads = fastbn.batch_norm_backward(dy, x, mean, invstd, *gb, **kw)
+                results.append((y, mean, invstd, out) + grads)
+            for a, b in zip(*results):
+                if a is None:
+                    assert b is None
+                    continue
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
+
+
+def test_masks_the_direct_path_leaves_to_the_general_one():
+    """Broadcast, non-contiguous, wrongly shaped and non-boolean masks take the general
+    path (which checks them and raises its errors)."""
+    from fastbn import api
+
+    x = np.zeros((4, 3, 5))
+    x3 = api._direct_view(x, 1, None)
+    assert api._direct_mask(np.ones((4, 5), bool), x, 1, x3) is not None
+    for mask in (
+        np.ones(5, bool),
+        np.ones((5, 4), bool).T,
+        np.ones((4, 3), bool),
+        np.ones((4, 5), np.uint8),
+        [[True] * 5] * 4,
+    ):
+        assert api._direct_mask(mask, x, 1, x3) is None
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 3, 70001), 1), ((40001, 5), 1), ((64, 256, 7), 1)])
 def test_masked_results_do_not_depend_on_the_thread_count(shape, axis):
     rng = np.random.default_rng(7)
