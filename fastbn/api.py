@@ -202,9 +202,7 @@ def batch_norm_forward(
         elif (w := _direct_mask(mask, x, axis, x3)) is not None and (
             y := _direct_out(out, x, x, mask)
         ) is not None:
-            return _direct_masked_forward(
-                x3, w[0], w[1], y, gamma, beta, eps, activation == "relu"
-            )
+            return _direct_masked_forward(x3, w[0], w[1], y, gamma, beta, eps, activation == "relu")
     x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)

@@ -406,10 +406,16 @@ def _input_grad_strided(dy, x, w, coef, dcoef, relu, dx):
 # --------------------------------------------------------------------------------------
 
 
+# The passes the whole-operation drivers call, bound to each family's and build's pass
+# drivers in the builds' own globals (see _composed).
+_moments_pass = _normalize_pass = _grad_sums_pass = _input_grad_pass = None
+
+
 def _forward(x, w, rows, m, eps, gamma, beta, relu, y, stats):
     """The masked training forward in one call: the chunk counts, the masked statistics
-    (``moments``: :func:`_moments_rows` or :func:`_moments_strided`), then the normalize
-    pass over every position (``normalize``: :func:`fastbn.cpu.normalize`'s driver).
+    (``_moments_pass``: :func:`_moments_rows` or :func:`_moments_strided`), then the
+    normalize pass over every position (``_normalize_pass``: :func:`fastbn.cpu.normalize`'s
+    driver).
 
     The kernels of the general path (:func:`moments`, then
     :func:`fastbn.cpu.coefficients` and :func:`fastbn.cpu.normalize`), in its order and
@@ -438,16 +444,16 @@ def _forward(x, w, rows, m, eps, gamma, beta, relu, y, stats):
     mean = stats[0]
     invstd = stats[1]
     var = stats[2]
-    moments(x, w, rows, counts, first, mean, var)
+    _moments_pass(x, w, rows, counts, first, mean, var)
     for c in range(C):
         var[c], invstd[c] = cpu.variance_invstd(var[c], m, eps)
-    normalize(x, cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
+    _normalize_pass(x, cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype), relu, y)
 
 
 def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
     """The masked backward in one call: the gradient sums over every position
-    (``grad_sums``: :func:`fastbn.cpu.grad_sums`'s driver), then the masked dx
-    (``input_grad``: :func:`_input_grad_rows` or :func:`_input_grad_strided`).
+    (``_grad_sums_pass``: :func:`fastbn.cpu.grad_sums`'s driver), then the masked dx
+    (``_input_grad_pass``: :func:`_input_grad_rows` or :func:`_input_grad_strided`).
 
     The kernels and arithmetic of the general path (:func:`fastbn.cpu.grad_sums`, then
     :func:`input_grad`): bitwise its results, in one Numba dispatch.
@@ -469,7 +475,7 @@ def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
     coef = cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype)
     s_dy = np.empty(C)
     s_dyx = np.empty(C)
-    grad_sums(dy, x, chunk, coef, relu, s_dy, s_dyx)
+    _grad_sums_pass(dy, x, chunk, coef, relu, s_dy, s_dyx)
     invstd64 = np.empty(C)
     gamma64 = np.empty(C)
     for c in range(C):
@@ -477,7 +483,7 @@ def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
         gamma64[c] = np.float64(gamma[c])
     dcoef = np.empty((3, C), x.dtype)
     cpu.fill_grad_coefficients(s_dy, s_dyx, m, invstd64, gamma64, coef, dcoef)
-    input_grad(dy, x, w, coef, dcoef, relu, dx)
+    _input_grad_pass(dy, x, w, coef, dcoef, relu, dx)
     for c in range(C):
         grads[0, c] = s_dyx[c] * invstd64[c]
         grads[1, c] = s_dy[c]
@@ -517,8 +523,8 @@ def _composed(fn, calls):
 _forward_kernels = _composed(
     _forward,
     {
-        "moments": {"rows": _moments_rows, "strided": _moments_strided},
-        "normalize": {
+        "_moments_pass": {"rows": _moments_rows, "strided": _moments_strided},
+        "_normalize_pass": {
             "rows": cpu.normalize_kernels.rows,
             "strided": cpu.normalize_kernels.strided,
         },
@@ -527,11 +533,11 @@ _forward_kernels = _composed(
 _backward_kernels = _composed(
     _backward,
     {
-        "grad_sums": {
+        "_grad_sums_pass": {
             "rows": cpu.grad_sums_kernels.rows,
             "strided": cpu.grad_sums_kernels.strided,
         },
-        "input_grad": {"rows": _input_grad_rows, "strided": _input_grad_strided},
+        "_input_grad_pass": {"rows": _input_grad_rows, "strided": _input_grad_strided},
     },
 )
 
@@ -688,9 +694,13 @@ def _plan_of(shape, itemsize):
     drivers of its family (cached: a training loop sees few shapes)."""
     family = "rows" if shape[2] == 1 else "strided"
     chunk = cpu.plan_of(shape, itemsize).chunk
-    return chunk_rows(shape, itemsize), chunk, (
-        getattr(_forward_kernels, family),
-        getattr(_backward_kernels, family),
+    return (
+        chunk_rows(shape, itemsize),
+        chunk,
+        (
+            getattr(_forward_kernels, family),
+            getattr(_backward_kernels, family),
+        ),
     )
 
 
