@@ -439,6 +439,8 @@ def _coefficient_table(mean, invstd, gamma, beta, dtype):
 # helpers with their own passes: the same functions, hence the same bits.
 variance_invstd = _variance_invstd
 coefficient_table = _coefficient_table
+chunk_span = _chunk_span
+whole_runs = _whole_runs
 
 
 @njit(**_ELEMENTWISE)
@@ -579,6 +581,9 @@ def _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i_first, i_last, coef
     return s_dy, s_dyx
 
 
+chunk_grad_sums_strided = _chunk_grad_sums_strided  # for fastbn.cpu_masked, as above
+
+
 @njit(**_REDUCE)
 def _grad_terms(dy, x, r, c, coef, mean, relu):
     """``(dy, dy * (x - mean))`` at row ``r``, channel ``c``, in float64; with ``relu``,
@@ -671,6 +676,9 @@ def _fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, c, coef, dcoef):
     dcoef[0, c] = k
     dcoef[1, c] = -k * invstd * dgamma / m
     dcoef[2, c] = -k * s_dy / m
+
+
+fill_grad_coefficient = _fill_grad_coefficients  # for fastbn.cpu_masked, as above
 
 
 @njit(**_ELEMENTWISE)

@@ -489,6 +489,69 @@ def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
         grads[1, c] = s_dy[c]
 
 
+@njit(**_ELEMENTWISE)  # not inlined: the reductions' options would contract its formula
+def _input_grad_channel(dy1, x1, w1, dx1, outer, C, inner, c, coef, dcoef, relu):
+    """The masked dx of channel ``c`` (flat arrays): the formula of
+    :func:`_input_grad_strided`, run by run."""
+    hi = coef[MEAN_HI, c]
+    lo = coef[MEAN_LO, c]
+    scale = coef[SCALE, c]
+    shift = coef[SHIFT, c]
+    a = dcoef[0, c]
+    b = dcoef[1, c]
+    d = dcoef[2, c]
+    zero = coef.dtype.type(0)
+    n = np.uint64(inner)
+    for o in range(outer):
+        base = np.uint64((o * C + c) * inner)
+        wbase = np.uint64(o * inner)
+        for i in range(n):
+            xv = x1[base + i]
+            g = dy1[base + i]
+            if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+                g = zero
+            v = a * g
+            if w1[wbase + i]:
+                v = a * g + b * ((xv - hi) - lo) + d
+            dx1[base + i] = v
+
+
+@_two_builds(_REDUCE)
+def _backward_fused(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
+    """:func:`_backward` fused per channel (strided family only), where
+    :func:`fastbn.cpu.plan` fuses the unmasked backward (``fuse_backward``): each thread
+    takes whole channels, the two sums over every position (the chunks of
+    :func:`fastbn.cpu.grad_sums`, summed in chunk order), then the masked dx while dy and
+    x are still in its cache. One read of dy and x from memory, one write of dx.
+
+    The same per-chunk sums, the same order of their sum and the same elementwise
+    formula as :func:`_backward`: bitwise its results. Parameters as :func:`_backward`.
+    """
+    outer, C, inner = x.shape
+    n_values = outer * inner
+    n_chunks = (n_values + chunk - 1) // chunk
+    coef = cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    dcoef = np.empty((3, C), x.dtype)
+    runs = cpu.whole_runs(chunk, inner)
+    dy1 = dy.reshape(-1)
+    x1 = x.reshape(-1)
+    dx1 = dx.reshape(-1)
+    w1 = w.reshape(-1)
+    for c in prange(C):
+        s_dy = 0.0
+        s_dyx = 0.0
+        for k in range(n_chunks):
+            o0, o1, i0, i1 = cpu.chunk_span(k, chunk, runs, outer, inner)
+            a_k, b_k = cpu.chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i0, i1, coef, relu)
+            s_dy += a_k
+            s_dyx += b_k
+        invstd_c = np.float64(invstd[c])
+        grads[0, c] = s_dyx * invstd_c
+        grads[1, c] = s_dy
+        cpu.fill_grad_coefficient(s_dy, s_dyx, m, invstd_c, np.float64(gamma[c]), c, coef, dcoef)
+        _input_grad_channel(dy1, x1, w1, dx1, outer, C, inner, c, coef, dcoef, relu)
+
+
 class _Families(NamedTuple):
     """The builds of a whole-operation driver for each family."""
 
@@ -656,7 +719,7 @@ def forward(x3, w2, m, gamma, beta, eps, relu, y3):
     return stats
 
 
-def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads):
+def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=None):
     """The masked backward of the direct path: ``dx3`` written and ``grads`` (shape
     ``(2, C)``) set to ``dgamma`` and ``dbeta`` (bitwise the results of
     :func:`fastbn.cpu.grad_sums` followed by :func:`input_grad`, in one dispatch).
@@ -670,6 +733,10 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads):
     mean, invstd, gamma, beta : ndarray, shape (C,), float32 or float64
     relu : bool
     grads : ndarray, shape (2, C)
+    fuse : bool, optional
+        None (default): fused per channel where :func:`fastbn.cpu.plan` fuses the unmasked
+        backward; True: fused for any strided layout; False: the two passes (bitwise the
+        same results).
 
     Examples
     --------
@@ -683,23 +750,27 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads):
     (array([ 1.5, -2.5,  1. ]), array([3.]))
     """
     _, chunk, kernels = _plan_of(x3.shape, x3.dtype.itemsize)
+    if fuse is not None:
+        kernels = (None, _backward_fused if fuse and x3.shape[2] > 1 else kernels[2])
     _build(kernels[1], x3)(dy3, x3, w2, chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan_of(shape, itemsize):
-    """``(rows, chunk, (forward builds, backward builds))`` of a shape: the masked
+    """``(rows, chunk, (forward, backward, two-pass backward builds))`` of a shape: the masked
     statistics' chunk rows, the gradient sums' chunk (:func:`fastbn.cpu.plan`, which also
     starts Numba's threading layer before a parallel build runs) and the whole-operation
     drivers of its family (cached: a training loop sees few shapes)."""
     family = "rows" if shape[2] == 1 else "strided"
-    chunk = cpu.plan_of(shape, itemsize).chunk
+    planned = cpu.plan_of(shape, itemsize)
+    two_pass = getattr(_backward_kernels, family)
     return (
         chunk_rows(shape, itemsize),
-        chunk,
+        planned.chunk,
         (
             getattr(_forward_kernels, family),
-            getattr(_backward_kernels, family),
+            _backward_fused if planned.fuse_backward else two_pass,
+            two_pass,
         ),
     )
 
@@ -712,5 +783,5 @@ def drivers():
     list of numba Dispatcher
     """
     builds = (_moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
-    builds += tuple(_forward_kernels) + tuple(_backward_kernels)
+    builds += tuple(_forward_kernels) + tuple(_backward_kernels) + (_backward_fused,)
     return [_chunk_counts] + [build for pair in builds for build in pair]

@@ -255,6 +255,39 @@ def test_direct_and_general_masked_paths_agree_bitwise(shape, axis, dtype, activ
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 70001), (64, 16, 49), (5, 300000, 1)])
+def test_fused_masked_backward_is_the_two_pass_one_bitwise(shape, dtype, relu):
+    """The masked backward fused per channel (taken where the unmasked one is fused: a
+    large NCHW batch) sums the same chunks in the same order and writes dx with the same
+    formula as the two passes: the same bits, for any thread count. A rows layout
+    (inner == 1) has no fused kernel: fuse=True runs the two passes."""
+    from fastbn import cpu_masked
+
+    rng = np.random.default_rng(31)
+    x = make(shape, dtype, rng, 2.0, 3.0)
+    dy = make(shape, dtype, rng)
+    w = (rng.random((shape[0], shape[2])) < 0.7).view(np.uint8)
+    C = shape[1]
+    mean, invstd = x.mean(axis=(0, 2)), rng.uniform(0.5, 2.0, C)
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(size=C)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for fuse, threads in ((False, before), (True, before), (True, 1)):
+            numba.set_num_threads(threads)
+            dx, grads = np.empty_like(x), np.empty((2, C), dtype)
+            m = int(w.sum())
+            cpu_masked.backward(dy, x, w, m, mean, invstd, gamma, beta, relu, dx, grads, fuse)
+            results.append((dx, grads))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        for u, v in zip(results[0], other):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_masks_the_direct_path_leaves_to_the_general_one():
     """Broadcast, non-contiguous, wrongly shaped and non-boolean masks take the general
     path (which checks them and raises its errors)."""
