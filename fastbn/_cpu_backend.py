@@ -811,6 +811,32 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
     return _param_grads(s_dy, s_dyx, invstd64, grads)
 
 
+def masked_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, mask, count, st, grads):
+    """The masked backward of one array (no ``comm``; ``mask`` from :func:`mask_view`):
+    :func:`fastbn.cpu_masked.backward`, the direct path's kernels, fused per channel
+    where the plan fuses the unmasked backward; returns ``(dgamma, dbeta)`` as
+    :func:`backward` does."""
+    x3 = _compute_view(v, x.dtype)
+    C = x3.shape[1]
+    sums = np.empty((2, C), FLOAT64 if grads is None else grads[1])
+    cpu_masked.backward(
+        _compute_view(dyv, x.dtype),
+        x3,
+        mask,
+        count,
+        channel(mean),
+        channel(invstd),
+        param(gamma, C, 1.0, x.dtype),
+        param(beta, C, 0.0, x.dtype),
+        relu,
+        dest.work,
+        sums,
+    )
+    if grads is None:
+        return None, None
+    return sums[0], sums[1]
+
+
 def _param_grads(s_dy, s_dyx, invstd64, grads):
     """``(dgamma, dbeta) = (invstd * sum dy * (x - mean), sum dy)`` in ``grads``' dtype
     (see :func:`backward`), or ``(None, None)`` without ``grads``."""

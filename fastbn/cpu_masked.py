@@ -111,12 +111,14 @@ def _chunk_counts(w1, inner, rows, counts, first):
         j0 = k * rows * inner
         j1 = min(j0 + rows * inner, total)
         n = 0
+        for j in range(j0, j1):  # a count without a branch: it vectorizes
+            n += w1[j] != 0
         f = -1
-        for j in range(j0, j1):
-            if w1[j]:
-                n += 1
-                if f < 0:
+        if n:
+            for j in range(j0, j1):
+                if w1[j]:
                     f = j
+                    break
         counts[k] = n
         first[k] = f
 
@@ -137,40 +139,76 @@ def _masked_sums_strided(x1, w1, C, inner, c, o0, o1, k):
         base = np.uint64((o * C + c) * inner)
         wbase = np.uint64(o * inner)
         for i in range(n):
-            d = np.float64(x1[base + i]) - k if w1[wbase + i] else 0.0
+            # the value loaded whatever its bit, then selected: a branch around the load
+            # vectorized worse (measured 1.14x against 1.08x the unmasked loop)
+            e = np.float64(x1[base + i]) - k
+            d = e if w1[wbase + i] != 0 else 0.0
             s += d
             q += d * d
     return s, q
 
 
 @njit(**_REDUCE)
-def _masked_sums_rows(x, rows, j0, j1, k, s, q):
-    """Per channel, ``s = sum(x - k)`` and ``q = sum((x - k)**2)`` over the rows
-    ``rows[j0:j1]`` (the True rows of a chunk, in order), vectorized across channels.
+def _masked_sums_rows(x, w1, r0, r1, k, s, q):
+    """Per channel, ``s = sum(x - k)`` and ``q = sum((x - k)**2)`` over the True rows of
+    ``[r0, r1)`` (``w1``: the mask, one byte per row), vectorized across channels.
 
-    The loop of :func:`fastbn.cpu._shifted_sums_rows` through the row indices: the four
-    quarters at once (four memory streams: the unmasked kernel measured 1.4-1.55x faster
-    so), then the rows left. False rows are never read.
+    The loop of :func:`fastbn.cpu._shifted_sums_rows`: the four quarters of the rows at
+    once (four sequential memory streams: the unmasked kernel measured 1.4-1.55x faster
+    so), each row's deviations multiplied by its mask bit as 0.0 or 1.0, then the rows
+    left, False ones skipped. Every row of the chunk is read: reading the True rows only,
+    through their indices, broke the streams of a random mask (1.6-2x the unmasked pass,
+    docs/cpu.md), and a select per row instead of the product was not vectorized (1.4-3x).
+    A non-finite value in a False row makes the sums non-finite (``0 * inf`` is NaN): the
+    caller then takes :func:`_masked_sums_rows_select`.
     """
     C = x.shape[1]
     s[:] = 0.0
     q[:] = 0.0
-    h = (j1 - j0) // 4
-    for j in range(j0, j0 + h):
-        r0, r1, r2, r3 = rows[j], rows[j + h], rows[j + 2 * h], rows[j + 3 * h]
+    h = (r1 - r0) // 4
+    for r in range(r0, r0 + h):
+        t0 = np.float64(w1[r] != 0)
+        t1 = np.float64(w1[r + h] != 0)
+        t2 = np.float64(w1[r + 2 * h] != 0)
+        t3 = np.float64(w1[r + 3 * h] != 0)
         for c in range(C):
-            d0 = np.float64(x[r0, c]) - k[c]
-            d1 = np.float64(x[r1, c]) - k[c]
-            d2 = np.float64(x[r2, c]) - k[c]
-            d3 = np.float64(x[r3, c]) - k[c]
+            d0 = (np.float64(x[r, c]) - k[c]) * t0
+            d1 = (np.float64(x[r + h, c]) - k[c]) * t1
+            d2 = (np.float64(x[r + 2 * h, c]) - k[c]) * t2
+            d3 = (np.float64(x[r + 3 * h, c]) - k[c]) * t3
             s[c] += (d0 + d1) + (d2 + d3)
             q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for j in range(j0 + 4 * h, j1):
-        r = rows[j]
-        for c in range(C):
-            d = np.float64(x[r, c]) - k[c]
-            s[c] += d
-            q[c] += d * d
+    for r in range(r0 + 4 * h, r1):
+        if w1[r]:
+            for c in range(C):
+                d = np.float64(x[r, c]) - k[c]
+                s[c] += d
+                q[c] += d * d
+
+
+@njit(**_REDUCE)
+def _masked_sums_rows_select(x, w1, r0, r1, k, s, q):
+    """:func:`_masked_sums_rows` with the False rows skipped, never multiplied: a NaN or
+    an infinity in the padding stays out. Row by row (slower), for the chunks whose
+    product form was not finite."""
+    C = x.shape[1]
+    s[:] = 0.0
+    q[:] = 0.0
+    for r in range(r0, r1):
+        if w1[r]:
+            for c in range(C):
+                d = np.float64(x[r, c]) - k[c]
+                s[c] += d
+                q[c] += d * d
+
+
+@njit(**_EXACT)
+def _finite(s, q):
+    """True when every value of ``s`` and ``q`` is finite."""
+    for c in range(s.shape[0]):
+        if not (np.isfinite(s[c]) and np.isfinite(q[c])):
+            return False
+    return True
 
 
 @njit(**_EXACT)
@@ -272,18 +310,16 @@ def _moments_strided(x, w, rows, counts, first, mean, m2):
 @_two_builds(_REDUCE)
 def _moments_rows(x, w, rows, counts, first, mean, m2):
     """Masked mean and M2 per channel, rows family (``inner == 1``): each chunk of rows
-    reduces every channel at once, over its True rows only (never reading the others).
+    reduces every channel at once over its True rows (:func:`_masked_sums_rows`); a chunk
+    without one is not read.
 
     Parameters as :func:`_moments_strided` (``x`` of shape ``(outer, C, 1)``, ``w`` of
     shape ``(outer, 1)``).
     """
     outer, C, _ = x.shape
     x2 = x.reshape(outer, C)
-    true_rows = np.flatnonzero(w.reshape(-1))
+    w1 = w.reshape(-1)
     n_chunks = counts.shape[0]
-    start = np.zeros(n_chunks + 1, np.int64)
-    for k in range(n_chunks):
-        start[k + 1] = start[k] + counts[k]
     part_shift = np.zeros((n_chunks, C))
     part_dev = np.zeros((n_chunks, C))
     part_m2 = np.zeros((n_chunks, C))
@@ -291,24 +327,32 @@ def _moments_rows(x, w, rows, counts, first, mean, m2):
         n = counts[k]
         if n == 0:
             continue
-        j0 = start[k]
-        j1 = start[k + 1]
+        r0 = k * rows
+        r1 = min(r0 + rows, outer)
         kk = np.empty(C)
         s = np.empty(C)
         q = np.empty(C)
         for c in range(C):
             kk[c] = x2[first[k], c]
-        _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
+        _masked_sums_rows(x2, w1, r0, r1, kk, s, q)
+        exact = not _finite(s, q)  # a non-finite value somewhere: skip the False rows
+        if exact:
+            _masked_sums_rows_select(x2, w1, r0, r1, kk, s, q)
         well_conditioned = True
         for c in range(C):
             if not q[c] <= 16.0 * (q[c] - s[c] * s[c] / n):  # also true for a NaN
                 well_conditioned = False
         if not well_conditioned:
-            kk[:] = 0.0
-            _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
-            for c in range(C):
-                kk[c] = s[c] / n
-            _masked_sums_rows(x2, true_rows, j0, j1, kk, s, q)
+            for rerun in range(2):  # the plain sum, then the sums shifted by its mean
+                if rerun:
+                    for c in range(C):
+                        kk[c] = s[c] / n
+                else:
+                    kk[:] = 0.0
+                if exact:
+                    _masked_sums_rows_select(x2, w1, r0, r1, kk, s, q)
+                else:
+                    _masked_sums_rows(x2, w1, r0, r1, kk, s, q)
         for c in range(C):
             dev = s[c] / n
             part_shift[k, c] = kk[c]
@@ -524,8 +568,10 @@ def _backward_fused(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, gra
     :func:`fastbn.cpu.grad_sums`, summed in chunk order), then the masked dx while dy and
     x are still in its cache. One read of dy and x from memory, one write of dx.
 
-    The same per-chunk sums, the same order of their sum and the same elementwise
-    formula as :func:`_backward`: bitwise its results. Parameters as :func:`_backward`.
+    The same per-chunk sums, in the same order, and the same elementwise formula as
+    :func:`_backward`: its results to rounding (LLVM may compile the chunk helper
+    differently inside this driver, as for the unmasked fused backward), and the same
+    bits for any thread count. Parameters as :func:`_backward`.
     """
     outer, C, inner = x.shape
     n_values = outer * inner
@@ -735,8 +781,8 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=N
     grads : ndarray, shape (2, C)
     fuse : bool, optional
         None (default): fused per channel where :func:`fastbn.cpu.plan` fuses the unmasked
-        backward; True: fused for any strided layout; False: the two passes (bitwise the
-        same results).
+        backward; True: fused for any strided layout; False: the two passes (the two
+        agree to rounding).
 
     Examples
     --------
