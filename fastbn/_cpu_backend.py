@@ -613,10 +613,14 @@ def direct_mask(mask, x, axis, x3):
     if type(mask) is not np.ndarray or mask.dtype is not BOOL or not mask.flags.c_contiguous:
         return None
     shape = x.shape
-    axis %= len(shape)
-    if mask.shape != shape[:axis] + shape[axis + 1 :]:
-        return None
-    return mask.reshape(x3.shape[0], x3.shape[2]).view(np.uint8), int(np.count_nonzero(mask))
+    if len(shape) == 2:  # the most common call: spare the tuple slices, as direct_view does
+        if mask.shape != ((shape[0],) if axis % 2 else (shape[1],)):
+            return None
+    else:
+        axis %= len(shape)
+        if mask.shape != shape[:axis] + shape[axis + 1 :]:
+            return None
+    return mask.view(np.uint8).reshape(x3.shape[0], x3.shape[2]), np.count_nonzero(mask)
 
 
 def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
@@ -631,7 +635,8 @@ def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
     outer, C, inner = x3.shape
     if count == outer * inner:
         return direct_forward(x3, y, gamma, beta, eps, relu)
-    _checks.check_mask_count(count, outer * inner)
+    if count < 2:
+        _checks.check_mask_count(count, outer * inner)
     dtype = stats_dtype(x3.dtype)
     stats = cpu_masked.forward(
         x3,
@@ -659,7 +664,8 @@ def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, 
     outer, C, inner = x3.shape
     if count == outer * inner:
         return direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3)
-    _checks.check_mask_count(count, outer * inner)
+    if count < 2:
+        _checks.check_mask_count(count, outer * inner)
     dtype = stats_dtype(x3.dtype)
     grads = np.empty((2, C), dtype)
     cpu_masked.backward(

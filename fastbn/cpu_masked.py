@@ -760,8 +760,8 @@ def forward(x3, w2, m, gamma, beta, eps, relu, y3):
     (array([2.]), array([-1.,  1., 98.]))
     """
     stats = np.empty((3, x3.shape[1]))
-    rows, _, kernels = _plan_of(x3.shape, x3.dtype.itemsize)
-    _build(kernels[0], x3)(x3, w2, rows, m, eps, gamma, beta, relu, y3, stats)
+    planned = _plan_of(x3.shape, x3.dtype.itemsize)
+    planned.forward(x3, w2, planned.rows, m, eps, gamma, beta, relu, y3, stats)
     return stats
 
 
@@ -795,29 +795,45 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=N
     >>> dx.ravel(), grads[1]
     (array([ 1.5, -2.5,  1. ]), array([3.]))
     """
-    _, chunk, kernels = _plan_of(x3.shape, x3.dtype.itemsize)
-    if fuse is not None:
-        kernels = (None, _backward_fused if fuse and x3.shape[2] > 1 else kernels[2])
-    _build(kernels[1], x3)(dy3, x3, w2, chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
+    planned = _plan_of(x3.shape, x3.dtype.itemsize)
+    kernel = planned.backward
+    if fuse is not None:  # the plan's builds are serial or parallel as its own are
+        builds = _backward_fused if fuse and x3.shape[2] > 1 else None
+        kernel = planned.two_pass_backward if builds is None else _build(builds, x3)
+    kernel(dy3, x3, w2, planned.chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
+
+
+class _Plan(NamedTuple):
+    """The masked drivers of one shape and dtype, their builds picked (see :func:`_plan_of`)."""
+
+    rows: int
+    chunk: int
+    forward: object
+    backward: object
+    two_pass_backward: object
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan_of(shape, itemsize):
-    """``(rows, chunk, (forward, backward, two-pass backward builds))`` of a shape: the masked
-    statistics' chunk rows, the gradient sums' chunk (:func:`fastbn.cpu.plan`, which also
-    starts Numba's threading layer before a parallel build runs) and the whole-operation
-    drivers of its family (cached: a training loop sees few shapes)."""
+    """The :class:`_Plan` of a shape: the masked statistics' chunk rows, the gradient
+    sums' chunk (:func:`fastbn.cpu.plan`, which also starts Numba's threading layer before
+    a parallel build runs) and the whole-operation drivers of its family, serial or
+    parallel builds by its size (cached: a training loop sees few shapes; a small call's
+    time is mostly host time)."""
     family = "rows" if shape[2] == 1 else "strided"
     planned = cpu.plan_of(shape, itemsize)
     two_pass = getattr(_backward_kernels, family)
-    return (
+    fused = _backward_fused if planned.fuse_backward else two_pass
+
+    def pick(builds):
+        return builds.serial if planned.serial else builds.parallel
+
+    return _Plan(
         chunk_rows(shape, itemsize),
         planned.chunk,
-        (
-            getattr(_forward_kernels, family),
-            _backward_fused if planned.fuse_backward else two_pass,
-            two_pass,
-        ),
+        pick(getattr(_forward_kernels, family)),
+        pick(fused),
+        pick(two_pass),
     )
 
 
