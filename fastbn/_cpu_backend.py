@@ -591,8 +591,9 @@ def direct_frozen_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3):
 
 
 def direct_mask(mask, x, axis, x3):
-    """``mask``'s ``(outer, inner)`` uint8 view as the masked direct path takes it, and
-    its count of True positions; None when the call takes the general path.
+    """``mask`` as the masked direct path's kernels take it (flat: the ``(outer, inner)``
+    positions in memory order), and its count of True positions; None when the call
+    takes the general path.
 
     Qualifies: a plain C-contiguous boolean NumPy array of exactly x's shape without the
     channel axis (``x3`` from :func:`direct_view`, so x is C-contiguous: the mask's
@@ -605,8 +606,8 @@ def direct_mask(mask, x, axis, x3):
     >>> import numpy as np
     >>> x = np.zeros((2, 3, 4))
     >>> w, count = direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4))
-    >>> w.tolist(), count
-    ([[1, 0, 0, 0], [0, 1, 0, 0]], 2)
+    >>> w.astype(int).tolist(), count
+    ([1, 0, 0, 0, 0, 1, 0, 0], 2)
     >>> direct_mask(np.ones(4, bool), x, 1, x.reshape(2, 3, 4)) is None
     True
     """
@@ -620,7 +621,7 @@ def direct_mask(mask, x, axis, x3):
         axis %= len(shape)
         if mask.shape != shape[:axis] + shape[axis + 1 :]:
             return None
-    return mask.view(np.uint8).reshape(x3.shape[0], x3.shape[2]), np.count_nonzero(mask)
+    return (mask if mask.ndim == 1 else mask.reshape(-1)), np.count_nonzero(mask)
 
 
 def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
@@ -691,8 +692,10 @@ def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, 
 
 def mask_view(mask, x, axis, v, st=None):
     """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it, and
-    its count of True positions: see :func:`fastbn._checks.mask_layout`."""
-    return _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
+    its count of True positions: see :func:`fastbn._checks.mask_layout` (flat and
+    boolean here, as the direct path passes it: the kernels compile once for it)."""
+    w, count = _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
+    return w.reshape(-1).view(np.bool_), count
 
 
 def shard_moments(x, v, st=None, mask=None):

@@ -100,7 +100,7 @@ def _chunk_counts(w1, inner, rows, counts, first):
 
     Parameters
     ----------
-    w1 : ndarray of uint8, 1-D
+    w1 : ndarray of bool, 1-D
         The flat ``(outer, inner)`` mask.
     inner, rows : int
     counts, first : ndarray of int64, shape (n_chunks,)
@@ -269,7 +269,8 @@ def _moments_strided(x, w, rows, counts, first, mean, m2):
     Parameters
     ----------
     x : ndarray, shape (outer, C, inner)
-    w : ndarray of uint8, shape (outer, inner)
+    w : ndarray of bool, shape (outer * inner,)
+        The flat ``(outer, inner)`` mask.
     rows : int
         Outer rows per chunk.
     counts, first : ndarray of int64, shape (n_chunks,)
@@ -313,8 +314,7 @@ def _moments_rows(x, w, rows, counts, first, mean, m2):
     reduces every channel at once over its True rows (:func:`_masked_sums_rows`); a chunk
     without one is not read.
 
-    Parameters as :func:`_moments_strided` (``x`` of shape ``(outer, C, 1)``, ``w`` of
-    shape ``(outer, 1)``).
+    Parameters as :func:`_moments_strided` (``x`` of shape ``(outer, C, 1)``).
     """
     outer, C, _ = x.shape
     x2 = x.reshape(outer, C)
@@ -381,7 +381,7 @@ def _input_grad_rows(dy, x, w, coef, dcoef, relu, dx):
     Parameters
     ----------
     dy, x, dx : ndarray, shape (outer, C, 1)
-    w : ndarray of uint8, shape (outer, 1)
+    w : ndarray of bool, shape (outer,)
     coef : ndarray, shape (4, C)
     dcoef : ndarray, shape (3, C)
         ``a``, ``b``, ``d`` (:func:`fastbn.cpu.fill_grad_coefficients` with the masked count).
@@ -469,7 +469,8 @@ def _forward(x, w, rows, m, eps, gamma, beta, relu, y, stats):
     Parameters
     ----------
     x, y : ndarray, shape (outer, C, inner)
-    w : ndarray of uint8, shape (outer, inner)
+    w : ndarray of bool, shape (outer * inner,)
+        The flat ``(outer, inner)`` mask.
     rows : int
         :func:`chunk_rows`.
     m : int
@@ -505,7 +506,8 @@ def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
     Parameters
     ----------
     dy, x, dx : ndarray, shape (outer, C, inner)
-    w : ndarray of uint8, shape (outer, inner)
+    w : ndarray of bool, shape (outer * inner,)
+        The flat ``(outer, inner)`` mask.
     chunk : int
         The reduction chunk of :func:`fastbn.cpu.plan`.
     m : int
@@ -679,16 +681,16 @@ def moments(x3, w2):
     (array([2.33333333]), array([4.66666667]))
     """
     outer, C, inner = x3.shape
-    w2 = w2.view(np.uint8)
+    w = w2.reshape(-1).view(np.bool_)
     rows = chunk_rows(x3.shape, x3.dtype.itemsize)
     n_chunks = max(1, -(-outer // rows))
     counts = np.empty(n_chunks, np.int64)
     first = np.empty(n_chunks, np.int64)
-    _chunk_counts(w2.reshape(-1), inner, rows, counts, first)
+    _chunk_counts(w, inner, rows, counts, first)
     mean = np.empty(C)
     m2 = np.empty(C)
     kernel = _build(_moments_rows if inner == 1 else _moments_strided, x3)
-    kernel(x3, w2, rows, counts, first, mean, m2)
+    kernel(x3, w, rows, counts, first, mean, m2)
     return mean, m2
 
 
@@ -726,20 +728,21 @@ def input_grad(dy3, x3, w2, coef, s_dy, s_dyx, m, invstd, gamma, relu, dx3):
     dcoef = np.empty((3, x3.shape[1]), x3.dtype)
     cpu.fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, coef, dcoef)
     kernel = _build(_input_grad_rows if x3.shape[2] == 1 else _input_grad_strided, x3)
-    kernel(dy3, x3, w2.view(np.uint8), coef, dcoef, relu, dx3)
+    kernel(dy3, x3, w2.reshape(-1).view(np.bool_), coef, dcoef, relu, dx3)
 
 
-def forward(x3, w2, m, gamma, beta, eps, relu, y3):
+def forward(x3, w, m, gamma, beta, eps, relu, y3):
     """The masked training forward of the direct path: ``y3`` written from the
-    statistics of ``x3`` over the ``m`` True positions of ``w2`` (bitwise the results of
+    statistics of ``x3`` over the ``m`` True positions of ``w`` (bitwise the results of
     :func:`moments` followed by :func:`fastbn.cpu.normalize`, in one dispatch).
 
     Parameters
     ----------
     x3, y3 : ndarray, shape (outer, C, inner), float32 or float64, C-contiguous
-    w2 : ndarray of uint8, shape (outer, inner), C-contiguous
+    w : ndarray of bool, shape (outer * inner,)
+        The flat ``(outer, inner)`` mask (taken as it is: no conversion on this path).
     m : int
-        True positions of ``w2`` (at least 2).
+        True positions of ``w`` (at least 2).
     gamma, beta : ndarray, shape (C,), float32 or float64
     eps : float
     relu : bool
@@ -754,18 +757,18 @@ def forward(x3, w2, m, gamma, beta, eps, relu, y3):
     >>> import numpy as np
     >>> x = np.array([1.0, 3.0, 100.0]).reshape(3, 1, 1)
     >>> y = np.empty_like(x)
-    >>> stats = forward(x, np.array([[1], [1], [0]], np.uint8), 2, np.ones(1), np.zeros(1),
-    ...                 0.0, False, y)
+    >>> stats = forward(x, np.array([True, True, False]), 2, np.ones(1), np.zeros(1), 0.0,
+    ...                 False, y)
     >>> stats[0], y.ravel()
     (array([2.]), array([-1.,  1., 98.]))
     """
     stats = np.empty((3, x3.shape[1]))
     planned = _plan_of(x3.shape, x3.dtype.itemsize)
-    planned.forward(x3, w2, planned.rows, m, eps, gamma, beta, relu, y3, stats)
+    planned.forward(x3, w, planned.rows, m, eps, gamma, beta, relu, y3, stats)
     return stats
 
 
-def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=None):
+def backward(dy3, x3, w, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=None):
     """The masked backward of the direct path: ``dx3`` written and ``grads`` (shape
     ``(2, C)``) set to ``dgamma`` and ``dbeta`` (bitwise the results of
     :func:`fastbn.cpu.grad_sums` followed by :func:`input_grad`, in one dispatch).
@@ -773,9 +776,10 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=N
     Parameters
     ----------
     dy3, x3, dx3 : ndarray, shape (outer, C, inner), same dtype, C-contiguous
-    w2 : ndarray of uint8, shape (outer, inner), C-contiguous
+    w : ndarray of bool, shape (outer * inner,)
+        The flat ``(outer, inner)`` mask.
     m : int
-        True positions of ``w2``.
+        True positions of ``w``.
     mean, invstd, gamma, beta : ndarray, shape (C,), float32 or float64
     relu : bool
     grads : ndarray, shape (2, C)
@@ -790,7 +794,7 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=N
     >>> x = np.array([0.0, 2.0, 5.0]).reshape(3, 1, 1)
     >>> dx, grads = np.empty_like(x), np.empty((2, 1))
     >>> one = np.ones(1)
-    >>> backward(np.ones_like(x), x, np.array([[1], [1], [0]], np.uint8), 2, one, one, one,
+    >>> backward(np.ones_like(x), x, np.array([True, True, False]), 2, one, one, one,
     ...          np.zeros(1), False, dx, grads)
     >>> dx.ravel(), grads[1]
     (array([ 1.5, -2.5,  1. ]), array([3.]))
@@ -800,7 +804,7 @@ def backward(dy3, x3, w2, m, mean, invstd, gamma, beta, relu, dx3, grads, fuse=N
     if fuse is not None:  # the plan's builds are serial or parallel as its own are
         builds = _backward_fused if fuse and x3.shape[2] > 1 else None
         kernel = planned.two_pass_backward if builds is None else _build(builds, x3)
-    kernel(dy3, x3, w2, planned.chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
+    kernel(dy3, x3, w, planned.chunk, m, mean, invstd, gamma, beta, relu, dx3, grads)
 
 
 class _Plan(NamedTuple):
