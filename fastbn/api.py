@@ -375,7 +375,8 @@ def batch_norm_backward(
         and dy.flags.c_contiguous
         and x.size
         and _direct_options(1.0, activation)
-        and (dx := _direct_out(out, x, x, dy, *(() if w is None else (mask,)))) is not None
+        and (dx := _direct_out(out, x, x, dy) if w is None else _direct_out(out, x, x, dy, mask))
+        is not None
     ):
         dy3, dx3, relu = dy.reshape(x3.shape), dx.reshape(x3.shape), activation == "relu"
         if w is not None:  # training (a mask with training=False was refused above)
