@@ -20,6 +20,7 @@ DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call its
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
+BOOL = np.dtype(np.bool_)
 
 
 # --------------------------------------------------------------------------------------
@@ -600,6 +601,101 @@ def direct_frozen_backward(dy, x3, mean, invstd, gamma, beta, relu, dx):
     return (s_dyx * invstd64).astype(dtype, copy=False), s_dy.astype(dtype, copy=False)
 
 
+def direct_mask(mask, x, axis, x3):
+    """``mask`` as the masked direct path's kernels take it (flat: the ``(outer, inner)``
+    positions in memory order), and its count of True positions; None when the call
+    takes the general path.
+
+    Qualifies: a plain C-contiguous boolean NumPy array of exactly x's shape without the
+    channel axis (``x3`` from :func:`direct_view`, so x is C-contiguous: the mask's
+    memory order is then that of the canonical view, and the view is what
+    :func:`fastbn._checks.mask_layout` would copy). Broadcast masks and the rest take
+    the general path, whose checks raise the errors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((2, 3, 4))
+    >>> w, count = direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4))
+    >>> w.astype(int).tolist(), count
+    ([1, 0, 0, 0, 0, 1, 0, 0], 2)
+    >>> direct_mask(np.ones(4, bool), x, 1, x.reshape(2, 3, 4)) is None
+    True
+    """
+    if type(mask) is not np.ndarray or mask.dtype is not BOOL or not mask.flags.c_contiguous:
+        return None
+    shape = x.shape
+    if len(shape) == 2:  # the most common call: spare the tuple slices, as direct_view does
+        if mask.shape != ((shape[0],) if axis % 2 else (shape[1],)):
+            return None
+    else:
+        axis %= len(shape)
+        if mask.shape != shape[:axis] + shape[axis + 1 :]:
+            return None
+    return (mask if mask.ndim == 1 else mask.reshape(-1)), np.count_nonzero(mask)
+
+
+def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
+    """The masked training forward of the direct path (``w2`` and ``count`` from
+    :func:`direct_mask`): returns ``(y, mean, invstd)`` as :func:`direct_forward` does.
+
+    A mask that is all True takes :func:`direct_forward` (as the general path takes the
+    unmasked kernels); fewer than 2 True positions are the general path's ValueError,
+    raised before ``y`` is written. Otherwise :func:`fastbn.cpu_masked.forward`, the
+    general path's kernels in one dispatch: bitwise its results (tested).
+    """
+    outer, C, inner = x3.shape
+    if count == outer * inner:
+        return direct_forward(x3, y, gamma, beta, eps, relu)
+    if count < 2:
+        _checks.check_mask_count(count, outer * inner)
+    dtype = stats_dtype(x3.dtype)
+    stats = cpu_masked.forward(
+        x3,
+        w2,
+        count,
+        _constant(C, 1.0, dtype) if gamma is None else gamma,
+        _constant(C, 0.0, dtype) if beta is None else beta,
+        eps,
+        relu,
+        y.reshape(x3.shape),
+    )
+    if x3.dtype is FLOAT64:
+        return y, stats[0], stats[1]
+    pair = stats[:2].astype(FLOAT32)
+    return y, pair[0], pair[1]
+
+
+def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, dx3):
+    """The masked backward of the direct path (``w2`` and ``count`` from
+    :func:`direct_mask`): ``dx3`` written; returns ``(dgamma, dbeta)`` as
+    :func:`direct_backward` does, which an all-True mask takes (as the general path
+    does); fewer than 2 True positions are the general path's ValueError, raised before
+    ``dx3`` is written. Bitwise the general path's results (tested).
+    """
+    outer, C, inner = x3.shape
+    if count == outer * inner:
+        return direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3)
+    if count < 2:
+        _checks.check_mask_count(count, outer * inner)
+    dtype = stats_dtype(x3.dtype)
+    grads = np.empty((2, C), dtype)
+    cpu_masked.backward(
+        dy3,
+        x3,
+        w2,
+        count,
+        mean,
+        invstd,
+        _constant(C, 1.0, dtype) if gamma is None else gamma,
+        _constant(C, 0.0, dtype) if beta is None else beta,
+        relu,
+        dx3,
+        grads,
+    )
+    return grads[0], grads[1]
+
+
 # --------------------------------------------------------------------------------------
 # Kernel calls
 # --------------------------------------------------------------------------------------
@@ -607,8 +703,10 @@ def direct_frozen_backward(dy, x3, mean, invstd, gamma, beta, relu, dx):
 
 def mask_view(mask, x, axis, v, st=None):
     """The mask (checked by :func:`fastbn._checks.check_mask`) as the kernels take it, and
-    its count of True positions: see :func:`fastbn._checks.mask_layout`."""
-    return _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
+    its count of True positions: see :func:`fastbn._checks.mask_layout` (flat and
+    boolean here, as the direct path passes it: the kernels compile once for it)."""
+    w, count = _checks.mask_layout(mask, x.shape, axis, v.order, v.x3.shape)
+    return w.reshape(-1).view(np.bool_), count
 
 
 def shard_moments(x, v, st=None, mask=None):
@@ -731,6 +829,32 @@ def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st
         else:
             cpu_masked.input_grad(dy3, x3, mask, *rest, dest.work)
     return _param_grads(s_dy, s_dyx, invstd64, grads)
+
+
+def masked_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, mask, count, st, grads):
+    """The masked backward of one array (no ``comm``; ``mask`` from :func:`mask_view`):
+    :func:`fastbn.cpu_masked.backward`, the direct path's kernels, fused per channel
+    where the plan fuses the unmasked backward; returns ``(dgamma, dbeta)`` as
+    :func:`backward` does."""
+    x3 = _compute_view(v, x.dtype)
+    C = x3.shape[1]
+    sums = np.empty((2, C), FLOAT64 if grads is None else grads[1])
+    cpu_masked.backward(
+        _compute_view(dyv, x.dtype),
+        x3,
+        mask,
+        count,
+        channel(mean),
+        channel(invstd),
+        param(gamma, C, 1.0, x.dtype),
+        param(beta, C, 0.0, x.dtype),
+        relu,
+        dest.work,
+        sums,
+    )
+    if grads is None:
+        return None, None
+    return sums[0], sums[1]
 
 
 def _param_grads(s_dy, s_dyx, invstd64, grads):

@@ -430,6 +430,11 @@ def backward(
         if comm is None and w is None:
             dgamma, dbeta = be.backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, st, grads)
             return (dest.finish(), dgamma, dbeta) + dz
+        if comm is None:  # the backend's own masked backward (the CPU's direct path's)
+            dgamma, dbeta = be.masked_backward(
+                x, v, dyv, dest, mean, invstd, gamma, beta, relu, w, count, st, grads
+            )
+            return (dest.finish(), dgamma, dbeta) + dz
         outer, _, inner = v.x3.shape
 
         def local():

@@ -24,6 +24,9 @@ from ._cpu_backend import direct_backward as _direct_backward
 from ._cpu_backend import direct_forward as _direct_forward
 from ._cpu_backend import direct_frozen_backward as _direct_frozen_backward
 from ._cpu_backend import direct_inference as _direct_inference
+from ._cpu_backend import direct_mask as _direct_mask
+from ._cpu_backend import direct_masked_backward as _direct_masked_backward
+from ._cpu_backend import direct_masked_forward as _direct_masked_forward
 from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
 from ._cpu_backend import direct_train as _direct_train
@@ -187,15 +190,19 @@ def batch_norm_forward(
     x3 = _direct_view(x, axis, stream, gamma, beta)
     if (
         x3 is not None
-        and mask is None
         and comm is None
         and residual is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
         and x3.shape[1]
-        and (y := _direct_out(out, x, x)) is not None
     ):
-        return _direct_forward(x3, y, gamma, beta, eps, activation == "relu")
+        if mask is None:
+            if (y := _direct_out(out, x, x)) is not None:
+                return _direct_forward(x3, y, gamma, beta, eps, activation == "relu")
+        elif (w := _direct_mask(mask, x, axis, x3)) is not None and (
+            y := _direct_out(out, x, x, mask)
+        ) is not None:
+            return _direct_masked_forward(x3, w[0], w[1], y, gamma, beta, eps, activation == "relu")
     x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)
@@ -353,9 +360,10 @@ def batch_norm_backward(
             "statistics were fixed and the gradient does not depend on a mask"
         )
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
+    w = None if mask is None or x3 is None else _direct_mask(mask, x, axis, x3)
     if (
         x3 is not None
-        and mask is None
+        and (mask is None or w is not None)
         and comm is None
         and residual is None
         and not residual_grad
@@ -367,10 +375,18 @@ def batch_norm_backward(
         and dy.flags.c_contiguous
         and x.size
         and _direct_options(1.0, activation)
-        and (dx := _direct_out(out, x, x, dy)) is not None
+        and (dx := _direct_out(out, x, x, dy) if w is None else _direct_out(out, x, x, dy, mask))
+        is not None
     ):
-        direct = _direct_backward if training else _direct_frozen_backward
-        dgamma, dbeta = direct(dy, x3, mean, invstd, gamma, beta, activation == "relu", dx)
+        relu = activation == "relu"
+        if w is not None:  # training (a mask with training=False was refused above)
+            dy3, dx3 = dy.reshape(x3.shape), dx.reshape(x3.shape)
+            dgamma, dbeta = _direct_masked_backward(
+                dy3, x3, w[0], w[1], mean, invstd, gamma, beta, relu, dx3
+            )
+        else:
+            direct = _direct_backward if training else _direct_frozen_backward
+            dgamma, dbeta = direct(dy, x3, mean, invstd, gamma, beta, relu, dx)
         if gamma is None and beta is None:
             return dx, None, None
         return dx, dgamma, dbeta

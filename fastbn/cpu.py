@@ -435,6 +435,14 @@ def _coefficient_table(mean, invstd, gamma, beta, dtype):
     return coef
 
 
+# Names for the drivers of other kernel modules (fastbn.cpu_masked), which compose these
+# helpers with their own passes: the same functions, hence the same bits.
+variance_invstd = _variance_invstd
+coefficient_table = _coefficient_table
+chunk_span = _chunk_span
+whole_runs = _whole_runs
+
+
 @njit(**_ELEMENTWISE)
 def _affine(x, hi, lo, scale, shift):
     """``((x - hi) - lo) * scale + shift`` in the data's dtype, never reassociated.
@@ -573,6 +581,9 @@ def _chunk_grad_sums_strided(dy1, x1, C, inner, c, o0, o1, i_first, i_last, coef
     return s_dy, s_dyx
 
 
+chunk_grad_sums_strided = _chunk_grad_sums_strided  # for fastbn.cpu_masked, as above
+
+
 @njit(**_REDUCE)
 def _grad_terms(dy, x, r, c, coef, mean, relu):
     """``(dy, dy * (x - mean))`` at row ``r``, channel ``c``, in float64; with ``relu``,
@@ -665,6 +676,9 @@ def _fill_grad_coefficients(s_dy, s_dyx, m, invstd, gamma, c, coef, dcoef):
     dcoef[0, c] = k
     dcoef[1, c] = -k * invstd * dgamma / m
     dcoef[2, c] = -k * s_dy / m
+
+
+fill_grad_coefficient = _fill_grad_coefficients  # for fastbn.cpu_masked, as above
 
 
 @njit(**_ELEMENTWISE)
@@ -1958,6 +1972,7 @@ def _plan(x3):
 
 
 plan = _plan  # the host's name for it (the direct path and the benchmarks plan once)
+plan_of = _plan_of  # by shape and itemsize (fastbn.cpu_masked caches its plans so)
 
 
 def _build_of(builds, plan):

@@ -1143,6 +1143,15 @@ def shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st):
     )
 
 
+def masked_backward(x, v, dyv, dest, mean, invstd, gamma, beta, relu, mask, count, st, grads):
+    """The masked backward of one array (no ``comm``): :func:`shard_grad_sums`, then
+    :func:`input_grad` with ``mask``; returns ``(dgamma, dbeta)``."""
+    sums = shard_grad_sums(x, v, dyv, mean, invstd, gamma, beta, relu, st)
+    return input_grad(
+        x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, mask=mask
+    )
+
+
 def input_grad(x, v, dyv, dest, mean, invstd, gamma, beta, relu, sums, count, st, grads, mask=None):
     """dx from sums over ``count`` values per channel (one launch); returns
     ``(dgamma, dbeta)`` as :func:`backward` does. With ``mask`` (from :func:`mask_view`),

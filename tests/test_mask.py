@@ -219,6 +219,95 @@ def test_all_true_mask_is_the_unmasked_result_bitwise(shape, axis, dtype):
     np.testing.assert_array_equal(rv_a, rv_b)
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", SHAPES[:-1] + MEDIUM + [((256, 64), 1)])
+def test_direct_and_general_masked_paths_agree_bitwise(shape, axis, dtype, activation):
+    """A plain C-contiguous NumPy call with a boolean mask of x's shape without the
+    channel axis takes the masked direct path (fastbn._cpu_backend.direct_mask); a NumPy
+    integer axis sends the same call through the general path. Every output must agree
+    bit for bit, with and without gamma/beta and out=, for a random and an all-True mask
+    (which both paths send to the unmasked kernels)."""
+    from fastbn import api
+
+    rng = np.random.default_rng(29)
+    x = make(shape, dtype, rng, 3.0, 2.0)
+    dy = make(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = rng.uniform(0.5, 1.5, C).astype(dtype), rng.normal(size=C).astype(dtype)
+    x3 = api._direct_view(x, axis, None)
+    for mask in (random_mask(shape, axis, rng), np.ones(reduced(shape, axis), bool)):
+        assert api._direct_mask(mask, x, axis, x3) is not None
+        for gb in ((gamma, beta), (None, None)):
+            results = []
+            for ax in (axis, np.int64(axis)):
+                kw = dict(axis=ax, activation=activation, mask=mask)
+                y, mean, invstd = fastbn.batch_norm_forward(x, *gb, **kw)
+                out = np.full_like(x, np.nan)
+                fastbn.batch_norm_forward(x, *gb, out=out, **kw)
+                grads = fastbn.batch_norm_backward(dy, x, mean, invstd, *gb, **kw)
+                results.append((y, mean, invstd, out) + grads)
+            for a, b in zip(*results):
+                if a is None:
+                    assert b is None
+                    continue
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 70001), (64, 16, 49), (5, 300000, 1)])
+def test_fused_masked_backward(shape, dtype, relu):
+    """The masked backward fused per channel (taken where the unmasked one is fused: a
+    large NCHW batch) gives the same bits for any thread count, and the two passes'
+    results to rounding (it sums the same chunks, but LLVM may compile a reduction
+    helper differently inside another driver, as for the unmasked fused backward). A
+    rows layout (inner == 1) has no fused kernel: fuse=True runs the two passes."""
+    from fastbn import cpu_masked
+
+    rng = np.random.default_rng(31)
+    x = make(shape, dtype, rng, 2.0, 3.0)
+    dy = make(shape, dtype, rng)
+    w = rng.random(shape[0] * shape[2]) < 0.7  # flat, as the kernels take it
+    C = shape[1]
+    mean, invstd = x.mean(axis=(0, 2)), rng.uniform(0.5, 2.0, C)
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(size=C)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for fuse, threads in ((False, before), (True, before), (True, 1)):
+            numba.set_num_threads(threads)
+            dx, grads = np.empty_like(x), np.empty((2, C), dtype)
+            m = int(w.sum())
+            cpu_masked.backward(dy, x, w, m, mean, invstd, gamma, beta, relu, dx, grads, fuse)
+            results.append((dx, grads))
+    finally:
+        numba.set_num_threads(before)
+    for u, v in zip(results[1], results[2]):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(results[0], results[1]):
+        assert_close(u, v, **tol(dtype, 4.0))
+
+
+def test_masks_the_direct_path_leaves_to_the_general_one():
+    """Broadcast, non-contiguous, wrongly shaped and non-boolean masks take the general
+    path (which checks them and raises its errors)."""
+    from fastbn import api
+
+    x = np.zeros((4, 3, 5))
+    x3 = api._direct_view(x, 1, None)
+    assert api._direct_mask(np.ones((4, 5), bool), x, 1, x3) is not None
+    for mask in (
+        np.ones(5, bool),
+        np.ones((5, 4), bool).T,
+        np.ones((4, 3), bool),
+        np.ones((4, 5), np.uint8),
+        [[True] * 5] * 4,
+    ):
+        assert api._direct_mask(mask, x, 1, x3) is None
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 3, 70001), 1), ((40001, 5), 1), ((64, 256, 7), 1)])
 def test_masked_results_do_not_depend_on_the_thread_count(shape, axis):
     rng = np.random.default_rng(7)
@@ -261,6 +350,31 @@ def test_padding_values_stay_out_of_the_statistics():
     _, mean_ref, invstd_ref = ref.masked_forward(x, mask)[:3]
     assert_close(mean, mean_ref, **tol(np.float64), name="mean")
     assert_close(invstd, invstd_ref, **tol(np.float64), name="invstd")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((5003, 8), 1), ((4, 30, 31, 3), -1), ((3, 4, 999), 1)])
+def test_nonfinite_padding_stays_out_of_every_family(shape, axis, dtype):
+    """NaN and infinities at False positions, in batches that run the vectorized loops
+    (the rows family multiplies each row by its mask bit, then takes the skipping loop
+    for a chunk whose sums came out non-finite): the statistics and dx are those of the
+    finite data, and the output at the True positions too."""
+    rng = np.random.default_rng(37)
+    x = rng.normal(size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    mask = random_mask(shape, axis, rng, p=0.7)
+    bad = np.expand_dims(~mask, axis % len(shape)) & (rng.random(shape) < 0.3)
+    padded = x.copy()
+    padded[bad] = rng.choice(np.array([np.nan, np.inf, -np.inf], dtype), size=int(bad.sum()))
+    y, mean, invstd = fastbn.batch_norm_forward(padded, axis=axis, mask=mask)
+    y_ref, mean_ref, invstd_ref = ref.masked_forward(x, mask, axis=axis)[:3]
+    assert_close(mean, mean_ref, **tol(dtype), name="mean")
+    assert_close(invstd, invstd_ref, **tol(dtype), name="invstd")
+    keep = np.broadcast_to(np.expand_dims(mask, axis % len(shape)), shape)
+    assert_close(y[keep], y_ref[keep], **tol(dtype), name="y")
+    dx = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis, mask=mask)[0]
+    dx_ref = ref.masked_backward(dy, x, mask, mean_ref, invstd_ref, axis=axis)[0]
+    assert_close(dx, dx_ref, **tol(dtype), name="dx")
 
 
 @pytest.mark.parametrize("shape,axis", [((5, 4, 3, 2), 1), ((6, 2, 3, 4), -1), ((9, 4), 1)])
