@@ -504,22 +504,22 @@ def batch_norm_inference(
     out, residual = be.wrap_out(out), be.wrap("residual", residual)
     axis, relu = _ops.check_forward_args(x, gamma, beta, axis, eps, out, activation)
     _checks.check_residual(residual, x.shape, x.dtype)
-    C = x.shape[axis]
-    _checks.check_running_stats(running_mean, running_var, C, axis, "for inference")
+    return _inference(
+        be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream, residual,
+        "for inference",
+    )  # fmt: skip
+
+
+def _inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream,
+               residual, when):  # fmt: skip
+    """The general path's inference, after the arguments' own checks: the running
+    statistics checked (``when`` says for what, in the message), then the backend's
+    normalization with them (:func:`batch_norm_inference`, ``batch_norm(training=False)``)."""
+    _checks.check_running_stats(running_mean, running_var, x.shape[axis], axis, when)
     return _ops.inference(
-        be,
-        x,
-        running_mean,
-        running_var,
-        gamma,
-        beta,
-        axis,
-        float(eps),
-        relu,
-        out,
-        stream,
+        be, x, running_mean, running_var, gamma, beta, axis, float(eps), relu, out, stream,
         residual=residual,
-    )
+    )  # fmt: skip
 
 
 @_tensors
@@ -675,21 +675,10 @@ def batch_norm(
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
-        _checks.check_running_stats(running_mean, running_var, C, axis, "when training=False")
-        return _ops.inference(
-            be,
-            x,
-            running_mean,
-            running_var,
-            gamma,
-            beta,
-            axis,
-            float(eps),
-            relu,
-            out,
-            stream,
-            residual=residual,
-        )
+        return _inference(
+            be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream,
+            residual, "when training=False",
+        )  # fmt: skip
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     factor = _ops.momentum_factor(momentum, num_batches_tracked)
