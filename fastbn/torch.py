@@ -51,24 +51,6 @@ def _array(t):
     return t if t.is_cuda else t.numpy()
 
 
-def _output(t):
-    """A new tensor like CPU tensor ``t`` from torch's own allocator and its NumPy view
-    ``(tensor, array)`` for the kernels to write, or ``(None, None)`` when ``t`` is not a
-    C-contiguous CPU tensor of a dtype the kernels take.
-
-    The kernels write the output and the input gradient into memory torch allocated,
-    as ``torch.nn.BatchNorm2d``'s do, and the tensor goes back as it is: no NumPy array
-    (which NumPy asks the kernel to back with huge pages from 4 MiB on, among torch's
-    own allocations) and no ``torch.from_numpy`` wrapper. Measured in the paired rounds
-    of ``benchmarks.torch_cnn`` (docs/torch.md): the BatchNorm layers ~1.2x faster than
-    with NumPy-allocated results.
-    """
-    if t.is_cuda or t.dtype in _COMPUTE or not t.is_contiguous():
-        return None, None
-    out = torch.empty(t.shape, dtype=t.dtype)
-    return out, out.numpy()
-
-
 def _tensor(a, dtype):
     """A result as a tensor of ``dtype`` (NumPy results shared, not copied)."""
     if a is None:
@@ -98,12 +80,10 @@ def _store_running(t, copy):
 # --------------------------------------------------------------------------------------
 
 
-def _train_forward(
-    x, weight, bias, running_mean, running_var, momentum, eps, on_nonfinite, out=None
-):
+def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on_nonfinite):
     """The training forward with the running update (the layer's rules, :mod:`fastbn._ops`):
     ``(y, mean, invstd)``, the statistics in float64 for the backward (as the layer keeps
-    them). ``out`` (optional, from :func:`_output`): where the direct path writes ``y``.
+    them).
 
     A C-contiguous float32/float64 CPU call takes the direct path of the public functions
     (:func:`fastbn._cpu_backend.direct_train`: the same kernels on the same view, bitwise
@@ -121,7 +101,7 @@ def _train_forward(
         ):
             factor = None if running_mean is None else _ops.momentum_factor(momentum, None)
             _ops.check_on_nonfinite(on_nonfinite)
-            y = np.empty(x.shape, x.dtype) if out is None else out
+            y = np.empty(x.shape, x.dtype)
             mean, _, invstd = _cpu_backend.direct_train(
                 x3, y.reshape(x3.shape), weight, bias, eps, False, running_mean, running_var,
                 factor, True, on_nonfinite, stacklevel=4,
@@ -155,15 +135,12 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
                 on_nonfinite):  # fmt: skip
         x, w, b = _array(input), _array(weight), _array(bias)
-        out, out_array = _output(input)
         ctx.training = training
         ctx.eps = eps
         if training:
             rm, mean_copy = _running(running_mean)
             rv, var_copy = _running(running_var)
-            y, mean, invstd = _train_forward(
-                x, w, b, rm, rv, momentum, eps, on_nonfinite, out_array
-            )
+            y, mean, invstd = _train_forward(x, w, b, rm, rv, momentum, eps, on_nonfinite)
             _store_running(running_mean, mean_copy)
             _store_running(running_var, var_copy)
             # the arrays for the backward; the tensors saved too, so that autograd
@@ -174,11 +151,9 @@ class _BatchNormFunction(torch.autograd.Function):
             if running_mean is None or running_var is None:
                 raise ValueError("running_mean and running_var are required when training=False")
             y = api.batch_norm_inference(
-                x, _array(running_mean), _array(running_var), w, b, eps=eps, out=out_array
+                x, _array(running_mean), _array(running_var), w, b, eps=eps
             )
             ctx.save_for_backward(input, weight, bias, running_mean, running_var)
-        if out is not None and y is out_array:  # written in torch's memory: no wrapper
-            return out
         return _tensor(y, input.dtype)
 
     @staticmethod
@@ -188,10 +163,7 @@ class _BatchNormFunction(torch.autograd.Function):
         if ctx.training:
             input, weight, bias = ctx.saved_tensors
             x, w, b, mean, invstd = ctx.arrays
-            dx_tensor, dx = _output(input) if needs[0] else (None, None)
-            dx, dweight, dbias = api.batch_norm_backward(_array(dy), x, mean, invstd, w, b, out=dx)
-            if dx_tensor is not None:  # written in place: torch's memory
-                dx = dx_tensor
+            dx, dweight, dbias = api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
         else:
             # the frozen-statistics gradient: the running statistics were constants of
             # the forward (their values then: autograd refuses them modified in place)
