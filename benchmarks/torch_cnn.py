@@ -18,7 +18,8 @@ Measured, each with ``torch.nn.BatchNorm2d`` and with ``fastbn.torch.BatchNorm2d
 Run ``python -m benchmarks.torch_cnn`` (``--rounds``, ``--threads``; default 2 threads);
 ``benchmarks/test_torch_cnn.py`` times the same calls with pytest-benchmark.
 ``--layers`` breaks the training step down instead (:func:`step_layers`): each layer's
-forward and backward inside the step, both models in paired rounds.
+forward and backward inside the step, both models in paired rounds; ``--faults`` the
+same in page faults (medians).
 """
 
 from __future__ import annotations
@@ -125,9 +126,18 @@ def make_calls(op, shape=ACTIVATION):
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
-def step_layers(model, x, target):
+def page_faults():
+    """The process's minor page faults so far (``getrusage``): a clock for
+    :func:`step_layers` that counts the pages each layer faults in."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def step_layers(model, x, target, clock=time.perf_counter):
     """One training step of ``model`` (forward, cross-entropy, backward; no optimizer)
     timed layer by layer: ``{"<i> <Layer> forward": s, "<i> <Layer> backward": s, ...}``.
+    ``clock``: what is read around each layer (:func:`page_faults` counts faults instead).
 
     Each layer's forward is timed around its call; its backward is the time between
     the gradient of its output and that of its input becoming available (tensor hooks,
@@ -145,7 +155,7 @@ def step_layers(model, x, target):
     """
     import torch
 
-    now = time.perf_counter
+    now = clock
     stamps = {}  # layer index -> when the gradient of its output was ready
     times = {}
     h = x
@@ -168,9 +178,10 @@ def step_layers(model, x, target):
     return times
 
 
-def measure_layers(rounds=10, threads=2, shape=ACTIVATION):
+def measure_layers(rounds=10, threads=2, shape=ACTIVATION, clock=time.perf_counter):
     """:func:`step_layers` of the CNN with each provider's BatchNorm2d, in paired rounds
-    (the order alternating); the step's gradients are zeroed, never applied.
+    (the order alternating); the step's gradients are zeroed, never applied. ``clock``:
+    see :func:`step_layers`.
 
     Returns
     -------
@@ -196,7 +207,7 @@ def measure_layers(rounds=10, threads=2, shape=ACTIVATION):
     for r in range(rounds + 1):  # the first round compiles and faults in: not kept
         for name in names if r % 2 == 0 else names[::-1]:
             models[name].zero_grad(set_to_none=False)
-            times = step_layers(models[name], x, target)
+            times = step_layers(models[name], x, target, clock)
             if r:
                 samples[name].append(times)
     layers = {
@@ -297,11 +308,18 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
     parser.add_argument("--layers", action="store_true", help="the step layer by layer")
+    parser.add_argument("--faults", action="store_true", help="--layers in page faults")
     args = parser.parse_args(argv)
-    if args.layers:
-        result = measure_layers(args.rounds or 10, args.threads)
+    if args.layers or args.faults:
+        clock, scale, unit, digits = (
+            (page_faults, 1, "faults", 0) if args.faults else (time.perf_counter, 1e3, "ms", 2)
+        )
+        result = measure_layers(args.rounds or 10, args.threads, clock=clock)
         for key, t in result["layers"].items():
-            print(f"{key:28s} torch {t['torch'] * 1e3:8.2f} ms  fastbn {t['fastbn'] * 1e3:8.2f} ms")
+            print(
+                f"{key:28s} torch {t['torch'] * scale:8.{digits}f} {unit}  "
+                f"fastbn {t['fastbn'] * scale:8.{digits}f} {unit}"
+            )
         return
     print(json.dumps(measure(args.ops, args.rounds, args.threads), indent=2))
 

@@ -425,3 +425,6 @@ def test_torch_cnn_step_layers_cover_the_step(monkeypatch):
     for times in layers.values():
         assert set(times) == {"torch", "fastbn"}
         assert all(t >= 0 for t in times.values())
+    faults = torch_cnn.measure_layers(rounds=1, shape=(4, 8, 6, 6), clock=torch_cnn.page_faults)
+    assert faults["layers"].keys() == layers.keys()
+    assert all(n >= 0 and n == int(n) for t in faults["layers"].values() for n in t.values())
