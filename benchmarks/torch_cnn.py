@@ -17,6 +17,9 @@ Measured, each with ``torch.nn.BatchNorm2d`` and with ``fastbn.torch.BatchNorm2d
 
 Run ``python -m benchmarks.torch_cnn`` (``--rounds``, ``--threads``; default 2 threads);
 ``benchmarks/test_torch_cnn.py`` times the same calls with pytest-benchmark.
+``--layers`` breaks the training step down instead (:func:`step_layers`): each layer's
+forward and backward inside the step, both models in paired rounds; ``--faults`` the
+same in page faults (medians).
 """
 
 from __future__ import annotations
@@ -123,6 +126,97 @@ def make_calls(op, shape=ACTIVATION):
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
+def page_faults():
+    """The process's minor page faults so far (``getrusage``): a clock for
+    :func:`step_layers` that counts the pages each layer faults in."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def step_layers(model, x, target, clock=time.perf_counter):
+    """One training step of ``model`` (forward, cross-entropy, backward; no optimizer)
+    timed layer by layer: ``{"<i> <Layer> forward": s, "<i> <Layer> backward": s, ...}``.
+    ``clock``: what is read around each layer (:func:`page_faults` counts faults instead).
+
+    Each layer's forward is timed around its call; its backward is the time between
+    the gradient of its output and that of its input becoming available (tensor hooks,
+    run by the autograd engine as it goes; the first layer's input needs no gradient:
+    its backward ends with ``backward()``). ``loss`` is the cross-entropy, forward and
+    backward. The hooks' own cost (~µs) is in the times.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = make_cnn(torch, channels=4)
+    >>> times = step_layers(model, torch.randn(2, 3, 5, 5), torch.tensor([1, 2]))
+    >>> sorted(times)[:2]
+    ['0 Conv2d backward', '0 Conv2d forward']
+    """
+    import torch
+
+    now = clock
+    stamps = {}  # layer index -> when the gradient of its output was ready
+    times = {}
+    h = x
+    for i, layer in enumerate(model):
+        start = now()
+        h = layer(h)
+        times[f"{i} {type(layer).__name__} forward"] = now() - start
+        h.register_hook(lambda grad, i=i: stamps.__setitem__(i, now()))
+    start = now()
+    loss = torch.nn.functional.cross_entropy(h, target)
+    times["loss forward"] = now() - start
+    start = now()
+    loss.backward()
+    end = now()
+    last = len(model) - 1
+    times["loss backward"] = stamps[last] - start
+    for i in range(last, -1, -1):
+        done = stamps[i - 1] if i else end
+        times[f"{i} {type(model[i]).__name__} backward"] = done - stamps[i]
+    return times
+
+
+def measure_layers(rounds=10, threads=2, shape=ACTIVATION, clock=time.perf_counter):
+    """:func:`step_layers` of the CNN with each provider's BatchNorm2d, in paired rounds
+    (the order alternating); the step's gradients are zeroed, never applied. ``clock``:
+    see :func:`step_layers`.
+
+    Returns
+    -------
+    dict
+        ``{"threads", "rounds", "layers": {name: {"torch": s, "fastbn": s}}}``: medians
+        over the rounds.
+    """
+    import numba
+    import torch
+
+    import fastbn.torch as fbt
+
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    N, C, H, W = shape
+    torch_model = make_cnn(torch, C)
+    models = {"torch": torch_model, "fastbn": fbt.convert(copy.deepcopy(torch_model))}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, H, W, generator=gen)
+    target = torch.randint(0, 10, (N,), generator=gen)
+    names = list(models)
+    samples = {name: [] for name in names}
+    for r in range(rounds + 1):  # the first round compiles and faults in: not kept
+        for name in names if r % 2 == 0 else names[::-1]:
+            models[name].zero_grad(set_to_none=False)
+            times = step_layers(models[name], x, target, clock)
+            if r:
+                samples[name].append(times)
+    layers = {
+        key: {name: statistics.median(t[key] for t in samples[name]) for name in names}
+        for key in samples["torch"][0]
+    }
+    return {"threads": threads, "rounds": rounds, "layers": layers}
+
+
 def direct_small_call():
     """The kernels of ``small-call`` called directly on NumPy arrays (no autograd)."""
     import fastbn
@@ -213,7 +307,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
+    parser.add_argument("--layers", action="store_true", help="the step layer by layer")
+    parser.add_argument("--faults", action="store_true", help="--layers in page faults")
     args = parser.parse_args(argv)
+    if args.layers or args.faults:
+        clock, scale, unit, digits = (
+            (page_faults, 1, "faults", 0) if args.faults else (time.perf_counter, 1e3, "ms", 2)
+        )
+        result = measure_layers(args.rounds or 10, args.threads, clock=clock)
+        for key, t in result["layers"].items():
+            print(
+                f"{key:28s} torch {t['torch'] * scale:8.{digits}f} {unit}  "
+                f"fastbn {t['fastbn'] * scale:8.{digits}f} {unit}"
+            )
+        return
     print(json.dumps(measure(args.ops, args.rounds, args.threads), indent=2))
 
 

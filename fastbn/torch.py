@@ -142,9 +142,15 @@ class _BatchNormFunction(torch.autograd.Function):
             y, mean, invstd = _train_forward(x, w, b, rm, rv, momentum, eps, on_nonfinite)
             _store_running(running_mean, mean_copy)
             _store_running(running_var, var_copy)
-            # the arrays for the backward; the tensors saved too, so that autograd
-            # refuses a backward after one of them was modified in place
-            ctx.arrays = (x, w, b, mean, invstd)
+            # The tensors saved (autograd refuses a backward after one of them was
+            # modified in place, and releases them once the backward ran); the backward
+            # views them again rather than keeping the arrays on ctx, which lives with
+            # the graph: kept there, the input stayed allocated until the whole backward
+            # ended, and the step's next large allocations faulted in fresh pages
+            # (docs/torch.md). Only converted copies (bfloat16) are kept.
+            converted = any(t is not None and t.dtype in _COMPUTE for t in (input, weight, bias))
+            ctx.arrays = (x, w, b) if converted else None
+            ctx.stats = (mean, invstd)
             ctx.save_for_backward(input, weight, bias)
         else:
             if running_mean is None or running_var is None:
@@ -172,7 +178,11 @@ class _BatchNormFunction(torch.autograd.Function):
 def _kernel_backward(ctx, dy):
     """The gradient of :class:`_BatchNormFunction` on fastbn's kernels: dx, dweight, dbias."""
     if ctx.training:
-        x, w, b, mean, invstd = ctx.arrays
+        if ctx.arrays is None:  # views of the saved tensors (see _BatchNormFunction.forward)
+            x, w, b = (_array(t) for t in ctx.saved_tensors)
+        else:
+            x, w, b = ctx.arrays
+        mean, invstd = ctx.stats
         return api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
     # the frozen-statistics gradient: the running statistics were constants of the
     # forward (their values then: autograd refuses them modified in place)

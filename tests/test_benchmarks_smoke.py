@@ -409,3 +409,22 @@ def test_torch_cnn_calls_run_and_agree(monkeypatch):
         grads[name] = [x.grad.clone() for x in call.inputs]
     for theirs, ours in zip(grads["torch"], grads["fastbn"]):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_cnn_step_layers_cover_the_step(monkeypatch):
+    """benchmarks/torch_cnn.py's per-layer breakdown of the training step: a forward and
+    a backward time for every layer of the CNN and the loss, for both providers."""
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import torch_cnn
+
+    result = torch_cnn.measure_layers(rounds=2, shape=(4, 8, 6, 6))
+    layers = result["layers"]
+    assert len(layers) == 2 * (9 + 1)  # 9 layers and the loss, forward and backward
+    assert "1 BatchNorm2d backward" in layers and "loss forward" in layers
+    for times in layers.values():
+        assert set(times) == {"torch", "fastbn"}
+        assert all(t >= 0 for t in times.values())
+    faults = torch_cnn.measure_layers(rounds=1, shape=(4, 8, 6, 6), clock=torch_cnn.page_faults)
+    assert faults["layers"].keys() == layers.keys()
+    assert all(n >= 0 and n == int(n) for t in faults["layers"].values() for n in t.values())

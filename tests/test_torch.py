@@ -763,3 +763,30 @@ def test_save_and_load_through_torch_save():
     theirs = torch.nn.BatchNorm2d(3)
     theirs.load_state_dict(torch.load(buffer))
     assert torch.equal(theirs.running_mean, ours.running_mean)
+
+
+def _storage_use_count(t):
+    """How many references hold ``t``'s storage (torch's own count)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._C, "_storage_Use_Count"), reason="torch lacks _storage_Use_Count"
+)
+def test_training_node_holds_the_input_only_as_torch_does():
+    """After the backward, nothing of fastbn's autograd node holds the input's memory,
+    although the graph (``y.grad_fn``) lives on: the saved input is released as
+    torch.nn's is. A node that kept it (NumPy views on ctx) kept a (32, 64, 56, 56)
+    activation allocated until the whole backward ended, and the next step faulted in
+    fresh pages for it (docs/torch.md). A backward with ``retain_graph=True`` still runs
+    twice, with the same gradients."""
+    inp = torch.randn(4, 3, 5, 5, requires_grad=True)
+    h = inp * 2
+    before = _storage_use_count(h)
+    y = fbt.batch_norm(h, None, None, training=True)
+    dy = torch.randn(y.shape)
+    (first,) = torch.autograd.grad(y, inp, dy, retain_graph=True)
+    (second,) = torch.autograd.grad(y, inp, dy)
+    assert torch.equal(first, second)
+    assert y.grad_fn is not None
+    assert _storage_use_count(h) == before
