@@ -853,33 +853,6 @@ def _chunk_frozen_strided(dy1, x1, dx1, C, inner, c, o0, o1, i_first, i_last, co
     return s_dy, s_dyx
 
 
-@njit(**_ELEMENTWISE)
-def _frozen_row(dy_row, x_row, out, hi, lo, scale, shift, mean, relu, zero, a, b):
-    """One row of :func:`_chunk_frozen_rows` written into ``out`` (its in-place path): the
-    arithmetic of its loops, in the same order, so the same bits."""
-    C = x_row.shape[0]
-    if relu:
-        for c in range(C):
-            xv = x_row[c]
-            g = dy_row[c]
-            if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
-                g = zero
-            out[c] = scale[c] * g
-            g64 = np.float64(g)
-            a[c] += g64
-            b[c] += g64 * (np.float64(xv) - mean[c])
-    else:
-        for c in range(C):
-            g = dy_row[c]
-            out[c] = scale[c] * g
-            g64 = np.float64(g)
-            a[c] += g64
-            b[c] += g64 * (np.float64(x_row[c]) - mean[c])
-
-
-_frozen_row_inline = _inlined(_frozen_row, _ELEMENTWISE)
-
-
 # The rows helper writes dx in the loop that sums: it takes the elementwise options (no
 # reassociation), so that each channel's sums are in row order whatever LLVM vectorizes
 # (across channels) and whether or not dx aliases dy.
@@ -935,9 +908,15 @@ def _chunk_frozen_rows(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
 @njit(**_ELEMENTWISE)
 def _chunk_frozen_rows_in_place(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
     """:func:`_chunk_frozen_rows` when dx is dy or x (``out=dy``): each row of dx is
-    computed into a buffer (:func:`_frozen_row`, the same arithmetic in the same order:
-    the same bits), then copied. Written in place, the loop fails LLVM's runtime overlap
-    check and runs its unvectorized copy (1.9-2.4x the time, docs/cpu.md).
+    computed into a buffer of C values by the loops of :func:`_chunk_frozen_rows` (the
+    same arithmetic in the same order: the same bits), then copied. Written in place,
+    the loop fails LLVM's runtime overlap check and runs its unvectorized copy (1.9-2.4x
+    the time, docs/cpu.md).
+
+    The loops are written out here, the ReLU test outside the row loop as in
+    :func:`_chunk_frozen_rows`: through a row helper inlined into the row loop (with
+    ``relu`` tested inside it), the same work took 1.6x (256 channels) to 2.6x (64
+    channels) the time of the separate-dx kernel (docs/cpu.md).
 
     Parameters
     ----------
@@ -957,10 +936,29 @@ def _chunk_frozen_rows_in_place(dy, x, dx, r0, r1, coef, relu, s_dy, s_dyx):
     hi, lo, scale, shift = coef[MEAN_HI], coef[MEAN_LO], coef[SCALE], coef[SHIFT]
     zero = coef.dtype.type(0)
     buffer = np.empty(C, dx.dtype)
-    for r in range(r0, r1):
-        _frozen_row_inline(dy[r], x[r], buffer, hi, lo, scale, shift, mean, relu, zero, a, b)
-        for c in range(C):
-            dx[r, c] = buffer[c]
+    if relu:
+        for r in range(r0, r1):
+            for c in range(C):
+                xv = x[r, c]
+                g = dy[r, c]
+                if _affine_inline(xv, hi[c], lo[c], scale[c], shift[c]) <= zero:
+                    g = zero
+                buffer[c] = scale[c] * g
+                g64 = np.float64(g)
+                a[c] += g64
+                b[c] += g64 * (np.float64(xv) - mean[c])
+            for c in range(C):
+                dx[r, c] = buffer[c]
+    else:
+        for r in range(r0, r1):
+            for c in range(C):
+                g = dy[r, c]
+                buffer[c] = scale[c] * g
+                g64 = np.float64(g)
+                a[c] += g64
+                b[c] += g64 * (np.float64(x[r, c]) - mean[c])
+            for c in range(C):
+                dx[r, c] = buffer[c]
     for c in range(C):  # not s_dy[:] = a (see _chunk_grad_sums_rows)
         s_dy[c] = a[c]
         s_dyx[c] = b[c]

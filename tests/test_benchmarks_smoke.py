@@ -231,6 +231,16 @@ def test_copy_bandwidth_is_measured(report_module):
     assert result.method in result.by_method
 
 
+def test_frozen_rows_compares_every_variant(report_module, capsys):
+    """``benchmarks.frozen_rows`` times each variant against the plain loop on a small case."""
+    from benchmarks.frozen_rows import _case
+
+    _case((64, 8), 2)
+    out = capsys.readouterr().out
+    for name in ("frozen ", "plain ", "frozen@2K", "plain@2K", "frozen out=dy"):
+        assert name in out, out
+
+
 def test_small_benchmarks_run_untimed(tmp_path):
     """Every provider and op of the small case runs once under pytest-benchmark.
 
