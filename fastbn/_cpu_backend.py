@@ -617,7 +617,7 @@ def direct_mask(mask, x, axis, x3):
     >>> import numpy as np
     >>> x = np.zeros((2, 3, 4))
     >>> w, count = direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4))
-    >>> w.astype(int).tolist(), count
+    >>> w.astype(int).tolist(), int(count)
     ([1, 0, 0, 0, 0, 1, 0, 0], 2)
     >>> direct_mask(np.ones(4, bool), x, 1, x.reshape(2, 3, 4)) is None
     True
