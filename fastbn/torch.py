@@ -163,11 +163,12 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        input, weight, bias = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # unpacked once: each access unpacks them again
+        input, weight, bias = saved[:3]
         if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
-            dx, dweight, dbias = _differentiable_backward(ctx, dy)
+            dx, dweight, dbias = _differentiable_backward(ctx, dy, saved)
         else:
-            dx, dweight, dbias = (_tensor(a, None) for a in _kernel_backward(ctx, dy))
+            dx, dweight, dbias = (_tensor(a, None) for a in _kernel_backward(ctx, dy, saved))
         needs = ctx.needs_input_grad
         dx = dx.to(input.dtype) if needs[0] else None
         dweight = dweight.to(weight.dtype) if needs[1] else None
@@ -175,18 +176,19 @@ class _BatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
-def _kernel_backward(ctx, dy):
-    """The gradient of :class:`_BatchNormFunction` on fastbn's kernels: dx, dweight, dbias."""
+def _kernel_backward(ctx, dy, saved):
+    """The gradient of :class:`_BatchNormFunction` on fastbn's kernels (``saved``: its
+    saved tensors): dx, dweight, dbias."""
     if ctx.training:
         if ctx.arrays is None:  # views of the saved tensors (see _BatchNormFunction.forward)
-            x, w, b = (_array(t) for t in ctx.saved_tensors)
+            x, w, b = (_array(t) for t in saved)
         else:
             x, w, b = ctx.arrays
         mean, invstd = ctx.stats
         return api.batch_norm_backward(_array(dy), x, mean, invstd, w, b)
     # the frozen-statistics gradient: the running statistics were constants of the
     # forward (their values then: autograd refuses them modified in place)
-    input, weight, bias, running_mean, running_var = ctx.saved_tensors
+    input, weight, bias, running_mean, running_var = saved
     mean = running_mean.detach().to(torch.float64)
     invstd = torch.rsqrt(running_var.detach().to(torch.float64) + ctx.eps)
     return api.batch_norm_backward(
@@ -194,8 +196,9 @@ def _kernel_backward(ctx, dy):
     )
 
 
-def _differentiable_backward(ctx, dy):
-    """The gradient of :class:`_BatchNormFunction` in torch operations, for a double backward.
+def _differentiable_backward(ctx, dy, saved):
+    """The gradient of :class:`_BatchNormFunction` (``saved``: its saved tensors) in torch
+    operations, for a double backward.
 
     Under ``create_graph=True`` the gradient must itself be a node of the graph: it is
     computed from the saved input with the formula of docs/math.md (in training the
@@ -204,7 +207,7 @@ def _differentiable_backward(ctx, dy):
     bfloat16 tensors, in the input's dtype otherwise. Returns dx, dweight, dbias (dweight
     and dbias also when the parameters are None).
     """
-    input, weight, bias = ctx.saved_tensors[:3]
+    input, weight, bias = saved[:3]
     acc = input.dtype if input.dtype == torch.float64 else torch.float32
     dims = [0, *range(2, input.dim())]
     shape = [1, -1] + [1] * (input.dim() - 2)
@@ -213,7 +216,7 @@ def _differentiable_backward(ctx, dy):
         mean = x.mean(dims, keepdim=True)
         invstd = torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + ctx.eps)
     else:
-        running_mean, running_var = ctx.saved_tensors[3:]
+        running_mean, running_var = saved[3:]
         mean = running_mean.detach().to(acc).reshape(shape)
         invstd = torch.rsqrt(running_var.detach().to(acc).reshape(shape) + ctx.eps)
     xhat = (x - mean) * invstd
