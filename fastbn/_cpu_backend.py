@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import _checks, _ops, cpu, cpu_masked
+from . import _checks, _config, _ops, cpu, cpu_masked
 
 NAME = "cpu"
 DEFERRED_NONFINITE = False  # non-finite statistics are reported in the call itself
@@ -603,8 +603,7 @@ def direct_frozen_backward(dy, x3, mean, invstd, gamma, beta, relu, dx):
 
 def direct_mask(mask, x, axis, x3):
     """``mask`` as the masked direct path's kernels take it (flat: the ``(outer, inner)``
-    positions in memory order), and its count of True positions; None when the call
-    takes the general path.
+    positions in memory order); None when the call takes the general path.
 
     Qualifies: a plain C-contiguous boolean NumPy array of exactly x's shape without the
     channel axis (``x3`` from :func:`direct_view`, so x is C-contiguous: the mask's
@@ -616,9 +615,8 @@ def direct_mask(mask, x, axis, x3):
     --------
     >>> import numpy as np
     >>> x = np.zeros((2, 3, 4))
-    >>> w, count = direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4))
-    >>> w.astype(int).tolist(), int(count)
-    ([1, 0, 0, 0, 0, 1, 0, 0], 2)
+    >>> direct_mask(np.eye(2, 4, dtype=bool), x, 1, x.reshape(2, 3, 4)).astype(int).tolist()
+    [1, 0, 0, 0, 0, 1, 0, 0]
     >>> direct_mask(np.ones(4, bool), x, 1, x.reshape(2, 3, 4)) is None
     True
     """
@@ -628,52 +626,58 @@ def direct_mask(mask, x, axis, x3):
     if len(shape) == 2:  # the most common call: spare the tuple slices, as direct_view does
         if mask.shape != ((shape[0],) if axis % 2 else (shape[1],)):
             return None
-    else:
-        axis %= len(shape)
-        if mask.shape != shape[:axis] + shape[axis + 1 :]:
-            return None
-    return (mask if mask.ndim == 1 else mask.reshape(-1)), np.count_nonzero(mask)
+        return mask
+    axis %= len(shape)
+    if mask.shape != shape[:axis] + shape[axis + 1 :]:
+        return None
+    return mask.reshape(-1)
 
 
-def direct_masked_forward(x3, w2, count, y, gamma, beta, eps, relu):
-    """The masked training forward of the direct path (``w2`` and ``count`` from
-    :func:`direct_mask`): returns ``(y, mean, invstd)`` as :func:`direct_forward` does.
+def direct_masked_forward(x3, w, y, gamma, beta, eps, relu):
+    """The masked training forward of the direct path (``w`` from :func:`direct_mask`):
+    returns ``(y, mean, invstd)`` as :func:`direct_forward` does.
 
     A mask that is all True takes :func:`direct_forward` (as the general path takes the
     unmasked kernels); fewer than 2 True positions are the general path's ValueError,
     raised before ``y`` is written. Otherwise :func:`fastbn.cpu_masked.forward`, the
-    general path's kernels in one dispatch: bitwise its results (tested).
+    general path's kernels in one dispatch, or for a small rows batch (one reduction
+    chunk, ``x3.nbytes < SERIAL_BYTES <= CHUNK_BYTES``)
+    :func:`fastbn.cpu_masked.small_forward_kernel`, which counts the mask itself and
+    writes the statistics in their dtype: bitwise the general path's results (tested).
     """
     outer, C, inner = x3.shape
+    dtype = stats_dtype(x3.dtype)
+    if gamma is None:
+        gamma = _constant(C, 1.0, dtype)
+    if beta is None:
+        beta = _constant(C, 0.0, dtype)
+    if inner == 1 and x3.nbytes < _config.SERIAL_BYTES:
+        stats = np.empty((2, C), x3.dtype)
+        count = cpu_masked.small_forward_kernel(x3, w, eps, gamma, beta, relu, y, stats)
+        if 2 <= count < outer:
+            return y, stats[0], stats[1]
+    else:
+        count = np.count_nonzero(w)
     if count == outer * inner:
         return direct_forward(x3, y, gamma, beta, eps, relu)
     if count < 2:
         _checks.check_mask_count(count, outer * inner)
-    dtype = stats_dtype(x3.dtype)
-    stats = cpu_masked.forward(
-        x3,
-        w2,
-        count,
-        _constant(C, 1.0, dtype) if gamma is None else gamma,
-        _constant(C, 0.0, dtype) if beta is None else beta,
-        eps,
-        relu,
-        y.reshape(x3.shape),
-    )
+    stats = cpu_masked.forward(x3, w, count, gamma, beta, eps, relu, y.reshape(x3.shape))
     if x3.dtype is FLOAT64:
         return y, stats[0], stats[1]
     pair = stats[:2].astype(FLOAT32)
     return y, pair[0], pair[1]
 
 
-def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, dx3):
-    """The masked backward of the direct path (``w2`` and ``count`` from
-    :func:`direct_mask`): ``dx3`` written; returns ``(dgamma, dbeta)`` as
-    :func:`direct_backward` does, which an all-True mask takes (as the general path
-    does); fewer than 2 True positions are the general path's ValueError, raised before
-    ``dx3`` is written. Bitwise the general path's results (tested).
+def direct_masked_backward(dy3, x3, w, mean, invstd, gamma, beta, relu, dx3):
+    """The masked backward of the direct path (``w`` from :func:`direct_mask`): ``dx3``
+    written; returns ``(dgamma, dbeta)`` as :func:`direct_backward` does, which an
+    all-True mask takes (as the general path does); fewer than 2 True positions are the
+    general path's ValueError, raised before ``dx3`` is written. Bitwise the general
+    path's results (tested).
     """
     outer, C, inner = x3.shape
+    count = np.count_nonzero(w)
     if count == outer * inner:
         return direct_backward(dy3, x3, mean, invstd, gamma, beta, relu, dx3)
     if count < 2:
@@ -683,7 +687,7 @@ def direct_masked_backward(dy3, x3, w2, count, mean, invstd, gamma, beta, relu, 
     cpu_masked.backward(
         dy3,
         x3,
-        w2,
+        w,
         count,
         mean,
         invstd,

@@ -202,7 +202,7 @@ def batch_norm_forward(
         elif (w := _direct_mask(mask, x, axis, x3)) is not None and (
             y := _direct_out(out, x, x, mask)
         ) is not None:
-            return _direct_masked_forward(x3, w[0], w[1], y, gamma, beta, eps, activation == "relu")
+            return _direct_masked_forward(x3, w, y, gamma, beta, eps, activation == "relu")
     x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)
@@ -382,7 +382,7 @@ def batch_norm_backward(
         if w is not None:  # training (a mask with training=False was refused above)
             dy3, dx3 = dy.reshape(x3.shape), dx.reshape(x3.shape)
             dgamma, dbeta = _direct_masked_backward(
-                dy3, x3, w[0], w[1], mean, invstd, gamma, beta, relu, dx3
+                dy3, x3, w, mean, invstd, gamma, beta, relu, dx3
             )
         else:
             direct = _direct_backward if training else _direct_frozen_backward

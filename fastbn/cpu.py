@@ -1830,6 +1830,7 @@ def _small_build(fn, calls):
     return njit(**_config.JIT_OPTIONS)(copy)
 
 
+normalize_small = _normalize_small  # for fastbn.cpu_masked's small-call driver
 small_forward_kernel = _small_build(_small_forward, {"moments": moments_kernels})
 small_backward_kernel = _small_build(_small_backward, {"grad_sums": grad_sums_kernels})
 small_inference_kernel = _small_build(_small_inference, {})

@@ -653,6 +653,63 @@ _backward_kernels = _composed(
 )
 
 
+# The serial rows statistics pass, compiled as part of the small-call driver below (its
+# reduction helper, _masked_sums_rows, stays a separate function, as in every build).
+_moments_rows_inline = njit(inline="always", **_REDUCE)(_moments_rows.serial.py_func)
+
+
+@njit(**_REDUCE)
+def small_forward_kernel(x, w, eps, gamma, beta, relu, y, stats):
+    """The masked training forward of a small rows batch (one reduction chunk, serial):
+    :func:`_forward` counting the mask itself and writing the statistics in their final
+    dtype, with :func:`fastbn.cpu.normalize_small` (the unmasked small call's normalize
+    pass, the same formula per value as :func:`fastbn.cpu.normalize`'s driver).
+
+    The mask is counted here, not on the host (one ``np.count_nonzero`` fewer), so the
+    count decides what is written: with fewer than 2 True positions, or all of them
+    True, nothing is; the caller then raises the ValueError or takes the unmasked path,
+    as the general path does. Otherwise the statistics are :func:`_forward`'s with
+    ``rows = outer`` (the one chunk of :func:`chunk_rows`, which reduces the same rows):
+    the same source, its statistics pass inlined, so bitwise its results (tested).
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer, C, 1), C-contiguous
+        At most one reduction chunk of rows (``x.nbytes < _config.SERIAL_BYTES``).
+    w : ndarray of bool, shape (outer,)
+    eps : float
+    gamma, beta : ndarray, shape (C,), float32 or float64
+    relu : bool
+    y : ndarray, x's dtype and size, C-contiguous, any shape
+        Output, viewed as ``x``'s shape.
+    stats : ndarray, shape (2, C)
+        Output: the mean and ``invstd``, computed in float64, stored in its dtype.
+
+    Returns
+    -------
+    int
+        The True positions of ``w``.
+    """
+    outer, C, _ = x.shape
+    counts = np.empty(1, np.int64)
+    first = np.empty(1, np.int64)
+    _chunk_counts(w, 1, outer, counts, first)
+    m = counts[0]
+    if m < 2 or m == outer:
+        return m
+    mean = np.empty(C)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    _moments_rows_inline(x, w, outer, counts, first, mean, var)
+    for c in range(C):
+        var[c], invstd[c] = cpu.variance_invstd(var[c], m, eps)
+        stats[0, c] = mean[c]
+        stats[1, c] = invstd[c]
+    coef = cpu.coefficient_table(mean, invstd, gamma, beta, x.dtype)
+    cpu.normalize_small(x, coef, relu, y.reshape(x.shape))
+    return m
+
+
 # --------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------
@@ -850,4 +907,4 @@ def drivers():
     """
     builds = (_moments_strided, _moments_rows, _input_grad_rows, _input_grad_strided)
     builds += tuple(_forward_kernels) + tuple(_backward_kernels) + (_backward_fused,)
-    return [_chunk_counts] + [build for pair in builds for build in pair]
+    return [_chunk_counts, small_forward_kernel] + [build for pair in builds for build in pair]

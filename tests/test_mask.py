@@ -290,6 +290,56 @@ def test_fused_masked_backward(shape, dtype, relu):
         assert_close(u, v, **tol(dtype, 4.0))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [3, 4, 5, 7, 8, 9, 64, 255])  # 2 True, 1 False at least
+@pytest.mark.parametrize("C", [1, 3, 64, 100])
+def test_small_masked_forward_agrees_bitwise_with_the_general_driver(rows, C, dtype):
+    """A small rows batch takes ``cpu_masked.small_forward_kernel`` (it counts the mask
+    itself, writes the statistics in their dtype and normalizes four rows at a time).
+    Every bit must be that of the general driver (``cpu_masked.forward``), compared byte
+    for byte, with an outlier first True row (the two-pass fallback), a non-finite value
+    in the padding (the select fallback), float32 and float64 parameters and ReLU; and a
+    mask with fewer than 2 True positions, or all True, must leave y unwritten."""
+    from fastbn import _config, cpu_masked
+
+    assert _config.SERIAL_BYTES <= _config.CHUNK_BYTES  # a serial rows batch is one chunk
+    rng = np.random.default_rng(rows * 1000 + C)
+    x = make((rows, C), dtype, rng, offset=3.0)
+    x3 = x.reshape(rows, C, 1)
+    assert x3.nbytes < _config.SERIAL_BYTES
+    assert cpu_masked.chunk_rows(x3.shape, x.itemsize) >= rows
+    for case in range(3):
+        w = rng.random(rows) < 0.7
+        w[rng.integers(rows - 1)], w[-1] = True, False
+        if case == 1:  # an outlier first True row in half the channels
+            x[np.flatnonzero(w)[0], ::2] = 1e4
+        if case == 2 and rows > 2:  # padding that the statistics must never read
+            x[-1, 0] = np.nan
+            x[-1, -1] = np.inf
+        if w.sum() < 2:
+            w[:2] = True
+            w[-1] = False
+        m = int(w.sum())
+        for gamma, beta in (
+            (rng.uniform(0.5, 1.5, C).astype(dtype), rng.normal(size=C).astype(dtype)),
+            (rng.uniform(0.5, 1.5, C), rng.normal(size=C)),
+        ):
+            for relu in (False, True):
+                y_ref = np.empty_like(x3)
+                stats = cpu_masked.forward(x3, w, m, gamma, beta, 1e-5, relu, y_ref)
+                y, small = np.empty_like(x), np.empty((2, C), dtype)
+                count = cpu_masked.small_forward_kernel(x3, w, 1e-5, gamma, beta, relu, y, small)
+                assert count == m
+                assert y.tobytes() == y_ref.tobytes()
+                assert small.tobytes() == stats[:2].astype(dtype).tobytes()
+    for w in (np.zeros(rows, bool), np.eye(1, rows, dtype=bool)[0], np.ones(rows, bool)):
+        y, small = np.full_like(x, 7.0), np.full((2, C), 7.0, dtype)
+        g, b = np.ones(C, dtype), np.zeros(C, dtype)
+        count = cpu_masked.small_forward_kernel(x3, w, 1e-5, g, b, False, y, small)
+        assert count == w.sum()
+        assert (y == 7.0).all() and (small == 7.0).all()
+
+
 def test_masks_the_direct_path_leaves_to_the_general_one():
     """Broadcast, non-contiguous, wrongly shaped and non-boolean masks take the general
     path (which checks them and raises its errors)."""
