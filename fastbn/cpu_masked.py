@@ -411,6 +411,29 @@ def _input_grad_rows(dy, x, w, coef, dcoef, relu, dx):
                 dx2[r, c] = a[c] * g
 
 
+@njit(**dict(_ELEMENTWISE, inline="always"))
+def _input_grad_run(dy1, x1, w1, dx1, base, wbase, n, hi, lo, scale, shift, a, b, d, relu, zero):
+    """The masked dx of one run of ``n`` values (flat arrays, unsigned offsets: ``base``
+    into dy, x and dx, ``wbase`` into the mask): ``a * dy`` where the mask is False,
+    ``a * dy + b * (x - mean) + d`` where it is True, ``dy`` zeroed where the recomputed
+    ReLU output is not positive (``zero``: 0 in the data's dtype). Compiled as part of
+    its callers (both take the elementwise options), :func:`_input_grad_strided` and
+    :func:`_input_grad_channel`.
+
+    The value is loaded whatever the mask bit, then selected (no branch around the
+    loads), so that the loop vectorizes.
+    """
+    for i in range(n):
+        xv = x1[base + i]
+        g = dy1[base + i]
+        if relu and _affine(xv, hi, lo, scale, shift) <= zero:
+            g = zero
+        v = a * g
+        if w1[wbase + i]:
+            v = a * g + b * ((xv - hi) - lo) + d
+        dx1[base + i] = v
+
+
 @_two_builds(_ELEMENTWISE)
 def _input_grad_strided(dy, x, w, coef, dcoef, relu, dx):
     """:func:`_input_grad_rows` for the strided family; a work item is one run (one
@@ -425,24 +448,24 @@ def _input_grad_strided(dy, x, w, coef, dcoef, relu, dx):
     for t in prange(outer * C):
         o = t // C
         c = t - o * C
-        hi = coef[MEAN_HI, c]
-        lo = coef[MEAN_LO, c]
-        scale = coef[SCALE, c]
-        shift = coef[SHIFT, c]
-        a = dcoef[0, c]
-        b = dcoef[1, c]
-        d = dcoef[2, c]
-        base = np.uint64(t * inner)
-        wbase = np.uint64(o * inner)
-        for i in range(n):
-            xv = x1[base + i]
-            g = dy1[base + i]
-            if relu and _affine(xv, hi, lo, scale, shift) <= zero:
-                g = zero
-            v = a * g
-            if w1[wbase + i]:
-                v = a * g + b * ((xv - hi) - lo) + d
-            dx1[base + i] = v
+        _input_grad_run(
+            dy1,
+            x1,
+            w1,
+            dx1,
+            np.uint64(t * inner),
+            np.uint64(o * inner),
+            n,
+            coef[MEAN_HI, c],
+            coef[MEAN_LO, c],
+            coef[SCALE, c],
+            coef[SHIFT, c],
+            dcoef[0, c],
+            dcoef[1, c],
+            dcoef[2, c],
+            relu,
+            zero,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -538,7 +561,7 @@ def _backward(dy, x, w, chunk, m, mean, invstd, gamma, beta, relu, dx, grads):
 @njit(**_ELEMENTWISE)  # not inlined: the reductions' options would contract its formula
 def _input_grad_channel(dy1, x1, w1, dx1, outer, C, inner, c, coef, dcoef, relu):
     """The masked dx of channel ``c`` (flat arrays): the formula of
-    :func:`_input_grad_strided`, run by run."""
+    :func:`_input_grad_strided`, run by run (:func:`_input_grad_run`)."""
     hi = coef[MEAN_HI, c]
     lo = coef[MEAN_LO, c]
     scale = coef[SCALE, c]
@@ -551,15 +574,7 @@ def _input_grad_channel(dy1, x1, w1, dx1, outer, C, inner, c, coef, dcoef, relu)
     for o in range(outer):
         base = np.uint64((o * C + c) * inner)
         wbase = np.uint64(o * inner)
-        for i in range(n):
-            xv = x1[base + i]
-            g = dy1[base + i]
-            if relu and _affine(xv, hi, lo, scale, shift) <= zero:
-                g = zero
-            v = a * g
-            if w1[wbase + i]:
-                v = a * g + b * ((xv - hi) - lo) + d
-            dx1[base + i] = v
+        _input_grad_run(dy1, x1, w1, dx1, base, wbase, n, hi, lo, scale, shift, a, b, d, relu, zero)
 
 
 @_two_builds(_REDUCE)
