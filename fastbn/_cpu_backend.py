@@ -453,24 +453,39 @@ def direct_train(
     unbiased,
     on_nonfinite,
     stacklevel,
+    w=None,
 ):
     """The training forward of the direct path: ``y3`` written from ``x3`` (the views of
     :func:`direct_view` and :func:`direct_out`), the running statistics (None: none)
     updated by the rules of :func:`fastbn._ops.running_values` and
     :func:`fastbn._ops.check_finite`; returns the float64 ``(mean, var, invstd)``.
 
+    With ``w`` (from :func:`direct_mask`), the statistics of its True positions
+    (:func:`fastbn.cpu_masked.forward`), their count ``m`` in the running variance's
+    correction; an all-True mask takes the unmasked kernels and fewer than 2 True
+    positions are the general path's ValueError, raised before anything is written.
+
     The same kernels, in the same order, as :func:`fastbn._ops.train_forward` on the
     same view with ``out`` None: bitwise the same results (tested). ``stacklevel``: that
     of a warning, seen from the caller of this function.
     """
-    C = x3.shape[1]
-    mean, var, invstd = cpu.forward_training(
-        x3, param(gamma, C, 1.0, x3.dtype), param(beta, C, 0.0, x3.dtype), eps, relu, y3
-    )
+    outer, C, inner = x3.shape
+    m = outer * inner
+    if w is not None:
+        count = np.count_nonzero(w)
+        if count < 2:
+            _checks.check_mask_count(count, m)
+        if count == m:
+            w = None
+    gamma = param(gamma, C, 1.0, x3.dtype)
+    beta = param(beta, C, 0.0, x3.dtype)
+    if w is None:
+        mean, var, invstd = cpu.forward_training(x3, gamma, beta, eps, relu, y3)
+    else:
+        m = count
+        mean, invstd, var = cpu_masked.forward(x3, w, m, gamma, beta, eps, relu, y3)
     if running_mean is not None:
-        new = _ops.running_values(
-            running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], factor, unbiased
-        )
+        new = _ops.running_values(running_mean, running_var, mean, var, m, factor, unbiased)
         if _ops.check_finite(mean, var, on_nonfinite, new, stacklevel=stacklevel + 2):
             running_mean[...] = new[0]
             running_var[...] = new[1]

@@ -616,18 +616,13 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
-    if (
-        training
-        and comm is None
-        and out is None
-        and residual is None
-        and running_mean is not None
-        and mask is None
-    ):
+    if training and comm is None and out is None and residual is None and running_mean is not None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
+        w = None if mask is None or x3 is None else _direct_mask(mask, x, axis, x3)
         if (
             x3 is not None
+            and (mask is None or w is not None)
             and running_var is not None
             and _direct_options(eps, activation)
             and x3.shape[0] * x3.shape[2] >= 2
@@ -652,6 +647,7 @@ def batch_norm(
                 running_var_unbiased,
                 on_nonfinite,
                 stacklevel=2,
+                w=w,
             )
             return y
     if not training and mask is not None:

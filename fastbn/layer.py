@@ -520,13 +520,19 @@ class BatchNorm:
     def _forward(self, x, training, residual=None, comm=None, mask=None):
         """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
         self._saved_mask = None
-        if (training or not self.track_running_stats) and mask is None and residual is None:
+        if (training or not self.track_running_stats) and residual is None:
             update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
                 x, self.axis, None, self.gamma, self.beta, self.running_mean, self.running_var
             )
+            w = (
+                None
+                if mask is None or x3 is None
+                else _cpu_backend.direct_mask(mask, x, self.axis, x3)
+            )
             if (
                 x3 is not None
+                and (mask is None or w is not None)
                 and comm is None
                 and x3.shape[1] == self.num_features
                 and x3.shape[0] * x3.shape[2] >= 2
@@ -554,10 +560,12 @@ class BatchNorm:
                     self.running_var_unbiased,
                     "raise",
                     2,
+                    w,
                 )
                 if update:
                     self.num_batches_tracked += 1
                 self._saved = (x, self.axis % x.ndim, mean, invstd, None)
+                self._saved_mask = mask
                 return y
         be = self._backend(x)
         if not training and self.track_running_stats:
@@ -747,7 +755,6 @@ class BatchNorm:
         if (
             variant is None
             and residual is None
-            and mask is None
             and comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
@@ -755,14 +762,23 @@ class BatchNorm:
             and dy.flags.c_contiguous
         ):
             x3 = _cpu_backend.direct_view(x, axis, None, mean, invstd, self.gamma, self.beta)
-            if x3 is not None and x.size:  # the direct path (see fastbn.api)
+            w = None if mask is None or x3 is None else _cpu_backend.direct_mask(mask, x, axis, x3)
+            if x3 is not None and x.size and (mask is None or w is not None):
+                # the direct path (see fastbn.api)
                 dx = np.empty(x.shape, x.dtype)
-                direct = (
-                    _cpu_backend.direct_frozen_backward if frozen else _cpu_backend.direct_backward
-                )
-                dgamma, dbeta = direct(
-                    dy, x3, mean, invstd, self.gamma, self.beta, self.activation == "relu", dx
-                )
+                relu = self.activation == "relu"
+                if w is not None:  # a mask comes from a forward with batch statistics
+                    dgamma, dbeta = _cpu_backend.direct_masked_backward(
+                        dy.reshape(x3.shape), x3, w, mean, invstd, self.gamma, self.beta, relu,
+                        dx.reshape(x3.shape),
+                    )  # fmt: skip
+                else:
+                    direct = (
+                        _cpu_backend.direct_frozen_backward
+                        if frozen
+                        else _cpu_backend.direct_backward
+                    )
+                    dgamma, dbeta = direct(dy, x3, mean, invstd, self.gamma, self.beta, relu, dx)
                 self._set_grads(
                     dgamma.astype(self.dtype, copy=False), dbeta.astype(self.dtype, copy=False)
                 )
