@@ -715,6 +715,71 @@ def direct_masked_backward(dy3, x3, w, mean, invstd, gamma, beta, relu, dx3):
     return grads[0], grads[1]
 
 
+def direct_residual(residual, x, x3):
+    """``residual`` (z) viewed as ``x3`` when the direct path may take it: a C-contiguous
+    NumPy array of x's shape and dtype; None otherwise (the general path checks it and
+    lays it out in x's order).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((4, 3))
+    >>> direct_residual(np.ones((4, 3)), x, x.reshape(4, 3, 1)).shape
+    (4, 3, 1)
+    >>> direct_residual(np.ones((3, 4)).T, x, x.reshape(4, 3, 1)) is None
+    True
+    """
+    if (
+        type(residual) is not np.ndarray
+        or residual.shape != x.shape
+        or residual.dtype is not x.dtype
+        or not residual.flags.c_contiguous
+    ):
+        return None
+    return residual.reshape(x3.shape)
+
+
+def direct_residual_forward(x3, z3, y, gamma, beta, eps, relu):
+    """The training forward of ``act(bn(x) + z)`` on the direct path (``z3`` from
+    :func:`direct_residual`, ``y`` from :func:`direct_out`): returns ``(y, mean, invstd)``
+    as :func:`direct_forward` does. The general path's kernels in its order (the
+    statistics, then one normalizing pass that adds z): bitwise its results (tested).
+    """
+    mean, m2 = cpu.moments(x3)
+    var = m2 / (x3.shape[0] * x3.shape[2])
+    _normalize_view(x3, z3, y.reshape(x3.shape), mean, var, gamma, beta, eps, relu)
+    dtype = stats_dtype(x3.dtype)
+    return y, saved(mean, dtype), saved(1.0 / np.sqrt(var + eps), dtype)
+
+
+def direct_residual_inference(x3, z3, y, running_mean, running_var, gamma, beta, eps, relu):
+    """Inference of ``act(bn(x) + z)`` on the direct path (arguments as in
+    :func:`direct_inference`, ``z3`` from :func:`direct_residual`); returns ``y``.
+    Bitwise the general path's results (tested)."""
+    mean = running_mean.astype(FLOAT64, copy=False)
+    var = running_var.astype(FLOAT64, copy=False)
+    _normalize_view(x3, z3, y.reshape(x3.shape), mean, var, gamma, beta, eps, relu)
+    return y
+
+
+def direct_residual_backward(dy, x3, z3, mean, invstd, gamma, beta, relu, dx):
+    """The backward of ``act(bn(x) + z)`` on the direct path: returns
+    ``(dgamma, dbeta, dz)``, ``dx`` written (arguments as in :func:`direct_backward`;
+    ``z3`` from :func:`direct_residual`, read with ``relu`` only).
+
+    As the general path: ``dz`` first (``dy`` zeroed where the recomputed ``bn(x) + z``
+    is not positive with ``relu``, a copy of ``dy`` without), then the plain backward on
+    it: bitwise its results (tested).
+    """
+    shape = x3.shape
+    dy3 = dy.reshape(shape)
+    coef, _, _ = _coefficients(x3, x3, mean, invstd, gamma, beta)
+    dz = np.empty(dy.shape, x3.dtype)
+    cpu.residual_grad(dy3, x3, z3 if relu else dy3, coef, relu, dz.reshape(shape))
+    dgamma, dbeta = direct_backward(dz, x3, mean, invstd, gamma, beta, False, dx)
+    return dgamma, dbeta, dz
+
+
 # --------------------------------------------------------------------------------------
 # Kernel calls
 # --------------------------------------------------------------------------------------
@@ -751,16 +816,21 @@ def forward(x, v, dest, gamma, beta, eps, relu, st, dtype, running=None):
 def normalize(x, v, dest, mean, var, gamma, beta, eps, relu, st=None, residual=None):
     """``y`` from given float64 statistics (the batch's, or the global batch's); with
     ``residual`` (the view of z in x's order), ``act(bn(x) + z)`` in the same pass."""
-    x3 = _compute_view(v, x.dtype)
+    z3 = None if residual is None else _compute_view(residual, x.dtype)
+    _normalize_view(_compute_view(v, x.dtype), z3, dest.work, mean, var, gamma, beta, eps, relu)
+
+
+def _normalize_view(x3, z3, y3, mean, var, gamma, beta, eps, relu):
+    """:func:`normalize` on the kernels' views: ``y3`` from ``x3`` (and ``z3``, or None)."""
     C = x3.shape[1]
     invstd = 1.0 / np.sqrt(var + eps)
     coef = cpu.coefficients(
-        mean, invstd, param(gamma, C, 1.0, x.dtype), param(beta, C, 0.0, x.dtype), x3.dtype
+        mean, invstd, param(gamma, C, 1.0, x3.dtype), param(beta, C, 0.0, x3.dtype), x3.dtype
     )
-    if residual is None:
-        cpu.normalize(x3, coef, relu, dest.work)
+    if z3 is None:
+        cpu.normalize(x3, coef, relu, y3)
     else:
-        cpu.normalize_residual(x3, _compute_view(residual, x.dtype), coef, relu, dest.work)
+        cpu.normalize_residual(x3, z3, coef, relu, y3)
 
 
 def inference(

@@ -29,6 +29,10 @@ from ._cpu_backend import direct_masked_backward as _direct_masked_backward
 from ._cpu_backend import direct_masked_forward as _direct_masked_forward
 from ._cpu_backend import direct_options as _direct_options
 from ._cpu_backend import direct_out as _direct_out
+from ._cpu_backend import direct_residual as _direct_residual
+from ._cpu_backend import direct_residual_backward as _direct_residual_backward
+from ._cpu_backend import direct_residual_forward as _direct_residual_forward
+from ._cpu_backend import direct_residual_inference as _direct_residual_inference
 from ._cpu_backend import direct_train as _direct_train
 from ._cpu_backend import direct_view as _direct_view
 from ._cpu_backend import from_masked_array as _from_masked_array
@@ -191,18 +195,25 @@ def batch_norm_forward(
     if (
         x3 is not None
         and comm is None
-        and residual is None
         and _direct_options(eps, activation)
         and x3.shape[0] * x3.shape[2] >= 2
         and x3.shape[1]
     ):
-        if mask is None:
+        relu = activation == "relu"
+        if residual is not None:
+            if (
+                mask is None
+                and (z3 := _direct_residual(residual, x, x3)) is not None
+                and (y := _direct_out(out, x, x, residual)) is not None
+            ):
+                return _direct_residual_forward(x3, z3, y, gamma, beta, eps, relu)
+        elif mask is None:
             if (y := _direct_out(out, x, x)) is not None:
-                return _direct_forward(x3, y, gamma, beta, eps, activation == "relu")
+                return _direct_forward(x3, y, gamma, beta, eps, relu)
         elif (w := _direct_mask(mask, x, axis, x3)) is not None and (
             y := _direct_out(out, x, x, mask)
         ) is not None:
-            return _direct_masked_forward(x3, w, y, gamma, beta, eps, activation == "relu")
+            return _direct_masked_forward(x3, w, y, gamma, beta, eps, relu)
     x, mask = _from_masked_array(x, axis, mask)
     be = backends.backend_for((*_FORWARD_ARGS, "mask"), x, gamma, beta, out, residual, mask)
     be.check_stream(stream)
@@ -361,12 +372,16 @@ def batch_norm_backward(
         )
     x3 = _direct_view(x, axis, stream, mean, invstd, gamma, beta)
     w = None if mask is None or x3 is None else _direct_mask(mask, x, axis, x3)
+    z3 = None if residual is None or x3 is None else _direct_residual(residual, x, x3)
+    # the residual's gradient first, then the plain backward on it (as in _ops.backward)
+    with_dz = residual_grad is True or (activation == "relu" and residual is not None)
     if (
         x3 is not None
         and (mask is None or w is not None)
         and comm is None
-        and residual is None
-        and not residual_grad
+        and (residual is None or z3 is not None)
+        and (residual_grad is False or residual_grad is True)
+        and (not with_dz or (training and mask is None and (z3 is not None or activation is None)))
         and mean is not None
         and invstd is not None
         and type(dy) is np.ndarray
@@ -375,10 +390,22 @@ def batch_norm_backward(
         and dy.flags.c_contiguous
         and x.size
         and _direct_options(1.0, activation)
-        and (dx := _direct_out(out, x, x, dy) if w is None else _direct_out(out, x, x, dy, mask))
+        and (
+            dx := _direct_out(out, x, x, dy)
+            if w is None and z3 is None
+            else _direct_out(out, x, x, dy, mask if z3 is None else residual)
+        )
         is not None
     ):
         relu = activation == "relu"
+        if with_dz:
+            dgamma, dbeta, dz = _direct_residual_backward(
+                dy, x3, z3, mean, invstd, gamma, beta, relu, dx
+            )
+            dz = (dz,) if residual_grad else ()
+            if gamma is None and beta is None:
+                return (dx, None, None) + dz
+            return (dx, dgamma, dbeta) + dz
         if w is not None:  # training (a mask with training=False was refused above)
             dy3, dx3 = dy.reshape(x3.shape), dx.reshape(x3.shape)
             dgamma, dbeta = _direct_masked_backward(
@@ -485,15 +512,20 @@ def batch_norm_inference(
     x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
     if (
         x3 is not None
-        and residual is None
         and running_mean is not None
         and running_var is not None
         and _direct_options(eps, activation)
-        and (y := _direct_out(out, x, x)) is not None
     ):
-        return _direct_inference(
-            x3, y, running_mean, running_var, gamma, beta, eps, activation == "relu"
-        )
+        relu = activation == "relu"
+        if residual is None:
+            if (y := _direct_out(out, x, x)) is not None:
+                return _direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu)
+        elif (z3 := _direct_residual(residual, x, x3)) is not None and (
+            y := _direct_out(out, x, x, residual)
+        ) is not None:
+            return _direct_residual_inference(
+                x3, z3, y, running_mean, running_var, gamma, beta, eps, relu
+            )
     be = backends.backend_for(
         _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
     )

@@ -517,3 +517,83 @@ def test_masked_statistics_with_residual(shape, axis):
     assert_close(bn.forward(x, training=True, mask=mask, residual=z), y, **tol(np.float64))
     assert_close(bn.backward(dy), dx, **tol(np.float64, 10), name="layer dx")
     assert_close(bn.dresidual, ds, **tol(np.float64), name="layer dresidual")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((256, 64), 1), ((7, 3), 1), ((4, 5, 6, 3), -1),
+                                        ((16, 8, 1001), 1), ((2, 3, 4, 5), 1)])  # fmt: skip
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_direct_and_general_residual_paths_agree_bitwise(shape, axis, dtype, activation):
+    """A C-contiguous NumPy ``residual`` of x's shape and dtype keeps the forward, the
+    inference and the backward (with and without ``residual_grad``) on the CPU's direct
+    host path; a NumPy integer axis sends the same call through the general path. Every
+    output must agree byte for byte, with and without gamma/beta, with ``out=`` a new
+    array and ``out`` = z (forward) or dy (backward)."""
+    from fastbn import api
+
+    rng = np.random.default_rng(41)
+    x = make(shape, dtype, rng, 1.0, 2.0)
+    z = make(shape, dtype, rng)
+    dy = make(shape, dtype, rng)
+    C = shape[axis]
+    gamma, beta = params(C, rng, dtype)
+    rm, rv = rng.normal(size=C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    x3 = api._direct_view(x, axis, None)
+    assert api._direct_residual(z, x, x3) is not None
+    for gb in ((gamma, beta), (None, None)):
+        results = []
+        for ax in (axis, np.int64(axis)):  # a NumPy integer axis takes the general path
+            kw = dict(axis=ax, activation=activation, residual=z)
+            y, mean, invstd = fastbn.batch_norm_forward(x, *gb, **kw)
+            z_out = z.copy()
+            fastbn.batch_norm_forward(x, *gb, out=z_out, axis=ax, activation=activation,
+                                      residual=z_out)  # fmt: skip
+            inf = fastbn.batch_norm_inference(x, rm, rv, *gb, **kw)
+            outs = [y, mean, invstd, z_out, inf]
+            for residual_grad in (False, True):
+                grads = fastbn.batch_norm_backward(
+                    dy, x, mean, invstd, *gb, residual_grad=residual_grad, **kw
+                )
+                dy_out = dy.copy()
+                again = fastbn.batch_norm_backward(
+                    dy_out, x, mean, invstd, *gb, residual_grad=residual_grad, out=dy_out, **kw
+                )
+                assert again[0] is dy_out
+                outs += list(grads) + [dy_out]
+            grads = fastbn.batch_norm_backward(
+                dy, x, mean, invstd, *gb, axis=ax, residual_grad=True
+            )  # no residual, no ReLU: dz is a copy of dy
+            outs += list(grads)
+            results.append(outs)
+        for a, b in zip(*results):
+            if a is None:
+                assert b is None
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()
+
+
+def test_residual_calls_take_the_direct_path(monkeypatch):
+    """A spy on the direct path's residual functions: a plain NumPy call takes them."""
+    from fastbn import api
+
+    calls = []
+    for name in ("_direct_residual_forward", "_direct_residual_inference",
+                 "_direct_residual_backward"):  # fmt: skip
+        function = getattr(api, name)
+
+        def wrapped(*args, _function=function, _name=name, **kwargs):
+            calls.append(_name)
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, wrapped)
+    rng = np.random.default_rng(42)
+    x, z = rng.standard_normal((64, 4)), rng.standard_normal((64, 4))
+    y, mean, invstd = fastbn.batch_norm_forward(x, residual=z, activation="relu")
+    fastbn.batch_norm_inference(x, mean, invstd, residual=z)
+    fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, residual=z, activation="relu")
+    assert calls == [
+        "_direct_residual_forward",
+        "_direct_residual_inference",
+        "_direct_residual_backward",
+    ]
