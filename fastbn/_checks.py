@@ -25,6 +25,8 @@ def is_cuda_array(a):
     >>> is_cuda_array(np.zeros(3))
     False
     """
+    if type(a) is np.ndarray:  # the common case, without an attribute look-up that fails
+        return False
     if hasattr(a, "__cuda_array_interface__"):
         return True
     # Device arrays of Numba's CUDA simulator have no interface of their own until

@@ -509,23 +509,11 @@ def batch_norm_inference(
     array([[-1., -1.],
            [ 1.,  1.]])
     """
-    x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
-    if (
-        x3 is not None
-        and running_mean is not None
-        and running_var is not None
-        and _direct_options(eps, activation)
-    ):
-        relu = activation == "relu"
-        if residual is None:
-            if (y := _direct_out(out, x, x)) is not None:
-                return _direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu)
-        elif (z3 := _direct_residual(residual, x, x3)) is not None and (
-            y := _direct_out(out, x, x, residual)
-        ) is not None:
-            return _direct_residual_inference(
-                x3, z3, y, running_mean, running_var, gamma, beta, eps, relu
-            )
+    y = _direct_inference_call(
+        x, running_mean, running_var, gamma, beta, axis, eps, out, activation, residual, stream
+    )
+    if y is not None:
+        return y
     be = backends.backend_for(
         _NORMALIZE_ARGS, x, running_mean, running_var, gamma, beta, out, residual
     )
@@ -540,6 +528,34 @@ def batch_norm_inference(
         be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream, residual,
         "for inference",
     )  # fmt: skip
+
+
+def _direct_inference_call(
+    x, running_mean, running_var, gamma, beta, axis, eps, out, activation, residual, stream
+):
+    """Inference on the CPU's direct path when the call qualifies (see
+    :func:`fastbn._cpu_backend.direct_view`): ``y``; None when it does not (the general
+    path then checks the arguments and raises the errors).
+    :func:`batch_norm_inference` and ``batch_norm(training=False)``."""
+    x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
+    if (
+        x3 is None
+        or running_mean is None
+        or running_var is None
+        or not _direct_options(eps, activation)
+    ):
+        return None
+    relu = activation == "relu"
+    if residual is None:
+        if (y := _direct_out(out, x, x)) is not None:
+            return _direct_inference(x3, y, running_mean, running_var, gamma, beta, eps, relu)
+    elif (z3 := _direct_residual(residual, x, x3)) is not None and (
+        y := _direct_out(out, x, x, residual)
+    ) is not None:
+        return _direct_residual_inference(
+            x3, z3, y, running_mean, running_var, gamma, beta, eps, relu
+        )
+    return None
 
 
 def _inference(be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream,
@@ -681,6 +697,12 @@ def batch_norm(
                 stacklevel=2,
                 w=w,
             )
+            return y
+    if training is False and mask is None:  # the direct path of batch_norm_inference
+        y = _direct_inference_call(
+            x, running_mean, running_var, gamma, beta, axis, eps, out, activation, residual, stream
+        )
+        if y is not None:
             return y
     if not training and mask is not None:
         raise ValueError(

@@ -138,3 +138,24 @@ def test_masked_small_calls_take_the_direct_path(monkeypatch):
     bn.forward(x, training=True, mask=mask)
     bn.backward(np.ones_like(x))
     assert calls == ["direct_train", "direct_train", "direct_masked_backward"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((64, 16), 1), ((4, 3, 5, 2), 1), ((4, 3, 5, 2), -1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_batch_norm_eval_direct_equals_general(dtype, shape, axis, activation, with_residual):
+    """``batch_norm(training=False)`` takes the direct path of batch_norm_inference; the
+    general path (a NumPy integer axis) gives the same bytes, and so does
+    batch_norm_inference itself."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(dtype)
+    z = rng.standard_normal(shape).astype(dtype) if with_residual else None
+    C = shape[axis]
+    rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    g, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    kw = dict(activation=activation, residual=z)
+    ys = [fastbn.batch_norm(x, rm, rv, g, b, axis=ax, **kw) for ax in (axis, np.int64(axis))]
+    ys.append(fastbn.batch_norm_inference(x, rm, rv, g, b, axis=axis, **kw))
+    for y in ys[1:]:
+        assert y.dtype == ys[0].dtype and y.tobytes() == ys[0].tobytes()
