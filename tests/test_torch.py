@@ -790,3 +790,27 @@ def test_training_node_holds_the_input_only_as_torch_does():
     assert torch.equal(first, second)
     assert y.grad_fn is not None
     assert _storage_use_count(h) == before
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_graph_calls_skip_the_autograd_node_with_the_same_results(training):
+    """Without a graph to record (no_grad, or nothing requiring grad) batch_norm computes
+    without its autograd node: the same output bytes and running statistics as a call
+    that records one, and no grad_fn."""
+    rng = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 6, 5, generator=rng)
+    w, b = torch.rand(6, generator=rng) + 0.5, torch.randn(6, generator=rng)
+    results = []
+    for mode in ("graph", "no_grad", "no_requires_grad"):
+        rm, rv = torch.zeros(6), torch.ones(6)
+        xi = x.clone().requires_grad_(mode != "no_requires_grad")
+        if mode == "no_grad":
+            with torch.no_grad():
+                y = fastbn.torch.batch_norm(xi, rm, rv, w, b, training=training, momentum=0.3)
+        else:
+            y = fastbn.torch.batch_norm(xi, rm, rv, w, b, training=training, momentum=0.3)
+        assert (y.grad_fn is not None) == (mode == "graph")
+        results.append((y.detach(), rm, rv))
+    for other in results[1:]:
+        for u, v in zip(results[0], other):
+            assert u.numpy().tobytes() == v.numpy().tobytes()
