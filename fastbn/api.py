@@ -379,7 +379,7 @@ def batch_norm_backward(
         x3 is not None
         and (mask is None or w is not None)
         and comm is None
-        and (residual is None or z3 is not None)
+        and (residual is None or (z3 is not None and mask is None))
         and (residual_grad is False or residual_grad is True)
         and (not with_dz or (training and mask is None and (z3 is not None or activation is None)))
         and mean is not None
