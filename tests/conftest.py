@@ -13,12 +13,19 @@ def kernel_path(request, monkeypatch):
     those limits to zero so that the fused kernels, serial and parallel builds, meet the
     same checks as the two-pass ones. Yields the name of the path.
     """
-    from fastbn import _config, cpu
+    from fastbn import _config, cpu, cpu_masked
 
+    # every cache of a plan (the plans, the direct path's drivers, the masked plans):
+    # one left holding the fused choice would send later calls of that shape to the
+    # fused kernels on one host path only (they agree with the two-pass ones to
+    # rounding, not bitwise)
+    caches = (cpu._plan_of, cpu._drivers_of, cpu_masked._plan_of)
     if request.param == "fused":
         monkeypatch.setattr(_config, "LLC_BYTES", 0)
         monkeypatch.setattr(_config, "FUSE_MIN_RUN_BYTES", 0)
-    cpu._plan_of.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     yield request.param
     monkeypatch.undo()
-    cpu._plan_of.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
