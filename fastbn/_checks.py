@@ -60,6 +60,8 @@ def check_input(name, x, min_ndim=2):
     >>> check_input("x", np.zeros((2, 3), np.float32))
     dtype('float32')
     """
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
     check_not_masked(name, x)
     dtype = x.dtype
     if not isinstance(dtype, np.dtype):

@@ -42,7 +42,13 @@ def wrap(name, a):
         if is_tensor(a):
             return tensor_array(name, a)
         _checks.check_not_masked(name, a)
-        a = np.asarray(a)
+        try:
+            a = np.asarray(a)
+        except (ValueError, TypeError) as error:  # a ragged list: NumPy's words name nothing
+            raise TypeError(
+                f"{name} must be an array (or a list NumPy makes one of), got a "
+                f"{type(a).__name__} it cannot convert ({error})"
+            ) from None
         if type(a) is not np.ndarray:
             a = a.view(np.ndarray)
     if not a.dtype.isnative:

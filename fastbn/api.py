@@ -286,7 +286,7 @@ def batch_norm_backward(
     residual_grad : bool, default False
         Also return the residual's gradient ``dz`` (fourth): ``dy`` masked where
         ``bn(x) + z <= 0`` with ``activation="relu"``, a copy of ``dy`` without. It
-        needs ``residual`` with ``activation="relu"``.
+        needs ``residual`` with ``activation="relu"``. Not a bool: TypeError.
     training : bool, default True
         True: ``mean`` and ``invstd`` are the batch statistics of a training forward
         (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
@@ -354,6 +354,8 @@ def batch_norm_backward(
     """
     if training is not True and training is not False:
         training = _checks.check_flag("training", training)
+    if residual_grad is not True and residual_grad is not False:  # "no" must not add dz
+        residual_grad = _checks.check_flag("residual_grad", residual_grad)
     if not training and mask is not None:
         raise ValueError(
             "mask= applies to training=True (batch statistics); with training=False the "
@@ -412,7 +414,6 @@ def batch_norm_backward(
         )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    residual_grad = bool(residual_grad)
     # fixed statistics take no mask (refused by the checks above)
     extra = {"mask": mask} if training else {}
     return (_ops.backward if training else _ops.frozen_backward)(
@@ -564,7 +565,8 @@ def batch_norm(
     gamma, beta : array of shape (C,), optional
     training : bool, default False
         In training, an empty batch gives an empty output and leaves the running
-        statistics untouched (PyTorch's behaviour).
+        statistics untouched (PyTorch's behaviour). A Python or NumPy bool (anything
+        else is a TypeError, as in PyTorch: ``"False"`` is no mode).
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch. None gives the cumulative average of all batches seen,
         which needs ``num_batches_tracked``. A str, bytes or bool is a TypeError.
@@ -578,6 +580,7 @@ def batch_norm(
         With ``momentum=None``: how many batches the running statistics already average.
         An integer >= 0 (checked whenever given).
     running_var_unbiased : bool, default True
+        A Python or NumPy bool (else a TypeError).
     on_nonfinite : {"raise", "warn"}, default "raise"
         What to do when the batch statistics are not finite, or when the updated running
         statistics would not be finite in their own dtype (an overflow: float32 data of
@@ -606,6 +609,8 @@ def batch_norm(
     FloatingPointError
         Non-finite batch statistics, or a running update that would overflow, in
         training with running statistics (by default).
+    TypeError
+        ``training`` not a bool, ``momentum`` or ``eps`` not a number, a non-float array.
 
     Examples
     --------
@@ -616,6 +621,10 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
+    if training is not True and training is not False:  # "False" must not train
+        training = _checks.check_flag("training", training)
+    if running_var_unbiased is not True and running_var_unbiased is not False:
+        running_var_unbiased = _checks.check_flag("running_var_unbiased", running_var_unbiased)
     if (
         training
         and comm is None
