@@ -643,6 +643,8 @@ def batch_norm(
             and x3.shape[1]
             and running_mean.flags.writeable
             and running_var.flags.writeable
+            and running_mean.flags.c_contiguous  # else the checks (e.g. a stride of 0)
+            and running_var.flags.c_contiguous
         ):
             factor = _ops.momentum_factor(momentum, num_batches_tracked)
             _ops.check_on_nonfinite(on_nonfinite)

@@ -545,7 +545,10 @@ class BatchNorm:
                 and not self._variant(training, x.shape)
                 and (
                     not update
-                    or (self.running_mean.flags.writeable and self.running_var.flags.writeable)
+                    or all(
+                        a.flags.writeable and a.flags.c_contiguous
+                        for a in (self.running_mean, self.running_var)
+                    )
                 )
             ):
                 # the direct path (see fastbn.api): the kernels and the rules of the

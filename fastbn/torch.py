@@ -114,8 +114,10 @@ def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on
             and x3.shape[0] * x3.shape[2] >= 2
             and x3.shape[1]
             and (running_mean is None) == (running_var is None)
-            and (running_mean is None or running_mean.flags.writeable)
-            and (running_var is None or running_var.flags.writeable)
+            and all(
+                a is None or (a.flags.writeable and a.flags.c_contiguous)
+                for a in (running_mean, running_var)
+            )
         ):
             factor = None if running_mean is None else _ops.momentum_factor(momentum, None)
             _ops.check_on_nonfinite(on_nonfinite)

@@ -194,3 +194,59 @@ def test_residual_grad_must_be_a_bool(value):
     with pytest.raises(TypeError, match="residual_grad must be a bool"):
         fastbn.batch_norm_backward(x, x, mean, invstd, residual_grad=value, out=out)
     assert (out == 0).all()
+
+
+# --------------------------------------------------------------------------------------
+# Destinations that overlap themselves (a stride of 0 on an axis of length > 1)
+# --------------------------------------------------------------------------------------
+
+
+def _stride0(shape, dtype=np.float32, fill=7.0):
+    """A writable array whose first axis has stride 0: every row is one row."""
+    row = np.full(shape[1:], fill, dtype)
+    return np.lib.stride_tricks.as_strided(row, shape=shape, strides=(0,) + row.strides)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, out: fastbn.batch_norm_forward(x, out=out),
+        lambda x, out: fastbn.batch_norm_inference(x, np.zeros(3), np.ones(3), out=out),
+        lambda x, out: fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=True, out=out),
+        lambda x, out: fastbn.batch_norm_backward(x, x, np.zeros(3), np.ones(3), out=out),
+    ],
+    ids=["forward", "inference", "batch_norm", "backward"],
+)
+def test_self_overlapping_out_is_refused(call):
+    """A writable ``out`` with a stride of 0 took the rows' results one over the other
+    (the last row's values everywhere), silently; PyTorch refuses such an ``out``."""
+    x = rand((6, 3))
+    out = _stride0((6, 3))
+    with pytest.raises(ValueError, match="out must not overlap itself"):
+        call(x, out)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_self_overlapping_running_statistics_are_refused(which):
+    """A running_mean of stride 0 (``as_strided``; a PyTorch ``expand``) took every
+    channel's update in one element, silently."""
+    x = rand((6, 3))
+    running = {"running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32)}
+    running[which] = _stride0((3,), fill=0.5)
+    before = {k: v.copy() for k, v in running.items()}
+    with pytest.raises(ValueError, match=f"{which} must not overlap itself"):
+        fastbn.batch_norm(x, training=True, **running)
+    for k, v in running.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_empty_and_length_one_axes_may_have_stride_zero():
+    """NumPy gives empty arrays strides of 0: not an overlap."""
+    x = np.zeros((0, 3), np.float32)
+    out = np.lib.stride_tricks.as_strided(np.zeros(3, np.float32), (0, 3), (0, 4))
+    assert fastbn.batch_norm_forward(x, out=out)[0] is out
+    x = rand((1, 3, 4))
+    out = np.lib.stride_tricks.as_strided(np.zeros(12, np.float32), (1, 3, 4), (0, 16, 4))
+    y, _, _ = fastbn.batch_norm_forward(x, out=out)
+    assert_close(y, ref.forward(x)[0], 1e-5, 1e-5)
