@@ -698,6 +698,12 @@ def batch_norm(
     if running_mean is not None:
         _checks.check_running("running_mean", running_mean, C, axis)
         _checks.check_running("running_var", running_var, C, axis)
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            # both are written: one would overwrite the other (host arrays: NumPy tells)
+            if type(out) is np.ndarray and type(r) is np.ndarray and np.may_share_memory(out, r):
+                raise ValueError(
+                    f"out must not share memory with {name}: both are results of the call"
+                )
         running = _ops.Running(
             running_mean, running_var, factor, running_var_unbiased, on_nonfinite
         )

@@ -250,3 +250,17 @@ def test_empty_and_length_one_axes_may_have_stride_zero():
     out = np.lib.stride_tricks.as_strided(np.zeros(12, np.float32), (1, 3, 4), (0, 16, 4))
     y, _, _ = fastbn.batch_norm_forward(x, out=out)
     assert_close(y, ref.forward(x)[0], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+@pytest.mark.parametrize("shape", [(6, 4), (300, 4, 50)])
+def test_out_sharing_memory_with_running_statistics_is_refused(shape, which):
+    """``out`` holding ``running_mean`` (or ``running_var``): both are results of the
+    call, and one overwrote the other (the running mean came back as outputs)."""
+    x = rand(shape)
+    out = np.full(shape, 7.0, np.float32)
+    running = {"running_mean": np.zeros(4, np.float32), "running_var": np.ones(4, np.float32)}
+    running[which] = out.reshape(-1)[-4:]
+    with pytest.raises(ValueError, match=f"out must not share memory with {which}"):
+        fastbn.batch_norm(x, training=True, out=out, **running)
+    assert (out == 7).all()
