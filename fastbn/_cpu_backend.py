@@ -144,6 +144,24 @@ def tensor_array(name, t):
         raise TypeError(f"{name}: fastbn cannot read this tensor in place ({error})") from None
 
 
+def tensor_result(a, like):
+    """A host result ``a`` as the caller's kind of array: a PyTorch tensor sharing its
+    memory when ``like`` (the caller's input) is a PyTorch CPU tensor, else ``a``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.zeros(3)
+    >>> tensor_result(y, np.ones(3)) is y
+    True
+    """
+    if type(a) is not np.ndarray or type(like) is np.ndarray or not is_tensor(like):
+        return a
+    if like.is_cuda:
+        return a
+    return sys.modules["torch"].from_numpy(a)  # a tensor came in: torch is imported
+
+
 def tensor_call(function, names, first, args, kwargs):
     """Call ``function`` (a public function, its parameters ``names``) on tensors.
 

@@ -518,11 +518,12 @@ class BatchNorm:
                         "mask= (or a numpy.ma x) is not supported with renorm or virtual_batch_size"
                     )
                 x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
+        given = x
         y = self._forward(
             x, training, residual, comm=self.comm if batch_statistics else None, mask=mask
         )
         self._residual = residual if self._saved is not None else None
-        return y
+        return _cpu_backend.tensor_result(y, given)  # a PyTorch CPU tensor in: a tensor
 
     @distributed.synchronized("BatchNorm.forward")
     def _forward(self, x, training, residual=None, comm=None, mask=None):
@@ -746,7 +747,7 @@ class BatchNorm:
         >>> bn.dbeta
         array([2., 2.])
         """
-        return self._backward(dy, comm=self.comm)
+        return _cpu_backend.tensor_result(self._backward(dy, comm=self.comm), dy)
 
     @distributed.synchronized("BatchNorm.backward")
     def _backward(self, dy, comm=None):

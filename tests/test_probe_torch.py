@@ -108,3 +108,29 @@ def test_module_counts_like_pytorch_on_success():
         assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
         torch.testing.assert_close(ours.running_mean, theirs.running_mean)
         torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+# --------------------------------------------------------------------------------------
+# fastbn.BatchNorm given PyTorch CPU tensors: tensors back, in every mode
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_returns_tensors_for_tensors_in_every_mode(training):
+    """The layer gave a NumPy array back for a tensor in training and a tensor in eval
+    mode (its eval path goes through batch_norm_inference); DESIGN.md: results come
+    back as the caller's kind of array, PyTorch CPU tensors as tensors."""
+    import numpy as np
+
+    import fastbn
+
+    x, dy = torch.randn(8, 3, 5), torch.randn(8, 3, 5)
+    ours, twin = fastbn.BatchNorm(3), fastbn.BatchNorm(3)
+    y = ours.forward(x, training=training)
+    expected = twin.forward(x.numpy(), training=training)
+    assert isinstance(y, torch.Tensor)
+    np.testing.assert_array_equal(y.numpy(), expected)
+    dx = ours.backward(dy)
+    assert isinstance(dx, torch.Tensor)
+    np.testing.assert_array_equal(dx.numpy(), twin.backward(dy.numpy()))
+    np.testing.assert_array_equal(ours.dgamma, twin.dgamma)
