@@ -686,6 +686,10 @@ def batch_norm(
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
+        # not used without training, but "checked whenever it is given" (docs/api.md);
+        # momentum and on_nonfinite are not read here (as in PyTorch's eval mode)
+        if num_batches_tracked is not None:
+            _checks.check_num_batches_tracked(num_batches_tracked)
         return _inference(
             be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream,
             residual, "when training=False",

@@ -264,3 +264,22 @@ def test_out_sharing_memory_with_running_statistics_is_refused(shape, which):
     with pytest.raises(ValueError, match=f"out must not share memory with {which}"):
         fastbn.batch_norm(x, training=True, out=out, **running)
     assert (out == 7).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_batches_tracked": -1}, ValueError, "num_batches_tracked must be an integer >= 0"),
+        ({"num_batches_tracked": "3"}, TypeError, "num_batches_tracked must be an integer"),
+        ({"num_batches_tracked": 1.5}, ValueError, "num_batches_tracked must be an integer"),
+    ],
+    ids=["nbt -1", "nbt str", "nbt 1.5"],
+)
+def test_batch_norm_checks_num_batches_tracked_in_eval_mode_too(kwargs, error, match):
+    """docs/api.md: num_batches_tracked is "checked whenever it is given"; with
+    ``training=False`` it was not checked at all. (momentum and on_nonfinite are not
+    read in eval mode, as in PyTorch: tests/test_contract.py's sweep takes a bad
+    momentum there for a valid call.)"""
+    x = rand((6, 3))
+    with pytest.raises(error, match=match):
+        fastbn.batch_norm(x, np.zeros(3), np.ones(3), training=False, **kwargs)
