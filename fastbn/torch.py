@@ -349,6 +349,12 @@ def batch_norm(
             raise ArgumentError(
                 f"{name} must have shape ({C},) to match input.shape[1], got {tuple(t.shape)}"
             )
+    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+        # torch's words (code written for torch.nn matches on them, e.g. to suggest
+        # drop_last=True); fastbn's rule, the same ValueError
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
     if input.is_meta:  # shapes only (deferred initialization, tracing): no data to compute
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps

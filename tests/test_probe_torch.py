@@ -134,3 +134,18 @@ def test_layer_returns_tensors_for_tensors_in_every_mode(training):
     assert isinstance(dx, torch.Tensor)
     np.testing.assert_array_equal(dx.numpy(), twin.backward(dy.numpy()))
     np.testing.assert_array_equal(ours.dgamma, twin.dgamma)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_gives_pytorchs_message(shape):
+    """Code written for torch.nn matches on this message (e.g. to suggest drop_last);
+    fastbn.torch gave its own ("training needs more than 1 value per channel")."""
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as theirs:
+        torch.nn.functional.batch_norm(x, None, None, training=True)
+    with pytest.raises(ValueError) as ours:
+        fbt.batch_norm(x, None, None, training=True)
+    assert str(ours.value) == str(theirs.value)
+    cls = {2: fbt.BatchNorm1d, 3: fbt.BatchNorm1d, 4: fbt.BatchNorm2d}[len(shape)]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        cls(3)(x)
