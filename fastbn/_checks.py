@@ -62,6 +62,8 @@ def check_input(name, x, min_ndim=2):
     >>> check_input("x", np.zeros((2, 3), np.float32))
     dtype('float32')
     """
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
     check_not_masked(name, x)
     dtype = x.dtype
     if not isinstance(dtype, np.dtype):
@@ -296,6 +298,35 @@ def check_running(name, p, C, axis):
     flags = getattr(p, "flags", None)
     if flags is not None and not flags.writeable:
         raise ValueError(f"{name} must be writable: it is updated in place")
+    check_no_self_overlap(name, p)
+
+
+def check_no_self_overlap(name, a):
+    """Refuse a destination with a stride of 0 on an axis of length > 1 (an
+    ``as_strided`` view, a PyTorch ``expand``): several results would be one element,
+    the last written winning (PyTorch refuses such an ``out`` too). Other strides are
+    taken as they are (as PyTorch does, which calls a finer test too hard).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_no_self_overlap("out", np.zeros((0, 3)))  # NumPy's strides of 0: empty
+    >>> rows = np.lib.stride_tricks.as_strided(np.zeros(3), (2, 3), (0, 8))  # one row
+    >>> check_no_self_overlap("out", rows)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: out must not overlap itself: a stride of 0 on an axis of length > 1 ...
+    """
+    strides = getattr(a, "strides", None)
+    if strides is None or 0 not in strides:
+        return
+    shape = tuple(a.shape)
+    if any(s == 0 and n > 1 for s, n in zip(strides, shape)) and 0 not in shape:
+        raise ValueError(
+            f"{name} must not overlap itself: a stride of 0 on an axis of length > 1 "
+            f"(shape {shape}, strides {tuple(strides)}) would make several results one "
+            f"element"
+        )
 
 
 def check_out(name, out, shape, dtype):
@@ -313,6 +344,7 @@ def check_out(name, out, shape, dtype):
         and out.shape == shape
         and out.dtype == dtype
         and out.flags.writeable
+        and 0 not in out.strides
     ):
         return  # the common case
     check_not_masked(name, out)
@@ -326,6 +358,7 @@ def check_out(name, out, shape, dtype):
     flags = getattr(out, "flags", None)
     if flags is not None and not flags.writeable:
         raise ValueError(f"{name} must be writable")
+    check_no_self_overlap(name, out)
 
 
 def check_residual(residual, shape, dtype):

@@ -42,7 +42,13 @@ def wrap(name, a):
         if is_tensor(a):
             return tensor_array(name, a)
         _checks.check_not_masked(name, a)
-        a = np.asarray(a)
+        try:
+            a = np.asarray(a)
+        except (ValueError, TypeError) as error:  # a ragged list: NumPy's words name nothing
+            raise TypeError(
+                f"{name} must be an array (or a list NumPy makes one of), got a "
+                f"{type(a).__name__} it cannot convert ({error})"
+            ) from None
         if type(a) is not np.ndarray:
             a = a.view(np.ndarray)
     if not a.dtype.isnative:
@@ -136,6 +142,24 @@ def tensor_array(name, t):
         return t.detach().numpy()
     except (TypeError, RuntimeError) as error:  # conjugate or negative views, sparse
         raise TypeError(f"{name}: fastbn cannot read this tensor in place ({error})") from None
+
+
+def tensor_result(a, like):
+    """A host result ``a`` as the caller's kind of array: a PyTorch tensor sharing its
+    memory when ``like`` (the caller's input) is a PyTorch CPU tensor, else ``a``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.zeros(3)
+    >>> tensor_result(y, np.ones(3)) is y
+    True
+    """
+    if type(a) is not np.ndarray or type(like) is np.ndarray or not is_tensor(like):
+        return a
+    if like.is_cuda:
+        return a
+    return sys.modules["torch"].from_numpy(a)  # a tensor came in: torch is imported
 
 
 def tensor_call(function, names, first, args, kwargs):

@@ -297,7 +297,7 @@ def batch_norm_backward(
     residual_grad : bool, default False
         Also return the residual's gradient ``dz`` (fourth): ``dy`` masked where
         ``bn(x) + z <= 0`` with ``activation="relu"``, a copy of ``dy`` without. It
-        needs ``residual`` with ``activation="relu"``.
+        needs ``residual`` with ``activation="relu"``. Not a bool: TypeError.
     training : bool, default True
         True: ``mean`` and ``invstd`` are the batch statistics of a training forward
         (:func:`batch_norm_forward`), functions of ``x``. False: they were fixed
@@ -365,6 +365,8 @@ def batch_norm_backward(
     """
     if training is not True and training is not False:
         training = _checks.check_flag("training", training)
+    if residual_grad is not True and residual_grad is not False:  # "no" must not add dz
+        residual_grad = _checks.check_flag("residual_grad", residual_grad)
     if not training and mask is not None:
         raise ValueError(
             "mask= applies to training=True (batch statistics); with training=False the "
@@ -439,7 +441,6 @@ def batch_norm_backward(
         )
     affine = gamma is not None or beta is not None  # then both gradients come back
     grads = (x, _ops.stats_dtype(dtype)) if affine else None
-    residual_grad = bool(residual_grad)
     # fixed statistics take no mask (refused by the checks above)
     extra = {"mask": mask} if training else {}
     return (_ops.backward if training else _ops.frozen_backward)(
@@ -612,7 +613,8 @@ def batch_norm(
     gamma, beta : array of shape (C,), optional
     training : bool, default False
         In training, an empty batch gives an empty output and leaves the running
-        statistics untouched (PyTorch's behaviour).
+        statistics untouched (PyTorch's behaviour). A Python or NumPy bool (anything
+        else is a TypeError, as in PyTorch: ``"False"`` is no mode).
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch. None gives the cumulative average of all batches seen,
         which needs ``num_batches_tracked``. A str, bytes or bool is a TypeError.
@@ -626,6 +628,7 @@ def batch_norm(
         With ``momentum=None``: how many batches the running statistics already average.
         An integer >= 0 (checked whenever given).
     running_var_unbiased : bool, default True
+        A Python or NumPy bool (else a TypeError).
     on_nonfinite : {"raise", "warn"}, default "raise"
         What to do when the batch statistics are not finite, or when the updated running
         statistics would not be finite in their own dtype (an overflow: float32 data of
@@ -654,6 +657,8 @@ def batch_norm(
     FloatingPointError
         Non-finite batch statistics, or a running update that would overflow, in
         training with running statistics (by default).
+    TypeError
+        ``training`` not a bool, ``momentum`` or ``eps`` not a number, a non-float array.
 
     Examples
     --------
@@ -664,6 +669,10 @@ def batch_norm(
     >>> rm, rv
     (array([1., 2.]), array([1.5, 4.5]))
     """
+    if training is not True and training is not False:  # "False" must not train
+        training = _checks.check_flag("training", training)
+    if running_var_unbiased is not True and running_var_unbiased is not False:
+        running_var_unbiased = _checks.check_flag("running_var_unbiased", running_var_unbiased)
     if training and comm is None and out is None and residual is None and running_mean is not None:
         # the direct path of training with running statistics (see batch_norm_forward)
         x3 = _direct_view(x, axis, stream, running_mean, running_var, gamma, beta)
@@ -677,6 +686,8 @@ def batch_norm(
             and x3.shape[1]
             and running_mean.flags.writeable
             and running_var.flags.writeable
+            and running_mean.flags.c_contiguous  # else the checks (e.g. a stride of 0)
+            and running_var.flags.c_contiguous
         ):
             factor = _ops.momentum_factor(momentum, num_batches_tracked)
             _ops.check_on_nonfinite(on_nonfinite)
@@ -699,6 +710,8 @@ def batch_norm(
             )
             return y
     if training is False and mask is None:  # the direct path of batch_norm_inference
+        if num_batches_tracked is not None:  # checked whenever given, as below
+            _checks.check_num_batches_tracked(num_batches_tracked)
         y = _direct_inference_call(
             x, running_mean, running_var, gamma, beta, axis, eps, out, activation, residual, stream
         )
@@ -725,6 +738,10 @@ def batch_norm(
     _checks.check_mask(mask, x.shape, axis)
     C = x.shape[axis]
     if not training:
+        # not used without training, but "checked whenever it is given" (docs/api.md);
+        # momentum and on_nonfinite are not read here (as in PyTorch's eval mode)
+        if num_batches_tracked is not None:
+            _checks.check_num_batches_tracked(num_batches_tracked)
         return _inference(
             be, x, running_mean, running_var, gamma, beta, axis, eps, relu, out, stream,
             residual, "when training=False",
@@ -737,6 +754,12 @@ def batch_norm(
     if running_mean is not None:
         _checks.check_running("running_mean", running_mean, C, axis)
         _checks.check_running("running_var", running_var, C, axis)
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            # both are written: one would overwrite the other (host arrays: NumPy tells)
+            if type(out) is np.ndarray and type(r) is np.ndarray and np.may_share_memory(out, r):
+                raise ValueError(
+                    f"out must not share memory with {name}: both are results of the call"
+                )
         running = _ops.Running(
             running_mean, running_var, factor, running_var_unbiased, on_nonfinite
         )

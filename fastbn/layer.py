@@ -4,6 +4,7 @@ The layer's state machine, written once for every device: it picks the backend o
 arrays (:mod:`fastbn.backends`) and runs the shared operations of :mod:`fastbn._ops`.
 """
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -492,7 +493,14 @@ class BatchNorm:
         array([[0., 0.],
                [0., 1.]])
         """
-        training = self.training if training is None else bool(training)
+        if training is None:
+            training = self.training
+        elif training is not True and training is not False:  # "False" must not train
+            if not isinstance(training, np.bool_):
+                raise TypeError(
+                    f"training must be a bool or None, got {type(training).__name__} ({training!r})"
+                )
+            training = bool(training)
         if self.frozen:
             if not self.track_running_stats:
                 raise ValueError("a frozen layer needs running statistics (track_running_stats)")
@@ -510,16 +518,20 @@ class BatchNorm:
                         "mask= (or a numpy.ma x) is not supported with renorm or virtual_batch_size"
                     )
                 x, mask = _cpu_backend.from_masked_array(x, self.axis, mask)
+        given = x
         y = self._forward(
             x, training, residual, comm=self.comm if batch_statistics else None, mask=mask
         )
         self._residual = residual if self._saved is not None else None
-        return y
+        return _cpu_backend.tensor_result(y, given)  # a PyTorch CPU tensor in: a tensor
 
     @distributed.synchronized("BatchNorm.forward")
     def _forward(self, x, training, residual=None, comm=None, mask=None):
-        """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None."""
-        self._saved_mask = None
+        """:meth:`forward` once ``training`` is known; ``comm`` a Sync or None.
+
+        What :meth:`backward` differentiates (``_saved``, ``_saved_mask``) is replaced
+        only by a forward that succeeds: one that raises leaves the layer as it was.
+        """
         if (training or not self.track_running_stats) and residual is None:
             update = training and self.track_running_stats and self.update_running_stats
             x3 = _cpu_backend.direct_view(
@@ -538,6 +550,13 @@ class BatchNorm:
                 and x3.shape[0] * x3.shape[2] >= 2
                 and _cpu_backend.direct_options(self.eps, self.activation)
                 and not self._variant(training, x.shape)
+                and (
+                    not update
+                    or all(
+                        a.flags.writeable and a.flags.c_contiguous
+                        for a in (self.running_mean, self.running_var)
+                    )
+                )
             ):
                 # the direct path (see fastbn.api): the kernels and the rules of the
                 # general one below, on the same view
@@ -569,7 +588,6 @@ class BatchNorm:
                 return y
         be = self._backend(x)
         if not training and self.track_running_stats:
-            self._saved = None
             y = api.batch_norm_inference(
                 x,
                 self.running_mean,
@@ -584,6 +602,7 @@ class BatchNorm:
             # for a backward through the fixed statistics (read when it runs)
             x = be.wrap("x", x)
             self._saved = (be.unwrap(x), self.axis % len(x.shape), None, None, None)
+            self._saved_mask = None
             return y
         if residual is not None and _checks.is_cuda_array(residual) != _checks.is_cuda_array(x):
             raise TypeError(
@@ -609,12 +628,12 @@ class BatchNorm:
         running = None
         if training and self.track_running_stats and self.update_running_stats:
             factor = _ops.momentum_factor(self.momentum, self.num_batches_tracked)
-            running = _ops.Running(
-                be.wrap_state("running_mean", self.running_mean),
-                be.wrap_state("running_var", self.running_var),
-                factor,
-                self.running_var_unbiased,
-            )
+            running_mean = be.wrap_state("running_mean", self.running_mean)
+            running_var = be.wrap_state("running_var", self.running_var)
+            # the layer's own arrays, but replaceable by the user: checked as batch_norm's
+            _checks.check_running("running_mean", running_mean, self.num_features, axis)
+            _checks.check_running("running_var", running_var, self.num_features, axis)
+            running = _ops.Running(running_mean, running_var, factor, self.running_var_unbiased)
         if comm is None:  # with comm the rule applies to the global batch
             _checks.check_batch(x.shape, axis, training=True)
             if x.size == 0:  # like PyTorch: an empty output, the layer's state untouched
@@ -686,6 +705,7 @@ class BatchNorm:
         if running is not None:
             self.num_batches_tracked += 1
         self._saved = (be.unwrap(x), axis) + saved
+        self._saved_mask = None
         return y
 
     def backward(self, dy: ArrayLike) -> Any:
@@ -734,7 +754,7 @@ class BatchNorm:
         >>> bn.dbeta
         array([2., 2.])
         """
-        return self._backward(dy, comm=self.comm)
+        return _cpu_backend.tensor_result(self._backward(dy, comm=self.comm), dy)
 
     @distributed.synchronized("BatchNorm.backward")
     def _backward(self, dy, comm=None):
@@ -996,7 +1016,8 @@ class BatchNorm:
             With ``strict``: an entry the layer needs is missing, or an unknown entry is
             present.
         TypeError
-            An entry is not an array of real numbers (strings, None, objects).
+            ``state`` is not a mapping; an entry is not an array of real numbers
+            (strings, None, objects).
         ValueError
             An entry has the wrong shape, or a value that is not finite in the layer's
             dtype; ``num_batches_tracked`` is not an integer >= 0.
@@ -1014,6 +1035,11 @@ class BatchNorm:
         >>> b.running_mean
         array([1., 1., 1.], dtype=float32)
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping of names to arrays (what state_dict() "
+                f"returns), got {type(state).__name__}"
+            )
         expected = {k for k in self._STATE if getattr(self, k) is not None}
         expected.add("num_batches_tracked")
         missing = sorted(expected - set(state))
@@ -1039,6 +1065,11 @@ class BatchNorm:
         """One entry of a state dict checked and converted: a finite ``(C,)`` host array
         of the layer's dtype (no NaN, no inf, nothing that overflows that dtype)."""
         name = f"state_dict[{key!r}]"
+        if _cpu_backend.is_tensor(value) and not _checks.is_cuda_array(value):
+            # a parameter (requires grad) or bfloat16, which NumPy cannot view: its values
+            value = value.detach()
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()  # exact
         if _checks.is_cuda_array(value):
             value = backends.cuda().to_host(value)
         _checks.check_not_masked(name, value)

@@ -26,11 +26,30 @@ import torch
 
 from . import _checks, _cpu_backend, _ops, api, backends
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["ArgumentError", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
 
 _COMPUTE = {torch.bfloat16: torch.float32}  # dtypes the kernels lack: computed in these
 _TRAIN_ARGS = ("input", "weight", "bias", "running_mean", "running_var")
 _FLOAT64 = np.dtype(np.float64)
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument of :func:`batch_norm` (or of a module's call) that PyTorch reports
+    as a ``RuntimeError``: a parameter or running statistic whose size is not the
+    input's channel count, no running statistics in eval mode, an input of fewer than 2
+    dimensions. A ``ValueError`` as fastbn's contract says, and a ``RuntimeError`` as
+    PyTorch's own tests expect (``test_nn.py``'s
+    ``test_batchnorm_raises_error_if_*_is_not_same_size_as_input``).
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> try:
+    ...     fastbn.torch.batch_norm(torch.rand(2, 10), torch.rand(9), torch.rand(10))
+    ... except RuntimeError as error:
+    ...     print(isinstance(error, ValueError), error)
+    True running_mean must have shape (10,) to match input.shape[1], got (9,)
+    """
 
 
 # --------------------------------------------------------------------------------------
@@ -95,8 +114,10 @@ def _train_forward(x, weight, bias, running_mean, running_var, momentum, eps, on
             and x3.shape[0] * x3.shape[2] >= 2
             and x3.shape[1]
             and (running_mean is None) == (running_var is None)
-            and (running_mean is None or running_mean.flags.writeable)
-            and (running_var is None or running_var.flags.writeable)
+            and all(
+                a is None or (a.flags.writeable and a.flags.c_contiguous)
+                for a in (running_mean, running_var)
+            )
         ):
             factor = None if running_mean is None else _ops.momentum_factor(momentum, None)
             _ops.check_on_nonfinite(on_nonfinite)
@@ -143,7 +164,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
         stats = (mean, invstd)
     else:
         if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
+            raise ArgumentError("running_mean and running_var are required when training=False")
         y = api.batch_norm_inference(x, _array(running_mean), _array(running_var), w, b, eps=eps)
         stats = None
     return _tensor(y, input.dtype), (x, w, b), stats
@@ -277,6 +298,7 @@ def batch_norm(
         Required when not training.
     weight, bias : torch.Tensor of shape (C,), optional
     training : bool, default False
+        A Python or NumPy bool (anything else is a TypeError, as in PyTorch).
     momentum : float in [0, 1], default 0.1
     eps : float, default 1e-5
         Must be > 0.
@@ -294,6 +316,12 @@ def batch_norm(
     ------
     ValueError
         eps <= 0, one value per channel in training, shapes that do not match.
+    ArgumentError
+        A ValueError that is also the RuntimeError PyTorch raises: a parameter or running
+        statistic not of shape ``(C,)``, no running statistics when not training, an
+        input of fewer than 2 dimensions.
+    TypeError
+        ``training`` not a bool.
     FloatingPointError
         See ``on_nonfinite``.
 
@@ -315,18 +343,32 @@ def batch_norm(
     """
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    if input.dim() >= 2:  # the message in torch's names (the core says gamma and beta)
-        C = input.shape[1]
-        for name, t in (
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-            ("weight", weight),
-            ("bias", bias),
-        ):
-            if t is not None and tuple(t.shape) != (C,):
-                raise ValueError(
-                    f"{name} must have shape ({C},) to match input.shape[1], got {tuple(t.shape)}"
-                )
+    if training is not True and training is not False:  # "False" must not train
+        training = _checks.check_flag("training", training)
+    # the messages in torch's names (the core says x, gamma and beta), the errors of
+    # the kind PyTorch raises too (ArgumentError)
+    if input.dim() < 2:
+        raise ArgumentError(
+            f"input must have at least 2 dimensions (batch and channel), got shape "
+            f"{tuple(input.shape)}"
+        )
+    C = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ArgumentError(
+                f"{name} must have shape ({C},) to match input.shape[1], got {tuple(t.shape)}"
+            )
+    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+        # torch's words (code written for torch.nn matches on them, e.g. to suggest
+        # drop_last=True); fastbn's rule, the same ValueError
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
     if input.is_meta:  # shapes only (deferred initialization, tracing): no data to compute
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
@@ -348,16 +390,24 @@ def batch_norm(
 
 
 def _module_forward(module, input):
-    """``torch.nn.modules.batchnorm._BatchNorm.forward`` with fastbn's :func:`batch_norm`."""
+    """``torch.nn.modules.batchnorm._BatchNorm.forward`` with fastbn's :func:`batch_norm`.
+
+    One difference: torch counts the batch in ``num_batches_tracked`` before the call,
+    which then may raise; here the count follows the call, so that a call that raises
+    (one value per channel, a non-finite batch) leaves the module as it was, and a
+    refused batch does not weigh in the cumulative average (``momentum=None``) of the
+    later ones. Every call that succeeds counts as torch's does (empty batches too).
+    """
     module._check_input_dim(input)
     factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:  # the cumulative average
-            factor = 1.0 / float(module.num_batches_tracked)
+    count = (
+        module.training and module.track_running_stats and module.num_batches_tracked is not None
+    )
+    if count and module.momentum is None:  # the cumulative average, this batch included
+        factor = 1.0 / float(module.num_batches_tracked + 1)
     training = module.training or (module.running_mean is None and module.running_var is None)
     keep = not module.training or module.track_running_stats
-    return batch_norm(
+    y = batch_norm(
         input,
         module.running_mean if keep else None,
         module.running_var if keep else None,
@@ -367,6 +417,9 @@ def _module_forward(module, input):
         factor,
         module.eps,
     )
+    if count:
+        module.num_batches_tracked.add_(1)
+    return y
 
 
 class BatchNorm1d(torch.nn.BatchNorm1d):
