@@ -263,7 +263,10 @@ class BatchNorm:
         Keras's ``momentum`` weighs the *old* running value
         (``moving = momentum * moving + (1 - momentum) * batch``), its epsilon is 1e-3,
         the channel axis is last, and its moving variance takes the biased batch
-        variance. This returns the equivalent fastbn layer (``momentum = 1 - momentum``).
+        variance. This returns the equivalent fastbn layer (``momentum = 1 - momentum``),
+        in evaluation mode, as Keras calls it: ``layer(x)`` normalizes with the moving
+        statistics, ``layer(x, training=True)`` with the batch's (and updates them);
+        ``layer.train()`` makes training the default.
 
         Parameters
         ----------
@@ -291,9 +294,11 @@ class BatchNorm:
         (0.01, 0.001, -1, False)
         >>> fastbn.BatchNorm.keras(4, scale=False).gamma is None
         True
+        >>> bn.training
+        False
         """
         keras_momentum = _checks.check_momentum(momentum, allow_none=False)
-        return cls(
+        layer = cls(
             num_features,
             axis=axis,
             eps=epsilon,
@@ -310,6 +315,9 @@ class BatchNorm:
             virtual_batch_size=virtual_batch_size,
             comm=comm,
         )
+        # Keras's call runs inference unless told training=True (its learning phase is
+        # off by default); PyTorch's modules start in training mode
+        return layer.eval()
 
     def __repr__(self):
         return (

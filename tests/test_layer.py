@@ -158,3 +158,16 @@ def test_bad_input_leaves_the_layer_untouched():
         fastbn.BatchNorm(3, dtype=np.int32)
     with pytest.raises(ValueError, match="activation"):
         fastbn.BatchNorm(3, activation="tanh")
+
+
+def test_keras_layer_calls_run_inference_unless_training_is_given():
+    """Keras's BatchNormalization runs inference when called without ``training``; the
+    layer of BatchNorm.keras does too, and trains with ``training=True``."""
+    x = np.random.default_rng(8).normal(3.0, 2.0, size=(16, 4))
+    bn = fastbn.BatchNorm.keras(4, dtype=np.float64)
+    y = bn(x)
+    np.testing.assert_allclose(y, x / np.sqrt(1.0 + 1e-3))  # moving mean 0, variance 1
+    assert bn.num_batches_tracked == 0 and (bn.running_mean == 0).all()
+    bn(x, training=True)
+    np.testing.assert_allclose(bn.running_mean, 0.01 * x.mean(axis=0))
+    assert fastbn.BatchNorm(4).training and not fastbn.BatchNorm.keras(4).training
