@@ -142,34 +142,13 @@ def run_job(job):
             if job.operation == "forward":  # the small calls' driver (rows, serial)
                 _cpu_backend.direct_forward(x3, out2, g, b, 1e-5, False)
         elif job.operation in ("backward", "backward_fused"):
-            cpu.backward(
-                x3, x3, mean, invstd, g, b, False, out, fuse=job.operation == "backward_fused"
-            )
+            saved = [(mean, invstd)]
             if g is gamma:  # the layer saves float64 statistics whatever the data's dtype
-                cpu.backward(
-                    x3,
-                    x3,
-                    mean.astype(np.float64),
-                    invstd.astype(np.float64),
-                    g,
-                    b,
-                    False,
-                    out,
-                    fuse=job.operation == "backward_fused",
-                )
-            if job.operation == "backward":  # the small calls' driver (rows, serial)
-                _cpu_backend.direct_backward(x2, x3, mean, invstd, g, b, False, out2)
-                if g is gamma:
-                    _cpu_backend.direct_backward(
-                        x2,
-                        x3,
-                        mean.astype(np.float64),
-                        invstd.astype(np.float64),
-                        g,
-                        b,
-                        False,
-                        out2,
-                    )
+                saved.append((mean.astype(np.float64), invstd.astype(np.float64)))
+            for m, s in saved:
+                cpu.backward(x3, x3, m, s, g, b, False, out, fuse=job.operation == "backward_fused")
+                if job.operation == "backward":  # the small calls' driver (rows, serial)
+                    _cpu_backend.direct_backward(x2, x3, m, s, g, b, False, out2)
         elif job.operation == "frozen_backward":  # as the API and the layer call it
             _cpu_backend.direct_frozen_backward(x3, x3, mean, invstd, g, b, False, out)
             if g is gamma:  # the layer's fixed statistics are float64
