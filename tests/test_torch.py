@@ -457,14 +457,20 @@ def test_half_input_with_float_parameters():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5), (2, 3, 3, 2)])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_float64(training, shape):
-    torch.manual_seed(2)
+def _float64_inputs(seed, shape):
+    """``(x, w, b, rm, rv)`` in float64 for gradcheck: inputs and parameters that require
+    grad, running statistics that do not (3 channels)."""
+    torch.manual_seed(seed)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    return x, w, b, torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5), (2, 3, 3, 2)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(training, shape):
+    x, w, b, rm, rv = _float64_inputs(2, shape)
 
     def function(x, w, b):
         stats = (None, None) if training else (rm, rv)
@@ -477,11 +483,7 @@ def test_gradcheck_float64(training, shape):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradgradcheck_float64(training, shape):
     """Double backward (create_graph=True), as PyTorch's module tests check it."""
-    torch.manual_seed(3)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    x, w, b, rm, rv = _float64_inputs(3, shape)
 
     def function(x, w, b):
         stats = (rm.clone(), rv.clone()) if training else (rm, rv)
